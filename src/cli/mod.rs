@@ -1,0 +1,26 @@
+//! The two command lines. Each parses its arguments, loads config, and calls the
+//! library; `src/bin/*.rs` only call `main` here.
+//!
+//! Exit codes (both binaries): 0 success, 1 runtime failure, 2 configuration or usage
+//! error, 3 (`queuectl`) the database is held by a running daemon.
+
+pub mod connector;
+pub mod queuectl;
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{self, Config, ConfigError, ProcessEnv};
+
+/// Exit code for a configuration or usage error.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Finds the config file: `--config`, else `CONNECTOR_CONFIG`, else none.
+pub fn config_path(flag: Option<&Path>) -> Option<PathBuf> {
+    flag.map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("CONNECTOR_CONFIG").map(PathBuf::from))
+}
+
+/// Loads the config for a command line, from the process environment.
+pub fn load_config(flag: Option<&Path>) -> Result<Config, ConfigError> {
+    config::load(config_path(flag).as_deref(), &ProcessEnv)
+}

@@ -1,0 +1,17 @@
+//! `connector`: a node agent for proxy operators and API relays.
+//!
+//! # Layout
+//!
+//! - [`queue`]: the durable job queue (sled inside, nowhere else). Every unit of work
+//!   is a job in it: idempotency keys, the retry ladder, leases, crash recovery, and
+//!   the operator operations `queuectl` calls.
+//! - [`config`]: the configuration file and environment, validated into typed settings.
+//! - [`telemetry`]: logging (`RUST_LOG`, `--log-format text|json`).
+//! - [`cli`]: the two command lines, `connector` and `queuectl`; `src/bin/` only calls
+//!   into them.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod queue;
+pub mod telemetry;

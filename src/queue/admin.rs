@@ -1,0 +1,454 @@
+//! Operations for operators (what `queuectl` and the admin API call): stats, list, show,
+//! retry, cancel, purge, export, quarantine, and the periodic sweep of expired done jobs.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::clock::{Millis, rfc3339};
+use super::record::{self, Attempt, DeadReason, Job, Stored};
+use super::{Error, JobKind, JobState, Queue, Result, keys};
+
+/// Counts of jobs by kind and state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// kind → state → count; every kind and state is present, zeros included.
+    pub jobs: BTreeMap<JobKind, BTreeMap<JobState, u64>>,
+    /// Records moved aside because they could not be read.
+    pub quarantined: u64,
+    /// Due time of the oldest ready job, if any.
+    pub oldest_ready_ms: Option<Millis>,
+}
+
+impl Stats {
+    pub fn total(&self, state: JobState) -> u64 {
+        self.jobs
+            .values()
+            .map(|m| m.get(&state).copied().unwrap_or(0))
+            .sum()
+    }
+}
+
+/// Which jobs `list` returns.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub state: Option<JobState>,
+    pub kind: Option<JobKind>,
+    /// Only jobs with an id greater than this (paging).
+    pub after_id: Option<u64>,
+    pub limit: usize,
+}
+
+/// Which finished jobs `purge` deletes.
+#[derive(Debug, Clone, Copy)]
+pub struct PurgeFilter {
+    /// `Done` or `Dead`.
+    pub state: JobState,
+    /// Only jobs that finished at least this long ago.
+    pub older_than: Option<Duration>,
+}
+
+/// A job rendered for people and scripts (`queuectl --json`, `export`).
+#[derive(Debug, Clone, Serialize)]
+pub struct JobView {
+    pub id: u64,
+    pub kind: JobKind,
+    pub key: String,
+    pub state: JobState,
+    /// When it is due (pending), its lease ends (running), or it finished (done, dead).
+    pub at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_reason: Option<DeadReason>,
+    pub created: String,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub history: Vec<AttemptView>,
+    /// The payload as JSON when it is JSON, else absent (see `payload_hex`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_hex: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptView {
+    pub number: u32,
+    pub started: String,
+    pub duration_ms: u64,
+    #[serde(flatten)]
+    pub outcome: record::Outcome,
+}
+
+impl JobView {
+    pub fn new(job: &Job, now: Millis) -> Self {
+        let (at, dead_reason) = match job.stored {
+            Stored::Pending { due_ms } => (due_ms, None),
+            Stored::Running { lease_until_ms, .. } => (lease_until_ms, None),
+            Stored::Done { at_ms } => (at_ms, None),
+            Stored::Dead { at_ms, reason } => (at_ms, Some(reason)),
+        };
+        let payload = serde_json::from_slice::<serde_json::Value>(&job.payload).ok();
+        let payload_hex = match (&payload, job.payload.is_empty()) {
+            (None, false) => Some(job.payload.iter().map(|b| format!("{b:02x}")).collect()),
+            _ => None,
+        };
+        JobView {
+            id: job.id,
+            kind: job.kind,
+            key: job.key.clone(),
+            state: job.state(now),
+            at: rfc3339(at),
+            dead_reason,
+            created: rfc3339(job.created_ms),
+            attempts: job.attempts,
+            last_error: job.history.iter().rev().find_map(|a| match &a.outcome {
+                record::Outcome::Succeeded => None,
+                record::Outcome::Failed { error } => Some(error.clone()),
+                record::Outcome::LeaseExpired => Some("lease expired".into()),
+                record::Outcome::Interrupted { reason } => Some(reason.clone()),
+            }),
+            history: job.history.iter().map(AttemptView::new).collect(),
+            payload,
+            payload_hex,
+        }
+    }
+}
+
+impl AttemptView {
+    fn new(a: &Attempt) -> Self {
+        AttemptView {
+            number: a.number,
+            started: rfc3339(a.started_ms),
+            duration_ms: a.duration_ms,
+            outcome: a.outcome.clone(),
+        }
+    }
+}
+
+/// A quarantined record, for people.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuarantineView {
+    pub key: String,
+    pub reason: String,
+    pub at: String,
+    pub bytes: usize,
+}
+
+impl Queue {
+    /// Counts every job by kind and state, from the indexes (no record is decoded).
+    pub fn stats(&self) -> Result<Stats> {
+        let now = self.now();
+        let mut stats = Stats::default();
+        for kind in JobKind::ALL {
+            let m = stats.jobs.entry(kind).or_default();
+            for state in JobState::ALL {
+                m.insert(state, 0);
+            }
+        }
+        let mut bump = |code: u8, state: JobState| {
+            if let Some(kind) = JobKind::from_code(code) {
+                *stats
+                    .jobs
+                    .entry(kind)
+                    .or_default()
+                    .entry(state)
+                    .or_default() += 1;
+            }
+        };
+        let mut oldest: Option<Millis> = None;
+        for k in self.inner.db.scan_prefix([keys::PENDING]).keys() {
+            if let Some((code, due, _)) = keys::parse_pending(&k?) {
+                if due <= now {
+                    bump(code, JobState::Ready);
+                    oldest = Some(oldest.map_or(due, |o| o.min(due)));
+                } else {
+                    bump(code, JobState::Scheduled);
+                }
+            }
+        }
+        for v in self.inner.db.scan_prefix([keys::RUNNING]).values() {
+            if let Some(&code) = v?.first() {
+                bump(code, JobState::Running);
+            }
+        }
+        for entry in self.inner.db.scan_prefix([keys::FINISHED]) {
+            let (k, v) = entry?;
+            let (Some((state, _, _)), Some(&code)) = (keys::parse_finished(&k), v.first()) else {
+                continue;
+            };
+            let state = if state == keys::FINISHED_DONE {
+                JobState::Done
+            } else {
+                JobState::Dead
+            };
+            bump(code, state);
+        }
+        stats.quarantined = self.inner.db.scan_prefix([keys::QUARANTINE]).count() as u64;
+        stats.oldest_ready_ms = oldest;
+        Ok(stats)
+    }
+
+    /// Jobs in id order, filtered. Unreadable records met on the way are quarantined.
+    pub fn list(&self, filter: &ListFilter) -> Result<Vec<Job>> {
+        let now = self.now();
+        let start = keys::job(filter.after_id.map_or(0, |id| id.saturating_add(1)));
+        let end = keys::job(u64::MAX);
+        let mut out = Vec::new();
+        for entry in self.inner.db.range(start..=end) {
+            let (k, raw) = entry?;
+            let job = match record::decode_job(&raw) {
+                Ok(job) => job,
+                Err(e) => {
+                    self.quarantine(&k, &raw, &e)?;
+                    continue;
+                }
+            };
+            if filter.kind.is_some_and(|kind| kind != job.kind)
+                || filter.state.is_some_and(|s| s != job.state(now))
+            {
+                continue;
+            }
+            out.push(job);
+            if filter.limit > 0 && out.len() >= filter.limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every job, in id order, one call of `f` each (for export).
+    pub fn for_each_job(&self, mut f: impl FnMut(&Job) -> std::io::Result<()>) -> Result<u64> {
+        let mut n = 0;
+        for entry in self.inner.db.scan_prefix([keys::JOB]) {
+            let (k, raw) = entry?;
+            match record::decode_job(&raw) {
+                Ok(job) => {
+                    if let Err(e) = f(&job) {
+                        if e.kind() == std::io::ErrorKind::BrokenPipe {
+                            break;
+                        }
+                        return Err(Error::Durability(format!("export write failed: {e}")));
+                    }
+                    n += 1;
+                }
+                Err(e) => self.quarantine(&k, &raw, &e)?,
+            }
+        }
+        Ok(n)
+    }
+
+    /// Records in quarantine.
+    pub fn quarantined(&self) -> Result<Vec<QuarantineView>> {
+        let mut out = Vec::new();
+        for entry in self.inner.db.scan_prefix([keys::QUARANTINE]) {
+            let (k, v) = entry?;
+            let original = keys::display(&k[1..]);
+            out.push(match record::decode_quarantined(&v) {
+                Ok(q) => QuarantineView {
+                    key: original,
+                    reason: q.reason,
+                    at: rfc3339(q.at_ms),
+                    bytes: q.raw.len(),
+                },
+                Err(e) => QuarantineView {
+                    key: original,
+                    reason: format!("quarantine entry itself unreadable: {e}"),
+                    at: String::new(),
+                    bytes: v.len(),
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Makes a dead or scheduled job due now. A dead job gets one more attempt; if that
+    /// fails it is dead again (its ladder is already used up).
+    pub async fn retry(&self, id: u64) -> Result<Job> {
+        let job = {
+            let _w = self.lock();
+            let job = self.load_locked(id)?.ok_or(Error::NotFound(id))?;
+            self.retry_locked(job)?
+        };
+        self.durable().await?;
+        self.wake(job.kind);
+        Ok(job)
+    }
+
+    /// Retries every dead job (of one kind, or all). Jobs whose key was taken by a newer
+    /// job are left dead. Returns how many were retried.
+    pub async fn retry_dead(&self, kind: Option<JobKind>) -> Result<u64> {
+        let mut n = 0;
+        {
+            let _w = self.lock();
+            let ids: Vec<u64> = self
+                .inner
+                .db
+                .scan_prefix([keys::FINISHED, keys::FINISHED_DEAD])
+                .filter_map(|e| e.ok())
+                .filter(|(_, v)| kind.is_none_or(|kind| v.first() == Some(&kind.code())))
+                .filter_map(|(k, _)| keys::parse_finished(&k).map(|(_, _, id)| id))
+                .collect();
+            for id in ids {
+                if let Some(job) = self.load_locked(id)? {
+                    match self.retry_locked(job) {
+                        Ok(_) => n += 1,
+                        Err(Error::KeyTaken { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        self.durable().await?;
+        for kind in JobKind::ALL {
+            self.wake(kind);
+        }
+        Ok(n)
+    }
+
+    fn retry_locked(&self, mut job: Job) -> Result<Job> {
+        let now = self.now();
+        match job.state(now) {
+            JobState::Dead | JobState::Scheduled => {}
+            s => {
+                return Err(Error::InvalidState {
+                    id: job.id,
+                    state: s.as_str(),
+                    op: "retry",
+                });
+            }
+        }
+        let idem = keys::idem(job.kind, &job.key);
+        if let Some(holder) = self.inner.db.get(&idem)?.and_then(|v| keys::be_u64(&v))
+            && holder != job.id
+            && self
+                .load_locked(holder)?
+                .is_some_and(|h| !matches!(h.stored, Stored::Dead { .. }))
+        {
+            return Err(Error::KeyTaken { id: job.id, holder });
+        }
+        let mut b = sled::Batch::default();
+        self.index_remove(&mut b, &job);
+        job.stored = Stored::Pending { due_ms: now };
+        self.index_insert(&mut b, &job);
+        b.insert(&keys::job(job.id), record::encode_job(&job));
+        b.insert(idem, &job.id.to_be_bytes());
+        self.inner.db.apply_batch(b)?;
+        Ok(job)
+    }
+
+    /// Cancels a pending or running job: it goes dead (reason `cancelled`). A worker still
+    /// running it will find its lease lost when it reports.
+    pub async fn cancel(&self, id: u64) -> Result<Job> {
+        let job = {
+            let _w = self.lock();
+            let now = self.now();
+            let mut job = self.load_locked(id)?.ok_or(Error::NotFound(id))?;
+            let mut b = sled::Batch::default();
+            match job.stored {
+                Stored::Pending { .. } => {}
+                Stored::Running { started_ms, .. } => job.push_attempt(Attempt {
+                    number: job.attempts,
+                    started_ms,
+                    duration_ms: now.saturating_sub(started_ms),
+                    outcome: record::Outcome::Interrupted {
+                        reason: "cancelled by an operator".into(),
+                    },
+                }),
+                _ => {
+                    return Err(Error::InvalidState {
+                        id,
+                        state: job.state(now).as_str(),
+                        op: "cancel",
+                    });
+                }
+            }
+            self.index_remove(&mut b, &job);
+            job.stored = Stored::Dead {
+                at_ms: now,
+                reason: DeadReason::Cancelled,
+            };
+            self.index_insert(&mut b, &job);
+            b.insert(&keys::job(id), record::encode_job(&job));
+            self.inner.db.apply_batch(b)?;
+            job
+        };
+        self.durable().await?;
+        Ok(job)
+    }
+
+    /// Deletes finished jobs (done or dead) that finished before `older_than` ago.
+    /// Returns how many.
+    pub async fn purge(&self, filter: PurgeFilter) -> Result<u64> {
+        let state = match filter.state {
+            JobState::Done => keys::FINISHED_DONE,
+            JobState::Dead => keys::FINISHED_DEAD,
+            s => {
+                return Err(Error::InvalidState {
+                    id: 0,
+                    state: s.as_str(),
+                    op: "purge jobs that are",
+                });
+            }
+        };
+        let n = {
+            let _w = self.lock();
+            let now = self.now();
+            let cutoff = filter
+                .older_than
+                .map_or(u64::MAX, |d| now.saturating_sub(d.as_millis() as u64));
+            self.purge_locked(state, cutoff)?
+        };
+        if n > 0 {
+            self.durable().await?;
+        }
+        Ok(n)
+    }
+
+    /// Deletes finished jobs of `state` that finished at or before `cutoff`.
+    fn purge_locked(&self, state: u8, cutoff: Millis) -> Result<u64> {
+        let start = keys::finished(state, 0, 0);
+        let end = keys::finished(state, cutoff, u64::MAX);
+        let mut n = 0;
+        let mut b = sled::Batch::default();
+        for entry in self.inner.db.range(start..=end) {
+            let (k, _) = entry?;
+            b.remove(k.clone());
+            let Some((_, _, id)) = keys::parse_finished(&k) else {
+                continue;
+            };
+            if let Some(job) = self.load_locked(id)? {
+                let idem = keys::idem(job.kind, &job.key);
+                if self.inner.db.get(&idem)?.and_then(|v| keys::be_u64(&v)) == Some(id) {
+                    b.remove(idem);
+                }
+                b.remove(&keys::job(id));
+                n += 1;
+            }
+        }
+        self.inner.db.apply_batch(b)?;
+        Ok(n)
+    }
+
+    /// Periodic housekeeping: deletes done jobs older than the dedupe window and makes
+    /// jobs with expired leases ready again. Returns (swept, reaped).
+    pub async fn maintain(&self) -> Result<(u64, u64)> {
+        let swept = {
+            let _w = self.lock();
+            let now = self.now();
+            let window = self.inner.settings.dedupe_window.as_millis() as u64;
+            self.purge_locked(keys::FINISHED_DONE, now.saturating_sub(window))?
+        };
+        if swept > 0 {
+            self.durable().await?;
+        }
+        let reaped = self.reap_expired_leases().await?;
+        Ok((swept, reaped))
+    }
+
+    /// Bytes the database takes on disk.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.inner.db.size_on_disk()?)
+    }
+}

@@ -1,0 +1,770 @@
+//! The durable job queue. Everything the agent does is a job in here.
+//!
+//! # Design
+//!
+//! One sled database under `data_dir/queue`, one tree, prefixed keys (`keys.rs`, mirrored
+//! in `queue-schema/README.md`):
+//!
+//! | key | value | what it is |
+//! |---|---|---|
+//! | `j` id | job envelope | the job: kind, key, payload, state, attempts |
+//! | `p` kind due id | – | pending (scheduled or ready), ordered by due time |
+//! | `r` id | kind, lease deadline | running (leased) |
+//! | `f` state at id | kind | done or dead, ordered by when |
+//! | `k` kind key | id | idempotency: the newest job of each key |
+//! | `c` key | quarantine envelope | a record that could not be read, kept byte for byte |
+//! | `m/schema`, `m/next_id` | u32, u64 | layout version, id counter |
+//!
+//! # Invariants
+//!
+//! - A job record and its index entries change together in one `apply_batch` (atomic);
+//!   each job is in exactly one of `p`, `r`, `f`.
+//! - Every read-modify-write runs under one mutex (`write`), so a job is never leased
+//!   twice at once and ids never collide. sled calls under it take microseconds.
+//! - No mutating call returns before its batch is flushed (`commit.rs`, group commit).
+//!   That includes `lease`: an attempt starts only once it is counted on disk, so a job
+//!   that kills the process every time it runs uses up its ladder instead of looping.
+//! - On open, jobs left `running` by a dead process are made ready at once, with the
+//!   interrupted attempt counted (`ladder::after_interruption`).
+//! - Done jobs keep their key for `dedupe_window`, then `maintain` deletes them. Dead
+//!   jobs stay until an operator purges them.
+//! - A record that fails its checksum or does not decode is moved under `c` with the
+//!   reason, its index entries are dropped, and everything else keeps working.
+//!
+//! sled never leaves this module: callers see [`Queue`], [`Job`] and [`Error`].
+
+mod admin;
+mod clock;
+mod commit;
+mod keys;
+mod kind;
+mod ladder;
+pub mod record;
+mod worker;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+pub use admin::{JobView, ListFilter, PurgeFilter, QuarantineView, Stats};
+pub use clock::{Clock, ManualClock, Millis, SystemClock, rfc3339};
+pub use kind::JobKind;
+pub use ladder::{KindSettings, OnExhausted, Settings, after_interruption, next_delay};
+pub use record::{Attempt, DeadReason, Job, Outcome, RecordError, Stored};
+pub use worker::{AttemptResult, Handler, run_maintenance, run_workers};
+
+use commit::GroupCommit;
+
+/// The on-disk layout version this build writes and reads (`m/schema`).
+pub const SCHEMA_VERSION: u32 = 1;
+/// Longest idempotency key accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "the queue database {path} is locked by another process (is the connector daemon running? stop it, or use its admin socket)"
+    )]
+    Locked { path: PathBuf },
+    #[error("cannot open the queue database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error(
+        "the queue database {path} has layout version {found}; this build reads up to {supported}: upgrade connector"
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("{path} holds data but no queue layout version: it is not a connector queue")]
+    NotAQueue { path: PathBuf },
+    #[error("queue storage error: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("queue write was not made durable: {0}")]
+    Durability(String),
+    #[error("job {0} not found")]
+    NotFound(u64),
+    #[error("job {id} is {state}: cannot {op} it")]
+    InvalidState {
+        id: u64,
+        state: &'static str,
+        op: &'static str,
+    },
+    #[error(
+        "job {id} is no longer leased by this attempt (attempt {attempt}); its result was not recorded"
+    )]
+    LeaseLost { id: u64, attempt: u32 },
+    #[error("job {id}'s key is now held by job {holder}: retry that one instead")]
+    KeyTaken { id: u64, holder: u64 },
+    #[error("invalid idempotency key: {0}")]
+    InvalidKey(&'static str),
+    #[error("cannot start the queue's flush thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What `enqueue` did.
+#[derive(Debug, Clone)]
+pub struct Enqueued {
+    pub job: Job,
+    /// True when the key was already pending, running, or done within the dedupe window:
+    /// `job` is that existing job and nothing was created.
+    pub duplicate: bool,
+}
+
+/// Proof of a lease: which attempt of which job a worker is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseToken {
+    pub id: u64,
+    pub attempt: u32,
+}
+
+/// A job leased to a worker.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    pub job: Job,
+}
+
+impl Leased {
+    pub fn token(&self) -> LeaseToken {
+        LeaseToken {
+            id: self.job.id,
+            attempt: self.job.attempts,
+        }
+    }
+}
+
+/// What `open` found and repaired.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Jobs that were running when the last process died, now ready again.
+    pub interrupted: u64,
+    /// Of those, jobs whose ladder was used up and that went dead.
+    pub exhausted: u64,
+    /// Records moved to quarantine while recovering.
+    pub quarantined: u64,
+}
+
+/// The derived state of a job at a given time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Scheduled,
+    Ready,
+    Running,
+    Done,
+    Dead,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] = [
+        JobState::Scheduled,
+        JobState::Ready,
+        JobState::Running,
+        JobState::Done,
+        JobState::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Scheduled => "scheduled",
+            JobState::Ready => "ready",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Dead => "dead",
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        JobState::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown state `{s}` (expected scheduled, ready, running, done or dead)")
+            })
+    }
+}
+
+impl Job {
+    pub fn state(&self, now: Millis) -> JobState {
+        match self.stored {
+            Stored::Pending { due_ms } if due_ms <= now => JobState::Ready,
+            Stored::Pending { .. } => JobState::Scheduled,
+            Stored::Running { .. } => JobState::Running,
+            Stored::Done { .. } => JobState::Done,
+            Stored::Dead { .. } => JobState::Dead,
+        }
+    }
+}
+
+/// The queue. Cheap to clone; all clones share one database.
+#[derive(Clone)]
+pub struct Queue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    path: PathBuf,
+    clock: Arc<dyn Clock>,
+    settings: Settings,
+    write: Mutex<WriteState>,
+    /// Owns the flush thread (and its own handle on `db`); dropping it flushes once more.
+    commit: GroupCommit,
+    wake: [Notify; 4],
+}
+
+struct WriteState {
+    next_id: u64,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Queue {
+    /// Opens (or creates) the queue at `path` and recovers jobs a dead process left
+    /// running. Fails with [`Error::Locked`] when another process holds the database.
+    pub fn open(
+        path: impl AsRef<Path>,
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Queue, Recovery)> {
+        let path = path.as_ref().to_path_buf();
+        let db = sled::Config::new()
+            .path(&path)
+            // We flush explicitly (group commit); sled's timer would only add fsyncs.
+            .flush_every_ms(None)
+            .cache_capacity(256 * 1024 * 1024)
+            .open()
+            .map_err(|source| match &source {
+                sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
+                    Error::Locked { path: path.clone() }
+                }
+                _ => Error::Open {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
+        match db.get(keys::META_SCHEMA)? {
+            Some(v) => {
+                let found = v
+                    .as_ref()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(u32::MAX);
+                if found > SCHEMA_VERSION {
+                    return Err(Error::NewerSchema {
+                        path,
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+            }
+            None if db.is_empty() => {
+                db.insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+            }
+            None => return Err(Error::NotAQueue { path }),
+        }
+        let stored_next = db
+            .get(keys::META_NEXT_ID)?
+            .and_then(|v| keys::be_u64(&v))
+            .unwrap_or(1);
+        let last_id = db
+            .scan_prefix([keys::JOB])
+            .keys()
+            .next_back()
+            .transpose()?
+            .and_then(|k| keys::parse_id(&k))
+            .unwrap_or(0);
+        let commit = GroupCommit::start(db.clone()).map_err(Error::Thread)?;
+        let queue = Queue {
+            inner: Arc::new(Inner {
+                db,
+                path,
+                clock,
+                settings,
+                write: Mutex::new(WriteState {
+                    next_id: stored_next.max(last_id + 1),
+                }),
+                commit,
+                wake: Default::default(),
+            }),
+        };
+        let recovery = queue.recover()?;
+        queue.inner.db.flush()?;
+        Ok((queue, recovery))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    pub fn now(&self) -> Millis {
+        self.inner.clock.now_ms()
+    }
+
+    /// Flushes everything and waits for it. Dropping the last clone also flushes.
+    pub async fn flush(&self) -> Result<()> {
+        self.durable().await
+    }
+
+    /// Adds a job unless its key is pending, running, or done within the dedupe window.
+    /// Returns once the job is on disk.
+    pub async fn enqueue(
+        &self,
+        kind: JobKind,
+        key: &str,
+        payload: Vec<u8>,
+        not_before: Option<Millis>,
+    ) -> Result<Enqueued> {
+        if key.is_empty() {
+            return Err(Error::InvalidKey("it is empty"));
+        }
+        if key.len() > MAX_KEY_LEN {
+            return Err(Error::InvalidKey("it is longer than 512 bytes"));
+        }
+        let out = {
+            let mut w = self.lock();
+            let now = self.now();
+            let idem = keys::idem(kind, key);
+            let existing = match self.inner.db.get(&idem)? {
+                Some(v) => match keys::be_u64(&v) {
+                    Some(id) => self.load_locked(id)?,
+                    None => None,
+                },
+                None => None,
+            };
+            let window = self.inner.settings.dedupe_window;
+            let live = existing.filter(|job| match job.stored {
+                Stored::Pending { .. } | Stored::Running { .. } => true,
+                Stored::Done { at_ms } => clock::after(at_ms, window) > now,
+                Stored::Dead { .. } => false,
+            });
+            match live {
+                Some(job) => Enqueued {
+                    job,
+                    duplicate: true,
+                },
+                None => {
+                    let id = w.next_id;
+                    w.next_id += 1;
+                    let base = not_before.unwrap_or(now).max(now);
+                    let first = self.inner.settings.kind(kind).ladder[0];
+                    let due = clock::after(base, first);
+                    let job = Job {
+                        id,
+                        kind,
+                        key: key.to_owned(),
+                        payload,
+                        created_ms: now,
+                        stored: Stored::Pending { due_ms: due },
+                        attempts: 0,
+                        history: Vec::new(),
+                    };
+                    let mut b = sled::Batch::default();
+                    b.insert(&keys::job(id), record::encode_job(&job));
+                    b.insert(&keys::pending(kind, due, id), &[]);
+                    b.insert(idem, &id.to_be_bytes());
+                    b.insert(keys::META_NEXT_ID, &(id + 1).to_be_bytes());
+                    self.inner.db.apply_batch(b)?;
+                    Enqueued {
+                        job,
+                        duplicate: false,
+                    }
+                }
+            }
+        };
+        self.durable().await?;
+        if !out.duplicate {
+            self.wake(kind);
+        }
+        Ok(out)
+    }
+
+    /// Leases up to `max` jobs of `kind` that are due, oldest due first. Each lease counts
+    /// as an attempt and is on disk before this returns.
+    pub async fn lease(&self, kind: JobKind, max: usize) -> Result<Vec<Leased>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let leased = {
+            let _w = self.lock();
+            let now = self.now();
+            let ttl = self.inner.settings.kind(kind).lease_timeout;
+            let start = keys::pending(kind, 0, 0);
+            let end = keys::pending(kind, now, u64::MAX);
+            let mut out = Vec::new();
+            let mut b = sled::Batch::default();
+            for entry in self.inner.db.range(start..=end) {
+                let (k, _) = entry?;
+                let Some((_, _, id)) = keys::parse_pending(&k) else {
+                    b.remove(k);
+                    continue;
+                };
+                let Some(mut job) = self.load_locked(id)? else {
+                    // The record is gone (quarantined); drop the dangling index entry.
+                    b.remove(k);
+                    continue;
+                };
+                if !matches!(job.stored, Stored::Pending { .. }) {
+                    b.remove(k);
+                    continue;
+                }
+                let lease_until = clock::after(now, ttl);
+                job.attempts += 1;
+                job.stored = Stored::Running {
+                    started_ms: now,
+                    lease_until_ms: lease_until,
+                };
+                b.remove(k);
+                b.insert(&keys::running(id), &keys::running_value(kind, lease_until));
+                b.insert(&keys::job(id), record::encode_job(&job));
+                out.push(Leased { job });
+                if out.len() >= max {
+                    break;
+                }
+            }
+            self.inner.db.apply_batch(b)?;
+            out
+        };
+        if !leased.is_empty() {
+            self.durable().await?;
+        }
+        Ok(leased)
+    }
+
+    /// Records a successful attempt: the job is done.
+    pub async fn ack(&self, lease: LeaseToken) -> Result<Job> {
+        self.finish(lease, |job, now, started| {
+            job.push_attempt(Attempt {
+                number: lease.attempt,
+                started_ms: started,
+                duration_ms: now.saturating_sub(started),
+                outcome: Outcome::Succeeded,
+            });
+            job.stored = Stored::Done { at_ms: now };
+        })
+        .await
+    }
+
+    /// Records a failed attempt. The next attempt is due on the kind's ladder (later if
+    /// `retry_after` says so), or the job goes dead when the ladder is used up and the
+    /// kind's policy is `dead`.
+    pub async fn fail(
+        &self,
+        lease: LeaseToken,
+        error: &str,
+        retry_after: Option<Duration>,
+    ) -> Result<Job> {
+        let settings = self.inner.settings.clone();
+        self.finish(lease, |job, now, started| {
+            job.push_attempt(Attempt {
+                number: lease.attempt,
+                started_ms: started,
+                duration_ms: now.saturating_sub(started),
+                outcome: Outcome::Failed {
+                    error: record::bound_error(error),
+                },
+            });
+            job.stored = match next_delay(settings.kind(job.kind), job.attempts, retry_after) {
+                Some(d) => Stored::Pending {
+                    due_ms: clock::after(now, d),
+                },
+                None => Stored::Dead {
+                    at_ms: now,
+                    reason: DeadReason::Exhausted,
+                },
+            };
+        })
+        .await
+    }
+
+    async fn finish(
+        &self,
+        lease: LeaseToken,
+        update: impl FnOnce(&mut Job, Millis, Millis),
+    ) -> Result<Job> {
+        let job = {
+            let _w = self.lock();
+            let now = self.now();
+            let mut job = self
+                .load_locked(lease.id)?
+                .ok_or(Error::NotFound(lease.id))?;
+            let started = match job.stored {
+                Stored::Running { started_ms, .. } if job.attempts == lease.attempt => started_ms,
+                _ => {
+                    return Err(Error::LeaseLost {
+                        id: lease.id,
+                        attempt: lease.attempt,
+                    });
+                }
+            };
+            update(&mut job, now, started);
+            let mut b = sled::Batch::default();
+            b.remove(&keys::running(job.id));
+            self.index_insert(&mut b, &job);
+            b.insert(&keys::job(job.id), record::encode_job(&job));
+            self.inner.db.apply_batch(b)?;
+            job
+        };
+        self.durable().await?;
+        if matches!(job.stored, Stored::Pending { .. }) {
+            self.wake(job.kind);
+        }
+        Ok(job)
+    }
+
+    /// Makes jobs whose lease ran out ready again (a hung attempt); the attempt counts.
+    /// Returns how many.
+    pub async fn reap_expired_leases(&self) -> Result<u64> {
+        let n = {
+            let _w = self.lock();
+            let now = self.now();
+            self.requeue_running(|lease_until| lease_until <= now, || Outcome::LeaseExpired)?
+                .interrupted
+        };
+        if n > 0 {
+            self.durable().await?;
+            for kind in JobKind::ALL {
+                self.wake(kind);
+            }
+        }
+        Ok(n)
+    }
+
+    fn recover(&self) -> Result<Recovery> {
+        let _w = self.lock();
+        self.requeue_running(
+            |_| true,
+            || Outcome::Interrupted {
+                reason: "the process stopped during the attempt".into(),
+            },
+        )
+    }
+
+    /// Moves running jobs selected by their lease deadline back to pending (or dead).
+    fn requeue_running(
+        &self,
+        select: impl Fn(Millis) -> bool,
+        outcome: impl Fn() -> Outcome,
+    ) -> Result<Recovery> {
+        let now = self.now();
+        let mut rec = Recovery::default();
+        let mut b = sled::Batch::default();
+        for entry in self.inner.db.scan_prefix([keys::RUNNING]) {
+            let (k, v) = entry?;
+            let lease_until = keys::be_u64(v.get(1..).unwrap_or_default()).unwrap_or(0);
+            if !select(lease_until) {
+                continue;
+            }
+            let Some(id) = keys::parse_id(&k) else {
+                b.remove(k);
+                continue;
+            };
+            let Some(mut job) = self.load_locked(id)? else {
+                b.remove(k);
+                rec.quarantined += 1;
+                continue;
+            };
+            b.remove(k);
+            let Stored::Running { started_ms, .. } = job.stored else {
+                continue;
+            };
+            job.push_attempt(Attempt {
+                number: job.attempts,
+                started_ms,
+                duration_ms: now.saturating_sub(started_ms),
+                outcome: outcome(),
+            });
+            rec.interrupted += 1;
+            job.stored = match after_interruption(self.inner.settings.kind(job.kind), job.attempts)
+            {
+                Some(d) => Stored::Pending {
+                    due_ms: clock::after(now, d),
+                },
+                None => {
+                    rec.exhausted += 1;
+                    Stored::Dead {
+                        at_ms: now,
+                        reason: DeadReason::Exhausted,
+                    }
+                }
+            };
+            self.index_insert(&mut b, &job);
+            b.insert(&keys::job(id), record::encode_job(&job));
+        }
+        self.inner.db.apply_batch(b)?;
+        Ok(rec)
+    }
+
+    /// Adds the index entry that matches the job's stored state.
+    fn index_insert(&self, b: &mut sled::Batch, job: &Job) {
+        match job.stored {
+            Stored::Pending { due_ms } => b.insert(&keys::pending(job.kind, due_ms, job.id), &[]),
+            Stored::Running { lease_until_ms, .. } => b.insert(
+                &keys::running(job.id),
+                &keys::running_value(job.kind, lease_until_ms),
+            ),
+            Stored::Done { at_ms } => b.insert(
+                &keys::finished(keys::FINISHED_DONE, at_ms, job.id),
+                &[job.kind.code()],
+            ),
+            Stored::Dead { at_ms, .. } => b.insert(
+                &keys::finished(keys::FINISHED_DEAD, at_ms, job.id),
+                &[job.kind.code()],
+            ),
+        }
+    }
+
+    /// Removes the index entry that matches the job's stored state.
+    fn index_remove(&self, b: &mut sled::Batch, job: &Job) {
+        match job.stored {
+            Stored::Pending { due_ms } => b.remove(&keys::pending(job.kind, due_ms, job.id)),
+            Stored::Running { .. } => b.remove(&keys::running(job.id)),
+            Stored::Done { at_ms } => b.remove(&keys::finished(keys::FINISHED_DONE, at_ms, job.id)),
+            Stored::Dead { at_ms, .. } => {
+                b.remove(&keys::finished(keys::FINISHED_DEAD, at_ms, job.id))
+            }
+        }
+    }
+
+    /// When the next pending job of `kind` is due (`None`: nothing pending).
+    pub fn next_due(&self, kind: JobKind) -> Result<Option<Millis>> {
+        let first = self
+            .inner
+            .db
+            .scan_prefix([keys::PENDING, kind.code()])
+            .keys()
+            .next()
+            .transpose()?;
+        Ok(first
+            .and_then(|k| keys::parse_pending(&k))
+            .map(|(_, due, _)| due))
+    }
+
+    /// How many jobs of `kind` are leased now.
+    pub fn running_count(&self, kind: JobKind) -> Result<usize> {
+        let mut n = 0;
+        for v in self.inner.db.scan_prefix([keys::RUNNING]).values() {
+            if v?.first() == Some(&kind.code()) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Resolves when a job of `kind` may have become due (enqueue, retry, requeue), or
+    /// at once if that happened since the last call.
+    pub async fn woken(&self, kind: JobKind) {
+        self.inner.wake[kind.code() as usize - 1].notified().await
+    }
+
+    /// Wakes the workers of `kind`, e.g. after a test moved a virtual clock.
+    pub fn wake(&self, kind: JobKind) {
+        self.inner.wake[kind.code() as usize - 1].notify_one();
+    }
+
+    pub fn get(&self, id: u64) -> Result<Option<Job>> {
+        match self.inner.db.get(keys::job(id))? {
+            None => Ok(None),
+            Some(raw) => match record::decode_job(&raw) {
+                Ok(job) => Ok(Some(job)),
+                Err(e) => {
+                    self.quarantine(&keys::job(id), &raw, &e)?;
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    // ---- internals ----
+
+    fn lock(&self) -> MutexGuard<'_, WriteState> {
+        // Poisoning means a thread panicked between sled calls; every sled batch is
+        // atomic, so the state behind the lock (an id counter) is still sound.
+        self.inner
+            .write
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads a job with the write lock held; a record that cannot be read is
+    /// quarantined and reads as absent.
+    fn load_locked(&self, id: u64) -> Result<Option<Job>> {
+        let key = keys::job(id);
+        match self.inner.db.get(key)? {
+            None => Ok(None),
+            Some(raw) => match record::decode_job(&raw) {
+                Ok(job) if job.id == id => Ok(Some(job)),
+                Ok(job) => {
+                    let e = RecordError::Body(format!("record says it is job {}", job.id));
+                    self.quarantine_locked(&key, &raw, &e)?;
+                    Ok(None)
+                }
+                Err(e) => {
+                    self.quarantine_locked(&key, &raw, &e)?;
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    /// Moves an unreadable record aside (taking the write lock).
+    fn quarantine(&self, key: &[u8], raw: &[u8], err: &RecordError) -> Result<()> {
+        let _w = self.lock();
+        // Someone may have rewritten it meanwhile; only move what we saw.
+        if self.inner.db.get(key)?.as_deref() == Some(raw) {
+            self.quarantine_locked(key, raw, err)?;
+        }
+        Ok(())
+    }
+
+    fn quarantine_locked(&self, key: &[u8], raw: &[u8], err: &RecordError) -> Result<()> {
+        tracing::error!(
+            key = %keys::display(key),
+            error = %err,
+            "unreadable queue record moved to quarantine; the rest of the queue keeps working (see `queuectl stats`)"
+        );
+        let q = record::Quarantined {
+            key: key.to_vec(),
+            reason: err.to_string(),
+            at_ms: self.now(),
+            raw: raw.to_vec(),
+        };
+        let mut b = sled::Batch::default();
+        b.insert(keys::quarantine(key), record::encode_quarantined(&q));
+        b.remove(key);
+        self.inner.db.apply_batch(b)?;
+        Ok(())
+    }
+
+    async fn durable(&self) -> Result<()> {
+        let t = self.inner.commit.ticket();
+        self.inner.commit.wait(t).await.map_err(Error::Durability)
+    }
+}

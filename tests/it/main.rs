@@ -1,0 +1,5 @@
+//! Integration tests, one binary (see `tests/it/*.rs`). `tests/crash.rs` is separate:
+//! it re-runs itself as the child it kills.
+
+mod queue_basic;
+mod support;

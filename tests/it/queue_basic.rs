@@ -1,0 +1,82 @@
+//! The queue's main paths, one scenario each, in virtual time.
+
+use std::sync::Arc;
+
+use connector::queue::{JobKind, JobState, ManualClock, Settings, Stored};
+
+use crate::support::{T0, minutes, open_manual};
+
+#[tokio::test]
+async fn webhook_ladder_then_dead_then_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let q = open_manual(dir.path(), Settings::default(), &clock);
+    let e = q
+        .enqueue(JobKind::Webhook, "evt-1", b"{}".to_vec(), None)
+        .await
+        .unwrap();
+    assert!(!e.duplicate);
+    let again = q
+        .enqueue(JobKind::Webhook, "evt-1", b"{}".to_vec(), None)
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.job.id, e.job.id);
+
+    let expected_gaps = [1, 5, 30];
+    for (i, gap) in expected_gaps.iter().enumerate() {
+        let leased = q.lease(JobKind::Webhook, 10).await.unwrap();
+        assert_eq!(leased.len(), 1, "attempt {}", i + 1);
+        let job = q.fail(leased[0].token(), "503", None).await.unwrap();
+        assert_eq!(
+            job.stored,
+            Stored::Pending {
+                due_ms: clock_now(&clock) + minutes(*gap).as_millis() as u64
+            }
+        );
+        assert!(
+            q.lease(JobKind::Webhook, 10).await.unwrap().is_empty(),
+            "not due yet"
+        );
+        clock.advance(minutes(*gap));
+    }
+    let leased = q.lease(JobKind::Webhook, 10).await.unwrap();
+    let job = q.fail(leased[0].token(), "503", None).await.unwrap();
+    assert_eq!(job.state(clock_now(&clock)), JobState::Dead);
+    assert_eq!(job.attempts, 4);
+    assert_eq!(job.history.len(), 4);
+
+    q.retry(job.id).await.unwrap();
+    let leased = q.lease(JobKind::Webhook, 10).await.unwrap();
+    let job = q.ack(leased[0].token()).await.unwrap();
+    assert_eq!(job.state(clock_now(&clock)), JobState::Done);
+    let s = q.stats().unwrap();
+    assert_eq!(s.total(JobState::Done), 1);
+}
+
+fn clock_now(c: &ManualClock) -> u64 {
+    use connector::queue::Clock;
+    c.now_ms()
+}
+
+#[tokio::test]
+async fn running_job_is_ready_after_reopen_and_attempt_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    {
+        let q = open_manual(dir.path(), Settings::default(), &clock);
+        q.enqueue(JobKind::TrafficReport, "r1", vec![1, 2, 3], None)
+            .await
+            .unwrap();
+        let l = q.lease(JobKind::TrafficReport, 1).await.unwrap();
+        assert_eq!(l.len(), 1);
+    }
+    let (q, rec) =
+        connector::queue::Queue::open(dir.path().join("queue"), Settings::default(), clock.clone())
+            .unwrap();
+    assert_eq!(rec.interrupted, 1);
+    let l = q.lease(JobKind::TrafficReport, 1).await.unwrap();
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0].job.attempts, 2);
+    assert_eq!(l[0].job.payload, vec![1, 2, 3]);
+}
