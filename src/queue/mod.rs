@@ -297,7 +297,15 @@ impl Queue {
             .transpose()?
             .and_then(|k| keys::parse_id(&k))
             .unwrap_or(0);
-        let commit = GroupCommit::start(db.clone()).map_err(Error::Thread)?;
+        let data_file = std::fs::File::open(path.join("db")).map_err(|e| Error::Open {
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        let sync_file = data_file.try_clone().map_err(|e| Error::Open {
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        let commit = GroupCommit::start(db.clone(), data_file).map_err(Error::Thread)?;
         let queue = Queue {
             inner: Arc::new(Inner {
                 db,
@@ -313,6 +321,9 @@ impl Queue {
         };
         let recovery = queue.recover()?;
         queue.inner.db.flush()?;
+        sync_file
+            .sync_data()
+            .map_err(|e| Error::Durability(format!("fdatasync: {e}")))?;
         Ok((queue, recovery))
     }
 
