@@ -36,8 +36,14 @@ fn spec_defaults() {
     }
     assert_eq!(s.kind(JobKind::Webhook).on_exhausted, OnExhausted::Dead);
     assert_eq!(s.kind(JobKind::NodeSync).on_exhausted, OnExhausted::Dead);
-    assert_eq!(s.kind(JobKind::TrafficReport).on_exhausted, OnExhausted::RepeatLast);
-    assert_eq!(s.kind(JobKind::XrayApply).on_exhausted, OnExhausted::RepeatLast);
+    assert_eq!(
+        s.kind(JobKind::TrafficReport).on_exhausted,
+        OnExhausted::RepeatLast
+    );
+    assert_eq!(
+        s.kind(JobKind::XrayApply).on_exhausted,
+        OnExhausted::RepeatLast
+    );
 }
 
 #[test]
@@ -55,13 +61,41 @@ fn ladder_and_policy_from_file() {
 #[test]
 fn errors_name_file_key_and_reason() {
     let cases = [
-        ("[queue.kinds.webhook]\nladder = [\"0s\", \"soon\"]\n", "queue.kinds.webhook.ladder[1]", "soon"),
-        ("[queue.kinds.webhook]\nladder = []\n", "queue.kinds.webhook.ladder", "at least one"),
-        ("[queue.kinds.mail]\nladder = [\"0s\"]\n", "queue.kinds.mail", "unknown job kind"),
-        ("[queue.kinds.webhook]\non_exhausted = \"drop\"\n", "queue.kinds.webhook.on_exhausted", "drop"),
-        ("[queue.kinds.webhook]\nconcurrency = 0\n", "queue.kinds.webhook.concurrency", "at least 1"),
-        ("[queue]\ndedupe_window = \"forever\"\n", "queue.dedupe_window", "forever"),
-        ("[queue]\ndedup_window = \"1h\"\n", "queue.dedup_window", "expected `dedupe_window`"),
+        (
+            "[queue.kinds.webhook]\nladder = [\"0s\", \"soon\"]\n",
+            "queue.kinds.webhook.ladder[1]",
+            "soon",
+        ),
+        (
+            "[queue.kinds.webhook]\nladder = []\n",
+            "queue.kinds.webhook.ladder",
+            "at least one",
+        ),
+        (
+            "[queue.kinds.mail]\nladder = [\"0s\"]\n",
+            "queue.kinds.mail",
+            "unknown job kind",
+        ),
+        (
+            "[queue.kinds.webhook]\non_exhausted = \"drop\"\n",
+            "queue.kinds.webhook.on_exhausted",
+            "drop",
+        ),
+        (
+            "[queue.kinds.webhook]\nconcurrency = 0\n",
+            "queue.kinds.webhook.concurrency",
+            "at least 1",
+        ),
+        (
+            "[queue]\ndedupe_window = \"forever\"\n",
+            "queue.dedupe_window",
+            "forever",
+        ),
+        (
+            "[queue]\ndedup_window = \"1h\"\n",
+            "queue.dedup_window",
+            "expected `dedupe_window`",
+        ),
         ("data_dir = [\n", "(syntax)", ""),
     ];
     for (text, key, reason) in cases {
