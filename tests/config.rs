@@ -122,3 +122,119 @@ fn missing_file_is_an_error_naming_it() {
     let e = config::load(Some(Path::new("/nonexistent/c.toml")), &no_env()).unwrap_err();
     assert!(e.to_string().starts_with("/nonexistent/c.toml: "), "{e}");
 }
+
+fn env_of(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn the_go_connectors_environment_alone_configures_it() {
+    let env = env_of(&[
+        ("PANEL_BASE_URL", "http://127.0.0.1:3000/"),
+        ("INTERNAL_API_KEY", "k-123-secret"),
+        ("NODE_IDS", "1, 2,3"),
+        ("OUTPUT_DIR", "/tmp/out"),
+        ("INTERVAL_SECONDS", "5"),
+        ("HTTP_TIMEOUT_SECONDS", "3"),
+        ("APPLY_CMD", "bash './my apply.sh' {node_id} {uuids_file}"),
+    ]);
+    let cfg = config::load(None, &env).unwrap();
+    assert_eq!(cfg.panel.base_url, "http://127.0.0.1:3000");
+    assert_eq!(
+        cfg.panel.internal_api_key.as_ref().unwrap().expose(),
+        "k-123-secret"
+    );
+    assert_eq!(
+        cfg.nodes.iter().map(|n| n.id).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert_eq!(cfg.nodes[1].inbound_tag, "node-2");
+    assert_eq!(cfg.sync.output_dir, Path::new("/tmp/out"));
+    assert_eq!(cfg.sync.interval, Duration::from_secs(5));
+    assert_eq!(cfg.panel.timeout, Duration::from_secs(3));
+    assert_eq!(cfg.apply.mode, config::ApplyMode::Cmd);
+    assert_eq!(
+        cfg.apply.argv,
+        ["bash", "./my apply.sh", "{node_id}", "{uuids_file}"]
+    );
+    let shown = config::render(&cfg);
+    assert!(!shown.contains("k-123-secret"), "{shown}");
+    assert!(shown.contains("internal_api_key = \"***\""), "{shown}");
+    assert!(!format!("{cfg:?}").contains("k-123-secret"));
+}
+
+#[test]
+fn environment_errors_name_the_variable() {
+    for (name, value, reason) in [
+        ("INTERVAL_SECONDS", "often", "not a duration"),
+        ("NODE_IDS", "1,two", "`two` is not a node id"),
+        ("APPLY_MODE", "reload", "not an apply mode"),
+        ("PANEL_BASE_URL", "ftp://x", "http"),
+        ("ENABLE_TRAFFIC_REPORT", "maybe", "true or false"),
+        ("HTTP_TIMEOUT_SECONDS", "0", "more than 0"),
+    ] {
+        let e = config::load(None, &env_of(&[(name, value)])).unwrap_err();
+        assert_eq!(e.key, name);
+        assert!(e.reason.contains(reason), "{e}");
+        assert!(e.to_string().starts_with("environment: "), "{e}");
+    }
+}
+
+#[test]
+fn nodes_without_a_key_is_an_error() {
+    let e = config::load(None, &env_of(&[("NODE_IDS", "1")])).unwrap_err();
+    assert_eq!(e.key, "panel.internal_api_key");
+}
+
+#[test]
+fn node_ids_replace_the_file_list_but_keep_its_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[panel]\ninternal_api_key_file = \"KEYFILE\"\n[[nodes]]\nid = 1\ninbound_tag = \"in-{node_id}\"\nprotocol = \"trojan\"\n[[nodes]]\nid = 9\n"
+            .replace("KEYFILE", &dir.path().join("key").display().to_string()),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("key"), "from-file\n").unwrap();
+    let cfg = config::load(Some(&path), &env_of(&[("NODE_IDS", "1,2")])).unwrap();
+    assert_eq!(cfg.nodes.len(), 2);
+    assert_eq!(cfg.nodes[0].inbound_tag, "in-1");
+    assert_eq!(cfg.nodes[0].protocol, config::Protocol::Trojan);
+    assert_eq!(cfg.nodes[1].protocol, config::Protocol::Vless);
+    assert_eq!(
+        cfg.panel.internal_api_key.as_ref().unwrap().expose(),
+        "from-file"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_key_file_readable_by_others_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "secret\n").unwrap();
+    let env = env_of(&[("INTERNAL_API_KEY_FILE", key.to_str().unwrap())]);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = config::load(None, &env).unwrap();
+    assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+    assert!(cfg.warnings[0].contains("readable by other users"));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(config::load(None, &env).unwrap().warnings.is_empty());
+}
+
+#[test]
+fn apply_mode_follows_what_is_configured() {
+    let cfg = config::load(None, &no_env()).unwrap();
+    assert_eq!(cfg.apply.mode, config::ApplyMode::None);
+    let e = load_text("[apply]\nmode = \"cmd\"\n").unwrap_err();
+    assert_eq!(e.key, "apply.cmd");
+    let e = load_text("[apply]\ncmd = \"echo 'unclosed\"\n").unwrap_err();
+    assert_eq!(e.key, "apply.cmd");
+    let e = load_text("[sync]\nmax_removal_ratio = 1.5\n").unwrap_err();
+    assert_eq!(e.key, "sync.max_removal_ratio");
+}

@@ -1,23 +1,43 @@
-//! Configuration: defaults, then the TOML file, then environment variables, validated
-//! into typed settings. Every error names the file, the key and the reason in one line.
+//! Configuration: defaults, then the TOML file, then environment variables (the Go
+//! connector's names included), validated into typed settings. Every error names the
+//! file (or "environment"), the key and the reason, in one line.
+//!
+//! - `raw.rs`: the file's shape (serde), unknown keys refused.
+//! - `env.rs`: the environment variables and how each maps onto a key.
+//! - `render.rs`: `connector check-config`'s output, secrets masked.
+
+mod env;
+mod raw;
+mod render;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use crate::queue;
 
-use crate::queue::{self, JobKind, OnExhausted};
+pub use env::ENV_VARS;
+pub use render::render;
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The file it was read from, if any.
     pub file: Option<PathBuf>,
-    /// Queue database and (later) admin socket live here.
+    /// Queue database and admin socket live here.
     pub data_dir: PathBuf,
+    pub panel: Panel,
+    pub sync: Sync,
+    pub apply: Apply,
+    pub xray: Option<Xray>,
+    pub nodes: Vec<Node>,
+    pub traffic: Traffic,
     pub queue: queue::Settings,
+    /// How long running attempts may take to finish after SIGTERM/SIGINT.
+    pub shutdown_timeout: Duration,
+    /// Problems that do not stop the program (a token file readable by others).
+    pub warnings: Vec<String>,
 }
 
 impl Default for Config {
@@ -25,7 +45,15 @@ impl Default for Config {
         Config {
             file: None,
             data_dir: PathBuf::from("./data"),
+            panel: Panel::default(),
+            sync: Sync::default(),
+            apply: Apply::default(),
+            xray: None,
+            nodes: Vec::new(),
+            traffic: Traffic::default(),
             queue: queue::Settings::default(),
+            shutdown_timeout: Duration::from_secs(30),
+            warnings: Vec::new(),
         }
     }
 }
@@ -35,11 +63,193 @@ impl Config {
     pub fn queue_path(&self) -> PathBuf {
         self.data_dir.join("queue")
     }
+
+    pub fn node(&self, id: u64) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+}
+
+/// A secret (API key, token): never printed. `Debug` and `Display` show `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Panel {
+    /// `http(s)://host:port`, no trailing slash.
+    pub base_url: String,
+    pub internal_api_key: Option<Secret>,
+    /// Where the key was read from, when it came from a file.
+    pub internal_api_key_file: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+impl Default for Panel {
+    fn default() -> Self {
+        Panel {
+            base_url: "http://127.0.0.1:3000".into(),
+            internal_api_key: None,
+            internal_api_key_file: None,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Sync {
+    pub interval: Duration,
+    pub output_dir: PathBuf,
+    /// A sync that would drop more than this share of a node's users is held. 1.0: off.
+    pub max_removal_ratio: f64,
+    /// A held sync is applied once the panel has repeated it this long.
+    pub confirm_after: Duration,
+}
+
+impl Default for Sync {
+    fn default() -> Self {
+        Sync {
+            interval: Duration::from_secs(10),
+            output_dir: PathBuf::from("./out"),
+            max_removal_ratio: 1.0,
+            confirm_after: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyMode {
+    XrayGrpc,
+    Cmd,
+    None,
+}
+
+impl ApplyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApplyMode::XrayGrpc => "xray-grpc",
+            ApplyMode::Cmd => "cmd",
+            ApplyMode::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Apply {
+    pub mode: ApplyMode,
+    /// `APPLY_CMD` as written (placeholders unsubstituted).
+    pub cmd: String,
+    /// `cmd` split into words, as it will be run (no shell).
+    pub argv: Vec<String>,
+    /// How long one run of `cmd` may take.
+    pub timeout: Duration,
+}
+
+impl Default for Apply {
+    fn default() -> Self {
+        Apply {
+            mode: ApplyMode::None,
+            cmd: String::new(),
+            argv: Vec::new(),
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Xray,
+    V2ray,
+}
+
+#[derive(Debug, Clone)]
+pub struct Xray {
+    pub api: String,
+    pub flavor: Flavor,
+    pub email_template: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Vless,
+    Vmess,
+    Trojan,
+    Shadowsocks,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Vless => "vless",
+            Protocol::Vmess => "vmess",
+            Protocol::Trojan => "trojan",
+            Protocol::Shadowsocks => "shadowsocks",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "vless" => Ok(Protocol::Vless),
+            "vmess" => Ok(Protocol::Vmess),
+            "trojan" => Ok(Protocol::Trojan),
+            "shadowsocks" => Ok(Protocol::Shadowsocks),
+            other => Err(format!(
+                "`{other}` is not a protocol (expected vless, vmess, trojan or shadowsocks)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub id: u64,
+    /// With `{node_id}` already substituted.
+    pub inbound_tag: String,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone)]
+pub struct Traffic {
+    pub enabled: bool,
+    pub interval: Duration,
+    pub max_items: usize,
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Traffic {
+            enabled: true,
+            interval: Duration::from_secs(60),
+            max_items: 5000,
+        }
+    }
 }
 
 /// A configuration error: which file, which key, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
+    /// The file, or `None` when the value came from the environment.
     pub file: Option<PathBuf>,
     /// Dotted key (`queue.kinds.webhook.ladder[1]`) or environment variable name.
     pub key: String,
@@ -50,7 +260,7 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.file {
             Some(file) => write!(f, "{}: {}: {}", file.display(), self.key, self.reason),
-            None => write!(f, "{}: {}", self.key, self.reason),
+            None => write!(f, "environment: {}: {}", self.key, self.reason),
         }
     }
 }
@@ -77,158 +287,139 @@ impl Env for BTreeMap<String, String> {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    data_dir: Option<PathBuf>,
-    #[serde(default)]
-    queue: RawQueue,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawQueue {
-    #[serde(default, with = "humantime_serde")]
-    dedupe_window: Option<Duration>,
-    #[serde(default)]
-    kinds: BTreeMap<String, RawKind>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawKind {
-    ladder: Option<Vec<String>>,
-    on_exhausted: Option<OnExhausted>,
-    concurrency: Option<usize>,
-    #[serde(default, with = "humantime_serde")]
-    lease_timeout: Option<Duration>,
-}
-
-/// Loads the configuration: defaults, then `file` (if given), then the environment.
+/// Loads the configuration: defaults, then `file` (if given), then the environment,
+/// then the checks that span keys.
 pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
     let mut cfg = Config::default();
+    let mut pending = Pending::default();
     if let Some(path) = file {
-        let err = |key: &str, reason: String| ConfigError {
-            file: Some(path.to_path_buf()),
-            key: key.to_string(),
-            reason,
-        };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| err("(file)", format!("cannot read: {e}")))?;
-        let value: toml::Value =
-            toml::from_str(&text).map_err(|e| err("(syntax)", one_line(&e.to_string())))?;
-        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-            let key = e.path().to_string();
-            err(
-                if key == "." { "(top level)" } else { &key },
-                one_line(&e.into_inner().to_string()),
-            )
-        })?;
-        apply_raw(&mut cfg, raw).map_err(|(key, reason)| err(&key, reason))?;
+        raw::apply_file(&mut cfg, path, &mut pending)?;
         cfg.file = Some(path.to_path_buf());
     }
-    apply_env(&mut cfg, env)?;
+    env::apply(&mut cfg, env, &mut pending)?;
+    finish(&mut cfg, pending, env)?;
     Ok(cfg)
 }
 
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+/// What the file and the environment said that is resolved only once both are read.
+#[derive(Debug, Default)]
+struct Pending {
+    /// `apply.mode` when set explicitly; otherwise it follows from `[xray]` / `cmd`.
+    mode: Option<ApplyMode>,
+    nodes: Vec<NodeSpec>,
 }
 
-fn apply_raw(cfg: &mut Config, raw: RawConfig) -> Result<(), (String, String)> {
-    if let Some(d) = raw.data_dir {
-        cfg.data_dir = d;
-    }
-    if let Some(w) = raw.queue.dedupe_window {
-        cfg.queue.dedupe_window = w;
-    }
-    for (name, k) in raw.queue.kinds {
-        let prefix = format!("queue.kinds.{name}");
-        let kind: JobKind = name.parse().map_err(|e| (prefix.clone(), e))?;
-        let s = cfg.queue.kind_mut(kind);
-        if let Some(ladder) = k.ladder {
-            if ladder.is_empty() {
-                return Err((
-                    format!("{prefix}.ladder"),
-                    "must have at least one rung".into(),
-                ));
-            }
-            s.ladder = ladder
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    humantime::parse_duration(r).map_err(|e| {
-                        (
-                            format!("{prefix}.ladder[{i}]"),
-                            format!("`{r}` is not a duration ({e}); use e.g. \"30s\", \"5m\""),
-                        )
-                    })
-                })
-                .collect::<Result<_, _>>()?;
-        }
-        if let Some(p) = k.on_exhausted {
-            s.on_exhausted = p;
-        }
-        if let Some(c) = k.concurrency {
-            if c == 0 {
-                return Err((format!("{prefix}.concurrency"), "must be at least 1".into()));
-            }
-            s.concurrency = c;
-        }
-        if let Some(l) = k.lease_timeout {
-            if l.is_zero() {
-                return Err((
-                    format!("{prefix}.lease_timeout"),
-                    "must be more than 0s".into(),
-                ));
-            }
-            s.lease_timeout = l;
-        }
-    }
-    Ok(())
+#[derive(Debug, Clone)]
+struct NodeSpec {
+    id: u64,
+    inbound_tag: Option<String>,
+    protocol: Option<Protocol>,
 }
 
-fn apply_env(cfg: &mut Config, env: &dyn Env) -> Result<(), ConfigError> {
-    if let Some(d) = env.var("DATA_DIR") {
-        cfg.data_dir = PathBuf::from(d);
-    }
-    Ok(())
-}
-
-/// The effective configuration as TOML, for `connector check-config`.
-pub fn render(cfg: &Config) -> String {
-    let mut out = String::new();
-    if let Some(f) = &cfg.file {
-        out.push_str(&format!("# from {} and the environment\n", f.display()));
+/// Cross-key defaults and checks, after file and environment.
+fn finish(cfg: &mut Config, pending: Pending, env: &dyn Env) -> Result<(), ConfigError> {
+    let file = cfg.file.clone();
+    let at = |key: &str, reason: String| ConfigError {
+        file: file.clone(),
+        key: key.into(),
+        reason,
+    };
+    let tag_default = env
+        .var("XRAY_INBOUND_TAG")
+        .unwrap_or_else(|| "node-{node_id}".into());
+    let proto_default = match env.var("XRAY_PROTOCOL") {
+        Some(p) => Protocol::parse(&p).map_err(|reason| ConfigError {
+            file: None,
+            key: "XRAY_PROTOCOL".into(),
+            reason,
+        })?,
+        None => Protocol::Vless,
+    };
+    cfg.nodes = pending
+        .nodes
+        .iter()
+        .map(|n| Node {
+            id: n.id,
+            inbound_tag: n
+                .inbound_tag
+                .as_deref()
+                .unwrap_or(&tag_default)
+                .replace("{node_id}", &n.id.to_string()),
+            protocol: n.protocol.unwrap_or(proto_default),
+        })
+        .collect();
+    let explicit_mode = pending.mode;
+    // SPEC: xray-grpc when [xray] is set, cmd when APPLY_CMD is set, else none.
+    cfg.apply.mode = explicit_mode.unwrap_or(if cfg.xray.is_some() {
+        ApplyMode::XrayGrpc
+    } else if !cfg.apply.cmd.is_empty() {
+        ApplyMode::Cmd
     } else {
-        out.push_str("# from defaults and the environment (no config file)\n");
+        ApplyMode::None
+    });
+    match cfg.apply.mode {
+        ApplyMode::Cmd if cfg.apply.argv.is_empty() => {
+            return Err(at(
+                "apply.cmd",
+                "apply.mode is \"cmd\" but no command is set (APPLY_CMD)".into(),
+            ));
+        }
+        ApplyMode::XrayGrpc => {
+            return Err(at(
+                "apply.mode",
+                "\"xray-grpc\" is not available in this build yet; use \"cmd\" (APPLY_CMD) or \"none\"".into(),
+            ));
+        }
+        _ => {}
     }
-    out.push_str(&format!(
-        "data_dir = {}\n\n[queue]\ndedupe_window = \"{}\"\n",
-        toml_str(&cfg.data_dir.display().to_string()),
-        humantime::format_duration(cfg.queue.dedupe_window)
-    ));
-    for kind in JobKind::ALL {
-        let k = cfg.queue.kind(kind);
-        let ladder: Vec<String> = k
-            .ladder
-            .iter()
-            .map(|d| format!("\"{}\"", humantime::format_duration(*d)))
-            .collect();
-        out.push_str(&format!(
-            "\n[queue.kinds.{kind}]\nladder = [{}]\non_exhausted = \"{}\"\nconcurrency = {}\nlease_timeout = \"{}\"\n",
-            ladder.join(", "),
-            match k.on_exhausted {
-                OnExhausted::Dead => "dead",
-                OnExhausted::RepeatLast => "repeat-last",
-            },
-            k.concurrency,
-            humantime::format_duration(k.lease_timeout)
+    if !cfg.nodes.is_empty() && cfg.panel.internal_api_key.is_none() {
+        return Err(at(
+            "panel.internal_api_key",
+            "required when nodes are configured (set INTERNAL_API_KEY, panel.internal_api_key or panel.internal_api_key_file)".into(),
         ));
     }
-    out
+    let mut seen = std::collections::BTreeSet::new();
+    for n in &cfg.nodes {
+        if !seen.insert(n.id) {
+            return Err(at("nodes", format!("node {} is listed twice", n.id)));
+        }
+    }
+    Ok(())
 }
 
-fn toml_str(s: &str) -> String {
-    toml::Value::String(s.to_string()).to_string()
+/// Parses a humantime duration, or a plain number of seconds (the Go connector's
+/// `*_SECONDS` variables).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration ({e}); use e.g. \"10s\", \"5m\", \"1h30m\""))
+}
+
+fn parse_base_url(s: &str) -> Result<String, String> {
+    let url = url::Url::parse(s.trim()).map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("`{s}` must start with http:// or https://"));
+    }
+    if url.host().is_none() {
+        return Err(format!("`{s}` has no host"));
+    }
+    Ok(s.trim().trim_end_matches('/').to_string())
+}
+
+fn parse_node_ids(s: &str) -> Result<Vec<u64>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<u64>()
+                .map_err(|_| format!("`{p}` is not a node id (expected e.g. 1,2,3)"))
+        })
+        .collect()
+}
+
+fn split_cmd(cmd: &str) -> Result<Vec<String>, String> {
+    shlex::split(cmd).ok_or_else(|| format!("`{cmd}` has an unclosed quote"))
 }

@@ -1,0 +1,347 @@
+//! The configuration file's shape. Unknown keys are refused (a typo must not silently
+//! leave a default in force); each value is checked where it is read, so an error can
+//! name its key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{
+    ApplyMode, Config, ConfigError, Flavor, NodeSpec, Pending, Protocol, Secret, Xray,
+    parse_base_url, split_cmd,
+};
+use crate::queue::{JobKind, OnExhausted};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    data_dir: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    shutdown_timeout: Option<Duration>,
+    #[serde(default)]
+    panel: RawPanel,
+    #[serde(default)]
+    sync: RawSync,
+    #[serde(default)]
+    apply: RawApply,
+    xray: Option<RawXray>,
+    #[serde(default)]
+    nodes: Vec<RawNode>,
+    #[serde(default)]
+    traffic: RawTraffic,
+    #[serde(default)]
+    queue: RawQueue,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPanel {
+    base_url: Option<String>,
+    internal_api_key: Option<String>,
+    internal_api_key_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    #[serde(default, with = "humantime_serde")]
+    interval: Option<Duration>,
+    output_dir: Option<PathBuf>,
+    max_removal_ratio: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    confirm_after: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApply {
+    mode: Option<String>,
+    cmd: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawXray {
+    api: Option<String>,
+    flavor: Option<String>,
+    email_template: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    id: u64,
+    inbound_tag: Option<String>,
+    protocol: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTraffic {
+    enabled: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    interval: Option<Duration>,
+    max_items: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    #[serde(default, with = "humantime_serde")]
+    dedupe_window: Option<Duration>,
+    #[serde(default)]
+    kinds: BTreeMap<String, RawKind>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKind {
+    ladder: Option<Vec<String>>,
+    on_exhausted: Option<OnExhausted>,
+    concurrency: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    lease_timeout: Option<Duration>,
+}
+
+/// Reads `path` into `cfg`.
+pub(super) fn apply_file(
+    cfg: &mut Config,
+    path: &Path,
+    pending: &mut Pending,
+) -> Result<(), ConfigError> {
+    let err = |key: &str, reason: String| ConfigError {
+        file: Some(path.to_path_buf()),
+        key: key.to_string(),
+        reason,
+    };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| err("(file)", format!("cannot read: {e}")))?;
+    let value: toml::Value =
+        toml::from_str(&text).map_err(|e| err("(syntax)", one_line(&e.to_string())))?;
+    let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+        let key = e.path().to_string();
+        err(
+            if key == "." { "(top level)" } else { &key },
+            one_line(&e.into_inner().to_string()),
+        )
+    })?;
+    if raw.panel.internal_api_key.is_some() && readable_by_others(path) {
+        cfg.warnings.push(format!(
+            "{} holds panel.internal_api_key and is readable by other users; chmod 600 it",
+            path.display()
+        ));
+    }
+    apply_raw(cfg, raw, pending).map_err(|(key, reason)| err(&key, reason))
+}
+
+/// True when group or others may read the file.
+pub(super) fn readable_by_others(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o044 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+type KeyError = (String, String);
+
+fn positive(key: &str, d: Duration) -> Result<Duration, KeyError> {
+    if d.is_zero() {
+        Err((key.into(), "must be more than 0s".into()))
+    } else {
+        Ok(d)
+    }
+}
+
+fn apply_raw(cfg: &mut Config, raw: RawConfig, pending: &mut Pending) -> Result<(), KeyError> {
+    if let Some(d) = raw.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(d) = raw.shutdown_timeout {
+        cfg.shutdown_timeout = d;
+    }
+
+    let p = raw.panel;
+    if let Some(u) = p.base_url {
+        cfg.panel.base_url = parse_base_url(&u).map_err(|r| ("panel.base_url".into(), r))?;
+    }
+    if let (Some(_), Some(_)) = (&p.internal_api_key, &p.internal_api_key_file) {
+        return Err((
+            "panel.internal_api_key_file".into(),
+            "set either internal_api_key or internal_api_key_file, not both".into(),
+        ));
+    }
+    if let Some(k) = p.internal_api_key {
+        cfg.panel.internal_api_key = Some(Secret::new(k.trim()));
+    }
+    if let Some(f) = p.internal_api_key_file {
+        cfg.panel.internal_api_key = Some(
+            read_key_file(&f, &mut cfg.warnings)
+                .map_err(|r| ("panel.internal_api_key_file".into(), r))?,
+        );
+        cfg.panel.internal_api_key_file = Some(f);
+    }
+    if let Some(t) = p.timeout {
+        cfg.panel.timeout = positive("panel.timeout", t)?;
+    }
+
+    let s = raw.sync;
+    if let Some(i) = s.interval {
+        cfg.sync.interval = positive("sync.interval", i)?;
+    }
+    if let Some(o) = s.output_dir {
+        cfg.sync.output_dir = o;
+    }
+    if let Some(r) = s.max_removal_ratio {
+        if !(0.0..=1.0).contains(&r) {
+            return Err((
+                "sync.max_removal_ratio".into(),
+                format!("{r} is not between 0.0 and 1.0 (1.0 turns the guard off)"),
+            ));
+        }
+        cfg.sync.max_removal_ratio = r;
+    }
+    if let Some(c) = s.confirm_after {
+        cfg.sync.confirm_after = c;
+    }
+
+    let a = raw.apply;
+    if let Some(m) = a.mode {
+        pending.mode = Some(parse_mode(&m).map_err(|r| ("apply.mode".into(), r))?);
+    }
+    if let Some(c) = a.cmd {
+        cfg.apply.argv = split_cmd(&c).map_err(|r| ("apply.cmd".into(), r))?;
+        cfg.apply.cmd = c;
+    }
+    if let Some(t) = a.timeout {
+        cfg.apply.timeout = positive("apply.timeout", t)?;
+    }
+
+    if let Some(x) = raw.xray {
+        cfg.xray = Some(Xray {
+            api: x.api.unwrap_or_else(|| "127.0.0.1:10085".into()),
+            flavor: match x.flavor.as_deref() {
+                None | Some("xray") => Flavor::Xray,
+                Some("v2ray") => Flavor::V2ray,
+                Some(other) => {
+                    return Err((
+                        "xray.flavor".into(),
+                        format!("`{other}` is not a flavor (expected xray or v2ray)"),
+                    ));
+                }
+            },
+            email_template: x.email_template.unwrap_or_else(|| "{uuid}".into()),
+        });
+    }
+
+    for (i, n) in raw.nodes.into_iter().enumerate() {
+        let protocol = match n.protocol {
+            Some(p) => Some(Protocol::parse(&p).map_err(|r| (format!("nodes[{i}].protocol"), r))?),
+            None => None,
+        };
+        pending.nodes.push(NodeSpec {
+            id: n.id,
+            inbound_tag: n.inbound_tag,
+            protocol,
+        });
+    }
+
+    let t = raw.traffic;
+    if let Some(e) = t.enabled {
+        cfg.traffic.enabled = e;
+    }
+    if let Some(i) = t.interval {
+        cfg.traffic.interval = positive("traffic.interval", i)?;
+    }
+    if let Some(m) = t.max_items {
+        if m == 0 {
+            return Err(("traffic.max_items".into(), "must be at least 1".into()));
+        }
+        cfg.traffic.max_items = m;
+    }
+
+    if let Some(w) = raw.queue.dedupe_window {
+        cfg.queue.dedupe_window = w;
+    }
+    for (name, k) in raw.queue.kinds {
+        let prefix = format!("queue.kinds.{name}");
+        let kind: JobKind = name.parse().map_err(|e| (prefix.clone(), e))?;
+        let s = cfg.queue.kind_mut(kind);
+        if let Some(ladder) = k.ladder {
+            if ladder.is_empty() {
+                return Err((
+                    format!("{prefix}.ladder"),
+                    "must have at least one rung".into(),
+                ));
+            }
+            s.ladder = ladder
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    humantime::parse_duration(r).map_err(|e| {
+                        (
+                            format!("{prefix}.ladder[{i}]"),
+                            format!("`{r}` is not a duration ({e}); use e.g. \"30s\", \"5m\""),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(p) = k.on_exhausted {
+            s.on_exhausted = p;
+        }
+        if let Some(c) = k.concurrency {
+            if c == 0 {
+                return Err((format!("{prefix}.concurrency"), "must be at least 1".into()));
+            }
+            s.concurrency = c;
+        }
+        if let Some(l) = k.lease_timeout {
+            s.lease_timeout = positive(&format!("{prefix}.lease_timeout"), l)?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn parse_mode(s: &str) -> Result<ApplyMode, String> {
+    match s {
+        "xray-grpc" => Ok(ApplyMode::XrayGrpc),
+        "cmd" => Ok(ApplyMode::Cmd),
+        "none" => Ok(ApplyMode::None),
+        other => Err(format!(
+            "`{other}` is not an apply mode (expected xray-grpc, cmd or none)"
+        )),
+    }
+}
+
+/// Reads a key file (first line, trimmed), warning when others can read it.
+pub(super) fn read_key_file(path: &Path, warnings: &mut Vec<String>) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let key = text.lines().next().unwrap_or("").trim();
+    if key.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    if readable_by_others(path) {
+        warnings.push(format!(
+            "{} holds the panel's internal API key and is readable by other users; chmod 600 it",
+            path.display()
+        ));
+    }
+    Ok(Secret::new(key))
+}

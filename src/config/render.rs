@@ -1,0 +1,119 @@
+//! `connector check-config`: the effective configuration as TOML. Secrets are masked.
+
+use std::fmt::Write;
+
+use super::{Config, Flavor};
+use crate::queue::{JobKind, OnExhausted};
+
+fn q(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+fn d(d: std::time::Duration) -> String {
+    q(&humantime::format_duration(d).to_string())
+}
+
+/// Renders the effective configuration. Every secret prints as `"***"` (or is absent).
+pub fn render(cfg: &Config) -> String {
+    let mut o = String::new();
+    // Writing to a String cannot fail.
+    let _ = render_into(cfg, &mut o);
+    o
+}
+
+fn render_into(cfg: &Config, o: &mut String) -> std::fmt::Result {
+    match &cfg.file {
+        Some(f) => writeln!(
+            o,
+            "# effective configuration: {} + environment",
+            f.display()
+        )?,
+        None => writeln!(
+            o,
+            "# effective configuration: defaults + environment (no file)"
+        )?,
+    }
+    writeln!(o, "data_dir = {}", q(&cfg.data_dir.display().to_string()))?;
+    writeln!(o, "shutdown_timeout = {}", d(cfg.shutdown_timeout))?;
+
+    writeln!(o, "\n[panel]\nbase_url = {}", q(&cfg.panel.base_url))?;
+    match (
+        &cfg.panel.internal_api_key,
+        &cfg.panel.internal_api_key_file,
+    ) {
+        (Some(_), Some(f)) => {
+            writeln!(o, "internal_api_key_file = {}", q(&f.display().to_string()))?
+        }
+        (Some(_), None) => writeln!(o, "internal_api_key = \"***\"")?,
+        (None, _) => writeln!(o, "# internal_api_key is not set")?,
+    }
+    writeln!(o, "timeout = {}", d(cfg.panel.timeout))?;
+
+    writeln!(
+        o,
+        "\n[sync]\ninterval = {}\noutput_dir = {}\nmax_removal_ratio = {}\nconfirm_after = {}",
+        d(cfg.sync.interval),
+        q(&cfg.sync.output_dir.display().to_string()),
+        cfg.sync.max_removal_ratio,
+        d(cfg.sync.confirm_after)
+    )?;
+
+    writeln!(
+        o,
+        "\n[apply]\nmode = {}\ncmd = {}\ntimeout = {}",
+        q(cfg.apply.mode.as_str()),
+        q(&cfg.apply.cmd),
+        d(cfg.apply.timeout)
+    )?;
+
+    if let Some(x) = &cfg.xray {
+        writeln!(
+            o,
+            "\n[xray]\napi = {}\nflavor = {}\nemail_template = {}",
+            q(&x.api),
+            q(match x.flavor {
+                Flavor::Xray => "xray",
+                Flavor::V2ray => "v2ray",
+            }),
+            q(&x.email_template)
+        )?;
+    }
+    for n in &cfg.nodes {
+        writeln!(
+            o,
+            "\n[[nodes]]\nid = {}\ninbound_tag = {}\nprotocol = {}",
+            n.id,
+            q(&n.inbound_tag),
+            q(n.protocol.as_str())
+        )?;
+    }
+    writeln!(
+        o,
+        "\n[traffic]\nenabled = {}\ninterval = {}\nmax_items = {}",
+        cfg.traffic.enabled,
+        d(cfg.traffic.interval),
+        cfg.traffic.max_items
+    )?;
+
+    writeln!(
+        o,
+        "\n[queue]\ndedupe_window = {}",
+        d(cfg.queue.dedupe_window)
+    )?;
+    for kind in JobKind::ALL {
+        let k = cfg.queue.kind(kind);
+        let ladder: Vec<String> = k.ladder.iter().map(|r| d(*r)).collect();
+        writeln!(
+            o,
+            "\n[queue.kinds.{kind}]\nladder = [{}]\non_exhausted = {}\nconcurrency = {}\nlease_timeout = {}",
+            ladder.join(", "),
+            q(match k.on_exhausted {
+                OnExhausted::Dead => "dead",
+                OnExhausted::RepeatLast => "repeat-last",
+            }),
+            k.concurrency,
+            d(k.lease_timeout)
+        )?;
+    }
+    Ok(())
+}
