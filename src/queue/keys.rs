@@ -20,6 +20,9 @@ pub const FINISHED: u8 = b'f';
 pub const IDEM: u8 = b'k';
 /// `c` + original key → quarantine envelope: records that could not be read.
 pub const QUARANTINE: u8 = b'c';
+/// `s` + UTF-8 name → state envelope: small state the job kinds keep beside their jobs
+/// (a node's synced list, traffic baselines), written in the same batch as jobs.
+pub const STATE: u8 = b's';
 
 pub const FINISHED_DONE: u8 = 1;
 pub const FINISHED_DEAD: u8 = 2;
@@ -70,6 +73,13 @@ pub fn idem(kind: JobKind, key: &str) -> Vec<u8> {
     k
 }
 
+pub fn state(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(STATE);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
 pub fn quarantine(original: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + original.len());
     k.push(QUARANTINE);
@@ -112,6 +122,7 @@ pub fn display(key: &[u8]) -> String {
             format!("{}/{}", key[0] as char, parse_id(key).unwrap_or_default())
         }
         Some(&QUARANTINE) => format!("c/{}", display(&key[1..])),
+        Some(&STATE) => format!("s/{}", String::from_utf8_lossy(&key[1..])),
         _ => key.iter().map(|b| format!("{b:02x}")).collect(),
     }
 }

@@ -40,19 +40,21 @@ mod keys;
 mod kind;
 mod ladder;
 pub mod record;
+mod txn;
 mod worker;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, broadcast};
 
 pub use admin::{JobView, ListFilter, PurgeFilter, QuarantineView, Stats};
 pub use clock::{Clock, ManualClock, Millis, SystemClock, rfc3339};
 pub use kind::JobKind;
 pub use ladder::{KindSettings, OnExhausted, Settings, after_interruption, next_delay};
 pub use record::{Attempt, DeadReason, Job, Outcome, RecordError, Stored};
+pub use txn::{Commit, Committed, Dedupe, NewJob, StateWrite};
 pub use worker::{AttemptResult, Handler, run_maintenance, run_workers};
 
 use commit::GroupCommit;
@@ -114,9 +116,22 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone)]
 pub struct Enqueued {
     pub job: Job,
-    /// True when the key was already pending, running, or done within the dedupe window:
-    /// `job` is that existing job and nothing was created.
+    /// True when the key was already taken (see [`Dedupe`]): `job` is that existing job
+    /// and nothing was created.
     pub duplicate: bool,
+    /// True when an existing pending job took the new payload (`Dedupe::Replace`).
+    pub replaced: bool,
+}
+
+/// Marks an attempt succeeded; `note` (e.g. a hook's output) is kept on the attempt.
+fn succeed(job: &mut Job, lease: LeaseToken, now: Millis, started: Millis) {
+    job.push_attempt(Attempt {
+        number: lease.attempt,
+        started_ms: started,
+        duration_ms: now.saturating_sub(started),
+        outcome: Outcome::Succeeded,
+    });
+    job.stored = Stored::Done { at_ms: now };
 }
 
 /// Proof of a lease: which attempt of which job a worker is running.
@@ -228,6 +243,34 @@ struct Inner {
     /// Owns the flush thread (and its own handle on `db`); dropping it flushes once more.
     commit: GroupCommit,
     wake: [Notify; 4],
+    events: broadcast::Sender<Event>,
+}
+
+/// Something that happened to a job, for subscribers (`--once`, `queuectl tail`, tests).
+/// Sent after the change is durable. A slow subscriber may miss events (it is told it
+/// lagged) and should then read the jobs it cares about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: u64,
+    pub kind: JobKind,
+    pub key: String,
+    pub what: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    Enqueued,
+    /// A pending job's payload was replaced (`Dedupe::Replace`).
+    Replaced,
+    Leased {
+        attempt: u32,
+    },
+    Done,
+    /// The attempt failed (or was interrupted); the next one is due at `due_ms`.
+    Retry {
+        due_ms: Millis,
+    },
+    Dead,
 }
 
 struct WriteState {
@@ -317,6 +360,7 @@ impl Queue {
                 }),
                 commit,
                 wake: Default::default(),
+                events: broadcast::channel(4096).0,
             }),
         };
         let recovery = queue.recover()?;
@@ -353,68 +397,14 @@ impl Queue {
         payload: Vec<u8>,
         not_before: Option<Millis>,
     ) -> Result<Enqueued> {
-        if key.is_empty() {
-            return Err(Error::InvalidKey("it is empty"));
-        }
-        if key.len() > MAX_KEY_LEN {
-            return Err(Error::InvalidKey("it is longer than 512 bytes"));
-        }
-        let out = {
-            let mut w = self.lock();
-            let now = self.now();
-            let idem = keys::idem(kind, key);
-            let existing = match self.inner.db.get(&idem)? {
-                Some(v) => match keys::be_u64(&v) {
-                    Some(id) => self.load_locked(id)?,
-                    None => None,
-                },
-                None => None,
-            };
-            let window = self.inner.settings.dedupe_window;
-            let live = existing.filter(|job| match job.stored {
-                Stored::Pending { .. } | Stored::Running { .. } => true,
-                Stored::Done { at_ms } => clock::after(at_ms, window) > now,
-                Stored::Dead { .. } => false,
-            });
-            match live {
-                Some(job) => Enqueued {
-                    job,
-                    duplicate: true,
-                },
-                None => {
-                    let id = w.next_id;
-                    w.next_id += 1;
-                    let base = not_before.unwrap_or(now).max(now);
-                    let first = self.inner.settings.kind(kind).ladder[0];
-                    let due = clock::after(base, first);
-                    let job = Job {
-                        id,
-                        kind,
-                        key: key.to_owned(),
-                        payload,
-                        created_ms: now,
-                        stored: Stored::Pending { due_ms: due },
-                        attempts: 0,
-                        history: Vec::new(),
-                    };
-                    let mut b = sled::Batch::default();
-                    b.insert(&keys::job(id), record::encode_job(&job));
-                    b.insert(&keys::pending(kind, due, id), &[]);
-                    b.insert(idem, &id.to_be_bytes());
-                    b.insert(keys::META_NEXT_ID, &(id + 1).to_be_bytes());
-                    self.inner.db.apply_batch(b)?;
-                    Enqueued {
-                        job,
-                        duplicate: false,
-                    }
-                }
-            }
-        };
-        self.durable().await?;
-        if !out.duplicate {
-            self.wake(kind);
-        }
-        Ok(out)
+        self.enqueue_with(NewJob {
+            kind,
+            key: key.to_owned(),
+            payload,
+            not_before,
+            dedupe: Dedupe::Window,
+        })
+        .await
     }
 
     /// Leases up to `max` jobs of `kind` that are due, oldest due first. Each lease counts
@@ -465,22 +455,22 @@ impl Queue {
         };
         if !leased.is_empty() {
             self.durable().await?;
+            for l in &leased {
+                self.emit(
+                    &l.job,
+                    EventKind::Leased {
+                        attempt: l.job.attempts,
+                    },
+                );
+            }
         }
         Ok(leased)
     }
 
     /// Records a successful attempt: the job is done.
     pub async fn ack(&self, lease: LeaseToken) -> Result<Job> {
-        self.finish(lease, |job, now, started| {
-            job.push_attempt(Attempt {
-                number: lease.attempt,
-                started_ms: started,
-                duration_ms: now.saturating_sub(started),
-                outcome: Outcome::Succeeded,
-            });
-            job.stored = Stored::Done { at_ms: now };
-        })
-        .await
+        self.finish(lease, |job, now, started| succeed(job, lease, now, started))
+            .await
     }
 
     /// Records a failed attempt. The next attempt is due on the kind's ladder (later if
@@ -492,7 +482,7 @@ impl Queue {
         error: &str,
         retry_after: Option<Duration>,
     ) -> Result<Job> {
-        let settings = self.inner.settings.clone();
+        let settings = &self.inner.settings;
         self.finish(lease, |job, now, started| {
             job.push_attempt(Attempt {
                 number: lease.attempt,
@@ -522,32 +512,55 @@ impl Queue {
     ) -> Result<Job> {
         let job = {
             let _w = self.lock();
-            let now = self.now();
-            let mut job = self
-                .load_locked(lease.id)?
-                .ok_or(Error::NotFound(lease.id))?;
-            let started = match job.stored {
-                Stored::Running { started_ms, .. } if job.attempts == lease.attempt => started_ms,
-                _ => {
-                    return Err(Error::LeaseLost {
-                        id: lease.id,
-                        attempt: lease.attempt,
-                    });
-                }
-            };
-            update(&mut job, now, started);
             let mut b = sled::Batch::default();
-            b.remove(&keys::running(job.id));
-            self.index_insert(&mut b, &job);
-            b.insert(&keys::job(job.id), record::encode_job(&job));
+            let job = self.finish_locked(&mut b, lease, update)?;
             self.inner.db.apply_batch(b)?;
             job
         };
         self.durable().await?;
-        if matches!(job.stored, Stored::Pending { .. }) {
-            self.wake(job.kind);
-        }
+        self.after_finish(&job);
         Ok(job)
+    }
+
+    /// Records the end of an attempt in `b`; the caller holds the write lock.
+    fn finish_locked(
+        &self,
+        b: &mut sled::Batch,
+        lease: LeaseToken,
+        update: impl FnOnce(&mut Job, Millis, Millis),
+    ) -> Result<Job> {
+        let now = self.now();
+        let mut job = self
+            .load_locked(lease.id)?
+            .ok_or(Error::NotFound(lease.id))?;
+        let started = match job.stored {
+            Stored::Running { started_ms, .. } if job.attempts == lease.attempt => started_ms,
+            _ => {
+                return Err(Error::LeaseLost {
+                    id: lease.id,
+                    attempt: lease.attempt,
+                });
+            }
+        };
+        update(&mut job, now, started);
+        b.remove(&keys::running(job.id));
+        self.index_insert(b, &job);
+        b.insert(&keys::job(job.id), record::encode_job(&job));
+        Ok(job)
+    }
+
+    /// Wakes workers and tells subscribers how an attempt ended.
+    fn after_finish(&self, job: &Job) {
+        let event = match &job.stored {
+            Stored::Pending { due_ms } => {
+                self.wake(job.kind);
+                EventKind::Retry { due_ms: *due_ms }
+            }
+            Stored::Done { .. } => EventKind::Done,
+            Stored::Dead { .. } => EventKind::Dead,
+            Stored::Running { .. } => return,
+        };
+        self.emit(job, event);
     }
 
     /// Makes jobs whose lease ran out ready again (a hung attempt); the attempt counts.
@@ -713,7 +726,33 @@ impl Queue {
         }
     }
 
+    /// Job events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// The newest job with this idempotency key, if any.
+    pub fn find_key(&self, kind: JobKind, key: &str) -> Result<Option<Job>> {
+        match self.inner.db.get(keys::idem(kind, key))? {
+            Some(v) => match keys::be_u64(&v) {
+                Some(id) => self.get(id),
+                None => Ok(None),
+            },
+            None => Ok(None),
+        }
+    }
+
     // ---- internals ----
+
+    fn emit(&self, job: &Job, what: EventKind) {
+        // No subscribers is fine.
+        let _ = self.inner.events.send(Event {
+            id: job.id,
+            kind: job.kind,
+            key: job.key.clone(),
+            what,
+        });
+    }
 
     fn lock(&self) -> MutexGuard<'_, WriteState> {
         // Poisoning means a thread panicked between sled calls; every sled batch is

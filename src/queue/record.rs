@@ -367,6 +367,21 @@ pub fn decode_job(bytes: &[u8]) -> Result<Job, RecordError> {
     }
 }
 
+/// State values: the envelope around bytes the owning job kind encodes (and versions)
+/// itself; the queue only guarantees they are read back intact or reported.
+pub fn encode_state(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + bytes.len());
+    out.push(RECORD_VERSION);
+    out.extend_from_slice(&crc32fast::hash(bytes).to_le_bytes());
+    out.extend_from_slice(bytes);
+    out
+}
+
+pub fn decode_state(bytes: &[u8]) -> Result<Vec<u8>, RecordError> {
+    let (_, body) = open(bytes)?;
+    Ok(body.to_vec())
+}
+
 pub fn encode_quarantined(q: &Quarantined) -> Vec<u8> {
     seal(&QuarantinedV1 {
         key: q.key.clone(),

@@ -1,0 +1,247 @@
+//! Commits: several changes made durable as one. A job kind that must keep its own state
+//! in step with the queue — a node's synced list and the apply it enqueues, a traffic
+//! baseline and the report it produces — writes both in one [`Commit`], which is one
+//! sled batch: after a crash, either both are there or neither.
+
+use std::collections::HashMap;
+
+use super::record::{self, Job, Stored};
+use super::{
+    Enqueued, Error, EventKind, JobKind, LeaseToken, Millis, Queue, Result, WriteState, clock,
+    keys, succeed,
+};
+
+/// How an enqueue treats a key that already has a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dedupe {
+    /// SPEC idempotency: a key that is pending, running, or done within the dedupe window
+    /// returns the existing job.
+    #[default]
+    Window,
+    /// One live job per key: pending or running returns the existing job; otherwise a new
+    /// job, whatever the window. For periodic work (a node's sync).
+    Live,
+    /// Newest wins: a pending job takes the new payload; when the key's job is running
+    /// or finished, a new job follows it. For "apply the latest list".
+    Replace,
+}
+
+/// A job to add.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub kind: JobKind,
+    pub key: String,
+    pub payload: Vec<u8>,
+    /// Not before this time (default: now). `ladder[0]` is added to it.
+    pub not_before: Option<Millis>,
+    pub dedupe: Dedupe,
+}
+
+/// A change to the state area.
+#[derive(Debug, Clone)]
+pub enum StateWrite {
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+/// Changes to make durable together.
+#[derive(Debug, Clone, Default)]
+pub struct Commit {
+    pub state: Vec<StateWrite>,
+    pub enqueue: Vec<NewJob>,
+    /// Ends this attempt as succeeded.
+    pub ack: Option<LeaseToken>,
+}
+
+/// What a commit did: one [`Enqueued`] per [`NewJob`], in order, and the acked job.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub enqueued: Vec<Enqueued>,
+    pub acked: Option<Job>,
+}
+
+impl Queue {
+    /// Adds one job; see [`Dedupe`]. Returns once it is on disk.
+    pub async fn enqueue_with(&self, job: NewJob) -> Result<Enqueued> {
+        let mut c = self
+            .commit(Commit {
+                enqueue: vec![job],
+                ..Commit::default()
+            })
+            .await?;
+        c.enqueued.pop().ok_or(Error::Durability(
+            "commit returned no enqueue result".into(),
+        ))
+    }
+
+    /// Applies every change in `c` as one atomic write and waits until it is on disk.
+    /// If anything in it is refused (a lost lease, a bad key), nothing is written.
+    pub async fn commit(&self, c: Commit) -> Result<Committed> {
+        for j in &c.enqueue {
+            check_key(&j.key)?;
+        }
+        let out = {
+            let mut w = self.lock();
+            let now = self.now();
+            let mut b = sled::Batch::default();
+            for s in &c.state {
+                match s {
+                    StateWrite::Put(name, bytes) => {
+                        b.insert(keys::state(name), record::encode_state(bytes))
+                    }
+                    StateWrite::Delete(name) => b.remove(keys::state(name)),
+                }
+            }
+            let acked = match c.ack {
+                Some(lease) => Some(self.finish_locked(&mut b, lease, |job, now, started| {
+                    succeed(job, lease, now, started)
+                })?),
+                None => None,
+            };
+            let mut enqueued: Vec<Enqueued> = Vec::with_capacity(c.enqueue.len());
+            // Keys enqueued earlier in this commit are not in the tree yet.
+            let mut fresh: HashMap<(JobKind, String), usize> = HashMap::new();
+            for j in c.enqueue {
+                let slot = (j.kind, j.key.clone());
+                if let Some(&i) = fresh.get(&slot) {
+                    let e = self.repeat_in_commit(&mut b, &mut enqueued[i], j);
+                    enqueued.push(e);
+                    continue;
+                }
+                let e = self.enqueue_locked(&mut w, &mut b, j, now)?;
+                fresh.insert(slot, enqueued.len());
+                enqueued.push(e);
+            }
+            self.inner.db.apply_batch(b)?;
+            Committed { enqueued, acked }
+        };
+        self.durable().await?;
+        if let Some(job) = &out.acked {
+            self.after_finish(job);
+        }
+        for e in &out.enqueued {
+            if e.replaced {
+                self.emit(&e.job, EventKind::Replaced);
+            } else if !e.duplicate {
+                self.emit(&e.job, EventKind::Enqueued);
+                self.wake(e.job.kind);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A second job with the same key in one commit: a duplicate of the first, or (for
+    /// `Replace`) the first takes its payload.
+    fn repeat_in_commit(&self, b: &mut sled::Batch, first: &mut Enqueued, j: NewJob) -> Enqueued {
+        if j.dedupe == Dedupe::Replace && matches!(first.job.stored, Stored::Pending { .. }) {
+            first.job.payload = j.payload;
+            b.insert(&keys::job(first.job.id), record::encode_job(&first.job));
+        }
+        Enqueued {
+            job: first.job.clone(),
+            duplicate: true,
+            replaced: j.dedupe == Dedupe::Replace,
+        }
+    }
+
+    fn enqueue_locked(
+        &self,
+        w: &mut WriteState,
+        b: &mut sled::Batch,
+        j: NewJob,
+        now: Millis,
+    ) -> Result<Enqueued> {
+        let idem = keys::idem(j.kind, &j.key);
+        let existing = match self.inner.db.get(&idem)? {
+            Some(v) => match keys::be_u64(&v) {
+                Some(id) => self.load_locked(id)?,
+                None => None,
+            },
+            None => None,
+        };
+        let window = self.inner.settings.dedupe_window;
+        if let Some(mut job) = existing {
+            let taken = match (j.dedupe, &job.stored) {
+                (_, Stored::Pending { .. }) => true,
+                (Dedupe::Replace, Stored::Running { .. }) => false,
+                (_, Stored::Running { .. }) => true,
+                (Dedupe::Window, Stored::Done { at_ms }) => clock::after(*at_ms, window) > now,
+                _ => false,
+            };
+            if taken {
+                let replaced = j.dedupe == Dedupe::Replace;
+                if replaced {
+                    job.payload = j.payload;
+                    b.insert(&keys::job(job.id), record::encode_job(&job));
+                }
+                return Ok(Enqueued {
+                    job,
+                    duplicate: true,
+                    replaced,
+                });
+            }
+        }
+        let id = w.next_id;
+        w.next_id += 1;
+        let base = j.not_before.unwrap_or(now).max(now);
+        let due = clock::after(base, self.inner.settings.kind(j.kind).ladder[0]);
+        let job = Job {
+            id,
+            kind: j.kind,
+            key: j.key,
+            payload: j.payload,
+            created_ms: now,
+            stored: Stored::Pending { due_ms: due },
+            attempts: 0,
+            history: Vec::new(),
+        };
+        b.insert(&keys::job(id), record::encode_job(&job));
+        b.insert(&keys::pending(job.kind, due, id), &[]);
+        b.insert(idem, &id.to_be_bytes());
+        b.insert(keys::META_NEXT_ID, &(id + 1).to_be_bytes());
+        Ok(Enqueued {
+            job,
+            duplicate: false,
+            replaced: false,
+        })
+    }
+
+    /// Reads a state value. An unreadable one is quarantined and reads as absent.
+    pub fn state(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let key = keys::state(name);
+        match self.inner.db.get(&key)? {
+            None => Ok(None),
+            Some(raw) => match record::decode_state(&raw) {
+                Ok(v) => Ok(Some(v)),
+                Err(e) => {
+                    self.quarantine(&key, &raw, &e)?;
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    /// Every state value whose name starts with `prefix`, in name order.
+    pub fn state_scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for entry in self.inner.db.scan_prefix(keys::state(prefix)) {
+            let (k, raw) = entry?;
+            let name = String::from_utf8_lossy(&k[1..]).into_owned();
+            match record::decode_state(&raw) {
+                Ok(v) => out.push((name, v)),
+                Err(e) => self.quarantine(&k, &raw, &e)?,
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn check_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::InvalidKey("it is empty"));
+    }
+    if key.len() > super::MAX_KEY_LEN {
+        return Err(Error::InvalidKey("it is longer than 512 bytes"));
+    }
+    Ok(())
+}
