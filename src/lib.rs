@@ -5,6 +5,9 @@
 //! - [`queue`]: the durable job queue (sled inside, nowhere else). Every unit of work
 //!   is a job in it: idempotency keys, the retry ladder, leases, crash recovery, and
 //!   the operator operations `queuectl` calls.
+//! - [`jobs`]: the job kinds, one module each, saying what it reads and writes.
+//! - [`peers`]: clients of the outside world: the panel, the apply hook.
+//! - [`daemon`]: the long-running process: producers, workers, shutdown, `--once`.
 //! - [`config`]: the configuration file and environment, validated into typed settings.
 //! - [`telemetry`]: logging (`RUST_LOG`, `--log-format text|json`).
 //! - [`cli`]: the two command lines, `connector` and `queuectl`; `src/bin/` only calls
@@ -13,5 +16,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod jobs;
+pub mod peers;
 pub mod queue;
 pub mod telemetry;

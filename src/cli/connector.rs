@@ -20,6 +20,10 @@ struct Args {
     /// Log format on stderr; the level comes from RUST_LOG (default info).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Run one sync (and the applies it causes) for every node, then exit: 0 when all
+    /// succeeded. `-once` (the Go connector's spelling) works too.
+    #[arg(long)]
+    once: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -33,7 +37,10 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
-    let args = Args::parse();
+    // The Go connector took `-once`; clap reads single-dash words as short flags.
+    let args = Args::parse_from(
+        std::env::args_os().map(|a| if a == "-once" { "--once".into() } else { a }),
+    );
     telemetry::init(args.log_format);
     let config = match super::load_config(args.config.as_deref()) {
         Ok(c) => c,
@@ -42,26 +49,42 @@ pub fn main() -> ExitCode {
             return ExitCode::from(super::EXIT_CONFIG);
         }
     };
-    match args.command.unwrap_or(Command::Run) {
-        Command::CheckConfig => {
-            print!("{}", crate::config::render(&config));
-            ExitCode::SUCCESS
+    let command = args.command.unwrap_or(Command::Run);
+    if let Command::CheckConfig = command {
+        for w in &config.warnings {
+            eprintln!("connector: warning: {w}");
         }
-        Command::Run => {
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("connector: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(crate::daemon::run_until_signal(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("connector: {e:#}");
-                    ExitCode::FAILURE
-                }
+        print!("{}", crate::config::render(&config));
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("connector: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.once {
+        return match runtime.block_on(crate::daemon::run_once(config)) {
+            Ok(report) if report.ok() => {
+                eprintln!("connector: {}", report.summary());
+                ExitCode::SUCCESS
             }
+            Ok(report) => {
+                eprintln!("connector: {}", report.summary());
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("connector: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match runtime.block_on(crate::daemon::run_until_signal(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("connector: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

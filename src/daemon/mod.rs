@@ -1,45 +1,193 @@
-//! The daemon: owns the queue for the life of the process, runs its housekeeping, and
-//! stops cleanly on SIGTERM/SIGINT. Job producers and workers join it as the job kinds
-//! arrive.
+//! The daemon: owns the queue for the life of the process; runs the producers (a sync
+//! per node every `sync.interval`), a worker pool per job kind, and queue housekeeping;
+//! stops cleanly on SIGTERM/SIGINT.
+//!
+//! Shutdown: intake stops at once (producers end, workers lease nothing more); attempts
+//! already running get `shutdown_timeout` to finish; whatever still runs after that is
+//! dropped (its hook killed) and, being `running` on disk, runs again at the next start.
+//! Then the queue is flushed.
+//!
+//! `--once` ([`run_once`]): one sync per node, the applies those syncs cause, then exit.
+
+mod once;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::queue::{self, Queue, SystemClock};
+use crate::jobs::node_sync::{self, NodeSync};
+use crate::jobs::xray_apply::XrayApply;
+use crate::peers::panel::Panel;
+use crate::queue::{self, JobKind, Queue, SystemClock};
+
+pub use once::{OnceReport, run_once};
 
 /// How often expired leases are reaped and old done jobs swept.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
 
-/// Runs the daemon until `shutdown` is cancelled, then flushes the queue.
+/// The opened queue and the handlers, ready to run.
+pub(crate) struct Agent {
+    pub queue: Queue,
+    pub config: Arc<Config>,
+    pub sync: Option<Arc<NodeSync>>,
+    pub apply: Arc<XrayApply>,
+}
+
+impl Agent {
+    pub fn open(config: Config) -> anyhow::Result<Agent> {
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+        let path = config.queue_path();
+        let (queue, recovery) = Queue::open(&path, config.queue.clone(), Arc::new(SystemClock))?;
+        let stats = queue.stats()?;
+        tracing::info!(
+            path = %path.display(),
+            pending = stats.total(queue::JobState::Ready) + stats.total(queue::JobState::Scheduled),
+            dead = stats.total(queue::JobState::Dead),
+            interrupted = recovery.interrupted,
+            quarantined = stats.quarantined,
+            "queue open"
+        );
+        let config = Arc::new(config);
+        let sync = if config.nodes.is_empty() {
+            tracing::warn!("no nodes configured (NODE_IDS or [[nodes]]): nothing to sync");
+            None
+        } else {
+            Some(Arc::new(NodeSync {
+                queue: queue.clone(),
+                panel: Panel::new(&config.panel)?,
+                config: config.clone(),
+            }))
+        };
+        let apply = Arc::new(XrayApply::new(queue.clone(), config.clone()));
+        tracing::info!(
+            nodes = config.nodes.len(),
+            apply_mode = config.apply.mode.as_str(),
+            interval = %humantime::format_duration(config.sync.interval),
+            panel = %config.panel.base_url,
+            "connector started"
+        );
+        Ok(Agent {
+            queue,
+            config,
+            sync,
+            apply,
+        })
+    }
+
+    /// Starts a worker pool for every kind this agent runs.
+    pub fn spawn_workers(&self, tasks: &mut JoinSet<queue::Result<()>>, stop: &CancellationToken) {
+        if let Some(sync) = &self.sync {
+            tasks.spawn(queue::run_workers(
+                self.queue.clone(),
+                JobKind::NodeSync,
+                sync.clone(),
+                stop.clone(),
+            ));
+        }
+        tasks.spawn(queue::run_workers(
+            self.queue.clone(),
+            JobKind::XrayApply,
+            self.apply.clone(),
+            stop.clone(),
+        ));
+    }
+
+    /// Waits for the worker pools to drain, at most `shutdown_timeout`.
+    pub async fn drain(&self, mut tasks: JoinSet<queue::Result<()>>) -> anyhow::Result<()> {
+        let limit = self.config.shutdown_timeout;
+        let mut failure = None;
+        let drained = tokio::time::timeout(limit, async {
+            while let Some(r) = tasks.join_next().await {
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => failure = Some(anyhow::Error::new(e)),
+                    Err(e) if e.is_panic() => {
+                        failure = Some(anyhow::anyhow!("a worker panicked: {e}"))
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                timeout = %humantime::format_duration(limit),
+                "attempts still running at the shutdown timeout were stopped; they run again at the next start"
+            );
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        self.queue.flush().await?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` is cancelled, then stops as described above.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-    let path = config.queue_path();
-    let (queue, recovery) = Queue::open(&path, config.queue.clone(), Arc::new(SystemClock))?;
-    let stats = queue.stats()?;
-    tracing::info!(
-        path = %path.display(),
-        pending = stats.total(queue::JobState::Ready) + stats.total(queue::JobState::Scheduled),
-        dead = stats.total(queue::JobState::Dead),
-        interrupted = recovery.interrupted,
-        quarantined = stats.quarantined,
-        "queue open"
-    );
+    let agent = Agent::open(config)?;
+    let stop = shutdown.child_token();
+    let mut tasks = JoinSet::new();
+    agent.spawn_workers(&mut tasks, &stop);
     let maintenance = tokio::spawn(queue::run_maintenance(
-        queue.clone(),
+        agent.queue.clone(),
         MAINTENANCE_EVERY,
-        shutdown.clone(),
+        stop.clone(),
     ));
-    shutdown.cancelled().await;
-    tracing::info!("shutting down");
+    let producer = tokio::spawn(produce_syncs(
+        agent.queue.clone(),
+        agent.config.clone(),
+        stop.clone(),
+    ));
+    // A queue failure in a worker pool (a failed flush) stops the daemon too.
+    let early = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        Some(r) = tasks.join_next() => Some(r),
+    };
+    stop.cancel();
+    tracing::info!("stopping: no new work; waiting for running attempts");
+    let _ = producer.await;
     let _ = maintenance.await;
-    queue.flush().await?;
-    tracing::info!("queue flushed; bye");
+    let drained = agent.drain(tasks).await;
+    match early {
+        Some(Ok(Err(e))) => return Err(anyhow::Error::new(e).context("the queue failed")),
+        Some(Err(e)) => return Err(anyhow::anyhow!("a worker pool ended: {e}")),
+        _ => {}
+    }
+    drained?;
+    tracing::info!("queue flushed; stopped");
     Ok(())
+}
+
+/// Enqueues a sync for every node every `sync.interval` (one live sync per node: a
+/// sync still pending or retrying is not doubled).
+async fn produce_syncs(queue: Queue, config: Arc<Config>, stop: CancellationToken) {
+    if config.nodes.is_empty() {
+        return;
+    }
+    let mut tick = tokio::time::interval(config.sync.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for node in &config.nodes {
+            if let Err(e) = queue.enqueue_with(node_sync::job(node.id)).await {
+                tracing::error!(node = node.id, error = %e, "cannot enqueue sync");
+            }
+        }
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.

@@ -8,18 +8,28 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{Error, Job, JobKind, Queue, Result};
+use super::{Commit, Error, Job, JobKind, NewJob, Queue, Result, StateWrite};
 
 /// How one attempt ended, as the job's handler reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum AttemptResult {
     Done,
+    /// Done, and these changes are committed in the same write as the ack: after a
+    /// crash either the job is done and they happened, or neither.
+    DoneWith(Effects),
     /// Try again on the ladder. `retry_after` (e.g. an HTTP `Retry-After`) can only
     /// push the next attempt later.
     Retry {
         error: String,
         retry_after: Option<Duration>,
     },
+}
+
+/// State writes and new jobs that go with a successful attempt.
+#[derive(Debug, Clone, Default)]
+pub struct Effects {
+    pub state: Vec<StateWrite>,
+    pub enqueue: Vec<NewJob>,
 }
 
 /// Runs one attempt of a job. Implemented by each job kind.
@@ -69,14 +79,22 @@ pub async fn run_workers<H: Handler>(
                     },
                 };
                 let recorded = match result {
-                    AttemptResult::Done => queue.ack(token).await,
+                    AttemptResult::Done => queue.ack(token).await.map(|_| ()),
+                    AttemptResult::DoneWith(fx) => queue
+                        .commit(Commit {
+                            state: fx.state,
+                            enqueue: fx.enqueue,
+                            ack: Some(token),
+                        })
+                        .await
+                        .map(|_| ()),
                     AttemptResult::Retry { error, retry_after } => {
                         tracing::warn!(kind = %kind, job = token.id, attempt = token.attempt, %error, "attempt failed");
-                        queue.fail(token, &error, retry_after).await
+                        queue.fail(token, &error, retry_after).await.map(|_| ())
                     }
                 };
                 match recorded {
-                    Ok(_) => {}
+                    Ok(()) => {}
                     Err(e @ Error::LeaseLost { .. }) => tracing::warn!(kind = %kind, error = %e),
                     Err(e) => tracing::error!(kind = %kind, job = token.id, error = %e, "could not record attempt"),
                 }

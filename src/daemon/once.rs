@@ -1,0 +1,158 @@
+//! `connector --once`: one sync per node, and the apply each changed node needs, then
+//! exit. Each job gets one attempt here; a job whose attempt failed stays in the queue
+//! on its ladder for the next run, and the exit status says so.
+
+use std::collections::BTreeMap;
+
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::Agent;
+use crate::config::Config;
+use crate::jobs::{node_key, node_sync};
+use crate::queue::{Job, JobKind, JobState, Outcome, Queue};
+
+/// What `--once` did.
+#[derive(Debug, Clone, Default)]
+pub struct OnceReport {
+    /// (node, kind) → `Ok` or the error of its attempt.
+    pub results: BTreeMap<(u64, JobKind), Result<(), String>>,
+}
+
+impl OnceReport {
+    pub fn ok(&self) -> bool {
+        self.results.values().all(Result::is_ok)
+    }
+
+    /// One line for people: what failed, or what succeeded.
+    pub fn summary(&self) -> String {
+        let failed: Vec<String> = self
+            .results
+            .iter()
+            .filter_map(|((node, kind), r)| {
+                r.as_ref().err().map(|e| format!("node {node} {kind}: {e}"))
+            })
+            .collect();
+        let syncs = self
+            .results
+            .keys()
+            .filter(|(_, k)| *k == JobKind::NodeSync)
+            .count();
+        let applies = self.results.len() - syncs;
+        if failed.is_empty() {
+            format!("once: {syncs} node(s) synced, {applies} apply(ies) run, all succeeded")
+        } else {
+            format!(
+                "once: {} of {} job(s) failed: {}",
+                failed.len(),
+                self.results.len(),
+                failed.join("; ")
+            )
+        }
+    }
+}
+
+struct Tracked {
+    node: u64,
+    kind: JobKind,
+    attempts_before: u32,
+}
+
+/// Runs one pass and reports; the queue is flushed before it returns.
+pub async fn run_once(config: Config) -> anyhow::Result<OnceReport> {
+    let agent = Agent::open(config)?;
+    let queue = agent.queue.clone();
+    let mut events = queue.subscribe();
+    let mut tracked: BTreeMap<u64, Tracked> = BTreeMap::new();
+    for node in &agent.config.nodes {
+        let e = queue.enqueue_with(node_sync::job(node.id)).await?;
+        let job = due_now(&queue, e.job).await?;
+        track(&mut tracked, &job, node.id);
+    }
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    agent.spawn_workers(&mut tasks, &stop);
+    let mut report = OnceReport::default();
+    loop {
+        let ids: Vec<u64> = tracked.keys().copied().collect();
+        for id in ids {
+            let Some(job) = queue.get(id)? else {
+                continue;
+            };
+            let Some(t) = tracked.get(&id) else { continue };
+            let Some(result) = resolved(&job, t.attempts_before) else {
+                continue;
+            };
+            let (node, kind) = (t.node, t.kind);
+            tracked.remove(&id);
+            if kind == JobKind::NodeSync
+                && result.is_ok()
+                && let Some(apply) = queue.find_key(JobKind::XrayApply, &node_key(node))?
+                && matches!(
+                    apply.state(queue.now()),
+                    JobState::Ready | JobState::Scheduled | JobState::Running
+                )
+            {
+                let apply = due_now(&queue, apply).await?;
+                track(&mut tracked, &apply, node);
+            }
+            report.results.insert((node, kind), result);
+        }
+        if tracked.is_empty() {
+            break;
+        }
+        tokio::select! {
+            r = events.recv() => match r {
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => break,
+            },
+            Some(r) = tasks.join_next() => {
+                // A worker pool ended early: the queue failed.
+                r??;
+            }
+        }
+    }
+    stop.cancel();
+    agent.drain(tasks).await?;
+    Ok(report)
+}
+
+fn track(tracked: &mut BTreeMap<u64, Tracked>, job: &Job, node: u64) {
+    tracked.entry(job.id).or_insert(Tracked {
+        node,
+        kind: job.kind,
+        attempts_before: job.attempts,
+    });
+}
+
+/// A job waiting on its ladder is made due now: `--once` gives it one attempt.
+async fn due_now(queue: &Queue, job: Job) -> anyhow::Result<Job> {
+    if job.state(queue.now()) == JobState::Scheduled {
+        return Ok(queue.retry(job.id).await?);
+    }
+    Ok(job)
+}
+
+/// `Some` once the job has had an attempt since it was tracked.
+fn resolved(job: &Job, attempts_before: u32) -> Option<Result<(), String>> {
+    let last_error = || {
+        job.history
+            .iter()
+            .rev()
+            .find_map(|a| match &a.outcome {
+                Outcome::Succeeded => None,
+                Outcome::Failed { error } => Some(error.clone()),
+                Outcome::LeaseExpired => Some("lease expired".into()),
+                Outcome::Interrupted { reason } => Some(reason.clone()),
+            })
+            .unwrap_or_else(|| "failed".into())
+    };
+    match job.state(u64::MAX) {
+        JobState::Done => Some(Ok(())),
+        JobState::Dead => Some(Err(last_error())),
+        JobState::Running => None,
+        _ if job.attempts > attempts_before => Some(Err(last_error())),
+        _ => None,
+    }
+}

@@ -1,0 +1,36 @@
+//! The job kinds. Each module says what one job does, what it reads, and what it may
+//! write; the queue knows them only as a [`JobKind`](crate::queue::JobKind) and opaque
+//! payload bytes (JSON here, so `queuectl` can show them).
+//!
+//! | kind | module | reads | writes |
+//! |---|---|---|---|
+//! | `node_sync` | [`node_sync`] | the panel | `{output_dir}/node-{id}/*`, state `node/{id}/sync`, enqueues `xray_apply` |
+//! | `xray_apply` | [`xray_apply`] | state `node/{id}/sync`, the output files | runs the hook; state `node/{id}/applied` |
+
+pub mod node_sync;
+pub mod xray_apply;
+
+/// The key of a node's job (the same for every kind that works per node).
+pub fn node_key(node_id: u64) -> String {
+    format!("node-{node_id}")
+}
+
+/// The payload of per-node jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodePayload {
+    pub node_id: u64,
+    /// For `xray_apply`: the synced list's generation this apply was enqueued for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+impl NodePayload {
+    pub fn encode(&self) -> Vec<u8> {
+        // A struct of two integers always serialises.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("bad job payload: {e}"))
+    }
+}

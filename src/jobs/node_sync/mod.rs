@@ -1,0 +1,263 @@
+//! `node_sync`: fetch one node's allowed users from the panel, write them to disk, and
+//! when they changed, enqueue an `xray_apply`.
+//!
+//! Reads: the panel (`peers::panel`), state `node/{id}/sync`.
+//! Writes: `{output_dir}/node-{id}/allowed-uuids.{txt,json}` (atomically), state
+//! `node/{id}/sync`, and enqueues `xray_apply` for the node (coalescing).
+//!
+//! Fail static: a non-2xx answer, a timeout, a broken connection, or a body that is not
+//! a user list is a failed attempt and changes nothing; the last good list stays in
+//! force. The new state and the apply job are committed with the ack in one write, so
+//! a crash between writing the files and committing only means the next sync writes
+//! them again and enqueues the apply then.
+//!
+//! The removal guard (`sync.max_removal_ratio` < 1): an answer that would remove more
+//! than that share of the node's users is held, not applied, until an operator
+//! confirms it (`queuectl confirm`) or the panel has repeated it for
+//! `sync.confirm_after`.
+
+pub mod files;
+pub mod state;
+pub mod userlist;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::config::{ApplyMode, Config};
+use crate::jobs::{NodePayload, node_key};
+use crate::peers::panel::{Fetched, Panel};
+use crate::queue::{
+    AttemptResult, Dedupe, Effects, Handler, Job, JobKind, Millis, NewJob, Queue, rfc3339,
+};
+
+use files::NodeFiles;
+use state::{Held, SyncState};
+use userlist::UserList;
+
+/// Runs node_sync attempts.
+pub struct NodeSync {
+    pub queue: Queue,
+    pub panel: Panel,
+    pub config: Arc<Config>,
+}
+
+/// The job that syncs `node_id` now (one live per node).
+pub fn job(node_id: u64) -> NewJob {
+    NewJob {
+        kind: JobKind::NodeSync,
+        key: node_key(node_id),
+        payload: NodePayload {
+            node_id,
+            generation: None,
+        }
+        .encode(),
+        not_before: None,
+        dedupe: Dedupe::Live,
+    }
+}
+
+fn retry(error: String) -> AttemptResult {
+    AttemptResult::Retry {
+        error,
+        retry_after: None,
+    }
+}
+
+impl Handler for NodeSync {
+    async fn run(&self, job: Job) -> AttemptResult {
+        let node_id = match NodePayload::decode(&job.payload) {
+            Ok(p) => p.node_id,
+            Err(e) => return retry(e),
+        };
+        if self.config.node(node_id).is_none() {
+            tracing::warn!(node = node_id, "node is no longer configured; sync dropped");
+            return AttemptResult::Done;
+        }
+        let mut st = match state::load(&self.queue, node_id) {
+            Ok(s) => s,
+            Err(e) => return retry(e),
+        };
+        let files = NodeFiles::new(&self.config.sync.output_dir, node_id);
+        let fetched = match self
+            .panel
+            .allowed_uuids(node_id, st.etag.as_deref().filter(|_| st.generation > 0))
+            .await
+        {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(node = node_id, reason = %e, "sync failed; the last good list stays in force");
+                return AttemptResult::Retry {
+                    error: e.to_string(),
+                    retry_after: e.retry_after(),
+                };
+            }
+        };
+        let now = self.queue.now();
+        let (bytes, etag) = match fetched {
+            Fetched::NotModified => {
+                tracing::debug!(node = node_id, "panel: not modified");
+                return self.ensure_files(&files, node_id, &st);
+            }
+            Fetched::Body { bytes, etag } => (bytes, etag),
+        };
+        let list = match userlist::parse(&bytes) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(node = node_id, reason = %e, "sync failed: unusable panel answer; the last good list stays in force");
+                return retry(e.to_string());
+            }
+        };
+        report_skipped(node_id, &list);
+        let users = list.users;
+        if st.generation > 0 && users == st.users {
+            // Same list (the panel sent no ETag, or a new one): nothing to rewrite.
+            let mut fx = Effects::default();
+            if st.etag != etag || st.held.is_some() {
+                st.etag = etag;
+                st.held = None;
+                fx.state.push(state::put(node_id, &st));
+            }
+            if let AttemptResult::Retry { error, retry_after } =
+                self.ensure_files(&files, node_id, &st)
+            {
+                return AttemptResult::Retry { error, retry_after };
+            }
+            return AttemptResult::DoneWith(fx);
+        }
+        if let Some(hold) = self.guard(node_id, &st, &users, now) {
+            st.held = Some(hold);
+            return AttemptResult::DoneWith(Effects {
+                state: vec![state::put(node_id, &st)],
+                enqueue: Vec::new(),
+            });
+        }
+        if let Err(e) = files.write(node_id, &users, now) {
+            let error = format!("cannot write {}: {e}", files.dir.display());
+            tracing::error!(node = node_id, %error);
+            return retry(error);
+        }
+        let before = st.users.len();
+        tracing::info!(
+            node = node_id,
+            users = users.len(),
+            before,
+            generation = st.generation + 1,
+            "allowed users changed; files written"
+        );
+        st = SyncState {
+            etag,
+            generation: st.generation + 1,
+            fetched_at: now,
+            users,
+            held: None,
+        };
+        let mut fx = Effects {
+            state: vec![state::put(node_id, &st)],
+            enqueue: Vec::new(),
+        };
+        if self.config.apply.mode != ApplyMode::None {
+            fx.enqueue
+                .push(crate::jobs::xray_apply::job(node_id, st.generation));
+        }
+        AttemptResult::DoneWith(fx)
+    }
+}
+
+impl NodeSync {
+    /// Rewrites the files from the last good list if someone deleted them.
+    fn ensure_files(&self, files: &NodeFiles, node_id: u64, st: &SyncState) -> AttemptResult {
+        if st.generation > 0 && !(files.txt.exists() && files.json.exists()) {
+            tracing::warn!(node = node_id, dir = %files.dir.display(), "output files were missing; rewritten from the last good list");
+            if let Err(e) = files.write(node_id, &st.users, st.fetched_at) {
+                return retry(format!("cannot write {}: {e}", files.dir.display()));
+            }
+        }
+        AttemptResult::Done
+    }
+
+    /// The removal guard: `Some(hold)` when this answer must be held rather than applied.
+    fn guard(
+        &self,
+        node_id: u64,
+        st: &SyncState,
+        users: &[userlist::User],
+        now: Millis,
+    ) -> Option<Held> {
+        let ratio = self.config.sync.max_removal_ratio;
+        if ratio >= 1.0 || st.generation == 0 || st.users.is_empty() {
+            return None;
+        }
+        let keep: HashSet<_> = users.iter().map(|u| u.uuid).collect();
+        let removed = st.users.iter().filter(|u| !keep.contains(&u.uuid)).count();
+        let before = st.users.len();
+        if (removed as f64) / (before as f64) <= ratio {
+            return None;
+        }
+        let confirm_after = self.config.sync.confirm_after;
+        match &st.held {
+            Some(h) if h.users == users => {
+                let repeated_for = now.saturating_sub(h.since);
+                if h.confirmed || repeated_for >= confirm_after.as_millis() as u64 {
+                    tracing::warn!(
+                        node = node_id,
+                        removed,
+                        before,
+                        confirmed = h.confirmed,
+                        "applying held sync ({})",
+                        if h.confirmed {
+                            "confirmed by an operator"
+                        } else {
+                            "the panel repeated it for sync.confirm_after"
+                        }
+                    );
+                    None
+                } else {
+                    tracing::warn!(
+                        node = node_id,
+                        removed,
+                        before,
+                        applies_at = %rfc3339(h.since + confirm_after.as_millis() as u64),
+                        "sync still held by the removal guard"
+                    );
+                    Some(h.clone())
+                }
+            }
+            _ => {
+                tracing::warn!(
+                    node = node_id,
+                    removed,
+                    before,
+                    max_removal_ratio = ratio,
+                    applies_at = %rfc3339(now + confirm_after.as_millis() as u64),
+                    "sync HELD: the panel's answer would remove {removed} of {before} users; it applies if the panel repeats it until applies_at, or now with `queuectl confirm {node_id}`"
+                );
+                Some(Held {
+                    users: users.to_vec(),
+                    since: now,
+                    removed,
+                    before,
+                    confirmed: false,
+                })
+            }
+        }
+    }
+}
+
+fn report_skipped(node_id: u64, list: &UserList) {
+    if list.skipped.is_empty() && list.duplicates == 0 {
+        return;
+    }
+    let examples: Vec<String> = list
+        .skipped
+        .iter()
+        .take(5)
+        .map(|s| format!("#{}: {}", s.index, s.reason))
+        .collect();
+    tracing::warn!(
+        node = node_id,
+        skipped = list.skipped.len(),
+        duplicates = list.duplicates,
+        examples = %examples.join("; "),
+        "panel list had invalid or repeated entries; they were left out"
+    );
+}

@@ -1,0 +1,157 @@
+//! `xray_apply`: make one node's users what the last good sync says.
+//!
+//! Modes (`apply.mode`):
+//! - `cmd`: run `APPLY_CMD` with `{node_id}`, `{uuids_file}`, `{uuids_json}` substituted
+//!   (see `peers::hook`); exit 0 is success, anything else a failed attempt.
+//! - `none`: files only; no apply jobs are enqueued.
+//! - `xray-grpc`: reconcile over the core's gRPC API (a later release).
+//!
+//! Reads: state `node/{id}/sync`, the output files (through the hook).
+//! Writes: state `node/{id}/applied`.
+//!
+//! Pending applies of a node coalesce (one pending job per node takes the newest
+//! generation), and attempts for one node never overlap: a per-node lock serialises
+//! them when a new apply was enqueued while one was running.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex as StdMutex, PoisonError};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::config::{ApplyMode, Config};
+use crate::jobs::node_sync::files::NodeFiles;
+use crate::jobs::{NodePayload, node_key};
+use crate::peers::hook;
+use crate::queue::{
+    AttemptResult, Dedupe, Effects, Handler, Job, JobKind, Millis, NewJob, Queue, StateWrite,
+};
+
+/// The apply job for a node's synced list of `generation`.
+pub fn job(node_id: u64, generation: u64) -> NewJob {
+    NewJob {
+        kind: JobKind::XrayApply,
+        key: node_key(node_id),
+        payload: NodePayload {
+            node_id,
+            generation: Some(generation),
+        }
+        .encode(),
+        not_before: None,
+        dedupe: Dedupe::Replace,
+    }
+}
+
+/// What was last applied to a node (state `node/{id}/applied`, JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub generation: u64,
+    pub users: usize,
+    pub at: Millis,
+}
+
+pub fn applied_key(node_id: u64) -> String {
+    format!("node/{node_id}/applied")
+}
+
+pub fn load_applied(queue: &Queue, node_id: u64) -> Option<Applied> {
+    let bytes = queue.state(&applied_key(node_id)).ok()??;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Runs xray_apply attempts.
+pub struct XrayApply {
+    pub queue: Queue,
+    pub config: Arc<Config>,
+    locks: StdMutex<HashMap<u64, Arc<Mutex<()>>>>,
+}
+
+impl XrayApply {
+    pub fn new(queue: Queue, config: Arc<Config>) -> Self {
+        XrayApply {
+            queue,
+            config,
+            locks: StdMutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock_for(&self, node_id: u64) -> Arc<Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(node_id)
+            .or_default()
+            .clone()
+    }
+}
+
+fn retry(error: String) -> AttemptResult {
+    AttemptResult::Retry {
+        error,
+        retry_after: None,
+    }
+}
+
+impl Handler for XrayApply {
+    async fn run(&self, job: Job) -> AttemptResult {
+        let node_id = match NodePayload::decode(&job.payload) {
+            Ok(p) => p.node_id,
+            Err(e) => return retry(e),
+        };
+        let lock = self.lock_for(node_id);
+        let _serial = lock.lock().await;
+        let synced = match crate::jobs::node_sync::state::load(&self.queue, node_id) {
+            Ok(s) => s,
+            Err(e) => return retry(e),
+        };
+        if synced.generation == 0 {
+            return retry(format!("node {node_id} has no synced list yet"));
+        }
+        if load_applied(&self.queue, node_id).is_some_and(|a| a.generation >= synced.generation) {
+            tracing::debug!(
+                node = node_id,
+                generation = synced.generation,
+                "already applied"
+            );
+            return AttemptResult::Done;
+        }
+        match self.config.apply.mode {
+            ApplyMode::Cmd => {}
+            ApplyMode::None => return AttemptResult::Done,
+            ApplyMode::XrayGrpc => {
+                return retry("apply.mode xray-grpc is not available in this build".into());
+            }
+        }
+        let files = NodeFiles::new(&self.config.sync.output_dir, node_id);
+        let argv = hook::substitute(&self.config.apply.argv, node_id, &files.txt, &files.json);
+        let timeout = self.config.apply.timeout;
+        let run = match hook::run(&argv, timeout).await {
+            Ok(r) => r,
+            Err(e) => return retry(e.to_string()),
+        };
+        if !run.success() {
+            let error = run.describe(timeout);
+            tracing::warn!(node = node_id, %error, "apply hook failed");
+            return retry(error);
+        }
+        tracing::info!(
+            node = node_id,
+            generation = synced.generation,
+            users = synced.users.len(),
+            output = %run.describe(timeout),
+            "applied"
+        );
+        let applied = Applied {
+            generation: synced.generation,
+            users: synced.users.len(),
+            at: self.queue.now(),
+        };
+        AttemptResult::DoneWith(Effects {
+            state: vec![StateWrite::Put(
+                applied_key(node_id),
+                serde_json::to_vec(&applied).unwrap_or_default(),
+            )],
+            enqueue: Vec::new(),
+        })
+    }
+}

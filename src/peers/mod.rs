@@ -1,0 +1,23 @@
+//! The outside world the agent talks to. Each peer is a client with typed errors that
+//! say what went wrong in words an operator can act on, and never carry a secret.
+//!
+//! - [`panel`]: the panel's internal API (allowed users; traffic reports later).
+//! - [`hook`]: the operator's `APPLY_CMD`.
+
+pub mod hook;
+pub mod panel;
+
+/// Renders an error with its chain of causes on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
