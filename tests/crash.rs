@@ -78,6 +78,32 @@ fn settings() -> Settings {
     s
 }
 
+/// sled's global thread pool can hold the database file, and with it sled's lock, for
+/// a moment after the last handle is dropped (its tasks own a clone of the file); the
+/// parent's checks and the next child open right after a close. Nothing signals when
+/// the pool lets go, so such an open retries briefly.
+fn when_unlocked<T, E>(
+    mut open: impl FnMut() -> Result<T, E>,
+    locked: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match open() {
+            Err(e) if locked(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            other => return other,
+        }
+    }
+}
+
+fn open_queue(path: &Path) -> Result<(Queue, connector::queue::Recovery), connector::queue::Error> {
+    when_unlocked(
+        || Queue::open(path, settings(), Arc::new(SystemClock)),
+        |e| matches!(e, connector::queue::Error::Locked { .. }),
+    )
+}
+
 fn main() -> ExitCode {
     if let Ok(dir) = std::env::var(CHILD_ENV) {
         return child_main(PathBuf::from(dir));
@@ -208,8 +234,8 @@ fn child_main(dir: PathBuf) -> ExitCode {
 async fn child_run(dir: PathBuf, run: u64, seed: u64, is_final: bool) -> ExitCode {
     let ack_log = append_log(&dir.join("ack.log"));
     let work_log = append_log(&dir.join("work.log"));
-    let (queue, recovery) = Queue::open(dir.join("queue"), settings(), Arc::new(SystemClock))
-        .unwrap_or_else(|e| panic!("crash child {run}: open: {e}"));
+    let (queue, recovery) =
+        open_queue(&dir.join("queue")).unwrap_or_else(|e| panic!("crash child {run}: open: {e}"));
     log_line(&work_log, format!("open {run} {}\n", recovery.interrupted));
 
     let (succeeded_tx, mut succeeded_rx) = mpsc::unbounded_channel();
@@ -412,8 +438,7 @@ async fn torn_snapshot_write() -> Result<usize, String> {
     let n = 20;
     for round in 0..2 {
         // Two opens: the second finds the first one's writes in the log and snapshots.
-        let (q, _) = Queue::open(&db_path, settings(), Arc::new(SystemClock))
-            .map_err(|e| format!("open: {e}"))?;
+        let (q, _) = open_queue(&db_path).map_err(|e| format!("open: {e}"))?;
         for i in 0..n / 2 {
             q.enqueue(JobKind::Webhook, &format!("torn-{round}-{i}"), vec![], None)
                 .await
@@ -436,7 +461,7 @@ async fn torn_snapshot_write() -> Result<usize, String> {
     let torn = db_path.join(format!("snap.{:016X}.generating", lsn + 1));
     std::fs::write(&torn, &bytes[..bytes.len() / 2]).map_err(|e| e.to_string())?;
 
-    let (q, _) = Queue::open(&db_path, settings(), Arc::new(SystemClock)).map_err(|e| {
+    let (q, _) = open_queue(&db_path).map_err(|e| {
         format!(
             "after a kill during sled's snapshot write the queue does not open: {e} \
              ({}). sled 0.34.7 reads the newest `snap.*` file including an unfinished \
@@ -656,8 +681,11 @@ struct RawSnapshot {
 /// that every job record has exactly the index entry its state calls for (SPEC: a job
 /// is never in two states), and every idempotency entry points at a job with that key.
 fn raw_snapshot(db_path: &Path) -> Result<RawSnapshot, String> {
-    let db =
-        sled::open(db_path).map_err(|e| format!("raw sled open: {e}; {}", listing(db_path)))?;
+    let db = when_unlocked(
+        || sled::open(db_path),
+        |e| e.to_string().contains("could not acquire lock"),
+    )
+    .map_err(|e| format!("raw sled open: {e}; {}", listing(db_path)))?;
     let mut expected_index: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut actual_index: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut jobs: BTreeMap<u64, Job> = BTreeMap::new();
@@ -785,8 +813,8 @@ fn check(
     } else {
         None
     };
-    let (q, rec) = Queue::open(&db_path, settings(), Arc::new(SystemClock))
-        .map_err(|e| format!("reopen: {e}; {}", listing(&db_path)))?;
+    let (q, rec) =
+        open_queue(&db_path).map_err(|e| format!("reopen: {e}; {}", listing(&db_path)))?;
     totals.interrupted += rec.interrupted;
     if rec.quarantined != 0 || rec.exhausted != 0 {
         return Err(format!("recovery quarantined or killed jobs: {rec:?}"));
