@@ -1,7 +1,407 @@
 //! `queuectl`: see and repair the queue.
+//!
+//! # Layout
+//!
+//! This file parses the command line, loads the config, opens the queue, dispatches to
+//! one file per subcommand, and turns failures into exit codes. It also holds the output
+//! helpers every subcommand shares: [`Out`] (human text or `--json`) and [`Table`].
+//!
+//! | file | command | touches |
+//! |---|---|---|
+//! | `stats.rs` | `stats` | reads counts and the quarantine |
+//! | `list.rs` | `list` | reads jobs (or the quarantine) |
+//! | `show.rs` | `show ID` | reads one job |
+//! | `retry.rs` | `retry ID` / `retry --dead` | makes dead or scheduled jobs ready |
+//! | `cancel.rs` | `cancel ID` | makes a pending or running job dead |
+//! | `purge.rs` | `purge --dead/--done` | deletes finished jobs |
+//! | `export.rs` | `export` | reads every job, JSON lines to stdout |
+//!
+//! # Offline mode
+//!
+//! For now `queuectl` opens the database itself (`{data_dir}/queue`), so it only works
+//! while no daemon runs: sled allows one process, and a running daemon makes
+//! [`queue::Error::Locked`], reported in one line with exit code [`EXIT_LOCKED`]. It
+//! never creates a queue: a path with no queue is an error (a typo in `--data-dir` must
+//! not look like an empty queue). Opening the queue recovers jobs a stopped daemon left
+//! running, exactly as the daemon's next start would; that is logged as a warning.
+//!
+//! # Exit codes
+//!
+//! 0 success (also when stdout is closed early: `queuectl export | head -1`), 1 runtime
+//! failure (no queue, job not found, wrong state, storage error), 2 configuration or
+//! usage error, 3 the queue is held by a running daemon. See `src/cli/mod.rs`.
 
+mod cancel;
+mod export;
+mod list;
+mod purge;
+mod retry;
+mod show;
+mod stats;
+
+use std::fmt::Display;
+use std::io::{self, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::queue::{self, Millis, Queue, SystemClock};
+use crate::telemetry::{self, LogFormat};
+
+/// Exit code when a running daemon holds the queue database (`src/cli/mod.rs`).
+pub const EXIT_LOCKED: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "queuectl",
+    version,
+    about = "See and repair the connector's job queue",
+    long_about = "See and repair the connector's job queue.\n\n\
+        Opens the queue database at {data_dir}/queue itself, so the connector daemon must \
+        be stopped (live access through the daemon's admin socket comes in a later release).",
+    after_help = "Exit codes: 0 success, 1 failure, 2 configuration or usage error, \
+        3 the queue is held by a running connector daemon."
+)]
+struct Args {
+    /// Configuration file (TOML), as for `connector`; else CONNECTOR_CONFIG. Only
+    /// `data_dir` and `[queue]` are used.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory holding the queue (`DIR/queue`); wins over the config and DATA_DIR.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print JSON for scripts instead of tables for people.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Log format on stderr; the level comes from RUST_LOG (default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Jobs by kind and state, and the quarantined (unreadable) records.
+    Stats(stats::Args),
+    /// Jobs in id order, filtered and paged (or, with --quarantined, the quarantine).
+    ///
+    /// AT is when the job is due (scheduled, ready), when its lease ends (running), or
+    /// when it finished (done, dead). Pages: --limit N (default 100, 0 for all), then
+    /// --after the last id shown.
+    List(list::Args),
+    /// One job, with its attempt history.
+    Show(show::Args),
+    /// Make a dead (or scheduled) job ready now; or every dead job, with --dead.
+    Retry(retry::Args),
+    /// Cancel a pending or running job: it goes dead (reason `cancelled`).
+    Cancel(cancel::Args),
+    /// Delete finished jobs: dead or done, optionally only the old ones.
+    Purge(purge::Args),
+    /// Every job as JSON lines (one job view per line) on stdout.
+    Export(export::Args),
+}
 
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let args = Args::parse();
+    telemetry::init(args.log_format);
+    let mut config = match super::load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("queuectl: config error: {e}");
+            return ExitCode::from(super::EXIT_CONFIG);
+        }
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("queuectl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(args.command, &config, args.json));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Locked(path)) => {
+            eprintln!(
+                "queuectl: the queue at {} is held by a running connector daemon; stop it first (live access via the admin socket comes in a later release)",
+                path.display()
+            );
+            ExitCode::from(EXIT_LOCKED)
+        }
+        Err(Failure::NoQueue(path)) => {
+            eprintln!(
+                "queuectl: no queue at {} (wrong --data-dir?)",
+                path.display()
+            );
+            ExitCode::FAILURE
+        }
+        // The reader went away (`| head`): what it wanted, it got.
+        Err(Failure::Other(e)) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(Failure::Other(e)) => {
+            eprintln!("queuectl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Why a command failed; decides the exit code.
+enum Failure {
+    /// A running daemon holds the database.
+    Locked(PathBuf),
+    /// Nothing at the queue path.
+    NoQueue(PathBuf),
+    Other(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Other(e.into())
+    }
+}
+
+async fn run(command: Command, config: &Config, json: bool) -> Result<(), Failure> {
+    let queue = open_queue(config)?;
+    let stdout = io::stdout();
+    let mut w = io::BufWriter::new(stdout.lock());
+    let mut out = Out { json, w: &mut w };
+    match command {
+        Command::Stats(a) => stats::run(a, &queue, &mut out)?,
+        Command::List(a) => list::run(a, &queue, &mut out)?,
+        Command::Show(a) => show::run(a, &queue, &mut out)?,
+        Command::Retry(a) => retry::run(a, &queue, &mut out).await?,
+        Command::Cancel(a) => cancel::run(a, &queue, &mut out).await?,
+        Command::Purge(a) => purge::run(a, &queue, &mut out).await?,
+        Command::Export(a) => export::run(a, &queue, &mut out)?,
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// Opens the existing queue; never creates one.
+fn open_queue(config: &Config) -> Result<Queue, Failure> {
+    let path = config.queue_path();
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(Failure::NoQueue(path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Failure::NoQueue(path)),
+        Err(e) => {
+            return Err(Failure::Other(
+                anyhow::Error::new(e).context(format!("cannot read {}", path.display())),
+            ));
+        }
+    }
+    match Queue::open(&path, config.queue.clone(), Arc::new(SystemClock)) {
+        Ok((queue, recovery)) => {
+            if recovery.interrupted > 0 {
+                tracing::warn!(
+                    interrupted = recovery.interrupted,
+                    went_dead = recovery.exhausted,
+                    "jobs left running by a stopped daemon are pending again (the interrupted attempt counts)"
+                );
+            }
+            Ok(queue)
+        }
+        Err(queue::Error::Locked { path }) => Err(Failure::Locked(path)),
+        Err(e) => Err(Failure::Other(e.into())),
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+// ---- output helpers ----
+
+/// Where a subcommand writes its result: tables and sentences for people, or JSON.
+pub(crate) struct Out<'a> {
+    /// `--json` was given.
+    pub json: bool,
+    w: &'a mut dyn Write,
+}
+
+impl Out<'_> {
+    /// One JSON document (pretty-printed; `jq -c` makes it one line).
+    pub fn json<T: Serialize + ?Sized>(&mut self, value: &T) -> io::Result<()> {
+        serde_json::to_writer_pretty(&mut *self.w, value)?;
+        writeln!(self.w)
+    }
+
+    /// One JSON value on one line (JSON lines).
+    pub fn json_line<T: Serialize + ?Sized>(&mut self, value: &T) -> io::Result<()> {
+        serde_json::to_writer(&mut *self.w, value)?;
+        writeln!(self.w)
+    }
+
+    pub fn line(&mut self, text: impl Display) -> io::Result<()> {
+        writeln!(self.w, "{text}")
+    }
+
+    pub fn table(&mut self, table: &Table) -> io::Result<()> {
+        table.write(&mut *self.w)
+    }
+
+    pub fn table_indented(&mut self, table: &Table, indent: usize) -> io::Result<()> {
+        table.write_indented(&mut *self.w, indent)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Align {
+    Left,
+    Right,
+}
+
+/// A plain aligned table: a header row, two spaces between columns, no trailing
+/// blanks. Cells are made safe for a terminal (control characters escaped).
+pub(crate) struct Table {
+    columns: Vec<(&'static str, Align)>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(columns: &[(&'static str, Align)]) -> Self {
+        Table {
+            columns: columns.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells.iter().map(|c| printable(c)).collect());
+    }
+
+    /// Writes the table with each line prefixed by `indent` spaces.
+    pub fn write_indented(&self, w: &mut dyn Write, indent: usize) -> io::Result<()> {
+        let mut widths: Vec<usize> = self.columns.iter().map(|(h, _)| width(h)).collect();
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate().take(widths.len()) {
+                widths[i] = widths[i].max(width(cell));
+            }
+        }
+        let header: Vec<String> = self.columns.iter().map(|(h, _)| h.to_string()).collect();
+        for row in std::iter::once(&header).chain(&self.rows) {
+            let mut line = " ".repeat(indent);
+            let last = self.columns.len().saturating_sub(1);
+            for (i, (_, align)) in self.columns.iter().enumerate() {
+                let cell = row.get(i).map(String::as_str).unwrap_or("");
+                let pad = widths[i].saturating_sub(width(cell));
+                match align {
+                    Align::Right => {
+                        line.push_str(&" ".repeat(pad));
+                        line.push_str(cell);
+                    }
+                    Align::Left if i == last => line.push_str(cell),
+                    Align::Left => {
+                        line.push_str(cell);
+                        line.push_str(&" ".repeat(pad));
+                    }
+                }
+                if i != last {
+                    line.push_str("  ");
+                }
+            }
+            writeln!(w, "{}", line.trim_end())?;
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, w: &mut dyn Write) -> io::Result<()> {
+        self.write_indented(w, 0)
+    }
+}
+
+fn width(s: &str) -> usize {
+    s.chars().count()
+}
+
+/// Escapes control characters (a key or an error text could hold a newline or a
+/// terminal escape sequence).
+pub(crate) fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `s` made printable and cut to `max` characters, with `…` when cut.
+pub(crate) fn clip(s: &str, max: usize) -> String {
+    let s = printable(s);
+    if width(&s) <= max {
+        return s;
+    }
+    let mut cut: String = s.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+/// `1 job`, `3 jobs`.
+pub(crate) fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// "in 5m" / "3h 2m ago" relative to `now`, to the second, for people.
+pub(crate) fn relative(at: Millis, now: Millis) -> String {
+    let secs = at.abs_diff(now) / 1000;
+    let d = humantime::format_duration(std::time::Duration::from_secs(secs));
+    match (secs, at > now) {
+        (0, true) => "now".into(),
+        (0, false) => "just now".into(),
+        (_, true) => format!("in {d}"),
+        (_, false) => format!("{d} ago"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_and_has_no_trailing_blanks() {
+        let mut t = Table::new(&[("ID", Align::Right), ("KEY", Align::Left)]);
+        t.row(vec!["7".into(), "a\nb".into()]);
+        t.row(vec!["123".into(), "x".into()]);
+        let mut buf = Vec::new();
+        t.write(&mut buf).unwrap();
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            " ID  KEY\n  7  a\\nb\n123  x\n"
+        );
+    }
+
+    #[test]
+    fn clip_cuts_on_chars() {
+        assert_eq!(clip("héllo wörld", 5), "héll…");
+        assert_eq!(clip("short", 5), "short");
+    }
+
+    #[test]
+    fn relative_times() {
+        assert_eq!(relative(61_000, 0), "in 1m 1s");
+        assert_eq!(relative(0, 3_600_500), "1h ago");
+        assert_eq!(relative(5, 5), "just now");
+        assert_eq!(relative(900, 0), "now");
+    }
 }

@@ -1,0 +1,29 @@
+//! `queuectl cancel ID`: cancel a pending (scheduled or ready) or running job.
+//!
+//! Touches that one job: it goes dead with reason `cancelled` and stays until purged
+//! (or retried). A worker still running it finds its lease lost when it reports. Done
+//! and dead jobs cannot be cancelled.
+
+use super::{Out, printable};
+use crate::queue::{JobView, Queue};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The job to cancel.
+    id: u64,
+}
+
+pub async fn run(args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
+    let job = queue.cancel(args.id).await?;
+    if out.json {
+        out.json(&JobView::new(&job, queue.now()))?;
+    } else {
+        out.line(format!(
+            "job {} ({}, key {}) cancelled: it is dead (cancelled) until purged or retried",
+            job.id,
+            job.kind,
+            printable(&job.key)
+        ))?;
+    }
+    Ok(())
+}

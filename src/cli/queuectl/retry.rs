@@ -1,0 +1,90 @@
+//! `queuectl retry ID` and `queuectl retry --dead [--kind K]`: make a dead (or
+//! scheduled) job ready now, or every dead job (of one kind).
+//!
+//! Touches the state of the jobs named, nothing else: a retried dead job gets one more
+//! attempt (its ladder is already used up, so a failure makes it dead again). A dead job
+//! whose idempotency key a newer live job holds is left dead; `retry ID` says so,
+//! `retry --dead` counts it.
+
+use clap::ArgGroup;
+use serde::Serialize;
+
+use super::{Out, count, printable};
+use crate::queue::{JobKind, JobState, JobView, Queue};
+
+#[derive(Debug, clap::Args)]
+#[command(group(ArgGroup::new("which").required(true).args(["id", "dead"])))]
+pub struct Args {
+    /// The job to retry (dead or scheduled).
+    id: Option<u64>,
+    /// Retry every dead job instead, cancelled ones included (only those of --kind,
+    /// when given).
+    #[arg(long)]
+    dead: bool,
+    /// With --dead: only jobs of this kind.
+    #[arg(long, requires = "dead", value_name = "KIND")]
+    kind: Option<JobKind>,
+}
+
+/// `retry --dead --json`.
+#[derive(Serialize)]
+struct RetriedJson {
+    kind: Option<JobKind>,
+    retried: u64,
+    /// Dead jobs not retried because a newer job holds their key.
+    left_dead: u64,
+}
+
+pub async fn run(args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
+    match args.id {
+        Some(id) => {
+            let job = queue.retry(id).await?;
+            if out.json {
+                out.json(&JobView::new(&job, queue.now()))?;
+            } else {
+                out.line(format!(
+                    "job {} ({}, key {}) is ready; it runs when the connector daemon runs",
+                    job.id,
+                    job.kind,
+                    printable(&job.key)
+                ))?;
+            }
+        }
+        None => {
+            let retried = queue.retry_dead(args.kind).await?;
+            let stats = queue.stats()?;
+            let left_dead = match args.kind {
+                Some(kind) => stats
+                    .jobs
+                    .get(&kind)
+                    .and_then(|m| m.get(&JobState::Dead))
+                    .copied()
+                    .unwrap_or(0),
+                None => stats.total(JobState::Dead),
+            };
+            if out.json {
+                out.json(&RetriedJson {
+                    kind: args.kind,
+                    retried,
+                    left_dead,
+                })?;
+            } else {
+                let what = match args.kind {
+                    Some(kind) => format!("dead {kind} job"),
+                    None => "dead job".to_string(),
+                };
+                out.line(format!(
+                    "retried {}; they run when the connector daemon runs",
+                    count(retried, &what)
+                ))?;
+                if left_dead > 0 {
+                    out.line(format!(
+                        "{} left dead: a newer job holds the key (queuectl list --state dead)",
+                        count(left_dead, "job")
+                    ))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! `queuectl show ID`: one job — kind, key, state, times, payload — and its attempt
+//! history (number, start, duration, outcome and error), oldest first.
+//!
+//! Read-only. A job whose record turned out unreadable is reported as quarantined,
+//! with the reason, rather than as missing.
+
+use std::time::Duration;
+
+use anyhow::anyhow;
+
+use super::{Align, Out, Table, clip, list::state_label, printable, relative};
+use crate::queue::{self, JobView, Outcome, Queue, Stored, rfc3339};
+
+/// Longest payload shown to people; `--json` always has all of it.
+const PAYLOAD_SHOWN: usize = 2000;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The job id (from `queuectl list`).
+    id: u64,
+}
+
+pub fn run(args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
+    let Some(job) = queue.get(args.id)? else {
+        let key = format!("j/{}", args.id);
+        if let Some(q) = queue.quarantined()?.into_iter().find(|q| q.key == key) {
+            return Err(anyhow!(
+                "job {} is quarantined (its record is unreadable: {}); see `queuectl list --quarantined`",
+                args.id,
+                q.reason
+            ));
+        }
+        return Err(queue::Error::NotFound(args.id).into());
+    };
+    let now = queue.now();
+    let view = JobView::new(&job, now);
+    if out.json {
+        out.json(&view)?;
+        return Ok(());
+    }
+
+    let (at_label, at_ms) = match job.stored {
+        Stored::Pending { due_ms } => ("due", due_ms),
+        Stored::Running { lease_until_ms, .. } => ("lease until", lease_until_ms),
+        Stored::Done { at_ms } | Stored::Dead { at_ms, .. } => ("finished", at_ms),
+    };
+    let mut fields = vec![
+        ("kind", view.kind.to_string()),
+        ("key", printable(&view.key)),
+        ("state", state_label(&view)),
+        (
+            at_label,
+            format!("{} ({})", rfc3339(at_ms), relative(at_ms, now)),
+        ),
+        (
+            "created",
+            format!("{} ({})", view.created, relative(job.created_ms, now)),
+        ),
+        ("attempts", view.attempts.to_string()),
+    ];
+    if let Stored::Running { started_ms, .. } = job.stored {
+        fields.insert(
+            3,
+            (
+                "started",
+                format!("{} ({})", rfc3339(started_ms), relative(started_ms, now)),
+            ),
+        );
+    }
+    if let Some(e) = &view.last_error {
+        fields.push(("last error", printable(e)));
+    }
+    let payload = match (&view.payload, &view.payload_hex) {
+        (Some(json), _) => Some(serde_json::to_string(json)?),
+        (None, Some(hex)) => Some(format!("(hex) {hex}")),
+        (None, None) => None,
+    };
+    if let Some(p) = payload {
+        let shown = if p.chars().count() > PAYLOAD_SHOWN {
+            format!(
+                "{} ({} bytes; all of it: queuectl show {} --json)",
+                clip(&p, PAYLOAD_SHOWN),
+                job.payload.len(),
+                job.id
+            )
+        } else {
+            printable(&p)
+        };
+        fields.push(("payload", shown));
+    }
+
+    out.line(format!("job {}", job.id))?;
+    let label_width = fields.iter().map(|(l, _)| l.len()).max().unwrap_or(0) + 1;
+    for (label, value) in &fields {
+        out.line(format!("  {:<label_width$} {value}", format!("{label}:")))?;
+    }
+    out.line("")?;
+    if view.history.is_empty() {
+        out.line("attempt history: none yet")?;
+        return Ok(());
+    }
+    if (view.history.len() as u64) < u64::from(view.attempts) {
+        out.line(format!(
+            "attempt history (the last {} of {} attempts are kept):",
+            view.history.len(),
+            view.attempts
+        ))?;
+    } else {
+        out.line("attempt history:")?;
+    }
+    let mut t = Table::new(&[
+        ("#", Align::Right),
+        ("STARTED", Align::Left),
+        ("DURATION", Align::Right),
+        ("OUTCOME", Align::Left),
+        ("ERROR", Align::Left),
+    ]);
+    for a in &view.history {
+        let (outcome, error) = match &a.outcome {
+            Outcome::Succeeded => ("succeeded", ""),
+            Outcome::Failed { error } => ("failed", error.as_str()),
+            Outcome::LeaseExpired => ("lease expired", ""),
+            Outcome::Interrupted { reason } => ("interrupted", reason.as_str()),
+        };
+        t.row(vec![
+            a.number.to_string(),
+            a.started.clone(),
+            humantime::format_duration(Duration::from_millis(a.duration_ms)).to_string(),
+            outcome.to_string(),
+            error.to_string(),
+        ]);
+    }
+    out.table_indented(&t, 2)?;
+    Ok(())
+}

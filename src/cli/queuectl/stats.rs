@@ -1,0 +1,112 @@
+//! `queuectl stats`: jobs by kind and state, the oldest ready job, and every
+//! quarantined (unreadable) record with its key and reason.
+//!
+//! Read-only: counts come from the queue's indexes (no job record is decoded), and the
+//! quarantine is listed as it is. Operators must see quarantined records, so they are
+//! always shown here (and, alone, by `queuectl list --quarantined`).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::{Align, Out, Table, clip, relative};
+use crate::queue::{JobKind, JobState, QuarantineView, Queue, rfc3339};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+/// `stats --json`.
+#[derive(Serialize)]
+struct StatsJson<'a> {
+    /// kind → state → count, zeros included.
+    jobs: &'a BTreeMap<JobKind, BTreeMap<JobState, u64>>,
+    /// state → count over all kinds.
+    totals: BTreeMap<JobState, u64>,
+    /// Due time of the oldest ready job (RFC 3339), or null.
+    oldest_ready: Option<String>,
+    quarantined: u64,
+    quarantined_records: &'a [QuarantineView],
+}
+
+pub fn run(_args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
+    let stats = queue.stats()?;
+    let quarantine = queue.quarantined()?;
+    let totals: BTreeMap<JobState, u64> = JobState::ALL
+        .into_iter()
+        .map(|s| (s, stats.total(s)))
+        .collect();
+    if out.json {
+        out.json(&StatsJson {
+            jobs: &stats.jobs,
+            totals,
+            oldest_ready: stats.oldest_ready_ms.map(rfc3339),
+            quarantined: stats.quarantined,
+            quarantined_records: &quarantine,
+        })?;
+        return Ok(());
+    }
+
+    let mut columns = vec![("KIND", Align::Left)];
+    columns.extend(JobState::ALL.map(|s| (upper(s), Align::Right)));
+    columns.push(("TOTAL", Align::Right));
+    let mut table = Table::new(&columns);
+    for (kind, by_state) in &stats.jobs {
+        let mut row = vec![kind.to_string()];
+        row.extend(JobState::ALL.map(|s| by_state.get(&s).copied().unwrap_or(0).to_string()));
+        row.push(by_state.values().sum::<u64>().to_string());
+        table.row(row);
+    }
+    let mut row = vec!["total".to_string()];
+    row.extend(JobState::ALL.map(|s| totals[&s].to_string()));
+    row.push(totals.values().sum::<u64>().to_string());
+    table.row(row);
+    out.table(&table)?;
+    out.line("")?;
+    match stats.oldest_ready_ms {
+        Some(at) => out.line(format!(
+            "oldest ready job: due {} ({})",
+            rfc3339(at),
+            relative(at, queue.now())
+        ))?,
+        None => out.line("oldest ready job: none")?,
+    }
+    if quarantine.is_empty() {
+        out.line("quarantined records: 0")?;
+    } else {
+        out.line(format!(
+            "quarantined records: {} (unreadable; moved aside byte for byte, the rest of the queue works)",
+            quarantine.len()
+        ))?;
+        out.table(&quarantine_table(&quarantine))?;
+    }
+    Ok(())
+}
+
+/// The quarantine as a table (also used by `list --quarantined`).
+pub(super) fn quarantine_table(records: &[QuarantineView]) -> Table {
+    let mut t = Table::new(&[
+        ("KEY", Align::Left),
+        ("SINCE", Align::Left),
+        ("BYTES", Align::Right),
+        ("REASON", Align::Left),
+    ]);
+    for q in records {
+        t.row(vec![
+            q.key.clone(),
+            q.at.clone(),
+            q.bytes.to_string(),
+            clip(&q.reason, 100),
+        ]);
+    }
+    t
+}
+
+fn upper(s: JobState) -> &'static str {
+    match s {
+        JobState::Scheduled => "SCHEDULED",
+        JobState::Ready => "READY",
+        JobState::Running => "RUNNING",
+        JobState::Done => "DONE",
+        JobState::Dead => "DEAD",
+    }
+}
