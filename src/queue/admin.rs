@@ -198,12 +198,8 @@ impl Queue {
         let mut out = Vec::new();
         for entry in self.inner.db.range(start..=end) {
             let (k, raw) = entry?;
-            let job = match record::decode_job(&raw) {
-                Ok(job) => job,
-                Err(e) => {
-                    self.quarantine(&k, &raw, &e)?;
-                    continue;
-                }
+            let Some(job) = self.read_job(&k, &raw)? else {
+                continue;
             };
             if filter.kind.is_some_and(|kind| kind != job.kind)
                 || filter.state.is_some_and(|s| s != job.state(now))
@@ -223,18 +219,16 @@ impl Queue {
         let mut n = 0;
         for entry in self.inner.db.scan_prefix([keys::JOB]) {
             let (k, raw) = entry?;
-            match record::decode_job(&raw) {
-                Ok(job) => {
-                    if let Err(e) = f(&job) {
-                        if e.kind() == std::io::ErrorKind::BrokenPipe {
-                            break;
-                        }
-                        return Err(Error::Durability(format!("export write failed: {e}")));
-                    }
-                    n += 1;
+            let Some(job) = self.read_job(&k, &raw)? else {
+                continue;
+            };
+            if let Err(e) = f(&job) {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    break;
                 }
-                Err(e) => self.quarantine(&k, &raw, &e)?,
+                return Err(Error::Write(e));
             }
+            n += 1;
         }
         Ok(n)
     }

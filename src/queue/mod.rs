@@ -106,6 +106,8 @@ pub enum Error {
     KeyTaken { id: u64, holder: u64 },
     #[error("invalid idempotency key: {0}")]
     InvalidKey(&'static str),
+    #[error("cannot write the output: {0}")]
+    Write(#[source] std::io::Error),
     #[error("cannot start the queue's flush thread: {0}")]
     Thread(#[source] std::io::Error),
 }
@@ -121,6 +123,19 @@ pub struct Enqueued {
     pub duplicate: bool,
     /// True when an existing pending job took the new payload (`Dedupe::Replace`).
     pub replaced: bool,
+}
+
+/// Decodes the job stored under `key`, which must be that job's own key.
+fn decode_at(key: &[u8], raw: &[u8]) -> Result<Job, RecordError> {
+    let job = record::decode_job(raw)?;
+    if keys::parse_id(key) != Some(job.id) {
+        return Err(RecordError::Body(format!(
+            "record under {} says it is job {}",
+            keys::display(key),
+            job.id
+        )));
+    }
+    Ok(job)
 }
 
 /// Marks an attempt succeeded; `note` (e.g. a hook's output) is kept on the attempt.
@@ -716,13 +731,19 @@ impl Queue {
     pub fn get(&self, id: u64) -> Result<Option<Job>> {
         match self.inner.db.get(keys::job(id))? {
             None => Ok(None),
-            Some(raw) => match record::decode_job(&raw) {
-                Ok(job) => Ok(Some(job)),
-                Err(e) => {
-                    self.quarantine(&keys::job(id), &raw, &e)?;
-                    Ok(None)
-                }
-            },
+            Some(raw) => self.read_job(&keys::job(id), &raw),
+        }
+    }
+
+    /// Decodes a job found under `key`, quarantining it (and reading `None`) when it is
+    /// unreadable or says it is another job (a misdirected write is not trusted).
+    fn read_job(&self, key: &[u8], raw: &[u8]) -> Result<Option<Job>> {
+        match decode_at(key, raw) {
+            Ok(job) => Ok(Some(job)),
+            Err(e) => {
+                self.quarantine(key, raw, &e)?;
+                Ok(None)
+            }
         }
     }
 
@@ -769,13 +790,8 @@ impl Queue {
         let key = keys::job(id);
         match self.inner.db.get(key)? {
             None => Ok(None),
-            Some(raw) => match record::decode_job(&raw) {
-                Ok(job) if job.id == id => Ok(Some(job)),
-                Ok(job) => {
-                    let e = RecordError::Body(format!("record says it is job {}", job.id));
-                    self.quarantine_locked(&key, &raw, &e)?;
-                    Ok(None)
-                }
+            Some(raw) => match decode_at(&key, &raw) {
+                Ok(job) => Ok(Some(job)),
                 Err(e) => {
                     self.quarantine_locked(&key, &raw, &e)?;
                     Ok(None)
@@ -809,6 +825,21 @@ impl Queue {
         let mut b = sled::Batch::default();
         b.insert(keys::quarantine(key), record::encode_quarantined(&q));
         b.remove(key);
+        if key.first() == Some(&keys::JOB)
+            && let Some(id) = keys::parse_id(key)
+        {
+            // The record cannot tell us its index entries; find them by id. Rare (only
+            // on corruption), so a scan of the index keys is fine.
+            b.remove(&keys::running(id));
+            for prefix in [keys::PENDING, keys::FINISHED] {
+                for k in self.inner.db.scan_prefix([prefix]).keys() {
+                    let k = k?;
+                    if k.len() == 18 && keys::be_u64(&k[10..]) == Some(id) {
+                        b.remove(k);
+                    }
+                }
+            }
+        }
         self.inner.db.apply_batch(b)?;
         Ok(())
     }

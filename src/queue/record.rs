@@ -81,6 +81,15 @@ pub enum DeadReason {
     Cancelled,
 }
 
+impl DeadReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::Exhausted => "exhausted",
+            DeadReason::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// The stored state of a job. `scheduled` and `ready` are both `Pending`; which one a
 /// job is depends only on whether `due_ms` has passed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,7 @@
 //! queue does that on every read, and logs it).
 
 use super::{Align, Out, Table, clip, stats::quarantine_table};
-use crate::queue::{DeadReason, JobKind, JobState, JobView, ListFilter, Queue};
+use crate::queue::{JobKind, JobState, JobView, ListFilter, Queue};
 
 /// Page size when `--limit` is not given.
 const DEFAULT_LIMIT: usize = 100;
@@ -108,8 +108,7 @@ pub fn run(args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
 /// `dead (cancelled)` rather than `dead`: why matters to whoever reads the list.
 pub(super) fn state_label(v: &JobView) -> String {
     match v.dead_reason {
-        Some(DeadReason::Exhausted) => format!("{} (exhausted)", v.state),
-        Some(DeadReason::Cancelled) => format!("{} (cancelled)", v.state),
+        Some(reason) => format!("{} ({})", v.state, reason.as_str()),
         None => v.state.to_string(),
     }
 }
