@@ -467,7 +467,8 @@ async fn torn_snapshot_write() -> Result<usize, String> {
              ({}). sled 0.34.7 reads the newest `snap.*` file including an unfinished \
              `.generating` one (spacejam/sled#1527); nothing acknowledged is lost (with that \
              file moved aside the database opens complete), but the queue stays down \
-             until someone deletes it by hand",
+             until someone deletes it by hand. Moving it aside needs a name that does not \
+             start with `snap.`: sled reads every such file but `*.in___motion`",
             listing(&db_path)
         )
     })?;
