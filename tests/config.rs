@@ -22,8 +22,21 @@ fn load_text(text: &str) -> Result<config::Config, ConfigError> {
 fn example_file_equals_the_defaults() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
     let cfg = config::load(Some(&path), &no_env()).unwrap();
+    let d = config::load(None, &no_env()).unwrap();
     assert_eq!(cfg.queue, Settings::default());
-    assert_eq!(cfg.data_dir, Path::new("./data"));
+    assert_eq!(cfg.data_dir, d.data_dir);
+    assert_eq!(cfg.shutdown_timeout, d.shutdown_timeout);
+    assert_eq!(cfg.panel.base_url, d.panel.base_url);
+    assert_eq!(cfg.panel.timeout, d.panel.timeout);
+    assert_eq!(cfg.sync.interval, d.sync.interval);
+    assert_eq!(cfg.sync.output_dir, d.sync.output_dir);
+    assert_eq!(cfg.sync.max_removal_ratio, d.sync.max_removal_ratio);
+    assert_eq!(cfg.sync.confirm_after, d.sync.confirm_after);
+    assert_eq!(cfg.apply.mode, d.apply.mode);
+    assert_eq!(cfg.apply.timeout, d.apply.timeout);
+    assert_eq!(cfg.traffic.interval, d.traffic.interval);
+    assert_eq!(cfg.traffic.max_items, d.traffic.max_items);
+    assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
 }
 
 #[test]

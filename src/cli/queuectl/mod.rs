@@ -15,6 +15,8 @@
 //! | `cancel.rs` | `cancel ID` | makes a pending or running job dead |
 //! | `purge.rs` | `purge --dead/--done` | deletes finished jobs |
 //! | `export.rs` | `export` | reads every job, JSON lines to stdout |
+//! | `held.rs` | `held` | reads node syncs held by the removal guard |
+//! | `confirm.rs` | `confirm NODE` | confirms one held sync |
 //!
 //! # Offline mode
 //!
@@ -32,7 +34,9 @@
 //! usage error, 3 the queue is held by a running daemon. See `src/cli/mod.rs`.
 
 mod cancel;
+mod confirm;
 mod export;
+mod held;
 mod list;
 mod purge;
 mod retry;
@@ -104,6 +108,10 @@ enum Command {
     Purge(purge::Args),
     /// Every job as JSON lines (one job view per line) on stdout.
     Export(export::Args),
+    /// Node syncs held by the removal guard (sync.max_removal_ratio).
+    Held(held::Args),
+    /// Confirm a held sync of NODE: the next sync applies it.
+    Confirm(confirm::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -183,6 +191,8 @@ async fn run(command: Command, config: &Config, json: bool) -> Result<(), Failur
         Command::Cancel(a) => cancel::run(a, &queue, &mut out).await?,
         Command::Purge(a) => purge::run(a, &queue, &mut out).await?,
         Command::Export(a) => export::run(a, &queue, &mut out)?,
+        Command::Held(a) => held::run(a, &queue, config, &mut out)?,
+        Command::Confirm(a) => confirm::run(a, &queue, &mut out).await?,
     }
     w.flush()?;
     Ok(())

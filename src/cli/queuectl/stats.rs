@@ -70,6 +70,15 @@ pub fn run(_args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> 
         ))?,
         None => out.line("oldest ready job: none")?,
     }
+    let held = crate::jobs::node_sync::state::held(queue)?;
+    if !held.is_empty() {
+        let nodes: Vec<String> = held.iter().map(|(id, _)| id.to_string()).collect();
+        out.line(format!(
+            "held syncs: {} (node {}): the removal guard holds them; see `queuectl held`",
+            held.len(),
+            nodes.join(", ")
+        ))?;
+    }
     if quarantine.is_empty() {
         out.line("quarantined records: 0")?;
     } else {
