@@ -534,3 +534,48 @@ async fn damage_to_sleds_log_after_its_last_snapshot_is_not_silent() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// After the refusal, an operator can accept the loss: the queue opens with what is
+/// left, the loss stays listed in the quarantine, and lost ids are never handed out
+/// again (a relay or a log may still refer to them).
+#[tokio::test]
+async fn an_accepted_loss_is_recorded_and_ids_are_not_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = six_jobs_on_disk(dir.path(), false).await;
+    flip_job_3_in_log(&path);
+    let clock = Arc::new(ManualClock::new(T0));
+    match open_queue(&path, clock.clone()) {
+        Err(Error::LostWrites {
+            acknowledged,
+            recovered,
+            ..
+        }) => assert!(
+            acknowledged == 6 && recovered < 6,
+            "{acknowledged} {recovered}"
+        ),
+        Err(e) => panic!("expected LostWrites, got {e}"),
+        Ok(_) => panic!("a queue that lost jobs opened silently"),
+    }
+    let (q, _) = when_unlocked(
+        || Queue::open_with(&path, Settings::default(), clock.clone(), true),
+        |e| matches!(e, Error::Locked { .. }),
+    )
+    .unwrap();
+    let lost: Vec<_> = q
+        .quarantined()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.key.starts_with("lost-writes/"))
+        .collect();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert!(lost[0].reason.contains("..=6"), "{}", lost[0].reason);
+    let next = q
+        .enqueue(JobKind::Webhook, "after-the-loss", vec![], None)
+        .await
+        .unwrap();
+    assert_eq!(next.job.id, 7, "ids of lost jobs are not reused");
+    drop(q);
+    // Accepted once is accepted: the next plain open succeeds.
+    let (q, _) = open_queue(&path, clock).unwrap();
+    assert!(q.get(7).unwrap().is_some());
+}

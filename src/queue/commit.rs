@@ -12,8 +12,10 @@
 //! handle of our own; fsync acts on the inode, whichever descriptor asks.
 
 use std::fs::File;
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -43,8 +45,9 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the flush thread. `data_file` is sled's log file (`{path}/db`).
-    pub(crate) fn start(db: sled::Db, data_file: File) -> std::io::Result<Self> {
+    /// Starts the flush thread. `data_file` is sled's log file (`{path}/db`); `dir` is
+    /// the database directory, where the high-water mark is kept (`disk.rs`).
+    pub(crate) fn start(db: sled::Db, data_file: File, dir: PathBuf) -> std::io::Result<Self> {
         let (progress, _) = watch::channel(Progress::default());
         let shared = Arc::new(Shared {
             tickets: Mutex::new(Tickets::default()),
@@ -54,7 +57,7 @@ impl GroupCommit {
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("queue-flush".into())
-            .spawn(move || flusher(db, data_file, thread_shared))?;
+            .spawn(move || flusher(db, data_file, dir, thread_shared))?;
         Ok(Self {
             shared,
             thread: Some(thread),
@@ -89,7 +92,29 @@ impl GroupCommit {
     }
 }
 
-fn flusher(db: sled::Db, data_file: File, shared: Arc<Shared>) {
+/// How often, at most, the high-water mark file is rewritten.
+const HWM_EVERY: Duration = Duration::from_secs(1);
+
+/// The id counter as stored (read before a flush, so it never runs ahead of the disk).
+fn next_id(db: &sled::Db) -> Option<u64> {
+    db.get(super::keys::META_NEXT_ID)
+        .ok()
+        .flatten()
+        .and_then(|v| super::keys::be_u64(&v))
+}
+
+fn flusher(db: sled::Db, data_file: File, dir: PathBuf, shared: Arc<Shared>) {
+    let mut hwm_written: (Option<u64>, Instant) = (None, Instant::now());
+    let write_hwm = |next: Option<u64>, written: &mut (Option<u64>, Instant)| {
+        if let Some(n) = next.filter(|&n| Some(n) != written.0) {
+            match super::disk::write_hwm(&dir, n) {
+                Ok(()) => *written = (Some(n), Instant::now()),
+                Err(e) => tracing::warn!(error = %e, "cannot update the queue's high-water mark"),
+            }
+        }
+    };
+    // A mark not yet written because the last one was too recent.
+    let mut pending: Option<u64> = None;
     loop {
         let target = {
             let mut t = shared
@@ -97,19 +122,46 @@ fn flusher(db: sled::Db, data_file: File, shared: Arc<Shared>) {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             while t.issued == shared.progress.borrow().durable && !t.shutdown {
-                t = shared.wake.wait(t).unwrap_or_else(PoisonError::into_inner);
+                match pending {
+                    None => t = shared.wake.wait(t).unwrap_or_else(PoisonError::into_inner),
+                    Some(_) => {
+                        let left = HWM_EVERY.saturating_sub(hwm_written.1.elapsed());
+                        let (g, timeout) = shared
+                            .wake
+                            .wait_timeout(t, left)
+                            .unwrap_or_else(PoisonError::into_inner);
+                        t = g;
+                        if timeout.timed_out() {
+                            drop(t);
+                            write_hwm(pending.take(), &mut hwm_written);
+                            t = shared
+                                .tickets
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner);
+                        }
+                    }
+                }
             }
             if t.shutdown && t.issued == shared.progress.borrow().durable {
                 break;
             }
             t.issued
         };
+        let next = next_id(&db);
         match db
             .flush()
             .map_err(|e| e.to_string())
             .and_then(|_| data_file.sync_data().map_err(|e| format!("fdatasync: {e}")))
         {
-            Ok(()) => shared.progress.send_modify(|p| p.durable = target),
+            Ok(()) => {
+                shared.progress.send_modify(|p| p.durable = target);
+                if hwm_written.1.elapsed() >= HWM_EVERY {
+                    write_hwm(next, &mut hwm_written);
+                    pending = None;
+                } else {
+                    pending = next;
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "queue flush failed; writes can no longer be acknowledged");
                 shared
@@ -119,9 +171,12 @@ fn flusher(db: sled::Db, data_file: File, shared: Arc<Shared>) {
             }
         }
     }
-    // Last flush on the way out, whatever is left.
-    if let Err(e) = db.flush().map(|_| data_file.sync_data()) {
-        tracing::error!(error = %e, "final queue flush failed");
+    // Last flush on the way out, whatever is left, then the mark.
+    let next = next_id(&db);
+    match db.flush().map(|_| data_file.sync_data()) {
+        Ok(Ok(())) => write_hwm(next, &mut hwm_written),
+        Ok(Err(e)) => tracing::error!(error = %e, "final queue fdatasync failed"),
+        Err(e) => tracing::error!(error = %e, "final queue flush failed"),
     }
 }
 

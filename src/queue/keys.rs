@@ -115,7 +115,8 @@ pub fn parse_id(key: &[u8]) -> Option<u64> {
     be_u64(&key[1..])
 }
 
-/// A readable rendering of a key for error messages: `j/42`, `p/webhook/…`, else hex.
+/// A readable rendering of a key for error messages: `j/42`, `s/node/1/sync`, printable
+/// text as it is, else hex.
 pub fn display(key: &[u8]) -> String {
     match key.first() {
         Some(&JOB) | Some(&RUNNING) if key.len() == 9 => {
@@ -123,6 +124,9 @@ pub fn display(key: &[u8]) -> String {
         }
         Some(&QUARANTINE) => format!("c/{}", display(&key[1..])),
         Some(&STATE) => format!("s/{}", String::from_utf8_lossy(&key[1..])),
-        _ => key.iter().map(|b| format!("{b:02x}")).collect(),
+        _ => match std::str::from_utf8(key) {
+            Ok(text) if text.chars().all(|c| c.is_ascii_graphic()) => text.to_owned(),
+            _ => key.iter().map(|b| format!("{b:02x}")).collect(),
+        },
     }
 }

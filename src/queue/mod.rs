@@ -36,6 +36,7 @@
 mod admin;
 mod clock;
 mod commit;
+mod disk;
 mod keys;
 mod kind;
 mod ladder;
@@ -106,6 +107,14 @@ pub enum Error {
     KeyTaken { id: u64, holder: u64 },
     #[error("invalid idempotency key: {0}")]
     InvalidKey(&'static str),
+    #[error(
+        "the queue database {path} lost acknowledged writes: job ids up to {acknowledged} were acknowledged, but it recovered only up to {recovered} (sled's log was damaged after its last snapshot). Nothing was changed; keep a copy of {path}, then run `queuectl accept-loss` to start with what is left"
+    )]
+    LostWrites {
+        path: PathBuf,
+        acknowledged: u64,
+        recovered: u64,
+    },
     #[error("cannot write the output: {0}")]
     Write(#[source] std::io::Error),
     #[error("cannot start the queue's flush thread: {0}")]
@@ -308,7 +317,29 @@ impl Queue {
         settings: Settings,
         clock: Arc<dyn Clock>,
     ) -> Result<(Queue, Recovery)> {
+        Self::open_with(path, settings, clock, false)
+    }
+
+    /// [`Queue::open`], but a database that lost acknowledged writes
+    /// ([`Error::LostWrites`]) is opened anyway when `accept_lost_writes`: the loss is
+    /// recorded in the quarantine (so `queuectl stats` keeps showing it) and ids are
+    /// never reused.
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+        accept_lost_writes: bool,
+    ) -> Result<(Queue, Recovery)> {
         let path = path.as_ref().to_path_buf();
+        let io_err = |e: std::io::Error| Error::Open {
+            path: path.clone(),
+            source: e.into(),
+        };
+        let torn = disk::set_aside_torn_snapshots(&path).map_err(io_err)?;
+        for t in &torn {
+            tracing::warn!(file = %t.display(), "an unfinished sled snapshot (from a kill during its write) was moved aside; nothing is lost");
+        }
+        let acknowledged = disk::read_hwm(&path);
         let db = sled::Config::new()
             .path(&path)
             // We flush explicitly (group commit); sled's timer would only add fsyncs.
@@ -324,6 +355,29 @@ impl Queue {
                     source,
                 },
             })?;
+        let stored_next = db
+            .get(keys::META_NEXT_ID)?
+            .and_then(|v| keys::be_u64(&v))
+            .unwrap_or(1);
+        let last_id = db
+            .scan_prefix([keys::JOB])
+            .keys()
+            .next_back()
+            .transpose()?
+            .and_then(|k| keys::parse_id(&k))
+            .unwrap_or(0);
+        let recovered = stored_next.max(last_id + 1);
+        let mut lost = None;
+        if let Some(acknowledged) = acknowledged.filter(|&a| a > recovered) {
+            if !accept_lost_writes {
+                return Err(Error::LostWrites {
+                    path,
+                    acknowledged: acknowledged - 1,
+                    recovered: recovered - 1,
+                });
+            }
+            lost = Some((recovered, acknowledged));
+        }
         match db.get(keys::META_SCHEMA)? {
             Some(v) => {
                 let found = v
@@ -344,17 +398,6 @@ impl Queue {
             }
             None => return Err(Error::NotAQueue { path }),
         }
-        let stored_next = db
-            .get(keys::META_NEXT_ID)?
-            .and_then(|v| keys::be_u64(&v))
-            .unwrap_or(1);
-        let last_id = db
-            .scan_prefix([keys::JOB])
-            .keys()
-            .next_back()
-            .transpose()?
-            .and_then(|k| keys::parse_id(&k))
-            .unwrap_or(0);
         let data_file = std::fs::File::open(path.join("db")).map_err(|e| Error::Open {
             path: path.clone(),
             source: e.into(),
@@ -363,22 +406,29 @@ impl Queue {
             path: path.clone(),
             source: e.into(),
         })?;
-        let commit = GroupCommit::start(db.clone(), data_file).map_err(Error::Thread)?;
+        let commit =
+            GroupCommit::start(db.clone(), data_file, path.clone()).map_err(Error::Thread)?;
+        let next_id = lost.map_or(recovered, |(_, acknowledged)| acknowledged);
         let queue = Queue {
             inner: Arc::new(Inner {
                 db,
                 path,
                 clock,
                 settings,
-                write: Mutex::new(WriteState {
-                    next_id: stored_next.max(last_id + 1),
-                }),
+                write: Mutex::new(WriteState { next_id }),
                 commit,
                 wake: Default::default(),
                 events: broadcast::channel(4096).0,
             }),
         };
+        if let Some((from, to)) = lost {
+            queue.record_lost_writes(from, to)?;
+        }
         let recovery = queue.recover()?;
+        queue
+            .inner
+            .db
+            .insert(keys::META_NEXT_ID, &next_id.to_be_bytes())?;
         queue.inner.db.flush()?;
         sync_file
             .sync_data()
@@ -798,6 +848,26 @@ impl Queue {
                 }
             },
         }
+    }
+
+    /// Records an accepted loss in the quarantine, where `queuectl stats` shows it.
+    fn record_lost_writes(&self, from: u64, to: u64) -> Result<()> {
+        let reason = format!(
+            "job ids {from}..={} were acknowledged but lost: sled's log was damaged after its last snapshot; the loss was accepted by an operator",
+            to - 1
+        );
+        tracing::error!("{reason}");
+        let key = format!("lost-writes/{from}-{}", to - 1).into_bytes();
+        let q = record::Quarantined {
+            key: key.clone(),
+            reason,
+            at_ms: self.now(),
+            raw: Vec::new(),
+        };
+        self.inner
+            .db
+            .insert(keys::quarantine(&key), record::encode_quarantined(&q))?;
+        Ok(())
     }
 
     /// Moves an unreadable record aside (taking the write lock).

@@ -17,6 +17,7 @@
 //! | `export.rs` | `export` | reads every job, JSON lines to stdout |
 //! | `held.rs` | `held` | reads node syncs held by the removal guard |
 //! | `confirm.rs` | `confirm NODE` | confirms one held sync |
+//! | `accept_loss.rs` | `accept-loss` | opens a queue that lost writes; records the loss |
 //!
 //! # Offline mode
 //!
@@ -33,6 +34,7 @@
 //! failure (no queue, job not found, wrong state, storage error), 2 configuration or
 //! usage error, 3 the queue is held by a running daemon. See `src/cli/mod.rs`.
 
+mod accept_loss;
 mod cancel;
 mod confirm;
 mod export;
@@ -112,6 +114,8 @@ enum Command {
     Held(held::Args),
     /// Confirm a held sync of NODE: the next sync applies it.
     Confirm(confirm::Args),
+    /// Open a queue that lost acknowledged writes (sled log damage) and record the loss.
+    AcceptLoss(accept_loss::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -179,7 +183,7 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 }
 
 async fn run(command: Command, config: &Config, json: bool) -> Result<(), Failure> {
-    let queue = open_queue(config)?;
+    let queue = open_queue(config, matches!(command, Command::AcceptLoss(_)))?;
     let stdout = io::stdout();
     let mut w = io::BufWriter::new(stdout.lock());
     let mut out = Out { json, w: &mut w };
@@ -193,13 +197,14 @@ async fn run(command: Command, config: &Config, json: bool) -> Result<(), Failur
         Command::Export(a) => export::run(a, &queue, &mut out)?,
         Command::Held(a) => held::run(a, &queue, config, &mut out)?,
         Command::Confirm(a) => confirm::run(a, &queue, &mut out).await?,
+        Command::AcceptLoss(a) => accept_loss::run(a, &queue, &mut out)?,
     }
     w.flush()?;
     Ok(())
 }
 
 /// Opens the existing queue; never creates one.
-fn open_queue(config: &Config) -> Result<Queue, Failure> {
+fn open_queue(config: &Config, accept_lost_writes: bool) -> Result<Queue, Failure> {
     let path = config.queue_path();
     match std::fs::metadata(&path) {
         Ok(m) if m.is_dir() => {}
@@ -211,7 +216,12 @@ fn open_queue(config: &Config) -> Result<Queue, Failure> {
             ));
         }
     }
-    match Queue::open(&path, config.queue.clone(), Arc::new(SystemClock)) {
+    match Queue::open_with(
+        &path,
+        config.queue.clone(),
+        Arc::new(SystemClock),
+        accept_lost_writes,
+    ) {
         Ok((queue, recovery)) => {
             if recovery.interrupted > 0 {
                 tracing::warn!(

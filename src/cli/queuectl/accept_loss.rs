@@ -1,0 +1,35 @@
+//! `queuectl accept-loss`: open a queue that lost acknowledged writes anyway.
+//!
+//! When sled's log is damaged after its last snapshot, sled silently drops what came
+//! after the damage; the queue notices (its high-water mark says more ids were
+//! acknowledged than the database recovered) and refuses to open, so nobody runs on
+//! a queue that is silently short. After keeping a copy of the directory, an operator
+//! accepts the loss with this command: the loss is recorded in the quarantine (shown by
+//! `queuectl stats` from then on) and ids are never reused.
+//!
+//! Writes: one quarantine entry; the id counter.
+
+use super::Out;
+use crate::queue::Queue;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
+    let losses: Vec<_> = queue
+        .quarantined()?
+        .into_iter()
+        .filter(|q| q.key.starts_with("lost-writes/"))
+        .collect();
+    if out.json {
+        out.json(&losses)?;
+    } else if losses.is_empty() {
+        out.line("the queue has lost no acknowledged writes; nothing to accept")?;
+    } else {
+        for l in &losses {
+            out.line(format!("{}: {}", l.key, l.reason))?;
+        }
+        out.line("the queue opens normally again; the loss stays listed in `queuectl stats`")?;
+    }
+    Ok(())
+}
