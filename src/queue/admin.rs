@@ -318,7 +318,7 @@ impl Queue {
             && holder != job.id
             && self
                 .load_locked(holder)?
-                .is_some_and(|h| !matches!(h.stored, Stored::Dead { .. }))
+                .is_some_and(|h| super::txn::holds_key(&h, now, self.inner.settings.dedupe_window))
         {
             return Err(Error::KeyTaken { id: job.id, holder });
         }

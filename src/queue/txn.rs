@@ -162,10 +162,10 @@ impl Queue {
         let window = self.inner.settings.dedupe_window;
         if let Some(mut job) = existing {
             let taken = match (j.dedupe, &job.stored) {
+                (Dedupe::Window, _) => holds_key(&job, now, window),
                 (_, Stored::Pending { .. }) => true,
                 (Dedupe::Replace, Stored::Running { .. }) => false,
-                (_, Stored::Running { .. }) => true,
-                (Dedupe::Window, Stored::Done { at_ms }) => clock::after(*at_ms, window) > now,
+                (Dedupe::Live, Stored::Running { .. }) => true,
                 _ => false,
             };
             if taken {
@@ -233,6 +233,15 @@ impl Queue {
             }
         }
         Ok(out)
+    }
+}
+
+/// SPEC §2: a job holds its key while pending, running, or done within the window.
+pub(super) fn holds_key(job: &Job, now: Millis, window: std::time::Duration) -> bool {
+    match job.stored {
+        Stored::Pending { .. } | Stored::Running { .. } => true,
+        Stored::Done { at_ms } => clock::after(at_ms, window) > now,
+        Stored::Dead { .. } => false,
     }
 }
 
