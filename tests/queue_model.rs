@@ -278,6 +278,7 @@ impl Model {
             started_ms,
             duration_ms: now - started_ms,
             outcome,
+            note: None,
         };
         match failure {
             None => {
@@ -312,6 +313,7 @@ impl Model {
                 started_ms,
                 duration_ms: now - started_ms,
                 outcome,
+                note: None,
             },
         );
         match plan(j.kind).after_interruption(j.attempts) {
@@ -377,6 +379,7 @@ impl Model {
                     outcome: Outcome::Interrupted {
                         reason: String::new(),
                     },
+                    note: None,
                 },
             ),
             Stored::Done { .. } | Stored::Dead { .. } => return Err(Expect::InvalidState),

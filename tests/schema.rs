@@ -64,6 +64,7 @@ fn attempt(number: u32, started_ms: u64, duration_ms: u64, outcome: Outcome) -> 
         started_ms,
         duration_ms,
         outcome,
+        note: None,
     }
 }
 
@@ -156,7 +157,10 @@ fn fixtures() -> Vec<Fixture> {
                         },
                     ),
                     attempt(3, T0 + 70_000, 600_000, Outcome::LeaseExpired),
-                    attempt(4, T0 + 2_399_000, 1_000, Outcome::Succeeded),
+                    Attempt {
+                        note: Some("APPLY_CMD exit status 0; stdout: applied 3 users".into()),
+                        ..attempt(4, T0 + 2_399_000, 1_000, Outcome::Succeeded)
+                    },
                 ],
             }),
         },
@@ -436,6 +440,13 @@ fn job_by_hand(job: &Job) -> Vec<u8> {
             Outcome::Interrupted { reason } => {
                 varint(&mut b, 3);
                 bytes_field(&mut b, reason.as_bytes());
+            }
+        }
+        match &a.note {
+            None => b.push(0),
+            Some(note) => {
+                b.push(1);
+                bytes_field(&mut b, note.as_bytes());
             }
         }
     }

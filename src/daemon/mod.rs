@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::jobs::node_sync::{self, NodeSync};
 use crate::jobs::xray_apply::XrayApply;
 use crate::peers::panel::Panel;
-use crate::queue::{self, JobKind, Queue, SystemClock};
+use crate::queue::{self, JobKind, JobState, Queue, SystemClock};
 
 pub use once::{OnceReport, run_once};
 
@@ -171,6 +171,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
 /// Enqueues a sync for every node every `sync.interval` (one live sync per node: a
 /// sync still pending or retrying is not doubled).
+///
+/// A sync waiting on its ladder after a failure is made due at the tick: a panel that
+/// recovers is read again within one interval, as SPEC promises ("every
+/// `sync.interval`"), not after the ladder's minutes. The ladder still spaces retries
+/// shorter than the interval, and still ends in `dead` after its last rung (the next
+/// tick then starts a new job).
 async fn produce_syncs(queue: Queue, config: Arc<Config>, stop: CancellationToken) {
     if config.nodes.is_empty() {
         return;
@@ -183,8 +189,20 @@ async fn produce_syncs(queue: Queue, config: Arc<Config>, stop: CancellationToke
             _ = tick.tick() => {}
         }
         for node in &config.nodes {
-            if let Err(e) = queue.enqueue_with(node_sync::job(node.id)).await {
-                tracing::error!(node = node.id, error = %e, "cannot enqueue sync");
+            let waiting = match queue.enqueue_with(node_sync::job(node.id)).await {
+                Ok(e) if e.duplicate && e.job.state(queue.now()) == JobState::Scheduled => e.job.id,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::error!(node = node.id, error = %e, "cannot enqueue sync");
+                    continue;
+                }
+            };
+            // It may have been leased since; then it runs now anyway.
+            match queue.retry(waiting).await {
+                Ok(_) | Err(queue::Error::InvalidState { .. }) => {}
+                Err(e) => {
+                    tracing::error!(node = node.id, error = %e, "cannot make a retrying sync due")
+                }
             }
         }
     }

@@ -152,6 +152,7 @@ impl Handler for XrayApply {
                 serde_json::to_vec(&applied).unwrap_or_default(),
             )],
             enqueue: Vec::new(),
+            note: Some(run.describe(timeout)),
         })
     }
 }

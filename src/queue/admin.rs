@@ -79,6 +79,8 @@ pub struct AttemptView {
     pub duration_ms: u64,
     #[serde(flatten)]
     pub outcome: record::Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl JobView {
@@ -123,6 +125,7 @@ impl AttemptView {
             started: rfc3339(a.started_ms),
             duration_ms: a.duration_ms,
             outcome: a.outcome.clone(),
+            note: a.note.clone(),
         }
     }
 }
@@ -349,6 +352,7 @@ impl Queue {
                     outcome: record::Outcome::Interrupted {
                         reason: "cancelled by an operator".into(),
                     },
+                    note: None,
                 }),
                 _ => {
                     return Err(Error::InvalidState {

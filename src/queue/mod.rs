@@ -148,12 +148,13 @@ fn decode_at(key: &[u8], raw: &[u8]) -> Result<Job, RecordError> {
 }
 
 /// Marks an attempt succeeded; `note` (e.g. a hook's output) is kept on the attempt.
-fn succeed(job: &mut Job, lease: LeaseToken, now: Millis, started: Millis) {
+fn succeed(job: &mut Job, lease: LeaseToken, now: Millis, started: Millis, note: Option<&str>) {
     job.push_attempt(Attempt {
         number: lease.attempt,
         started_ms: started,
         duration_ms: now.saturating_sub(started),
         outcome: Outcome::Succeeded,
+        note: note.map(record::bound_error),
     });
     job.stored = Stored::Done { at_ms: now };
 }
@@ -534,8 +535,10 @@ impl Queue {
 
     /// Records a successful attempt: the job is done.
     pub async fn ack(&self, lease: LeaseToken) -> Result<Job> {
-        self.finish(lease, |job, now, started| succeed(job, lease, now, started))
-            .await
+        self.finish(lease, |job, now, started| {
+            succeed(job, lease, now, started, None)
+        })
+        .await
     }
 
     /// Records a failed attempt. The next attempt is due on the kind's ladder (later if
@@ -556,6 +559,7 @@ impl Queue {
                 outcome: Outcome::Failed {
                     error: record::bound_error(error),
                 },
+                note: None,
             });
             job.stored = match next_delay(settings.kind(job.kind), job.attempts, retry_after) {
                 Some(d) => Stored::Pending {
@@ -689,6 +693,7 @@ impl Queue {
                 started_ms,
                 duration_ms: now.saturating_sub(started_ms),
                 outcome: outcome(),
+                note: None,
             });
             rec.interrupted += 1;
             job.stored = match after_interruption(self.inner.settings.kind(job.kind), job.attempts)

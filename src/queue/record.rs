@@ -69,6 +69,10 @@ pub struct Attempt {
     pub duration_ms: u64,
     #[serde(flatten)]
     pub outcome: Outcome,
+    /// What the attempt reported beside its outcome (a hook's output), bounded like
+    /// errors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Why a job is dead.
@@ -192,6 +196,7 @@ struct AttemptV1 {
     started_ms: u64,
     duration_ms: u64,
     outcome: OutcomeV1,
+    note: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -257,6 +262,7 @@ fn to_v1(job: &Job) -> JobV1 {
                         reason: reason.clone(),
                     },
                 },
+                note: a.note.clone(),
             })
             .collect(),
     }
@@ -304,6 +310,7 @@ fn from_v1(v: JobV1) -> Result<Job, RecordError> {
                     OutcomeV1::LeaseExpired => Outcome::LeaseExpired,
                     OutcomeV1::Interrupted { reason } => Outcome::Interrupted { reason },
                 },
+                note: a.note,
             })
             .collect(),
     })

@@ -51,6 +51,8 @@ pub struct Commit {
     pub enqueue: Vec<NewJob>,
     /// Ends this attempt as succeeded.
     pub ack: Option<LeaseToken>,
+    /// Kept on the acked attempt (bounded to 4 KiB): what it did, e.g. a hook's output.
+    pub note: Option<String>,
 }
 
 /// What a commit did: one [`Enqueued`] per [`NewJob`], in order, and the acked job.
@@ -94,7 +96,7 @@ impl Queue {
             }
             let acked = match c.ack {
                 Some(lease) => Some(self.finish_locked(&mut b, lease, |job, now, started| {
-                    succeed(job, lease, now, started)
+                    succeed(job, lease, now, started, c.note.as_deref())
                 })?),
                 None => None,
             };

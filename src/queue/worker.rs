@@ -30,6 +30,8 @@ pub enum AttemptResult {
 pub struct Effects {
     pub state: Vec<StateWrite>,
     pub enqueue: Vec<NewJob>,
+    /// Kept on the attempt's record (e.g. a hook's output).
+    pub note: Option<String>,
 }
 
 /// Runs one attempt of a job. Implemented by each job kind.
@@ -85,6 +87,7 @@ pub async fn run_workers<H: Handler>(
                             state: fx.state,
                             enqueue: fx.enqueue,
                             ack: Some(token),
+                            note: fx.note,
                         })
                         .await
                         .map(|_| ()),

@@ -108,10 +108,13 @@ async fn a_commit_is_all_or_nothing() {
             state: vec![StateWrite::Put("node/1/synced".into(), b"list-1".to_vec())],
             enqueue: vec![job("apply:1", b"gen-1", Dedupe::Replace)],
             ack: Some(token),
+            note: Some("synced 1 user".into()),
         })
         .await
         .unwrap();
-    assert_eq!(c.acked.unwrap().state(q.now()), JobState::Done);
+    let acked = c.acked.unwrap();
+    assert_eq!(acked.state(q.now()), JobState::Done);
+    assert_eq!(acked.history[0].note.as_deref(), Some("synced 1 user"));
     assert_eq!(q.state("node/1/synced").unwrap().unwrap(), b"list-1");
     // Acking the same lease again is refused, and nothing else in that commit lands.
     let e = q
@@ -119,6 +122,7 @@ async fn a_commit_is_all_or_nothing() {
             state: vec![StateWrite::Put("node/1/synced".into(), b"list-2".to_vec())],
             enqueue: vec![job("apply:2", b"", Dedupe::Window)],
             ack: Some(token),
+            note: None,
         })
         .await
         .unwrap_err();

@@ -1,5 +1,6 @@
 //! `queuectl show ID`: one job — kind, key, state, times, payload — and its attempt
-//! history (number, start, duration, outcome and error), oldest first.
+//! history (number, start, duration, outcome, and the error or what a successful
+//! attempt reported, such as a hook's output), oldest first.
 //!
 //! Read-only. A job whose record turned out unreadable is reported as quarantined,
 //! with the reason, rather than as missing.
@@ -113,11 +114,12 @@ pub fn run(args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
         ("STARTED", Align::Left),
         ("DURATION", Align::Right),
         ("OUTCOME", Align::Left),
-        ("ERROR", Align::Left),
+        ("ERROR / NOTE", Align::Left),
     ]);
     for a in &view.history {
+        let note = a.note.as_deref().unwrap_or("");
         let (outcome, error) = match &a.outcome {
-            Outcome::Succeeded => ("succeeded", ""),
+            Outcome::Succeeded => ("succeeded", note),
             Outcome::Failed { error } => ("failed", error.as_str()),
             Outcome::LeaseExpired => ("lease expired", ""),
             Outcome::Interrupted { reason } => ("interrupted", reason.as_str()),

@@ -125,10 +125,15 @@ impl Handler for NodeSync {
             return AttemptResult::DoneWith(fx);
         }
         if let Some(hold) = self.guard(node_id, &st, &users, now) {
+            let note = format!(
+                "held by the removal guard: the answer would remove {} of {} users",
+                hold.removed, hold.before
+            );
             st.held = Some(hold);
             return AttemptResult::DoneWith(Effects {
                 state: vec![state::put(node_id, &st)],
                 enqueue: Vec::new(),
+                note: Some(note),
             });
         }
         if let Err(e) = files.write(node_id, &users, now) {
@@ -154,6 +159,11 @@ impl Handler for NodeSync {
         let mut fx = Effects {
             state: vec![state::put(node_id, &st)],
             enqueue: Vec::new(),
+            note: Some(format!(
+                "{} users (was {before}); generation {}",
+                st.users.len(),
+                st.generation
+            )),
         };
         if self.config.apply.mode != ApplyMode::None {
             fx.enqueue
