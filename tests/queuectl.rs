@@ -579,7 +579,7 @@ fn show_prints_the_job_and_its_attempt_history() {
         .stdout_has("attempt history:");
     assert_eq!(
         row(&r, "#"),
-        ["#", "STARTED", "DURATION", "OUTCOME", "ERROR"]
+        ["#", "STARTED", "DURATION", "OUTCOME", "DETAIL"]
     );
     let attempt = row(&r, "1");
     assert!(attempt[1].ends_with('Z'), "an RFC 3339 start time{r}");

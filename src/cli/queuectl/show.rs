@@ -114,7 +114,7 @@ pub fn run(args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
         ("STARTED", Align::Left),
         ("DURATION", Align::Right),
         ("OUTCOME", Align::Left),
-        ("ERROR / NOTE", Align::Left),
+        ("DETAIL", Align::Left),
     ]);
     for a in &view.history {
         let note = a.note.as_deref().unwrap_or("");
