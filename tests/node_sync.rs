@@ -1,0 +1,1501 @@
+//! node_sync and xray_apply (`cmd` mode) end to end (issue 3): the real `connector`
+//! binary against a real HTTP panel (`support/panel.rs`, axum on port 0) whose answers
+//! a test changes while the agent runs, with an apply hook that is a small `sh` script
+//! logging every run.
+//!
+//! Nothing here waits by sleeping. A test waits for an event — a JSON log line on the
+//! agent's stderr (`--log-format json`), a request reaching the panel, a marker file the
+//! hook writes — each with a generous deadline; a deadline that passes fails the test
+//! with the agent's stderr (every run), the panel's requests and the hook's log.
+//!
+//! The agent runs with `sync.interval = 200ms`, so "no rewrite, no hook" is checked
+//! after the panel has answered several more syncs, not after a pause.
+
+#[path = "support/panel.rs"]
+mod panel;
+
+use std::fmt;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use panel::{Answer, Panel, Request};
+use serde_json::Value;
+
+/// The key the agent sends and the panel accepts (unless a test rotates it).
+const TOKEN: &str = "s3cret-internal-key";
+/// Deadline for any one awaited event. Generous: only a hang should ever reach it.
+const WAIT: Duration = Duration::from_secs(30);
+
+// ---- the apply hook ----
+
+/// The hook: `sh hook.sh {node_id} {uuids_file} {uuids_json}`. Every run appends
+/// `start`, then `fail` or `ok`, to `hook.log`, and an `ok` run copies the txt file it
+/// was given to `seen-{n}.txt`. Control files next to it:
+/// - `fail_until` (a number N): runs 1..=N exit 3 with `boom {n}` on stderr;
+/// - `block`: the run writes its pid to `started` and waits until `release` exists.
+const HOOK: &str = r#"#!/bin/sh
+d="$(dirname "$0")"
+n=$(( $(cat "$d/runs" 2>/dev/null || echo 0) + 1 ))
+echo "$n" > "$d/runs"
+echo "start n=$n pid=$$ argc=$# node=$1 txt=$2 json=$3" >> "$d/hook.log"
+if [ -e "$d/block" ] && [ ! -e "$d/release" ]; then
+  echo "$$" > "$d/started.tmp" && mv "$d/started.tmp" "$d/started"
+  while [ ! -e "$d/release" ]; do sleep 0.02; done
+fi
+if [ -e "$d/fail_until" ] && [ "$n" -le "$(cat "$d/fail_until")" ]; then
+  echo "boom $n" >&2
+  echo "fail n=$n" >> "$d/hook.log"
+  exit 3
+fi
+cp "$2" "$d/seen-$n.txt"
+echo "ok n=$n node=$1 txt=$2 json=$3" >> "$d/hook.log"
+"#;
+
+/// One line of the hook's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HookLine {
+    /// `start`, `fail` or `ok`.
+    event: String,
+    n: u32,
+    /// `key=value` words after `n`.
+    fields: Vec<(String, String)>,
+}
+
+impl HookLine {
+    fn field(&self, key: &str) -> &str {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+// ---- the fixture ----
+
+/// Settings of a test's config file (`sync.interval` is always 200ms).
+struct Opts {
+    nodes: Vec<u64>,
+    panel_timeout: &'static str,
+    /// `[queue.kinds.xray_apply] ladder`, when set.
+    apply_ladder: Option<&'static str>,
+    shutdown_timeout: Option<&'static str>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            nodes: vec![1],
+            panel_timeout: "5s",
+            apply_ladder: None,
+            shutdown_timeout: None,
+        }
+    }
+}
+
+/// A temporary directory with a config, an output dir, the hook, a panel, and (while
+/// started) the agent.
+struct Rig {
+    dir: tempfile::TempDir,
+    panel: Panel,
+    config: PathBuf,
+    daemon: Option<Daemon>,
+    /// stderr of earlier runs of the agent in this test.
+    past: Vec<String>,
+}
+
+impl Rig {
+    fn new(opts: Opts) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let panel = Panel::start(TOKEN);
+        let hook_dir = dir.path().join("hook");
+        std::fs::create_dir_all(&hook_dir).unwrap();
+        std::fs::write(hook_dir.join("hook.sh"), HOOK).unwrap();
+        let mut text = format!(
+            "data_dir = {data:?}\n{shutdown}\
+             [panel]\nbase_url = {url:?}\ninternal_api_key = {TOKEN:?}\ntimeout = {timeout:?}\n\
+             [sync]\ninterval = \"200ms\"\noutput_dir = {out:?}\n\
+             [apply]\ncmd = {cmd:?}\ntimeout = \"20s\"\n",
+            data = dir.path().join("data"),
+            shutdown = opts
+                .shutdown_timeout
+                .map(|t| format!("shutdown_timeout = {t:?}\n"))
+                .unwrap_or_default(),
+            url = panel.base_url(),
+            timeout = opts.panel_timeout,
+            out = dir.path().join("out"),
+            cmd = hook_cmd(&hook_dir),
+        );
+        for id in &opts.nodes {
+            text.push_str(&format!("[[nodes]]\nid = {id}\n"));
+        }
+        if let Some(ladder) = opts.apply_ladder {
+            text.push_str(&format!("[queue.kinds.xray_apply]\nladder = {ladder}\n"));
+        }
+        let config = dir.path().join("connector.toml");
+        write_private(&config, &text);
+        Rig {
+            dir,
+            panel,
+            config,
+            daemon: None,
+            past: Vec::new(),
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn hook_dir(&self) -> PathBuf {
+        self.path("hook")
+    }
+
+    fn files(&self, node: u64) -> NodeFiles {
+        NodeFiles::new(&self.path("out"), node)
+    }
+
+    /// `connector run --config … --log-format json`, with a clean environment.
+    fn start(&mut self) {
+        assert!(self.daemon.is_none(), "the agent is already running");
+        let mut cmd = connector(self.dir.path());
+        cmd.arg("run").arg("--config").arg(&self.config);
+        self.daemon = Some(Daemon::spawn(cmd));
+    }
+
+    fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("the agent is running")
+    }
+
+    /// The number of stderr lines of the current run so far: a cursor for `wait_log`.
+    fn mark(&self) -> usize {
+        self.daemon().lines.len()
+    }
+
+    /// Waits for a JSON log line after `from` that satisfies `pred`; returns its index
+    /// and the line.
+    #[track_caller]
+    fn wait_log(&self, from: usize, what: &str, pred: impl Fn(&Value) -> bool) -> (usize, Value) {
+        match self.daemon().lines.wait(from, WAIT, |l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|v| pred(&v))
+        }) {
+            Ok((i, line)) => (i, serde_json::from_str(&line).unwrap()),
+            Err(()) => self.fail(&format!("the agent never logged {what}")),
+        }
+    }
+
+    /// Waits for the `applied` line of `node` at `generation`.
+    #[track_caller]
+    fn wait_applied(&self, from: usize, node: u64, generation: u64) -> usize {
+        self.wait_log(
+            from,
+            &format!("`applied` for node {node} generation {generation}"),
+            |v| v["message"] == "applied" && v["node"] == node && v["generation"] == generation,
+        )
+        .0
+    }
+
+    /// Waits for a request of `node` after the first `after` that the panel answered
+    /// `answered`; returns its index and the request.
+    #[track_caller]
+    fn wait_request(&self, after: usize, node: u64, answered: &str) -> (usize, Request) {
+        match self
+            .panel
+            .wait_request(after, WAIT, |r| r.node == node && r.answered == answered)
+        {
+            Ok(found) => found,
+            Err(e) => self.fail(&format!(
+                "no request of node {node} answered {answered:?}: {e}"
+            )),
+        }
+    }
+
+    /// Waits until the panel has answered `count` more requests of `node` with
+    /// `answered`. When the next request of a node comes, its last sync has ended: one
+    /// node's syncs never overlap.
+    #[track_caller]
+    fn wait_syncs(&self, node: u64, answered: &str, count: usize) -> Vec<Request> {
+        let mut after = self.panel.request_count();
+        let mut got = Vec::new();
+        for _ in 0..count {
+            let (i, r) = self.wait_request(after, node, answered);
+            after = i + 1;
+            got.push(r);
+        }
+        got
+    }
+
+    /// Waits until `path` exists (a marker the hook writes).
+    #[track_caller]
+    fn wait_file(&self, path: &Path) {
+        let deadline = Instant::now() + WAIT;
+        while !path.exists() {
+            if Instant::now() > deadline {
+                self.fail(&format!("{} never appeared", path.display()));
+            }
+            // Polling a condition, not a pause: the hook signals only through files.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM; the exit code, waiting at most `WAIT`.
+    #[track_caller]
+    fn stop(&mut self) -> Option<i32> {
+        self.signal("TERM");
+        self.wait_exit()
+    }
+
+    /// SIGKILL, and reap.
+    fn kill9(&mut self) {
+        if let Some(d) = self.daemon.as_mut() {
+            let _ = d.child.kill();
+        }
+        let _ = self.wait_exit();
+    }
+
+    /// Whether the agent has exited (without reaping it for `wait_exit`'s sake: the
+    /// status stays available).
+    fn exited(&mut self) -> bool {
+        let d = self.daemon.as_mut().expect("the agent is running");
+        matches!(d.child.try_wait(), Ok(Some(_)))
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.daemon().child.id().to_string();
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{sig} {pid} failed");
+    }
+
+    #[track_caller]
+    fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + WAIT;
+        let code = loop {
+            let d = self.daemon.as_mut().expect("the agent is running");
+            if let Some(status) = d.child.try_wait().unwrap() {
+                break status.code();
+            }
+            if Instant::now() > deadline {
+                self.fail("the agent did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let d = self.daemon.take().unwrap();
+        // The reader thread ends at EOF; take everything it read.
+        d.lines.wait_closed(WAIT);
+        self.past.push(d.lines.text());
+        code
+    }
+
+    fn hook_log(&self) -> Vec<HookLine> {
+        let text = std::fs::read_to_string(self.hook_dir().join("hook.log")).unwrap_or_default();
+        text.lines()
+            .map(|l| {
+                let mut words = l.split_whitespace();
+                let event = words.next().unwrap_or("").to_string();
+                let fields: Vec<(String, String)> = words
+                    .filter_map(|w| w.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                let n = fields
+                    .iter()
+                    .find(|(k, _)| k == "n")
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(0);
+                HookLine { event, n, fields }
+            })
+            .collect()
+    }
+
+    fn hook_runs(&self, event: &str) -> Vec<HookLine> {
+        self.hook_log()
+            .into_iter()
+            .filter(|l| l.event == event)
+            .collect()
+    }
+
+    /// The txt file the hook's run `n` was given, as it read it.
+    fn seen_by_hook(&self, n: u32) -> String {
+        std::fs::read_to_string(self.hook_dir().join(format!("seen-{n}.txt"))).unwrap_or_default()
+    }
+
+    /// `queuectl --config … ARGS` (the agent must be stopped).
+    fn queuectl(&self, args: &[&str]) -> Value {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_queuectl"));
+        scrub(&mut cmd);
+        cmd.arg("--config").arg(&self.config).args(args);
+        let out = cmd.output().unwrap();
+        if !out.status.success() {
+            self.fail(&format!(
+                "queuectl {args:?} failed: {:?}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            self.fail(&format!(
+                "queuectl {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            ))
+        })
+    }
+
+    /// The jobs of a kind, newest last.
+    fn jobs(&self, kind: &str) -> Vec<Value> {
+        let v = self.queuectl(&["list", "--kind", kind, "--limit", "1000", "--json"]);
+        v.as_array().cloned().unwrap_or_default()
+    }
+
+    /// Fails the test with everything that happened.
+    #[track_caller]
+    fn fail(&self, msg: &str) -> ! {
+        panic!("{msg}\n{}", self.report())
+    }
+
+    fn report(&self) -> String {
+        let mut s = String::new();
+        for (i, p) in self.past.iter().enumerate() {
+            s.push_str(&format!("\n--- agent stderr (run {})\n{p}", i + 1));
+        }
+        if let Some(d) = &self.daemon {
+            s.push_str(&format!("\n--- agent stderr (running)\n{}", d.lines.text()));
+        }
+        s.push_str(&format!("\n--- panel requests\n{}", self.panel.dump()));
+        let hook = std::fs::read_to_string(self.hook_dir().join("hook.log")).unwrap_or_default();
+        s.push_str(&format!("\n--- hook log\n{hook}---"));
+        s
+    }
+
+    /// Kills a hook left blocked by a killed agent (it runs in its own process group).
+    fn kill_blocked_hook(&self) {
+        let started = self.hook_dir().join("started");
+        let Some(pid) = std::fs::read_to_string(&started)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            return;
+        };
+        // Only this test's hook: its pid may have been reused since.
+        let script = self.hook_dir().join("hook.sh");
+        let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(script.to_str().unwrap()));
+        if ours {
+            // The hook is its own process group leader: this kills it and its `sleep`.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
+        let _ = std::fs::remove_file(started);
+    }
+
+    /// Asserts what every sync request carried: the agent's token.
+    #[track_caller]
+    fn assert_token_always_sent(&self) {
+        for r in self.panel.requests() {
+            if r.token.as_deref() != Some(TOKEN) {
+                self.fail(&format!("a request without the right token: {r}"));
+            }
+        }
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(d) = self.daemon.as_mut() {
+            let _ = d.child.kill();
+            let _ = d.child.wait();
+        }
+        self.kill_blocked_hook();
+    }
+}
+
+/// `APPLY_CMD` for the hook (quoted: it is split into words, not run by a shell).
+fn hook_cmd(hook_dir: &Path) -> String {
+    format!(
+        "sh '{}' {{node_id}} {{uuids_file}} {{uuids_json}}",
+        hook_dir.join("hook.sh").display()
+    )
+}
+
+fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Removes every variable the agent reads, so the test's environment cannot leak in.
+fn scrub(cmd: &mut Command) {
+    for (name, _, _) in connector::config::ENV_VARS {
+        cmd.env_remove(name);
+    }
+    cmd.env_remove("CONNECTOR_CONFIG")
+        .env("RUST_LOG", "info")
+        .env_remove("RUST_BACKTRACE");
+}
+
+/// The `connector` binary, JSON logs, run in `cwd` with a clean environment.
+fn connector(cwd: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_connector"));
+    scrub(&mut cmd);
+    cmd.current_dir(cwd).arg("--log-format").arg("json");
+    cmd
+}
+
+// ---- the running agent ----
+
+/// Lines read from a child's stderr on a thread (so the child never blocks on a full
+/// pipe), and a condition variable to wait for one.
+#[derive(Default)]
+struct Lines {
+    inner: Mutex<(Vec<String>, bool)>,
+    changed: Condvar,
+}
+
+impl Lines {
+    fn read_from(stream: impl std::io::Read + Send + 'static) -> Arc<Lines> {
+        let lines = Arc::new(Lines::default());
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                l.lock().0.push(line);
+                l.changed.notify_all();
+            }
+            l.lock().1 = true;
+            l.changed.notify_all();
+        });
+        lines
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<String>, bool)> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn len(&self) -> usize {
+        self.lock().0.len()
+    }
+
+    fn text(&self) -> String {
+        self.lock().0.join("\n")
+    }
+
+    fn all(&self) -> Vec<String> {
+        self.lock().0.clone()
+    }
+
+    fn wait(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(usize, String), ()> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock();
+        let mut checked = from;
+        loop {
+            while checked < g.0.len() {
+                if pred(&g.0[checked]) {
+                    return Ok((checked, g.0[checked].clone()));
+                }
+                checked += 1;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if g.1 || left.is_zero() {
+                return Err(());
+            }
+            g = self
+                .changed
+                .wait_timeout(g, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn wait_closed(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock();
+        while !g.1 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            g = self
+                .changed
+                .wait_timeout(g, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+struct Daemon {
+    child: Child,
+    lines: Arc<Lines>,
+}
+
+impl Daemon {
+    fn spawn(mut cmd: Command) -> Daemon {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let lines = Lines::read_from(child.stderr.take().unwrap());
+        Daemon { child, lines }
+    }
+}
+
+/// A finished run of a binary; printed whole when an expectation fails.
+struct Run {
+    cmd: String,
+    code: Option<i32>,
+    stderr: String,
+}
+
+impl fmt::Display for Run {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "\n--- command\n{}\n--- exit code\n{:?}\n--- stderr\n{}\n---",
+            self.cmd, self.code, self.stderr
+        )
+    }
+}
+
+impl Run {
+    /// Runs `cmd` to its end (at most `WAIT`; then it is killed and the test fails).
+    fn of(cmd: Command) -> Run {
+        let shown = format!("{cmd:?}");
+        let mut d = Daemon::spawn(cmd);
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = d.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = d.child.kill();
+                let _ = d.child.wait();
+                panic!(
+                    "{shown} did not exit within {WAIT:?}; its stderr:\n{}",
+                    d.lines.text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        d.lines.wait_closed(WAIT);
+        Run {
+            cmd: shown,
+            code: status.code(),
+            stderr: d.lines.text(),
+        }
+    }
+
+    /// stderr lines that are not JSON log lines: what the program said to a person.
+    fn plain_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| serde_json::from_str::<Value>(l).is_err())
+            .collect()
+    }
+}
+
+// ---- output files ----
+
+struct NodeFiles {
+    dir: PathBuf,
+    txt: PathBuf,
+    json: PathBuf,
+}
+
+/// What a file was at one moment: rewritten files get a new inode (rename) and mtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    ino: u64,
+    mtime_ns: i128,
+    bytes: Vec<u8>,
+}
+
+impl NodeFiles {
+    fn new(out: &Path, node: u64) -> NodeFiles {
+        let dir = out.join(format!("node-{node}"));
+        NodeFiles {
+            txt: dir.join("allowed-uuids.txt"),
+            json: dir.join("allowed-uuids.json"),
+            dir,
+        }
+    }
+
+    fn stamp(&self) -> [FileStamp; 2] {
+        [&self.txt, &self.json].map(|p| {
+            let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            FileStamp {
+                ino: m.ino(),
+                mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+                bytes: std::fs::read(p).unwrap(),
+            }
+        })
+    }
+
+    /// Both files, checked against each other and against `expected` (sorted).
+    fn check(&self, node: u64, expected: &[String]) -> Result<(), String> {
+        let txt = std::fs::read_to_string(&self.txt).map_err(|e| e.to_string())?;
+        let json = std::fs::read_to_string(&self.json).map_err(|e| e.to_string())?;
+        let want_txt: String = expected.iter().map(|u| format!("{u}\n")).collect();
+        if txt != want_txt {
+            return Err(format!("txt is\n{txt}\nexpected\n{want_txt}"));
+        }
+        let v: Value = serde_json::from_str(&json).map_err(|e| format!("json: {e}: {json}"))?;
+        let uuids: Vec<&str> = v["uuids"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if v["node_id"] != node || v["count"] != expected.len() || uuids != expected {
+            return Err(format!(
+                "json is {json}; expected node {node}, {expected:?}"
+            ));
+        }
+        let fetched = v["fetched_at"].as_str().unwrap_or("");
+        let at = humantime::parse_rfc3339_weak(fetched)
+            .map_err(|e| format!("fetched_at {fetched:?} is not RFC 3339: {e}"))?;
+        let age = SystemTime::now()
+            .duration_since(at)
+            .unwrap_or(Duration::ZERO);
+        if age > Duration::from_secs(600) {
+            return Err(format!("fetched_at {fetched} is not recent"));
+        }
+        Ok(())
+    }
+
+    /// Names in the node's directory other than the two files (temp files left over).
+    fn strays(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != "allowed-uuids.txt" && n != "allowed-uuids.json")
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn uuids(n: usize) -> Vec<String> {
+    let mut v: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    v.sort();
+    v
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+// ---- the tests ----
+
+/// A changed list rewrites both files atomically and runs the hook once with the
+/// placeholders substituted; an unchanged list (304 through the ETag, or the same body
+/// without one) rewrites nothing and runs nothing.
+#[test]
+fn a_changed_list_is_written_and_applied_once_an_unchanged_one_is_not() {
+    let mut rig = Rig::new(Opts::default());
+    let files = rig.files(1);
+    // The first answer in the object shape, unsorted, with a repeated UUID (in upper
+    // case) and an invalid item: both are left out, and said so.
+    let a = uuids(4);
+    let body = format!(
+        r#"{{"data": {{"uuids": ["{}", {{"uuid": "{}", "flow": "xtls-rprx-vision"}}, "{}", "not-a-uuid", "{}", "{}"]}}}}"#,
+        a[2],
+        a[0],
+        a[3],
+        a[2].to_uppercase(),
+        a[1]
+    );
+    rig.panel.set(
+        1,
+        Answer::List {
+            body: body.clone(),
+            etag: true,
+        },
+    );
+    rig.start();
+    let at = rig.wait_applied(0, 1, 1);
+    rig.wait_log(0, "the skipped item with its node", |v| {
+        v["level"] == "WARN" && v["node"] == 1 && v["skipped"] == 1 && v["duplicates"] == 1
+    });
+    if let Err(e) = files.check(1, &a) {
+        rig.fail(&e);
+    }
+    let runs = rig.hook_runs("ok");
+    if runs.len() != 1 || rig.hook_runs("start").len() != 1 {
+        rig.fail("the hook must run exactly once for the first list");
+    }
+    let run = &runs[0];
+    let argv = (run.field("node"), run.field("txt"), run.field("json"));
+    let want = (
+        "1",
+        files.txt.to_str().unwrap(),
+        files.json.to_str().unwrap(),
+    );
+    if argv != want {
+        rig.fail(&format!("hook arguments {argv:?}, expected {want:?}"));
+    }
+    if rig.seen_by_hook(run.n) != std::fs::read_to_string(&files.txt).unwrap() {
+        rig.fail("the hook did not see the new txt file");
+    }
+    let before = files.stamp();
+
+    // Unchanged, with the ETag: 304s, nothing rewritten, no hook.
+    let not_modified = rig.wait_syncs(1, "304", 3);
+    let etag = not_modified[0].if_none_match.clone();
+    if etag.is_none() || not_modified.iter().any(|r| r.if_none_match != etag) {
+        rig.fail("the agent must send If-None-Match with the last ETag");
+    }
+    // Unchanged without an ETag: the same body, then the same users in another order
+    // and shape. Read, compared, nothing rewritten.
+    let reordered = format!(
+        r#"["{}", "{}", {{"uuid": "{}", "flow": "xtls-rprx-vision"}}, "{}"]"#,
+        a[3], a[1], a[0], a[2]
+    );
+    for body in [body, reordered] {
+        rig.panel.set(1, Answer::List { body, etag: false });
+        rig.wait_syncs(1, "200", 3);
+    }
+    if files.stamp() != before {
+        rig.fail("an unchanged list rewrote the files");
+    }
+    if rig.hook_runs("start").len() != 1 {
+        rig.fail("an unchanged list ran the hook");
+    }
+
+    // Changes, while a reader keeps reading both files: it must only ever see whole
+    // files (the old or the new), and each change runs the hook once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (stop, reads) = (stop.clone(), reads.clone());
+        let (txt, json) = (files.txt.clone(), files.json.clone());
+        std::thread::spawn(move || -> Result<(), String> {
+            while !stop.load(Ordering::Relaxed) {
+                let t = std::fs::read_to_string(&txt).map_err(|e| e.to_string())?;
+                if !t.ends_with('\n') || t.lines().any(|l| uuid::Uuid::try_parse(l).is_err()) {
+                    return Err(format!("a torn txt file: {} bytes", t.len()));
+                }
+                let j = std::fs::read(&json).map_err(|e| e.to_string())?;
+                let v: Value = serde_json::from_slice(&j)
+                    .map_err(|e| format!("a torn json file ({e}): {} bytes", j.len()))?;
+                if v["count"].as_u64() != v["uuids"].as_array().map(|a| a.len() as u64) {
+                    return Err("json count does not match its list".into());
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+    };
+    let mut mark = at;
+    let mut lists = vec![a];
+    for generation in 2..=4 {
+        let next = uuids(3000);
+        let old = files.stamp();
+        rig.panel.set(1, Answer::list(&next));
+        mark = rig.wait_applied(mark, 1, generation);
+        if let Err(e) = files.check(1, &next) {
+            rig.fail(&e);
+        }
+        let new = files.stamp();
+        if new[0].ino == old[0].ino || new[1].ino == old[1].ino {
+            rig.fail("a changed file was written in place, not replaced by a rename");
+        }
+        lists.push(next);
+    }
+    stop.store(true, Ordering::Relaxed);
+    if let Err(e) = reader.join().unwrap() {
+        rig.fail(&format!("the reader saw a half-written file: {e}"));
+    }
+    assert!(reads.load(Ordering::Relaxed) > 0, "the reader never read");
+
+    // Settle: three more syncs of the last list, then stop and count.
+    rig.wait_syncs(1, "304", 3);
+    assert_eq!(
+        rig.stop(),
+        Some(0),
+        "SIGTERM is a clean stop{}",
+        rig.report()
+    );
+    let ok = rig.hook_runs("ok");
+    if ok.len() != lists.len() || rig.hook_runs("start").len() != lists.len() {
+        rig.fail(&format!(
+            "expected one hook run per change ({}), got {}",
+            lists.len(),
+            ok.len()
+        ));
+    }
+    for (run, list) in ok.iter().zip(&lists) {
+        let want: String = list.iter().map(|u| format!("{u}\n")).collect();
+        if rig.seen_by_hook(run.n) != want {
+            rig.fail(&format!("hook run {} saw the wrong list", run.n));
+        }
+    }
+    if !files.strays().is_empty() {
+        rig.fail(&format!("left in the output dir: {:?}", files.strays()));
+    }
+    rig.assert_token_always_sent();
+}
+
+/// Every kind of broken answer is a failed sync that changes nothing — files, applied
+/// list, hook — is logged with the node and the reason, and the next good answer is
+/// applied.
+#[test]
+fn a_broken_panel_changes_nothing_and_the_next_good_answer_is_applied() {
+    let mut rig = Rig::new(Opts {
+        panel_timeout: "300ms",
+        ..Opts::default()
+    });
+    let files = rig.files(1);
+    let mut list = uuids(3);
+    rig.panel.set(1, Answer::list(&list));
+    rig.start();
+    let mut mark = rig.wait_applied(0, 1, 1);
+    let mut generation = 1;
+
+    // (what, the panel's answer — `None`: its key was rotated, so the agent's token is
+    // now wrong —, what the panel records, a word the logged reason has)
+    let cases: Vec<(&str, Option<Answer>, &str, &str)> = vec![
+        ("500", Some(Answer::Status(500)), "500", "500"),
+        (
+            "a hang",
+            Some(Answer::Hang),
+            "hang",
+            "no answer from the panel within 300ms",
+        ),
+        ("a reset", Some(Answer::Reset), "reset", "connection"),
+        (
+            "garbage",
+            Some(Answer::Raw("<html>502 Bad Gateway</html>".into())),
+            "200 raw",
+            "not JSON",
+        ),
+        (
+            "an empty body",
+            Some(Answer::Raw(String::new())),
+            "200 raw",
+            "empty",
+        ),
+        (
+            "JSON of the wrong shape",
+            Some(Answer::Raw(r#"{"error": "maintenance"}"#.into())),
+            "200 raw",
+            "not a user list",
+        ),
+        ("a wrong token", None, "401", "401"),
+    ];
+    for (what, answer, answered, reason) in cases {
+        let before = files.stamp();
+        let hooks = rig.hook_runs("start").len();
+        let from = rig.mark();
+        let seen = rig.panel.request_count();
+        match answer {
+            Some(a) => rig.panel.set(1, a),
+            None => rig.panel.set_token("rotated-key"),
+        }
+        // Two failed syncs in a row, each logged with the node and the reason.
+        rig.wait_request(seen, 1, answered);
+        let (i, warn) = rig.wait_log(from, &format!("the failed sync on {what}"), |v| {
+            v["level"] == "WARN"
+                && v["node"] == 1
+                && v["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.to_lowercase().contains(&reason.to_lowercase()))
+        });
+        rig.wait_log(i + 1, &format!("a second failed sync on {what}"), |v| {
+            v["level"] == "WARN" && v["node"] == 1 && v["reason"] == warn["reason"]
+        });
+        if files.stamp() != before {
+            rig.fail(&format!("{what} changed the files"));
+        }
+        if let Err(e) = files.check(1, &list) {
+            rig.fail(&format!("after {what}: {e}"));
+        }
+        if rig.hook_runs("start").len() != hooks {
+            rig.fail(&format!("{what} ran the hook"));
+        }
+        // The panel recovers with a new list: it is written and applied.
+        list = uuids(3);
+        rig.panel.set(1, Answer::list(&list));
+        rig.panel.set_token(TOKEN);
+        generation += 1;
+        mark = rig.wait_applied(mark, 1, generation);
+        if let Err(e) = files.check(1, &list) {
+            rig.fail(&format!("after recovering from {what}: {e}"));
+        }
+        let ok = rig.hook_runs("ok");
+        let want: String = list.iter().map(|u| format!("{u}\n")).collect();
+        if rig.hook_runs("start").len() != hooks + 1
+            || ok.last().map(|r| rig.seen_by_hook(r.n)) != Some(want)
+        {
+            rig.fail(&format!(
+                "after {what}, the next good list must be applied once"
+            ));
+        }
+    }
+    assert_eq!(
+        rig.stop(),
+        Some(0),
+        "SIGTERM is a clean stop{}",
+        rig.report()
+    );
+    rig.assert_token_always_sent();
+    if !files.strays().is_empty() {
+        rig.fail(&format!("left in the output dir: {:?}", files.strays()));
+    }
+}
+
+/// A hook that fails twice and then succeeds is retried on the (shortened) ladder and
+/// applied once; the job's record keeps all three attempts.
+#[test]
+fn a_failing_hook_is_retried_on_the_ladder_and_applied_once() {
+    let mut rig = Rig::new(Opts {
+        apply_ladder: Some(r#"["0s", "100ms", "200ms"]"#),
+        ..Opts::default()
+    });
+    std::fs::write(rig.hook_dir().join("fail_until"), "2").unwrap();
+    let list = uuids(2);
+    rig.panel.set(1, Answer::list(&list));
+    rig.start();
+    let applied_at = rig.wait_applied(0, 1, 1);
+    rig.wait_syncs(1, "304", 3);
+    let lines = rig.daemon().lines.all();
+    assert_eq!(
+        rig.stop(),
+        Some(0),
+        "SIGTERM is a clean stop{}",
+        rig.report()
+    );
+
+    let events: Vec<(String, u32)> = rig.hook_log().into_iter().map(|l| (l.event, l.n)).collect();
+    let want: Vec<(String, u32)> = [
+        ("start", 1),
+        ("fail", 1),
+        ("start", 2),
+        ("fail", 2),
+        ("start", 3),
+        ("ok", 3),
+    ]
+    .iter()
+    .map(|(e, n)| (e.to_string(), *n))
+    .collect();
+    if events != want {
+        rig.fail(&format!("hook runs {events:?}, expected {want:?}"));
+    }
+    // The attempts were spaced by the ladder: the second at least 100ms after the
+    // first failed, the third at least 200ms after the second.
+    let times: Vec<SystemTime> = lines[..=applied_at]
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| {
+            (v["message"] == "attempt failed" && v["kind"] == "xray_apply")
+                || v["message"] == "applied"
+        })
+        .filter_map(|v| humantime::parse_rfc3339_weak(v["timestamp"].as_str()?).ok())
+        .collect();
+    if times.len() != 3 {
+        rig.fail("expected two failed apply attempts, then `applied`");
+    }
+    let gap = |a: SystemTime, b: SystemTime| b.duration_since(a).unwrap_or_default();
+    if gap(times[0], times[1]) < Duration::from_millis(100)
+        || gap(times[1], times[2]) < Duration::from_millis(200)
+    {
+        rig.fail(&format!(
+            "attempts not spaced by the ladder: {:?}, {:?}",
+            gap(times[0], times[1]),
+            gap(times[1], times[2])
+        ));
+    }
+
+    let jobs = rig.jobs("xray_apply");
+    if jobs.len() != 1 {
+        rig.fail(&format!("expected one apply job, got {jobs:#?}"));
+    }
+    let id = jobs[0]["id"].as_u64().unwrap().to_string();
+    let job = rig.queuectl(&["show", &id, "--json"]);
+    let outcomes: Vec<&str> = job["history"]
+        .as_array()
+        .map(|h| h.iter().filter_map(|a| a["outcome"].as_str()).collect())
+        .unwrap_or_default();
+    if job["state"] != "done"
+        || job["attempts"] != 3
+        || outcomes != ["failed", "failed", "succeeded"]
+    {
+        rig.fail(&format!("the apply job's record: {job:#}"));
+    }
+    for (i, attempt) in job["history"].as_array().unwrap()[..2].iter().enumerate() {
+        let error = attempt["error"].as_str().unwrap_or("");
+        if !(error.contains("exit status 3") && error.contains(&format!("boom {}", i + 1))) {
+            rig.fail(&format!(
+                "attempt {} must keep the hook's exit status and stderr: {attempt:#}",
+                i + 1
+            ));
+        }
+    }
+}
+
+/// `--once` and the Go connector's `-once`: exit 0 when every sync and apply
+/// succeeded; non-zero and a one-line summary naming the node and the reason when one
+/// failed.
+#[test]
+fn once_exits_0_when_all_succeeded_and_names_the_failure_otherwise() {
+    let rig = Rig::new(Opts {
+        nodes: vec![1, 2],
+        ..Opts::default()
+    });
+    let (one, two) = (uuids(3), uuids(2));
+    rig.panel.set(1, Answer::list(&one));
+    rig.panel.set(2, Answer::list(&two));
+    let once = |flag: &str| {
+        let mut cmd = connector(rig.dir.path());
+        cmd.arg("--config").arg(&rig.config).arg(flag);
+        Run::of(cmd)
+    };
+
+    let r = once("--once");
+    let plain = r.plain_lines();
+    if r.code != Some(0) || plain.len() != 1 || !plain[0].contains("all succeeded") {
+        rig.fail(&format!("--once with a good panel{r}"));
+    }
+    for (node, list) in [(1, &one), (2, &two)] {
+        if let Err(e) = rig.files(node).check(node, list) {
+            rig.fail(&format!("node {node} after --once: {e}{r}"));
+        }
+    }
+    let nodes: Vec<String> = sorted(
+        rig.hook_runs("ok")
+            .iter()
+            .map(|l| l.field("node").to_string())
+            .collect(),
+    );
+    if nodes != ["1", "2"] {
+        rig.fail(&format!(
+            "--once must apply each node once, got {nodes:?}{r}"
+        ));
+    }
+
+    // Again, unchanged: 0, and nothing applied.
+    let r = once("-once");
+    if r.code != Some(0) || rig.hook_runs("start").len() != 2 {
+        rig.fail(&format!("-once with an unchanged panel{r}"));
+    }
+
+    // Node 2's panel fails: non-zero, one line naming node 2 and the reason; node 1
+    // still synced.
+    rig.panel.set(2, Answer::Status(500));
+    let two_before = rig.files(2).stamp();
+    let seen = rig.panel.request_count();
+    let r = once("-once");
+    let plain = r.plain_lines();
+    if r.code == Some(0)
+        || r.code.is_none()
+        || plain.len() != 1
+        || !plain[0].contains("node 2")
+        || !plain[0].contains("500")
+        || plain[0].contains("node 1")
+    {
+        rig.fail(&format!("-once with node 2 failing{r}"));
+    }
+    if rig.files(2).stamp() != two_before {
+        rig.fail("a failed sync changed node 2's files");
+    }
+    let asked: Vec<u64> = rig.panel.requests()[seen..]
+        .iter()
+        .map(|q| q.node)
+        .collect();
+    if !asked.contains(&1) || !asked.contains(&2) {
+        rig.fail(&format!("-once must sync every node{r}"));
+    }
+}
+
+/// With no config file, the Go connector's environment variables alone run the daemon
+/// and `-once`.
+#[test]
+fn the_go_connectors_environment_alone_runs_it() {
+    let mut rig = Rig::new(Opts::default());
+    std::fs::remove_file(&rig.config).unwrap();
+    let (one, two) = (uuids(2), uuids(3));
+    rig.panel.set(1, Answer::list(&one));
+    rig.panel.set(2, Answer::list(&two));
+    let (url, apply) = (rig.panel.base_url(), hook_cmd(&rig.hook_dir()));
+    let env = |cmd: &mut Command| {
+        cmd.env("PANEL_BASE_URL", &url)
+            .env("INTERNAL_API_KEY", TOKEN)
+            .env("NODE_IDS", "1,2")
+            .env("OUTPUT_DIR", "./out")
+            .env("INTERVAL_SECONDS", "1")
+            .env("HTTP_TIMEOUT_SECONDS", "5")
+            .env("APPLY_CMD", &apply)
+            .env("DATA_DIR", "./data");
+    };
+
+    // The daemon, as `./connector` with no arguments.
+    let mut cmd = connector(rig.dir.path());
+    env(&mut cmd);
+    rig.daemon = Some(Daemon::spawn(cmd));
+    let started = rig.wait_log(0, "`connector started`", |v| {
+        v["message"] == "connector started"
+    });
+    if started.1["apply_mode"] != "cmd" || started.1["interval"] != "1s" || started.1["nodes"] != 2
+    {
+        rig.fail(&format!("the environment was not read: {}", started.1));
+    }
+    rig.wait_applied(0, 1, 1);
+    rig.wait_applied(0, 2, 1);
+    assert_eq!(
+        rig.stop(),
+        Some(0),
+        "SIGTERM is a clean stop{}",
+        rig.report()
+    );
+    for (node, list) in [(1, &one), (2, &two)] {
+        if let Err(e) = rig.files(node).check(node, list) {
+            rig.fail(&format!("node {node}: {e}"));
+        }
+    }
+    if !rig.path("data/queue").exists() {
+        rig.fail("DATA_DIR was not used for the queue");
+    }
+
+    // `./connector -once`, after node 2 changed.
+    let two = uuids(4);
+    rig.panel.set(2, Answer::list(&two));
+    let mut cmd = connector(rig.dir.path());
+    env(&mut cmd);
+    cmd.arg("-once");
+    let r = Run::of(cmd);
+    if r.code != Some(0) {
+        rig.fail(&format!("-once from the environment{r}"));
+    }
+    if let Err(e) = rig.files(2).check(2, &two) {
+        rig.fail(&format!("node 2 after -once: {e}{r}"));
+    }
+    if rig.hook_runs("ok").len() != 3 {
+        rig.fail(&format!("-once must apply node 2's change, and only it{r}"));
+    }
+    rig.assert_token_always_sent();
+}
+
+/// A configuration error is exit 2 and one line naming the file or variable and the
+/// key, before anything is opened.
+#[test]
+fn a_config_error_is_one_line_naming_the_key_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let bad = dir.path().join("bad.toml");
+    write_private(
+        &bad,
+        &format!(
+            "data_dir = {data:?}\n[panel]\ninternal_api_key = \"k\"\n[sync]\ninterval = \"soon\"\n[[nodes]]\nid = 1\n"
+        ),
+    );
+    let file = |extra: &[&str]| {
+        let mut cmd = connector(dir.path());
+        cmd.arg("--config").arg(&bad).args(extra);
+        cmd
+    };
+    let env = |pairs: &[(&str, &str)], extra: &[&str]| {
+        let mut cmd = connector(dir.path());
+        cmd.env("DATA_DIR", &data)
+            .env("PANEL_BASE_URL", "http://127.0.0.1:9")
+            .env("INTERNAL_API_KEY", "k")
+            .env("NODE_IDS", "1");
+        for (k, v) in pairs {
+            cmd.env(k, v);
+        }
+        cmd.args(extra);
+        cmd
+    };
+    let cases: Vec<(Command, Vec<&str>)> = vec![
+        (file(&[]), vec![bad.to_str().unwrap(), "sync.interval"]),
+        (
+            file(&["--once"]),
+            vec![bad.to_str().unwrap(), "sync.interval"],
+        ),
+        (
+            env(&[("NODE_IDS", "1,x")], &[]),
+            vec!["environment", "NODE_IDS", "`x`"],
+        ),
+        (
+            env(&[("INTERVAL_SECONDS", "0")], &["-once"]),
+            vec!["environment", "INTERVAL_SECONDS"],
+        ),
+        (
+            env(&[("PANEL_BASE_URL", "ftp://panel")], &["run"]),
+            vec!["PANEL_BASE_URL", "http"],
+        ),
+        (
+            env(&[("INTERNAL_API_KEY", "")], &[]),
+            vec!["panel.internal_api_key", "INTERNAL_API_KEY"],
+        ),
+    ];
+    for (cmd, needles) in cases {
+        let r = Run::of(cmd);
+        let lines: Vec<&str> = r.stderr.lines().collect();
+        assert_eq!(r.code, Some(2), "a config error is exit 2{r}");
+        assert_eq!(lines.len(), 1, "one line{r}");
+        assert!(
+            lines[0].starts_with("connector: config error: "),
+            "says what it is{r}"
+        );
+        for n in needles {
+            assert!(lines[0].contains(n), "names {n:?}{r}");
+        }
+        assert!(!r.stderr.contains("\"k\""), "no secret in the message{r}");
+    }
+    assert!(
+        !data.exists(),
+        "nothing is opened or created before the config is valid"
+    );
+}
+
+/// SIGTERM while the hook runs: the agent stops taking work, lets the hook finish,
+/// records it, and exits 0; the files are whole and nothing temporary is left.
+#[test]
+fn sigterm_while_the_hook_runs_lets_it_finish_and_exits_0() {
+    let mut rig = Rig::new(Opts::default());
+    let files = rig.files(1);
+    std::fs::write(rig.hook_dir().join("block"), "").unwrap();
+    let list = uuids(50);
+    rig.panel.set(1, Answer::list(&list));
+    rig.start();
+    rig.wait_file(&rig.hook_dir().join("started"));
+    let from = rig.mark();
+    rig.signal("TERM");
+    rig.wait_log(from, "`stopping`", |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("stopping"))
+    });
+    // It waits for the hook (which the test holds), and lets it finish.
+    if rig.exited() {
+        rig.fail("SIGTERM must let the running hook finish, not exit under it");
+    }
+    std::fs::write(rig.hook_dir().join("release"), "").unwrap();
+    assert_eq!(
+        rig.wait_exit(),
+        Some(0),
+        "SIGTERM is a clean stop{}",
+        rig.report()
+    );
+    if rig.hook_runs("ok").len() != 1 {
+        rig.fail("the running hook must be allowed to finish");
+    }
+    if let Err(e) = files.check(1, &list) {
+        rig.fail(&e);
+    }
+    if !files.strays().is_empty() {
+        rig.fail(&format!("left in the output dir: {:?}", files.strays()));
+    }
+    // It was recorded as applied: a restart does not run it again.
+    let _ = std::fs::remove_file(rig.hook_dir().join("block"));
+    rig.start();
+    rig.wait_syncs(1, "304", 3);
+    assert_eq!(
+        rig.stop(),
+        Some(0),
+        "SIGTERM is a clean stop{}",
+        rig.report()
+    );
+    if rig.hook_runs("start").len() != 1 {
+        rig.fail("an apply that finished during shutdown ran again after a restart");
+    }
+}
+
+/// SIGTERM while a sync waits on a hung panel: the agent exits 0 within its shutdown
+/// bound with the last good files intact, and after a restart the sync runs again and
+/// the new list is applied once.
+#[test]
+fn sigterm_during_a_hung_sync_exits_0_and_the_sync_runs_after_restart() {
+    let mut rig = Rig::new(Opts {
+        panel_timeout: "30s",
+        shutdown_timeout: Some("300ms"),
+        ..Opts::default()
+    });
+    let files = rig.files(1);
+    let first = uuids(3);
+    rig.panel.set(1, Answer::list(&first));
+    rig.start();
+    rig.wait_applied(0, 1, 1);
+    let before = files.stamp();
+    let seen = rig.panel.request_count();
+    rig.panel.set(1, Answer::Hang);
+    rig.wait_request(seen, 1, "hang");
+    let from = rig.mark();
+    rig.signal("TERM");
+    rig.wait_log(from, "that the hung sync was stopped at the bound", |v| {
+        v["level"] == "WARN"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("shutdown timeout"))
+    });
+    assert_eq!(
+        rig.wait_exit(),
+        Some(0),
+        "SIGTERM is a clean stop{}",
+        rig.report()
+    );
+    if files.stamp() != before || !files.strays().is_empty() {
+        rig.fail("a sync stopped by SIGTERM touched the files");
+    }
+
+    let second = uuids(3);
+    rig.panel.set(1, Answer::list(&second));
+    rig.start();
+    rig.wait_applied(0, 1, 2);
+    rig.wait_syncs(1, "304", 3);
+    // SIGINT (Ctrl-C) stops it the same way.
+    rig.signal("INT");
+    assert_eq!(
+        rig.wait_exit(),
+        Some(0),
+        "SIGINT is a clean stop{}",
+        rig.report()
+    );
+    if let Err(e) = files.check(1, &second) {
+        rig.fail(&e);
+    }
+    if rig.hook_runs("ok").len() != 2 {
+        rig.fail("each list must be applied once");
+    }
+}
+
+/// SIGKILL while a sync waits on the panel: after a restart the sync runs again (the
+/// interrupted attempt is on record) and the new list is applied, once.
+#[test]
+fn sigkill_during_a_sync_then_restart_applies_the_change_once() {
+    let mut rig = Rig::new(Opts {
+        panel_timeout: "30s",
+        ..Opts::default()
+    });
+    let files = rig.files(1);
+    let first = uuids(3);
+    rig.panel.set(1, Answer::list(&first));
+    rig.start();
+    rig.wait_applied(0, 1, 1);
+    // The first apply's `applied` line comes before its commit; a clean stop and start
+    // make sure the hung sync is the one thing the kill interrupts.
+    assert_eq!(
+        rig.stop(),
+        Some(0),
+        "SIGTERM is a clean stop{}",
+        rig.report()
+    );
+    rig.start();
+    let before = files.stamp();
+    let seen = rig.panel.request_count();
+    rig.panel.set(1, Answer::Hang);
+    rig.wait_request(seen, 1, "hang");
+    rig.kill9();
+    if files.stamp() != before || !files.strays().is_empty() {
+        rig.fail("a sync killed mid-request touched the files");
+    }
+
+    let second = uuids(4);
+    rig.panel.set(1, Answer::list(&second));
+    rig.start();
+    let (_, open) = rig.wait_log(0, "`queue open`", |v| v["message"] == "queue open");
+    if open["interrupted"] != 1 {
+        rig.fail("the killed sync must be found interrupted");
+    }
+    rig.wait_applied(0, 1, 2);
+    rig.wait_syncs(1, "304", 3);
+    assert_eq!(
+        rig.stop(),
+        Some(0),
+        "SIGTERM is a clean stop{}",
+        rig.report()
+    );
+    if let Err(e) = files.check(1, &second) {
+        rig.fail(&e);
+    }
+    let ok = rig.hook_runs("ok");
+    let want: String = second.iter().map(|u| format!("{u}\n")).collect();
+    let applied_second = ok.iter().filter(|r| rig.seen_by_hook(r.n) == want).count();
+    if ok.len() != 2 || applied_second != 1 {
+        rig.fail("the list synced after the restart must be applied exactly once");
+    }
+    let interrupted = rig.jobs("node_sync").iter().any(|j| {
+        j["history"].as_array().is_some_and(|h| {
+            h.iter()
+                .any(|a| a["outcome"] == "interrupted" || a["outcome"] == "lease_expired")
+        })
+    });
+    if !interrupted {
+        rig.fail("the killed sync attempt must be on the job's record");
+    }
+}
+
+/// SIGKILL while the hook runs (it blocks after saying it started): after a restart the
+/// pending apply runs again and completes once; the killed run never completed.
+#[test]
+fn sigkill_during_the_hook_then_restart_applies_once() {
+    let mut rig = Rig::new(Opts::default());
+    let files = rig.files(1);
+    std::fs::write(rig.hook_dir().join("block"), "").unwrap();
+    let list = uuids(5);
+    rig.panel.set(1, Answer::list(&list));
+    rig.start();
+    rig.wait_file(&rig.hook_dir().join("started"));
+    rig.kill9();
+    // The hook has its own process group and outlives the agent: end it, as an
+    // operator's reboot would.
+    rig.kill_blocked_hook();
+    std::fs::remove_file(rig.hook_dir().join("block")).unwrap();
+    if let Err(e) = files.check(1, &list) {
+        rig.fail(&format!("the files written before the kill: {e}"));
+    }
+
+    rig.start();
+    let (_, open) = rig.wait_log(0, "`queue open`", |v| v["message"] == "queue open");
+    // (A sync may have been in flight too.)
+    if open["interrupted"].as_u64().unwrap_or(0) < 1 {
+        rig.fail("the killed apply must be found interrupted");
+    }
+    rig.wait_applied(0, 1, 1);
+    rig.wait_syncs(1, "304", 3);
+    assert_eq!(
+        rig.stop(),
+        Some(0),
+        "SIGTERM is a clean stop{}",
+        rig.report()
+    );
+    let (starts, ok) = (rig.hook_runs("start"), rig.hook_runs("ok"));
+    if starts.len() != 2 || ok.len() != 1 {
+        rig.fail("the apply must complete exactly once after the restart");
+    }
+    let want: String = list.iter().map(|u| format!("{u}\n")).collect();
+    if rig.seen_by_hook(ok[0].n) != want {
+        rig.fail("the completed apply saw the wrong list");
+    }
+    let jobs = rig.jobs("xray_apply");
+    let outcomes: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            j["history"]
+                .as_array()
+                .map(|h| {
+                    h.iter()
+                        .filter_map(|a| a["outcome"].as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    if outcomes != [vec!["interrupted".to_string(), "succeeded".to_string()]] {
+        rig.fail(&format!(
+            "one apply job, interrupted then succeeded: {outcomes:?}"
+        ));
+    }
+}
