@@ -23,7 +23,7 @@ fn example_file_equals_the_defaults() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
     let cfg = config::load(Some(&path), &no_env()).unwrap();
     let d = config::load(None, &no_env()).unwrap();
-    assert_eq!(cfg.queue, Settings::default());
+    assert_eq!(cfg.queue, d.queue);
     assert_eq!(cfg.data_dir, d.data_dir);
     assert_eq!(cfg.shutdown_timeout, d.shutdown_timeout);
     assert_eq!(cfg.panel.base_url, d.panel.base_url);

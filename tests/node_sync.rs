@@ -83,7 +83,11 @@ struct Opts {
     panel_timeout: &'static str,
     /// `[queue.kinds.xray_apply] ladder`, when set.
     apply_ladder: Option<&'static str>,
+    /// `[queue.kinds.node_sync] ladder`, when set.
+    sync_ladder: Option<&'static str>,
     shutdown_timeout: Option<&'static str>,
+    /// `sync.max_removal_ratio` and `sync.confirm_after`, when set.
+    removal_guard: Option<(f64, &'static str)>,
 }
 
 impl Default for Opts {
@@ -92,7 +96,9 @@ impl Default for Opts {
             nodes: vec![1],
             panel_timeout: "5s",
             apply_ladder: None,
+            sync_ladder: None,
             shutdown_timeout: None,
+            removal_guard: None,
         }
     }
 }
@@ -118,7 +124,7 @@ impl Rig {
         let mut text = format!(
             "data_dir = {data:?}\n{shutdown}\
              [panel]\nbase_url = {url:?}\ninternal_api_key = {TOKEN:?}\ntimeout = {timeout:?}\n\
-             [sync]\ninterval = \"200ms\"\noutput_dir = {out:?}\n\
+             [sync]\ninterval = \"200ms\"\noutput_dir = {out:?}\n{guard}\
              [apply]\ncmd = {cmd:?}\ntimeout = \"20s\"\n",
             data = dir.path().join("data"),
             shutdown = opts
@@ -128,6 +134,10 @@ impl Rig {
             url = panel.base_url(),
             timeout = opts.panel_timeout,
             out = dir.path().join("out"),
+            guard = opts
+                .removal_guard
+                .map(|(r, c)| format!("max_removal_ratio = {r}\nconfirm_after = {c:?}\n"))
+                .unwrap_or_default(),
             cmd = hook_cmd(&hook_dir),
         );
         for id in &opts.nodes {
@@ -135,6 +145,9 @@ impl Rig {
         }
         if let Some(ladder) = opts.apply_ladder {
             text.push_str(&format!("[queue.kinds.xray_apply]\nladder = {ladder}\n"));
+        }
+        if let Some(ladder) = opts.sync_ladder {
+            text.push_str(&format!("[queue.kinds.node_sync]\nladder = {ladder}\n"));
         }
         let config = dir.path().join("connector.toml");
         write_private(&config, &text);
@@ -1496,6 +1509,126 @@ fn sigkill_during_the_hook_then_restart_applies_once() {
     if outcomes != [vec!["interrupted".to_string(), "succeeded".to_string()]] {
         rig.fail(&format!(
             "one apply job, interrupted then succeeded: {outcomes:?}"
+        ));
+    }
+}
+
+/// `sync.max_removal_ratio`: an answer that would remove most of a node's users at once
+/// is held — files and hook untouched, a warning with the numbers — and applied only
+/// once the panel has repeated it for `sync.confirm_after`.
+#[test]
+fn the_removal_guard_holds_a_mass_removal_until_the_panel_repeats_it() {
+    let mut rig = Rig::new(Opts {
+        removal_guard: Some((0.5, "1s")),
+        ..Opts::default()
+    });
+    let files = rig.files(1);
+    let all = uuids(4);
+    rig.panel.set(1, Answer::list(&all));
+    rig.start();
+    let at = rig.wait_applied(0, 1, 1);
+    // Removing one of four (25%) is under the ratio: applied at once.
+    let three = all[..3].to_vec();
+    rig.panel.set(1, Answer::list(&three));
+    let at = rig.wait_applied(at, 1, 2);
+    // Removing two of three (67%) is held.
+    let one = all[..1].to_vec();
+    let stamp = files.stamp();
+    rig.panel.set(1, Answer::list(&one));
+    let (held, _) = rig.wait_log(at, "the held sync", |v| {
+        v["level"] == "WARN"
+            && v["node"] == 1
+            && v["removed"] == 2
+            && v["before"] == 3
+            && v["message"].as_str().is_some_and(|m| m.contains("HELD"))
+    });
+    if files.stamp() != stamp || rig.hook_runs("ok").len() != 2 {
+        rig.fail("a held sync changed the files or ran the hook");
+    }
+    // The panel keeps answering the same: after confirm_after it applies.
+    rig.wait_log(held, "the held sync being applied", |v| {
+        v["node"] == 1
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("applying held sync"))
+    });
+    rig.wait_applied(held, 1, 3);
+    if let Err(e) = files.check(1, &one) {
+        rig.fail(&e);
+    }
+    assert_eq!(rig.stop(), Some(0));
+}
+
+/// An operator sees a held sync in `queuectl held` and releases it with
+/// `queuectl confirm`; the next sync applies it.
+#[test]
+fn a_held_sync_is_shown_by_queuectl_and_applied_once_confirmed() {
+    let mut rig = Rig::new(Opts {
+        removal_guard: Some((0.5, "1h")),
+        ..Opts::default()
+    });
+    let files = rig.files(1);
+    let all = uuids(4);
+    rig.panel.set(1, Answer::list(&all));
+    rig.start();
+    let at = rig.wait_applied(0, 1, 1);
+    // The panel says nobody is allowed any more: an answer, but a mass removal.
+    rig.panel.set(1, Answer::list::<String>(&[]));
+    rig.wait_log(at, "the held sync", |v| {
+        v["node"] == 1 && v["removed"] == 4 && v["before"] == 4
+    });
+    assert_eq!(rig.stop(), Some(0));
+    let held = rig.queuectl(&["held", "--json"]);
+    let held = held.as_array().cloned().unwrap_or_default();
+    if held.len() != 1 || held[0]["node_id"] != 1 || held[0]["removes"] != 4 {
+        rig.fail(&format!("queuectl held shows {held:?}"));
+    }
+    let confirmed = rig.queuectl(&["confirm", "1", "--json"]);
+    assert_eq!(confirmed["confirmed"], true, "{confirmed}");
+    if let Err(e) = files.check(1, &all) {
+        rig.fail(&format!("the files changed before the confirmation: {e}"));
+    }
+    rig.start();
+    rig.wait_applied(0, 1, 2);
+    if let Err(e) = files.check(1, &[]) {
+        rig.fail(&e);
+    }
+    assert_eq!(rig.stop(), Some(0));
+    let held = rig.queuectl(&["held", "--json"]);
+    assert_eq!(held.as_array().map(Vec::len), Some(0), "{held}");
+}
+
+/// A panel down for many intervals: the node's sync is tried every interval, and the
+/// node keeps one sync job (dead between tries once its ladder is used up), not a new
+/// dead job every few intervals. When the panel recovers, that job succeeds.
+#[test]
+fn a_long_outage_keeps_one_sync_job_per_node() {
+    let mut rig = Rig::new(Opts {
+        sync_ladder: Some(r#"["0s", "50ms"]"#),
+        ..Opts::default()
+    });
+    rig.panel.set(1, Answer::Status(503));
+    rig.start();
+    rig.wait_syncs(1, "503", 8);
+    let all = uuids(2);
+    rig.panel.set(1, Answer::list(&all));
+    rig.wait_applied(0, 1, 1);
+    assert_eq!(rig.stop(), Some(0));
+    let jobs = rig.jobs("node_sync");
+    let failed_first: Vec<&Value> = jobs
+        .iter()
+        .filter(|j| j["attempts"].as_u64().unwrap_or(0) > 1)
+        .collect();
+    if failed_first.len() != 1 {
+        rig.fail(&format!(
+            "expected one sync job to carry the outage, got {}: {jobs:#?}",
+            failed_first.len()
+        ));
+    }
+    let job = failed_first[0];
+    if job["state"] != "done" || job["attempts"].as_u64() < Some(9) {
+        rig.fail(&format!(
+            "the outage's job should end done after 9+ attempts: {job:#}"
         ));
     }
 }

@@ -42,6 +42,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
+        let mut queue = queue::Settings::default();
+        // A node's syncs use one live job per node, not idempotency keys, so done ones
+        // are only history: an hour of it, not a day of one job per interval.
+        queue.kind_mut(queue::JobKind::NodeSync).keep_done = Some(Duration::from_secs(3600));
         Config {
             file: None,
             data_dir: PathBuf::from("./data"),
@@ -51,7 +55,7 @@ impl Default for Config {
             xray: None,
             nodes: Vec::new(),
             traffic: Traffic::default(),
-            queue: queue::Settings::default(),
+            queue,
             shutdown_timeout: Duration::from_secs(30),
             warnings: Vec::new(),
         }

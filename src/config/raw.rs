@@ -107,6 +107,8 @@ struct RawKind {
     concurrency: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     lease_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    keep_done: Option<Duration>,
 }
 
 /// Reads `path` into `cfg`.
@@ -313,6 +315,9 @@ fn apply_raw(cfg: &mut Config, raw: RawConfig, pending: &mut Pending) -> Result<
         }
         if let Some(l) = k.lease_timeout {
             s.lease_timeout = positive(&format!("{prefix}.lease_timeout"), l)?;
+        }
+        if let Some(d) = k.keep_done {
+            s.keep_done = Some(d);
         }
     }
     Ok(())

@@ -105,14 +105,15 @@ fn render_into(cfg: &Config, o: &mut String) -> std::fmt::Result {
         let ladder: Vec<String> = k.ladder.iter().map(|r| d(*r)).collect();
         writeln!(
             o,
-            "\n[queue.kinds.{kind}]\nladder = [{}]\non_exhausted = {}\nconcurrency = {}\nlease_timeout = {}",
+            "\n[queue.kinds.{kind}]\nladder = [{}]\non_exhausted = {}\nconcurrency = {}\nlease_timeout = {}\nkeep_done = {}",
             ladder.join(", "),
             q(match k.on_exhausted {
                 OnExhausted::Dead => "dead",
                 OnExhausted::RepeatLast => "repeat-last",
             }),
             k.concurrency,
-            d(k.lease_timeout)
+            d(k.lease_timeout),
+            d(k.keep_done.unwrap_or(cfg.queue.dedupe_window))
         )?;
     }
     Ok(())

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::jobs::node_sync::{self, NodeSync};
 use crate::jobs::xray_apply::XrayApply;
 use crate::peers::panel::Panel;
-use crate::queue::{self, JobKind, JobState, Queue, SystemClock};
+use crate::queue::{self, DeadReason, JobKind, JobState, Queue, Stored, SystemClock};
 
 pub use once::{OnceReport, run_once};
 
@@ -169,14 +169,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// Enqueues a sync for every node every `sync.interval` (one live sync per node: a
-/// sync still pending or retrying is not doubled).
+/// Makes a sync due for every node every `sync.interval`. Each node has one sync job
+/// at a time ([`Dedupe::Live`](crate::queue::Dedupe)):
 ///
-/// A sync waiting on its ladder after a failure is made due at the tick: a panel that
-/// recovers is read again within one interval, as SPEC promises ("every
-/// `sync.interval`"), not after the ladder's minutes. The ladder still spaces retries
-/// shorter than the interval, and still ends in `dead` after its last rung (the next
-/// tick then starts a new job).
+/// - none, or the last one is done: a new one;
+/// - one waiting on its ladder after a failure: due now — a panel that recovers is
+///   read again within one interval, as SPEC promises, not after the ladder's minutes
+///   (the ladder still spaces retries shorter than the interval);
+/// - one that went dead on its ladder (the panel has been failing for a while): that
+///   same job again, so an outage leaves one dead job per node — visible in `queuectl`,
+///   its history showing the failures — not a new dead job every few intervals.
 async fn produce_syncs(queue: Queue, config: Arc<Config>, stop: CancellationToken) {
     if config.nodes.is_empty() {
         return;
@@ -189,22 +191,39 @@ async fn produce_syncs(queue: Queue, config: Arc<Config>, stop: CancellationToke
             _ = tick.tick() => {}
         }
         for node in &config.nodes {
-            let waiting = match queue.enqueue_with(node_sync::job(node.id)).await {
-                Ok(e) if e.duplicate && e.job.state(queue.now()) == JobState::Scheduled => e.job.id,
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::error!(node = node.id, error = %e, "cannot enqueue sync");
-                    continue;
-                }
-            };
-            // It may have been leased since; then it runs now anyway.
-            match queue.retry(waiting).await {
-                Ok(_) | Err(queue::Error::InvalidState { .. }) => {}
-                Err(e) => {
-                    tracing::error!(node = node.id, error = %e, "cannot make a retrying sync due")
-                }
+            if let Err(e) = make_sync_due(&queue, node.id).await {
+                tracing::error!(node = node.id, error = %e, "cannot schedule a sync");
             }
         }
+    }
+}
+
+async fn make_sync_due(queue: &Queue, node_id: u64) -> queue::Result<()> {
+    let revive = match queue.find_key(JobKind::NodeSync, &crate::jobs::node_key(node_id))? {
+        Some(job) => match (job.state(queue.now()), &job.stored) {
+            (JobState::Scheduled, _) => Some(job.id),
+            (
+                JobState::Dead,
+                Stored::Dead {
+                    reason: DeadReason::Exhausted,
+                    ..
+                },
+            ) => Some(job.id),
+            (JobState::Ready | JobState::Running, _) => return Ok(()),
+            _ => None,
+        },
+        None => None,
+    };
+    match revive {
+        // It may have been leased meanwhile; then it runs now anyway.
+        Some(id) => match queue.retry(id).await {
+            Ok(_) | Err(queue::Error::InvalidState { .. }) => Ok(()),
+            Err(e) => Err(e),
+        },
+        None => queue
+            .enqueue_with(node_sync::job(node_id))
+            .await
+            .map(|_| ()),
     }
 }
 

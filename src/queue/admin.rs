@@ -429,14 +429,56 @@ impl Queue {
         Ok(n)
     }
 
-    /// Periodic housekeeping: deletes done jobs older than the dedupe window and makes
-    /// jobs with expired leases ready again. Returns (swept, reaped).
+    fn sweep_done_locked(&self) -> Result<u64> {
+        let now = self.now();
+        let settings = &self.inner.settings;
+        let keep = |kind: JobKind| {
+            settings
+                .kind(kind)
+                .keep_done
+                .unwrap_or(settings.dedupe_window)
+                .as_millis() as u64
+        };
+        let shortest = JobKind::ALL.into_iter().map(keep).min().unwrap_or(0);
+        let start = keys::finished(keys::FINISHED_DONE, 0, 0);
+        let end = keys::finished(keys::FINISHED_DONE, now.saturating_sub(shortest), u64::MAX);
+        let mut expired = Vec::new();
+        for entry in self.inner.db.range(start..=end) {
+            let (k, v) = entry?;
+            let (Some((_, at, id)), Some(kind)) = (
+                keys::parse_finished(&k),
+                v.first().and_then(|&c| JobKind::from_code(c)),
+            ) else {
+                continue;
+            };
+            if at.saturating_add(keep(kind)) <= now {
+                expired.push((k, id));
+            }
+        }
+        let mut b = sled::Batch::default();
+        let mut n = 0;
+        for (k, id) in expired {
+            b.remove(k);
+            if let Some(job) = self.load_locked(id)? {
+                let idem = keys::idem(job.kind, &job.key);
+                if self.inner.db.get(&idem)?.and_then(|v| keys::be_u64(&v)) == Some(id) {
+                    b.remove(idem);
+                }
+                b.remove(&keys::job(id));
+                n += 1;
+            }
+        }
+        self.inner.db.apply_batch(b)?;
+        Ok(n)
+    }
+
+    /// Periodic housekeeping: deletes done jobs kept long enough (the kind's
+    /// `keep_done`, else the dedupe window) and makes jobs with expired leases ready
+    /// again. Returns (swept, reaped).
     pub async fn maintain(&self) -> Result<(u64, u64)> {
         let swept = {
             let _w = self.lock();
-            let now = self.now();
-            let window = self.inner.settings.dedupe_window.as_millis() as u64;
-            self.purge_locked(keys::FINISHED_DONE, now.saturating_sub(window))?
+            self.sweep_done_locked()?
         };
         if swept > 0 {
             self.durable().await?;

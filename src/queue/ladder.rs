@@ -27,6 +27,9 @@ pub struct KindSettings {
     pub concurrency: usize,
     /// How long one attempt may hold its lease before the job is ready again.
     pub lease_timeout: Duration,
+    /// How long done jobs of this kind are kept; `None`: the dedupe window. Shorter than
+    /// the window, it shortens how long a done job holds its idempotency key.
+    pub keep_done: Option<Duration>,
 }
 
 impl KindSettings {
@@ -50,6 +53,7 @@ impl KindSettings {
             on_exhausted,
             concurrency,
             lease_timeout: Duration::from_secs(lease),
+            keep_done: None,
         }
     }
 }

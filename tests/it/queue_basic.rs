@@ -80,3 +80,30 @@ async fn running_job_is_ready_after_reopen_and_attempt_counts() {
     assert_eq!(l[0].job.attempts, 2);
     assert_eq!(l[0].job.payload, vec![1, 2, 3]);
 }
+
+#[tokio::test]
+async fn done_jobs_are_kept_per_kind_then_swept() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let mut settings = Settings::default();
+    settings.kind_mut(JobKind::NodeSync).keep_done = Some(minutes(60));
+    let q = open_manual(dir.path(), settings, &clock);
+    for kind in [JobKind::NodeSync, JobKind::Webhook] {
+        q.enqueue(kind, "k", vec![], None).await.unwrap();
+        let l = q.lease(kind, 1).await.unwrap();
+        q.ack(l[0].token()).await.unwrap();
+    }
+    clock.advance(minutes(59));
+    assert_eq!(q.maintain().await.unwrap().0, 0);
+    clock.advance(minutes(1));
+    assert_eq!(q.maintain().await.unwrap().0, 1, "node_sync after its hour");
+    assert!(q.find_key(JobKind::NodeSync, "k").unwrap().is_none());
+    assert!(q.find_key(JobKind::Webhook, "k").unwrap().is_some());
+    clock.advance(minutes(23 * 60));
+    assert_eq!(
+        q.maintain().await.unwrap().0,
+        1,
+        "webhook after the dedupe window"
+    );
+    assert_eq!(q.stats().unwrap().total(JobState::Done), 0);
+}
