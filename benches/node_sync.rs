@@ -3,7 +3,6 @@
 //!
 //! `cargo bench --bench node_sync`
 
-use std::collections::HashSet;
 use std::hint::black_box;
 
 use connector::jobs::node_sync::files::NodeFiles;
@@ -66,16 +65,14 @@ fn bench(c: &mut Criterion) {
     g.bench_function("parse_validate_diff", |b| {
         b.iter(|| {
             let new = userlist::parse(black_box(&body)).unwrap().users;
-            let keep: HashSet<Uuid> = new.iter().map(|u| u.uuid).collect();
-            let removed = old.iter().filter(|u| !keep.contains(&u.uuid)).count();
+            let removed = userlist::removed_count(&old, &new);
             black_box((new == old, removed))
         })
     });
     g.bench_function("parse_validate_diff_write_files", |b| {
         b.iter(|| {
             let new = userlist::parse(black_box(&body)).unwrap().users;
-            let keep: HashSet<Uuid> = new.iter().map(|u| u.uuid).collect();
-            let removed = old.iter().filter(|u| !keep.contains(&u.uuid)).count();
+            let removed = userlist::removed_count(&old, &new);
             files.write(1, &new, 0).unwrap();
             black_box(removed)
         })

@@ -20,7 +20,6 @@ pub mod files;
 pub mod state;
 pub mod userlist;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::config::{ApplyMode, Config};
@@ -197,8 +196,7 @@ impl NodeSync {
         if ratio >= 1.0 || st.generation == 0 || st.users.is_empty() {
             return None;
         }
-        let keep: HashSet<_> = users.iter().map(|u| u.uuid).collect();
-        let removed = st.users.iter().filter(|u| !keep.contains(&u.uuid)).count();
+        let removed = userlist::removed_count(&st.users, users);
         let before = st.users.len();
         if (removed as f64) / (before as f64) <= ratio {
             return None;

@@ -163,11 +163,31 @@ fn user_of(item: Value) -> Result<User, String> {
 /// Accepts only the 36-character hyphenated form (any case). Braced, URN and
 /// unhyphenated forms are refused: a core may treat them differently than we do.
 fn parse_uuid(s: &str) -> Result<Uuid, String> {
-    let shown: String = s.chars().take(40).collect();
+    // The message is built only on failure: this runs for every user of every sync.
+    let refuse = || format!("`{}` is not a UUID", s.chars().take(40).collect::<String>());
     if s.len() != 36 {
-        return Err(format!("`{shown}` is not a UUID"));
+        return Err(refuse());
     }
-    Uuid::try_parse(s).map_err(|_| format!("`{shown}` is not a UUID"))
+    Uuid::try_parse(s).map_err(|_| refuse())
+}
+
+/// How many of `old` are not in `new`; both sorted by UUID (as every [`UserList`] is).
+pub fn removed_count(old: &[User], new: &[User]) -> usize {
+    let (mut i, mut j, mut removed) = (0, 0, 0);
+    while i < old.len() {
+        match new.get(j).map(|n| n.uuid.cmp(&old[i].uuid)) {
+            Some(std::cmp::Ordering::Less) => j += 1,
+            Some(std::cmp::Ordering::Equal) => {
+                i += 1;
+                j += 1;
+            }
+            Some(std::cmp::Ordering::Greater) | None => {
+                removed += 1;
+                i += 1;
+            }
+        }
+    }
+    removed
 }
 
 #[cfg(test)]
@@ -189,6 +209,24 @@ mod tests {
         let (back, _): (Vec<User>, _) =
             bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
         assert_eq!(back, users);
+    }
+
+    #[test]
+    fn removed_count_merges_sorted_lists() {
+        let list = |ids: &[u128]| -> Vec<User> {
+            ids.iter()
+                .map(|&n| User {
+                    uuid: Uuid::from_u128(n),
+                    email: None,
+                    flow: None,
+                    level: None,
+                })
+                .collect()
+        };
+        assert_eq!(removed_count(&list(&[1, 2, 3, 5]), &list(&[2, 4, 5, 6])), 2);
+        assert_eq!(removed_count(&list(&[1, 2]), &list(&[])), 2);
+        assert_eq!(removed_count(&list(&[]), &list(&[1])), 0);
+        assert_eq!(removed_count(&list(&[7]), &list(&[1, 7, 9])), 0);
     }
 
     #[test]
