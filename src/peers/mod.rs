@@ -3,9 +3,11 @@
 //!
 //! - [`panel`]: the panel's internal API (allowed users; traffic reports later).
 //! - [`hook`]: the operator's `APPLY_CMD`.
+//! - [`xray`]: an Xray or V2Ray core's gRPC API.
 
 pub mod hook;
 pub mod panel;
+pub mod xray;
 
 /// Renders an error with its chain of causes on one line.
 pub(crate) fn chain(e: &dyn std::error::Error) -> String {
