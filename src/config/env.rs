@@ -119,11 +119,7 @@ pub(super) fn apply(
                     .iter()
                     .find(|n| n.id == id)
                     .cloned()
-                    .unwrap_or(NodeSpec {
-                        id,
-                        inbound_tag: None,
-                        protocol: None,
-                    })
+                    .unwrap_or(NodeSpec::bare(id))
             })
             .collect();
     }
@@ -144,11 +140,7 @@ pub(super) fn apply(
     let api = get("XRAY_API_ADDR");
     let flavor = get("XRAY_FLAVOR");
     if api.is_some() || flavor.is_some() {
-        let x = cfg.xray.get_or_insert_with(|| Xray {
-            api: "127.0.0.1:10085".into(),
-            flavor: Flavor::Xray,
-            email_template: "{uuid}".into(),
-        });
+        let x = cfg.xray.get_or_insert_with(Xray::default);
         if let Some(a) = api {
             x.api = a;
         }

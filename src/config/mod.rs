@@ -191,7 +191,26 @@ pub enum Flavor {
 pub struct Xray {
     pub api: String,
     pub flavor: Flavor,
+    /// A user's email in the core: `{uuid}`, or `{node_id}:{uuid}` when several nodes
+    /// share one core. Users whose email has this shape are the agent's to manage;
+    /// others (added by hand, in the core's config) are left alone.
     pub email_template: String,
+    /// How long one API call may take.
+    pub timeout: Duration,
+    /// Adds and removes in flight at once on the API channel.
+    pub concurrency: usize,
+}
+
+impl Default for Xray {
+    fn default() -> Self {
+        Xray {
+            api: "127.0.0.1:10085".into(),
+            flavor: Flavor::Xray,
+            email_template: "{uuid}".into(),
+            timeout: Duration::from_secs(10),
+            concurrency: 32,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,6 +250,10 @@ pub struct Node {
     /// With `{node_id}` already substituted.
     pub inbound_tag: String,
     pub protocol: Protocol,
+    /// vless: the flow of users whose panel entry names none (e.g. `xtls-rprx-vision`).
+    pub flow: String,
+    /// shadowsocks: the cipher users are added with.
+    pub cipher: Option<crate::peers::xray::account::Cipher>,
 }
 
 #[derive(Debug, Clone)]
@@ -318,6 +341,20 @@ struct NodeSpec {
     id: u64,
     inbound_tag: Option<String>,
     protocol: Option<Protocol>,
+    flow: Option<String>,
+    cipher: Option<crate::peers::xray::account::Cipher>,
+}
+
+impl NodeSpec {
+    fn bare(id: u64) -> Self {
+        NodeSpec {
+            id,
+            inbound_tag: None,
+            protocol: None,
+            flow: None,
+            cipher: None,
+        }
+    }
 }
 
 /// Cross-key defaults and checks, after file and environment.
@@ -350,6 +387,8 @@ fn finish(cfg: &mut Config, pending: Pending, env: &dyn Env) -> Result<(), Confi
                 .unwrap_or(&tag_default)
                 .replace("{node_id}", &n.id.to_string()),
             protocol: n.protocol.unwrap_or(proto_default),
+            flow: n.flow.clone().unwrap_or_default(),
+            cipher: n.cipher,
         })
         .collect();
     let explicit_mode = pending.mode;
@@ -369,10 +408,39 @@ fn finish(cfg: &mut Config, pending: Pending, env: &dyn Env) -> Result<(), Confi
             ));
         }
         ApplyMode::XrayGrpc => {
-            return Err(at(
-                "apply.mode",
-                "\"xray-grpc\" is not available in this build yet; use \"cmd\" (APPLY_CMD) or \"none\"".into(),
-            ));
+            let x = cfg.xray.get_or_insert_with(Xray::default);
+            if !x.email_template.contains("{uuid}") {
+                return Err(at(
+                    "xray.email_template",
+                    format!(
+                        "`{}` has no {{uuid}}: every user would get the same email",
+                        x.email_template
+                    ),
+                ));
+            }
+            if cfg.nodes.len() > 1 && !x.email_template.contains("{node_id}") {
+                let mut tags: Vec<&str> =
+                    cfg.nodes.iter().map(|n| n.inbound_tag.as_str()).collect();
+                tags.sort_unstable();
+                tags.dedup();
+                if tags.len() < cfg.nodes.len() {
+                    return Err(at(
+                        "xray.email_template",
+                        "several nodes share an inbound tag: use an email_template with {node_id} (\"{node_id}:{uuid}\") so their users stay apart".into(),
+                    ));
+                }
+            }
+            for n in &cfg.nodes {
+                if n.protocol == Protocol::Shadowsocks && x.flavor == Flavor::V2ray {
+                    return Err(at(
+                        "nodes.protocol",
+                        format!(
+                            "node {}: V2Ray's shadowsocks inbound is single-user; its users cannot be managed over the API",
+                            n.id
+                        ),
+                    ));
+                }
+            }
         }
         _ => {}
     }

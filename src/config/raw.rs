@@ -71,6 +71,9 @@ struct RawXray {
     api: Option<String>,
     flavor: Option<String>,
     email_template: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    concurrency: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -79,6 +82,8 @@ struct RawNode {
     id: u64,
     inbound_tag: Option<String>,
     protocol: Option<String>,
+    flow: Option<String>,
+    cipher: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,8 +240,18 @@ fn apply_raw(cfg: &mut Config, raw: RawConfig, pending: &mut Pending) -> Result<
     }
 
     if let Some(x) = raw.xray {
+        let d = Xray::default();
         cfg.xray = Some(Xray {
-            api: x.api.unwrap_or_else(|| "127.0.0.1:10085".into()),
+            timeout: match x.timeout {
+                Some(t) => positive("xray.timeout", t)?,
+                None => d.timeout,
+            },
+            concurrency: match x.concurrency {
+                Some(0) => return Err(("xray.concurrency".into(), "must be at least 1".into())),
+                Some(c) => c,
+                None => d.concurrency,
+            },
+            api: x.api.unwrap_or(d.api),
             flavor: match x.flavor.as_deref() {
                 None | Some("xray") => Flavor::Xray,
                 Some("v2ray") => Flavor::V2ray,
@@ -247,7 +262,7 @@ fn apply_raw(cfg: &mut Config, raw: RawConfig, pending: &mut Pending) -> Result<
                     ));
                 }
             },
-            email_template: x.email_template.unwrap_or_else(|| "{uuid}".into()),
+            email_template: x.email_template.unwrap_or(d.email_template),
         });
     }
 
@@ -256,10 +271,19 @@ fn apply_raw(cfg: &mut Config, raw: RawConfig, pending: &mut Pending) -> Result<
             Some(p) => Some(Protocol::parse(&p).map_err(|r| (format!("nodes[{i}].protocol"), r))?),
             None => None,
         };
+        let cipher = match n.cipher {
+            Some(c) => Some(
+                crate::peers::xray::account::Cipher::parse(&c)
+                    .map_err(|r| (format!("nodes[{i}].cipher"), r))?,
+            ),
+            None => None,
+        };
         pending.nodes.push(NodeSpec {
             id: n.id,
             inbound_tag: n.inbound_tag,
             protocol,
+            flow: n.flow,
+            cipher,
         });
     }
 

@@ -69,23 +69,29 @@ fn render_into(cfg: &Config, o: &mut String) -> std::fmt::Result {
     if let Some(x) = &cfg.xray {
         writeln!(
             o,
-            "\n[xray]\napi = {}\nflavor = {}\nemail_template = {}",
+            "\n[xray]\napi = {}\nflavor = {}\nemail_template = {}\ntimeout = {}\nconcurrency = {}",
             q(&x.api),
             q(match x.flavor {
                 Flavor::Xray => "xray",
                 Flavor::V2ray => "v2ray",
             }),
-            q(&x.email_template)
+            q(&x.email_template),
+            d(x.timeout),
+            x.concurrency
         )?;
     }
     for n in &cfg.nodes {
         writeln!(
             o,
-            "\n[[nodes]]\nid = {}\ninbound_tag = {}\nprotocol = {}",
+            "\n[[nodes]]\nid = {}\ninbound_tag = {}\nprotocol = {}\nflow = {}",
             n.id,
             q(&n.inbound_tag),
-            q(n.protocol.as_str())
+            q(n.protocol.as_str()),
+            q(&n.flow)
         )?;
+        if let Some(c) = n.cipher {
+            writeln!(o, "cipher = {}", q(c.as_str()))?;
+        }
     }
     writeln!(
         o,

@@ -9,6 +9,7 @@
 //!
 //! `--once` ([`run_once`]): one sync per node, the applies those syncs cause, then exit.
 
+mod core_watch;
 mod once;
 
 use std::sync::Arc;
@@ -66,7 +67,7 @@ impl Agent {
                 config: config.clone(),
             }))
         };
-        let apply = Arc::new(XrayApply::new(queue.clone(), config.clone()));
+        let apply = Arc::new(XrayApply::new(queue.clone(), config.clone())?);
         tracing::info!(
             nodes = config.nodes.len(),
             apply_mode = config.apply.mode.as_str(),
@@ -149,6 +150,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         agent.config.clone(),
         stop.clone(),
     ));
+    let watcher = agent.apply.core.clone().map(|core| {
+        tokio::spawn(core_watch::watch(
+            agent.queue.clone(),
+            core,
+            agent.config.clone(),
+            stop.clone(),
+        ))
+    });
+    if agent.apply.core.is_some() {
+        // Level-triggered: whatever happened while the agent was down, reconcile now.
+        core_watch::apply_all(&agent.queue, &agent.config, "start").await;
+    }
     // A queue failure in a worker pool (a failed flush) stops the daemon too.
     let early = tokio::select! {
         _ = shutdown.cancelled() => None,
@@ -158,6 +171,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!("stopping: no new work; waiting for running attempts");
     let _ = producer.await;
     let _ = maintenance.await;
+    if let Some(w) = watcher {
+        let _ = w.await;
+    }
     let drained = agent.drain(tasks).await;
     match early {
         Some(Ok(Err(e))) => return Err(anyhow::Error::new(e).context("the queue failed")),

@@ -1,5 +1,5 @@
-//! `connector --once`: one sync per node, and the apply each changed node needs, then
-//! exit. Each job gets one attempt here; a job whose attempt failed stays in the queue
+//! `connector --once`: one sync per node, and the apply each changed node needs (every
+//! node, in `xray-grpc` mode: a reconcile), then exit. Each job gets one attempt here; a job whose attempt failed stays in the queue
 //! on its ladder for the next run, and the exit status says so.
 
 use std::collections::BTreeMap;
@@ -86,6 +86,13 @@ pub async fn run_once(config: Config) -> anyhow::Result<OnceReport> {
             };
             let (node, kind) = (t.node, t.kind);
             tracked.remove(&id);
+            if kind == JobKind::NodeSync && result.is_ok() && agent.apply.core.is_some() {
+                // xray-grpc: every node is reconciled, changed or not; the core may
+                // have lost users, or its inbound may not be what the config says.
+                super::core_watch::apply_now(&queue, node)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+            }
             if kind == JobKind::NodeSync
                 && result.is_ok()
                 && let Some(apply) = queue.find_key(JobKind::XrayApply, &node_key(node))?

@@ -4,10 +4,12 @@
 //! - `cmd`: run `APPLY_CMD` with `{node_id}`, `{uuids_file}`, `{uuids_json}` substituted
 //!   (see `peers::hook`); exit 0 is success, anything else a failed attempt.
 //! - `none`: files only; no apply jobs are enqueued.
-//! - `xray-grpc`: reconcile over the core's gRPC API (a later release).
+//! - `xray-grpc`: reconcile the inbound with the list over the core's gRPC API
+//!   ([`grpc`]).
 //!
-//! Reads: state `node/{id}/sync`, the output files (through the hook).
-//! Writes: state `node/{id}/applied`.
+//! Reads: state `node/{id}/sync`, the output files (through the hook), the core.
+//! Writes: state `node/{id}/applied` (and `node/{id}/managed` in `xray-grpc` mode); the
+//! core's users.
 //!
 //! Pending applies of a node coalesce (one pending job per node takes the newest
 //! generation), and attempts for one node never overlap: a per-node lock serialises
@@ -23,6 +25,9 @@ use crate::config::{ApplyMode, Config};
 use crate::jobs::node_sync::files::NodeFiles;
 use crate::jobs::{NodePayload, node_key};
 use crate::peers::hook;
+use crate::peers::xray::XrayClient;
+
+pub mod grpc;
 use crate::queue::{
     AttemptResult, Dedupe, Effects, Handler, Job, JobKind, Millis, NewJob, Queue, StateWrite,
 };
@@ -63,16 +68,23 @@ pub fn load_applied(queue: &Queue, node_id: u64) -> Option<Applied> {
 pub struct XrayApply {
     pub queue: Queue,
     pub config: Arc<Config>,
+    /// The core's API, in `xray-grpc` mode.
+    pub core: Option<XrayClient>,
     locks: StdMutex<HashMap<u64, Arc<Mutex<()>>>>,
 }
 
 impl XrayApply {
-    pub fn new(queue: Queue, config: Arc<Config>) -> Self {
-        XrayApply {
+    pub fn new(queue: Queue, config: Arc<Config>) -> Result<Self, crate::peers::xray::XrayError> {
+        let core = match (&config.apply.mode, &config.xray) {
+            (ApplyMode::XrayGrpc, Some(x)) => Some(XrayClient::new(&x.api, x.flavor, x.timeout)?),
+            _ => None,
+        };
+        Ok(XrayApply {
             queue,
             config,
+            core,
             locks: StdMutex::new(HashMap::new()),
-        }
+        })
     }
 
     fn lock_for(&self, node_id: u64) -> Arc<Mutex<()>> {
@@ -107,6 +119,12 @@ impl Handler for XrayApply {
         if synced.generation == 0 {
             return retry(format!("node {node_id} has no synced list yet"));
         }
+        match self.config.apply.mode {
+            ApplyMode::Cmd => {}
+            ApplyMode::None => return AttemptResult::Done,
+            // Level-triggered: reconciled every time, the core may have changed.
+            ApplyMode::XrayGrpc => return self.reconcile(node_id, &synced).await,
+        }
         if load_applied(&self.queue, node_id).is_some_and(|a| a.generation >= synced.generation) {
             tracing::debug!(
                 node = node_id,
@@ -114,13 +132,6 @@ impl Handler for XrayApply {
                 "already applied"
             );
             return AttemptResult::Done;
-        }
-        match self.config.apply.mode {
-            ApplyMode::Cmd => {}
-            ApplyMode::None => return AttemptResult::Done,
-            ApplyMode::XrayGrpc => {
-                return retry("apply.mode xray-grpc is not available in this build".into());
-            }
         }
         let files = NodeFiles::new(&self.config.sync.output_dir, node_id);
         let argv = hook::substitute(&self.config.apply.argv, node_id, &files.txt, &files.json);
@@ -154,5 +165,57 @@ impl Handler for XrayApply {
             enqueue: Vec::new(),
             note: Some(run.describe(timeout)),
         })
+    }
+}
+
+impl XrayApply {
+    async fn reconcile(
+        &self,
+        node_id: u64,
+        synced: &crate::jobs::node_sync::state::SyncState,
+    ) -> AttemptResult {
+        let (Some(core), Some(xray), Some(node)) =
+            (&self.core, &self.config.xray, self.config.node(node_id))
+        else {
+            tracing::warn!(
+                node = node_id,
+                "node or [xray] no longer configured; apply dropped"
+            );
+            return AttemptResult::Done;
+        };
+        match grpc::reconcile(&self.queue, core, xray, node, &synced.users).await {
+            Ok(out) => {
+                tracing::info!(
+                    node = node_id,
+                    generation = synced.generation,
+                    users = synced.users.len(),
+                    added = out.added,
+                    removed = out.removed,
+                    already = out.already,
+                    core_restarted = out.core_restarted,
+                    "applied"
+                );
+                let applied = Applied {
+                    generation: synced.generation,
+                    users: synced.users.len(),
+                    at: self.queue.now(),
+                };
+                AttemptResult::DoneWith(Effects {
+                    state: vec![
+                        grpc::put_managed(node_id, &out.managed),
+                        StateWrite::Put(
+                            applied_key(node_id),
+                            serde_json::to_vec(&applied).unwrap_or_default(),
+                        ),
+                    ],
+                    enqueue: Vec::new(),
+                    note: Some(out.describe()),
+                })
+            }
+            Err(error) => {
+                tracing::warn!(node = node_id, %error, "apply failed");
+                retry(error)
+            }
+        }
     }
 }

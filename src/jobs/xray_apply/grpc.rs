@@ -1,0 +1,313 @@
+//! `xray-grpc` mode: a level-triggered reconcile of one node's inbound with its synced
+//! list, over the core's API.
+//!
+//! 1. Check the inbound's protocol (Xray's `ListInbounds`) before sending any account:
+//!    an account of another protocol crashes the whole core. V2Ray cannot list
+//!    inbounds; there the configured protocol is all there is.
+//! 2. What the core has: Xray lists the inbound's users (`GetInboundUsers`); V2Ray
+//!    cannot, so the agent's own record of what it added stands in — emptied when the
+//!    core restarted (uptime went down), because a restart wipes API-added users.
+//! 3. Send only the difference: removes first (a ban should bite at once), then adds,
+//!    with bounded concurrency on the one channel. "already exists" and "not found"
+//!    count as success.
+//!
+//! Which users are the agent's: those whose email has the `email_template` shape for
+//! this node, and those it recorded adding. Users with other emails (added by hand or
+//! in the core's config) are left alone.
+//!
+//! Before adding, the emails about to be added are recorded (state `node/{id}/managed`):
+//! a crash in the middle leaves no user in the core that the agent does not know it
+//! added, so a later apply can still remove them.
+
+use std::collections::BTreeSet;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::config::{Node, Xray};
+use crate::jobs::node_sync::userlist::User;
+use crate::peers::xray::account::{self, InboundKind};
+use crate::peers::xray::{Added, Removed, XrayClient, XrayError};
+use crate::queue::{Commit, Millis, Queue, StateWrite};
+
+const MANAGED_VERSION: u8 = 1;
+
+/// What the agent knows it put into a node's inbound (state `node/{id}/managed`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Managed {
+    /// Emails added and not (yet) removed, lowercase, sorted.
+    pub emails: BTreeSet<String>,
+    /// When the core started, as seen at the last apply (ms since the epoch).
+    pub core_boot_ms: Option<Millis>,
+}
+
+pub fn managed_key(node_id: u64) -> String {
+    format!("node/{node_id}/managed")
+}
+
+pub fn load_managed(queue: &Queue, node_id: u64) -> Result<Managed, String> {
+    let Some(bytes) = queue
+        .state(&managed_key(node_id))
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(Managed::default());
+    };
+    match bytes.split_first() {
+        Some((&MANAGED_VERSION, body)) => {
+            bincode::serde::decode_from_slice(body, bincode::config::standard())
+                .map(|(m, _)| m)
+                .map_err(|e| format!("node {node_id}'s managed-user record does not decode: {e}"))
+        }
+        _ => Err(format!(
+            "node {node_id}'s managed-user record has an unknown version"
+        )),
+    }
+}
+
+pub fn put_managed(node_id: u64, m: &Managed) -> StateWrite {
+    let mut bytes = vec![MANAGED_VERSION];
+    bytes.extend(bincode::serde::encode_to_vec(m, bincode::config::standard()).unwrap_or_default());
+    StateWrite::Put(managed_key(node_id), bytes)
+}
+
+/// The email of `uuid` on `node` under `template`.
+pub fn email_for(template: &str, node_id: u64, uuid: Uuid) -> String {
+    template
+        .replace("{node_id}", &node_id.to_string())
+        .replace("{uuid}", &uuid.hyphenated().to_string())
+        .to_lowercase()
+}
+
+/// True when `email` has the template's shape for this node (a user the agent manages).
+pub fn is_templated(template: &str, node_id: u64, email: &str) -> bool {
+    let t = template
+        .replace("{node_id}", &node_id.to_string())
+        .to_lowercase();
+    let Some((prefix, suffix)) = t.split_once("{uuid}") else {
+        return false;
+    };
+    let e = email.to_lowercase();
+    e.len() == prefix.len() + 36 + suffix.len()
+        && e.starts_with(prefix)
+        && e.ends_with(suffix)
+        && Uuid::try_parse(&e[prefix.len()..prefix.len() + 36]).is_ok()
+}
+
+/// What one reconcile did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub added: usize,
+    pub removed: usize,
+    /// Adds the core answered "already exists" (or removes "not found").
+    pub already: usize,
+    /// Users the core had before, as far as the agent could tell.
+    pub core_had: usize,
+    pub core_restarted: bool,
+    pub managed: Managed,
+}
+
+impl Outcome {
+    pub fn describe(&self) -> String {
+        format!(
+            "+{} -{} ({} already so; the core had {}{})",
+            self.added,
+            self.removed,
+            self.already,
+            self.core_had,
+            if self.core_restarted {
+                "; the core had restarted"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// Makes `node`'s inbound hold exactly `users` (of those the agent manages).
+pub async fn reconcile(
+    queue: &Queue,
+    client: &XrayClient,
+    xray: &Xray,
+    node: &Node,
+    users: &[User],
+) -> Result<Outcome, String> {
+    let tag = node.inbound_tag.as_str();
+    let kind = InboundKind {
+        protocol: node.protocol,
+        flow: node.flow.clone(),
+        cipher: node.cipher,
+    };
+    let unreachable = |e: XrayError| format!("node {}: {e}", node.id);
+
+    // 1. Never send an account the inbound cannot take.
+    if let Some(types) = client.inbound_types().await.map_err(unreachable)? {
+        let expected = kind.inbound_type(client.flavor());
+        match types.get(tag) {
+            None => {
+                let tags: Vec<&str> = types.keys().map(String::as_str).collect();
+                return Err(format!(
+                    "node {}: the core has no inbound tagged `{tag}` (it has: {})",
+                    node.id,
+                    tags.join(", ")
+                ));
+            }
+            Some(actual) if *actual != expected => {
+                return Err(format!(
+                    "node {}: inbound `{tag}` is `{actual}` but the node is configured as {} (`{expected}`): refusing to send its users, a mismatched account would crash the core",
+                    node.id,
+                    node.protocol.as_str()
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+
+    // 2. What the core has.
+    let uptime = client.uptime().await.map_err(unreachable)?;
+    let now = queue.now();
+    let boot = now.saturating_sub(u64::from(uptime) * 1000);
+    let mut managed = load_managed(queue, node.id)?;
+    let restarted = managed
+        .core_boot_ms
+        .is_some_and(|b| b.abs_diff(boot) > 5_000);
+    let listed = client.inbound_emails(tag).await.map_err(unreachable)?;
+    let core: BTreeSet<String> = match &listed {
+        Some(emails) => emails.iter().map(|e| e.to_lowercase()).collect(),
+        // V2Ray: what we added, unless a restart wiped it.
+        None if restarted => BTreeSet::new(),
+        None => managed.emails.clone(),
+    };
+    if restarted && listed.is_none() {
+        managed.emails.clear();
+    }
+
+    // 3. The difference.
+    let mut desired = std::collections::BTreeMap::new();
+    for u in users {
+        desired.insert(email_for(&xray.email_template, node.id, u.uuid), u);
+    }
+    let to_remove: Vec<String> = core
+        .iter()
+        .filter(|e| !desired.contains_key(*e))
+        .filter(|e| managed.emails.contains(*e) || is_templated(&xray.email_template, node.id, e))
+        .cloned()
+        .collect();
+    let mut to_add = Vec::new();
+    for (email, u) in &desired {
+        if core.contains(email) {
+            continue;
+        }
+        let user = account::user(
+            client.flavor(),
+            &kind,
+            u.uuid,
+            email.clone(),
+            u.flow.as_deref(),
+            u.level.unwrap_or(0),
+        )
+        .map_err(|e| format!("node {}: {e}", node.id))?;
+        to_add.push(user);
+    }
+
+    // Record the adds before making them.
+    if !to_add.is_empty() {
+        managed
+            .emails
+            .extend(to_add.iter().map(|u| u.email.clone()));
+        queue
+            .commit(Commit {
+                state: vec![put_managed(node.id, &managed)],
+                ..Commit::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+
+    let mut out = Outcome {
+        core_had: core.len(),
+        core_restarted: restarted,
+        ..Outcome::default()
+    };
+    let width = xray.concurrency.max(1);
+    let mut failures: Vec<String> = Vec::new();
+    // Each future owns what it uses (a clone of the client shares the one channel).
+    let removes = futures_util::stream::iter(to_remove.iter().cloned().map(|email| {
+        let (client, tag) = (client.clone(), tag.to_string());
+        async move {
+            let r = client.remove_user(&tag, &email).await;
+            (email, r)
+        }
+    }))
+    .buffer_unordered(width)
+    .collect::<Vec<_>>()
+    .await;
+    for (email, r) in removes {
+        match r {
+            Ok(Removed::Gone) => {
+                out.removed += 1;
+                managed.emails.remove(&email);
+            }
+            Ok(Removed::WasAbsent) => {
+                out.already += 1;
+                managed.emails.remove(&email);
+            }
+            Err(e) => failures.push(format!("remove {email}: {e}")),
+        }
+    }
+    let total = to_remove.len() + to_add.len();
+    let adds = futures_util::stream::iter(to_add.into_iter().map(|user| {
+        let (client, tag) = (client.clone(), tag.to_string());
+        async move {
+            let r = client.add_user(&tag, &user).await;
+            (user, r)
+        }
+    }))
+    .buffer_unordered(width)
+    .collect::<Vec<_>>()
+    .await;
+    for (user, r) in adds {
+        match r {
+            Ok(Added::New) => out.added += 1,
+            Ok(Added::Existed) => out.already += 1,
+            Err(e) => failures.push(format!("add {}: {e}", user.email)),
+        }
+    }
+    managed.core_boot_ms = Some(boot);
+    out.managed = managed;
+    if failures.is_empty() {
+        return Ok(out);
+    }
+    // Keep what did happen, then fail the attempt.
+    let _ = queue
+        .commit(Commit {
+            state: vec![put_managed(node.id, &out.managed)],
+            ..Commit::default()
+        })
+        .await;
+    Err(format!(
+        "node {}: {} of {} operations failed ({}); first: {}",
+        node.id,
+        failures.len(),
+        total,
+        out.describe(),
+        failures[0]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_shapes() {
+        let id = Uuid::parse_str("6f1c1f8e-59f6-4c6e-9d1a-0b4f7a3c2d10").unwrap();
+        assert_eq!(email_for("{uuid}", 3, id), id.to_string());
+        assert_eq!(email_for("{node_id}:{uuid}", 3, id), format!("3:{id}"));
+        assert!(is_templated("{uuid}", 3, &id.to_string().to_uppercase()));
+        assert!(is_templated("{node_id}:{uuid}", 3, &format!("3:{id}")));
+        assert!(!is_templated("{node_id}:{uuid}", 3, &format!("4:{id}")));
+        assert!(!is_templated("{uuid}", 3, "admin@example.com"));
+        assert!(!is_templated("{uuid}", 3, &format!("{id}x")));
+    }
+}
