@@ -3,6 +3,9 @@
 //! when it went down (a restart) or the core answers again after being unreachable,
 //! every node's apply is made due at once. The apply itself is a full reconcile, so it
 //! puts back exactly what is missing.
+//!
+//! The same tick checks the bans being watched (`xray_apply::bans`): a removed user
+//! whose traffic counters still grow is reported.
 
 use std::sync::Arc;
 
@@ -10,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::jobs::node_sync::state;
-use crate::jobs::xray_apply;
+use crate::jobs::xray_apply::{self, XrayApply};
 use crate::peers::xray::XrayClient;
 use crate::queue::{JobState, Queue};
 
@@ -42,7 +45,13 @@ pub async fn apply_all(queue: &Queue, config: &Config, why: &str) {
     }
 }
 
-pub async fn watch(queue: Queue, core: XrayClient, config: Arc<Config>, stop: CancellationToken) {
+pub async fn watch(
+    queue: Queue,
+    core: XrayClient,
+    apply: Arc<XrayApply>,
+    config: Arc<Config>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(config.sync.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_boot: Option<u64> = None;
@@ -71,6 +80,7 @@ pub async fn watch(queue: Queue, core: XrayClient, config: Arc<Config>, stop: Ca
                 }
                 last_boot = Some(boot);
                 down = false;
+                check_bans(&queue, &core, &apply, &config).await;
             }
             Err(e) => {
                 if !down {
@@ -78,6 +88,43 @@ pub async fn watch(queue: Queue, core: XrayClient, config: Arc<Config>, stop: Ca
                 }
                 down = true;
             }
+        }
+    }
+}
+
+/// Reports removed users that still carry traffic; one counter query for all nodes.
+/// Each node's bans are updated under its apply lock, so an apply adding bans at the
+/// same moment is not overwritten.
+async fn check_bans(queue: &Queue, core: &XrayClient, apply: &XrayApply, config: &Config) {
+    let watched: Vec<u64> = config
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|id| !xray_apply::bans::load(queue, *id).is_empty())
+        .collect();
+    if watched.is_empty() {
+        return;
+    }
+    let bytes = match core.query_stats("user>>>", false).await {
+        Ok(c) => xray_apply::bans::user_bytes(&c),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read counters to check bans");
+            return;
+        }
+    };
+    for node in watched {
+        let lock = apply.lock_for(node);
+        let _serial = lock.lock().await;
+        let mut bans = xray_apply::bans::load(queue, node);
+        for (email, ban) in xray_apply::bans::check(&mut bans, &bytes, queue.now()) {
+            xray_apply::bans::warn(node, &email, &ban);
+        }
+        let commit = crate::queue::Commit {
+            state: vec![xray_apply::bans::put(node, &bans)],
+            ..Default::default()
+        };
+        if let Err(e) = queue.commit(commit).await {
+            tracing::error!(node, error = %e, "cannot record ban checks");
         }
     }
 }

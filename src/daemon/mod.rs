@@ -154,6 +154,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tokio::spawn(core_watch::watch(
             agent.queue.clone(),
             core,
+            agent.apply.clone(),
             agent.config.clone(),
             stop.clone(),
         ))

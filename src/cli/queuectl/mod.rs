@@ -18,6 +18,7 @@
 //! | `held.rs` | `held` | reads node syncs held by the removal guard |
 //! | `confirm.rs` | `confirm NODE` | confirms one held sync |
 //! | `accept_loss.rs` | `accept-loss` | opens a queue that lost writes; records the loss |
+//! | `bans.rs` | `bans` | reads recent removals and whether they bit |
 //!
 //! # Offline mode
 //!
@@ -35,6 +36,7 @@
 //! usage error, 3 the queue is held by a running daemon. See `src/cli/mod.rs`.
 
 mod accept_loss;
+mod bans;
 mod cancel;
 mod confirm;
 mod export;
@@ -116,6 +118,8 @@ enum Command {
     Confirm(confirm::Args),
     /// Open a queue that lost acknowledged writes (sled log damage) and record the loss.
     AcceptLoss(accept_loss::Args),
+    /// Users removed from a core in the last 15 minutes, and whether each ban bit.
+    Bans(bans::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -198,6 +202,7 @@ async fn run(command: Command, config: &Config, json: bool) -> Result<(), Failur
         Command::Held(a) => held::run(a, &queue, config, &mut out)?,
         Command::Confirm(a) => confirm::run(a, &queue, &mut out).await?,
         Command::AcceptLoss(a) => accept_loss::run(a, &queue, &mut out)?,
+        Command::Bans(a) => bans::run(a, &queue, &mut out)?,
     }
     w.flush()?;
     Ok(())

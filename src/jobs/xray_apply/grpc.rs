@@ -105,6 +105,8 @@ pub struct Outcome {
     pub core_had: usize,
     pub core_restarted: bool,
     pub managed: Managed,
+    /// The node's watched bans, with this apply's removals added.
+    pub bans: super::bans::Bans,
 }
 
 impl Outcome {
@@ -275,6 +277,32 @@ pub async fn reconcile(
     }
     managed.core_boot_ms = Some(boot);
     out.managed = managed;
+    // Watch the users just removed: established connections keep flowing.
+    let mut bans = super::bans::load(queue, node.id);
+    bans.retain(|email, _| !desired.contains_key(email));
+    let removed: Vec<&String> = to_remove
+        .iter()
+        .filter(|e| !out.managed.emails.contains(*e))
+        .collect();
+    if !removed.is_empty() {
+        let counters = client
+            .query_stats("user>>>", false)
+            .await
+            .map(|c| super::bans::user_bytes(&c))
+            .unwrap_or_default();
+        for email in removed {
+            bans.insert(
+                email.clone(),
+                super::bans::Ban {
+                    removed_at: now,
+                    bytes_at_removal: counters.get(email).copied().unwrap_or(0),
+                    bytes_since: 0,
+                    last_checked: now,
+                },
+            );
+        }
+    }
+    out.bans = bans;
     if failures.is_empty() {
         return Ok(out);
     }

@@ -27,6 +27,7 @@ use crate::jobs::{NodePayload, node_key};
 use crate::peers::hook;
 use crate::peers::xray::XrayClient;
 
+pub mod bans;
 pub mod grpc;
 use crate::queue::{
     AttemptResult, Dedupe, Effects, Handler, Job, JobKind, Millis, NewJob, Queue, StateWrite,
@@ -87,7 +88,8 @@ impl XrayApply {
         })
     }
 
-    fn lock_for(&self, node_id: u64) -> Arc<Mutex<()>> {
+    /// The lock that serialises everything touching one node's core state.
+    pub(crate) fn lock_for(&self, node_id: u64) -> Arc<Mutex<()>> {
         self.locks
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -203,6 +205,7 @@ impl XrayApply {
                 AttemptResult::DoneWith(Effects {
                     state: vec![
                         grpc::put_managed(node_id, &out.managed),
+                        bans::put(node_id, &out.bans),
                         StateWrite::Put(
                             applied_key(node_id),
                             serde_json::to_vec(&applied).unwrap_or_default(),

@@ -1,0 +1,137 @@
+//! Bans that did not bite. Removing a user refuses new connections, but the core's API
+//! does not cut established ones (nor a client's mux session). So for a while after each
+//! removal the agent watches the removed user's traffic counters: if they still grow,
+//! the ban has not bitten yet, and an operator is told (a warning, and `queuectl bans`).
+//!
+//! State `node/{id}/bans` (JSON): email → [`Ban`]. Entries older than [`WATCH_FOR`] are
+//! dropped; a user the panel allows again leaves the list.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::queue::{Millis, Queue, StateWrite, rfc3339};
+
+/// How long a removed user is watched.
+pub const WATCH_FOR: Duration = Duration::from_secs(15 * 60);
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ban {
+    pub removed_at: Millis,
+    /// uplink + downlink when the user was removed (0 when the core had no counter).
+    pub bytes_at_removal: u64,
+    /// Bytes counted since the removal, as of the last check.
+    pub bytes_since: u64,
+    pub last_checked: Millis,
+}
+
+impl Ban {
+    pub fn biting(&self) -> bool {
+        self.bytes_since == 0
+    }
+}
+
+pub type Bans = BTreeMap<String, Ban>;
+
+pub fn key(node_id: u64) -> String {
+    format!("node/{node_id}/bans")
+}
+
+pub fn load(queue: &Queue, node_id: u64) -> Bans {
+    queue
+        .state(&key(node_id))
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+pub fn put(node_id: u64, bans: &Bans) -> StateWrite {
+    StateWrite::Put(key(node_id), serde_json::to_vec(bans).unwrap_or_default())
+}
+
+/// uplink + downlink per user email, from `user>>>{email}>>>traffic>>>…` counters.
+pub fn user_bytes(counters: &[(String, i64)]) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (name, value) in counters {
+        let mut parts = name.split(">>>");
+        if let (Some("user"), Some(email), Some("traffic")) =
+            (parts.next(), parts.next(), parts.next())
+        {
+            *out.entry(email.to_lowercase()).or_default() += u64::try_from(*value).unwrap_or(0);
+        }
+    }
+    out
+}
+
+/// Updates the watched bans of one node with fresh counters; returns the bans that
+/// were found still carrying traffic for the first time (to report).
+pub fn check(bans: &mut Bans, bytes: &BTreeMap<String, u64>, now: Millis) -> Vec<(String, Ban)> {
+    let horizon = now.saturating_sub(WATCH_FOR.as_millis() as u64);
+    bans.retain(|_, b| b.removed_at >= horizon);
+    let mut newly = Vec::new();
+    for (email, ban) in bans.iter_mut() {
+        let current = bytes.get(email).copied().unwrap_or(ban.bytes_at_removal);
+        let since = current.saturating_sub(ban.bytes_at_removal);
+        if since > 0 && ban.bytes_since == 0 {
+            newly.push((email.clone(), ban.clone()));
+        }
+        if since > ban.bytes_since {
+            ban.bytes_since = since;
+        }
+        ban.last_checked = now;
+    }
+    for (email, ban) in &mut newly {
+        if let Some(b) = bans.get(email) {
+            *ban = b.clone();
+        }
+    }
+    newly
+}
+
+/// One warning line for a ban that has not bitten.
+pub fn warn(node_id: u64, email: &str, ban: &Ban) {
+    tracing::warn!(
+        node = node_id,
+        user = email,
+        removed_at = %rfc3339(ban.removed_at),
+        bytes_since = ban.bytes_since,
+        "a removed user still has traffic: the core refuses their new connections but does not cut established ones (or a client's mux session); see `queuectl bans`"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_checks() {
+        let c = vec![
+            ("user>>>a@x>>>traffic>>>uplink".to_string(), 10),
+            ("user>>>a@x>>>traffic>>>downlink".to_string(), 5),
+            ("inbound>>>api>>>traffic>>>uplink".to_string(), 99),
+        ];
+        let bytes = user_bytes(&c);
+        assert_eq!(bytes.get("a@x"), Some(&15));
+        let mut bans = Bans::new();
+        bans.insert(
+            "a@x".into(),
+            Ban {
+                removed_at: 1_000,
+                bytes_at_removal: 15,
+                ..Ban::default()
+            },
+        );
+        assert!(check(&mut bans, &bytes, 2_000).is_empty());
+        let mut more = bytes.clone();
+        more.insert("a@x".into(), 40);
+        let newly = check(&mut bans, &more, 3_000);
+        assert_eq!(newly.len(), 1);
+        assert_eq!(newly[0].1.bytes_since, 25);
+        assert!(check(&mut bans, &more, 4_000).is_empty(), "reported once");
+        let late = 1_000 + WATCH_FOR.as_millis() as u64 + 1;
+        check(&mut bans, &more, late + 1_000);
+        assert!(bans.is_empty(), "dropped after the watch");
+    }
+}
