@@ -412,21 +412,33 @@ impl Queue {
         let mut b = sled::Batch::default();
         for entry in self.inner.db.range(start..=end) {
             let (k, _) = entry?;
-            b.remove(k.clone());
-            let Some((_, _, id)) = keys::parse_finished(&k) else {
-                continue;
-            };
-            if let Some(job) = self.load_locked(id)? {
-                let idem = keys::idem(job.kind, &job.key);
-                if self.inner.db.get(&idem)?.and_then(|v| keys::be_u64(&v)) == Some(id) {
-                    b.remove(idem);
-                }
-                b.remove(&keys::job(id));
+            let id = keys::parse_finished(&k).map(|(_, _, id)| id);
+            if self.delete_finished(&mut b, k, id)? {
                 n += 1;
             }
         }
         self.inner.db.apply_batch(b)?;
         Ok(n)
+    }
+
+    /// Adds to `b` the deletion of a finished job: its index entry `index`, its record,
+    /// and its idempotency entry if it still holds the key. True when a record existed.
+    fn delete_finished(
+        &self,
+        b: &mut sled::Batch,
+        index: sled::IVec,
+        id: Option<u64>,
+    ) -> Result<bool> {
+        b.remove(index);
+        let Some(job) = id.map(|id| self.load_locked(id)).transpose()?.flatten() else {
+            return Ok(false);
+        };
+        let idem = keys::idem(job.kind, &job.key);
+        if self.inner.db.get(&idem)?.and_then(|v| keys::be_u64(&v)) == Some(job.id) {
+            b.remove(idem);
+        }
+        b.remove(&keys::job(job.id));
+        Ok(true)
     }
 
     fn sweep_done_locked(&self) -> Result<u64> {
@@ -458,13 +470,7 @@ impl Queue {
         let mut b = sled::Batch::default();
         let mut n = 0;
         for (k, id) in expired {
-            b.remove(k);
-            if let Some(job) = self.load_locked(id)? {
-                let idem = keys::idem(job.kind, &job.key);
-                if self.inner.db.get(&idem)?.and_then(|v| keys::be_u64(&v)) == Some(id) {
-                    b.remove(idem);
-                }
-                b.remove(&keys::job(id));
+            if self.delete_finished(&mut b, k, Some(id))? {
                 n += 1;
             }
         }
