@@ -34,9 +34,9 @@
 //!   Every fetch therefore carries an 8 KiB header, more than the drain reads, after
 //!   which the core closes at once (measured: 10 s timeout → 10 ms empty reply).
 //!
-//! Nothing here sleeps to synchronise: a start waits until the core's ports listen (read
-//! from `/proc/net/tcp`, so probing makes no noise in the core's log) and its API port
-//! accepts a connection, each with a deadline. Each core's stdout and stderr go to files;
+//! Nothing here sleeps to synchronise: a start waits until the core process itself
+//! listens on every port of its config (read from `/proc`, so probing makes no noise in
+//! the core's log) and its API port accepts a connection, each with a deadline. Each core's stdout and stderr go to files;
 //! a failed wait panics with the config and every run's output, and a core, client or
 //! target dropped while a test panics prints the same and keeps its directory.
 
@@ -153,10 +153,15 @@ pub fn require_peer(flavor: Flavor) -> Option<Peer> {
 fn find_xray() -> Result<Peer, String> {
     let (python, from) = match std::env::var_os("CONNECTOR_XRAY_PYTHON") {
         Some(p) if !p.is_empty() => (PathBuf::from(p), "CONNECTOR_XRAY_PYTHON"),
-        _ => (
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peers/venv/bin/python"),
-            "the default venv",
-        ),
+        _ => {
+            // Where `cargo test` runs us from (set at run time), else where we were built.
+            let root = std::env::var_os("CARGO_MANIFEST_DIR")
+                .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+            (
+                root.join("target/peers/venv/bin/python"),
+                "the default venv",
+            )
+        }
     };
     if !python.exists() {
         return Err(format!(
@@ -246,20 +251,35 @@ fn localhost(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
-/// Whether some socket listens on TCP `port` (from `/proc/net/tcp{,6}`: looking does not
-/// connect, so it leaves nothing in the core's log).
-fn listening(port: u16) -> bool {
-    let want = format!(":{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|file| {
-        std::fs::read_to_string(file).is_ok_and(|text| {
-            text.lines().skip(1).any(|line| {
-                let mut f = line.split_whitespace();
-                let local = f.nth(1).unwrap_or("");
-                let state = f.nth(1).unwrap_or("");
-                state == "0A" && local.ends_with(&want)
-            })
+/// The TCP ports that process `pid` itself listens on: its sockets (`/proc/PID/fd`)
+/// that `/proc/net/tcp{,6}` shows in state LISTEN. Looking does not connect, so it leaves
+/// nothing in the core's log; and a port some other process took after we chose it does
+/// not pass for the core's.
+fn listening_ports(pid: u32) -> HashSet<u16> {
+    let owned: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
         })
-    })
+        .collect();
+    let mut ports = HashSet::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st … uid timeout inode
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" && owned.contains(f[9]) {
+                let port = f[1].rsplit(':').next().unwrap_or("");
+                if let Ok(p) = u16::from_str_radix(port, 16) {
+                    ports.insert(p);
+                }
+            }
+        }
+    }
+    ports
 }
 
 // ---- users and config builders ----
@@ -843,11 +863,13 @@ impl Core {
             if !self.is_running() {
                 return Err(self.exit_reason());
             }
+            let pid = self.pid().expect("a running core has a pid");
+            let up = listening_ports(pid);
             let pending: Vec<u16> = self
                 .ports
                 .iter()
                 .copied()
-                .filter(|&p| !listening(p))
+                .filter(|p| !up.contains(p))
                 .collect();
             let api_ok = || {
                 self.api.is_none_or(|a| {
