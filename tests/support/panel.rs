@@ -12,6 +12,9 @@
 //! node's answer is `Reset` it drops the socket with `SO_LINGER` 0 — a TCP RST while the
 //! client waits for its answer — instead of handing it to axum.
 
+// Each test file uses a different part of this module.
+#![allow(dead_code)]
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
