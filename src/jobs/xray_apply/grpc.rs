@@ -5,8 +5,11 @@
 //!    an account of another protocol crashes the whole core. V2Ray cannot list
 //!    inbounds; there the configured protocol is all there is.
 //! 2. What the core has: Xray lists the inbound's users (`GetInboundUsers`); V2Ray
-//!    cannot, so the agent's own record of what it added stands in — emptied when the
-//!    core restarted (uptime went down), because a restart wipes API-added users.
+//!    cannot, so the agent's own record of what it added stands in. When the core may
+//!    have lost users (its boot time moved: a restart; or the caller says so, `resend`:
+//!    the core watcher saw it come back, or saw a user missing), that record cannot be
+//!    trusted for adds, and every listed user is sent again ("already exists" is
+//!    success); removes still go to every recorded user the panel dropped.
 //! 3. Send only the difference: removes first (a ban should bite at once), then adds,
 //!    with bounded concurrency on the one channel. "already exists" and "not found"
 //!    count as success.
@@ -126,20 +129,53 @@ impl Outcome {
     }
 }
 
+/// Two boot times (ms since the epoch, from uptime in whole seconds) further apart than
+/// this are two runs of the core. Estimates of one boot differ by under a second (the
+/// uptime is truncated) plus the call's latency.
+const SAME_BOOT_MS: u64 = 2_000;
+
+/// What an inbound of `node` expects of each user.
+pub fn inbound_kind(node: &Node) -> InboundKind {
+    InboundKind {
+        protocol: node.protocol,
+        flow: node.flow.clone(),
+        cipher: node.cipher,
+    }
+}
+
+/// The user the core gets for panel entry `u` on `node`.
+pub fn core_user(
+    client: &XrayClient,
+    xray: &Xray,
+    node: &Node,
+    u: &User,
+) -> Result<account::CoreUser, String> {
+    account::user(
+        client.flavor(),
+        &inbound_kind(node),
+        u.uuid,
+        email_for(&xray.email_template, node.id, u.uuid),
+        u.flow.as_deref(),
+        u.level.unwrap_or(0),
+    )
+    .map_err(|e| format!("node {}: {e}", node.id))
+}
+
 /// Makes `node`'s inbound hold exactly `users` (of those the agent manages).
+///
+/// `resend`: the core may have lost users without its uptime showing it (it came back
+/// after being unreachable, or a user the agent added is missing). Where the core
+/// cannot list its users (V2Ray), every user is then added again.
 pub async fn reconcile(
     queue: &Queue,
     client: &XrayClient,
     xray: &Xray,
     node: &Node,
     users: &[User],
+    resend: bool,
 ) -> Result<Outcome, String> {
     let tag = node.inbound_tag.as_str();
-    let kind = InboundKind {
-        protocol: node.protocol,
-        flow: node.flow.clone(),
-        cipher: node.cipher,
-    };
+    let kind = inbound_kind(node);
     let unreachable = |e: XrayError| format!("node {}: {e}", node.id);
 
     // 1. Never send an account the inbound cannot take.
@@ -156,9 +192,10 @@ pub async fn reconcile(
             }
             Some(actual) if *actual != expected => {
                 return Err(format!(
-                    "node {}: inbound `{tag}` is `{actual}` but the node is configured as {} (`{expected}`): refusing to send its users, a mismatched account would crash the core",
+                    "node {}: inbound `{tag}` is {} (`{actual}`) but the node is configured as {} (`{expected}`): refusing to send its users, a mismatched account would crash the core; fix the node's protocol (or cipher) or the inbound",
                     node.id,
-                    node.protocol.as_str()
+                    account::protocol_of(actual),
+                    kind.describe(),
                 ));
             }
             Some(_) => {}
@@ -172,17 +209,15 @@ pub async fn reconcile(
     let mut managed = load_managed(queue, node.id)?;
     let restarted = managed
         .core_boot_ms
-        .is_some_and(|b| b.abs_diff(boot) > 5_000);
+        .is_some_and(|b| b.abs_diff(boot) > SAME_BOOT_MS);
     let listed = client.inbound_emails(tag).await.map_err(unreachable)?;
+    // V2Ray: what we added stands in for what the core has, for removes; for adds only
+    // while the core cannot have lost them.
+    let add_all = listed.is_none() && (restarted || resend);
     let core: BTreeSet<String> = match &listed {
         Some(emails) => emails.iter().map(|e| e.to_lowercase()).collect(),
-        // V2Ray: what we added, unless a restart wiped it.
-        None if restarted => BTreeSet::new(),
         None => managed.emails.clone(),
     };
-    if restarted && listed.is_none() {
-        managed.emails.clear();
-    }
 
     // 3. The difference.
     let mut desired = std::collections::BTreeMap::new();
@@ -197,19 +232,10 @@ pub async fn reconcile(
         .collect();
     let mut to_add = Vec::new();
     for (email, u) in &desired {
-        if core.contains(email) {
+        if core.contains(email) && !add_all {
             continue;
         }
-        let user = account::user(
-            client.flavor(),
-            &kind,
-            u.uuid,
-            email.clone(),
-            u.flow.as_deref(),
-            u.level.unwrap_or(0),
-        )
-        .map_err(|e| format!("node {}: {e}", node.id))?;
-        to_add.push(user);
+        to_add.push(core_user(client, xray, node, u)?);
     }
 
     // Record the adds before making them.

@@ -15,7 +15,7 @@
 //! generation), and attempts for one node never overlap: a per-node lock serialises
 //! them when a new apply was enqueued while one was running.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
@@ -72,6 +72,9 @@ pub struct XrayApply {
     /// The core's API, in `xray-grpc` mode.
     pub core: Option<XrayClient>,
     locks: StdMutex<HashMap<u64, Arc<Mutex<()>>>>,
+    /// Nodes whose next reconcile sends every user again ([`XrayApply::resend`]). In
+    /// memory: what sets it (the core watcher) runs in this process.
+    resend: StdMutex<BTreeSet<u64>>,
 }
 
 impl XrayApply {
@@ -85,7 +88,25 @@ impl XrayApply {
             config,
             core,
             locks: StdMutex::new(HashMap::new()),
+            resend: StdMutex::new(BTreeSet::new()),
         })
+    }
+
+    /// The core may have lost `node_id`'s users where neither its listing nor its uptime
+    /// can show it (V2Ray cannot list users; a restart within the core's first second
+    /// does not show in its uptime): its next reconcile adds every user again.
+    pub fn resend(&self, node_id: u64) {
+        self.resend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(node_id);
+    }
+
+    fn take_resend(&self, node_id: u64) -> bool {
+        self.resend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&node_id)
     }
 
     /// The lock that serialises everything touching one node's core state.
@@ -185,7 +206,8 @@ impl XrayApply {
             );
             return AttemptResult::Done;
         };
-        match grpc::reconcile(&self.queue, core, xray, node, &synced.users).await {
+        let resend = self.take_resend(node_id);
+        match grpc::reconcile(&self.queue, core, xray, node, &synced.users, resend).await {
             Ok(out) => {
                 tracing::info!(
                     node = node_id,
@@ -195,6 +217,7 @@ impl XrayApply {
                     removed = out.removed,
                     already = out.already,
                     core_restarted = out.core_restarted,
+                    resend,
                     "applied"
                 );
                 let applied = Applied {
@@ -216,6 +239,10 @@ impl XrayApply {
                 })
             }
             Err(error) => {
+                if resend {
+                    // Not done: the next attempt still has to.
+                    self.resend(node_id);
+                }
                 tracing::warn!(node = node_id, %error, "apply failed");
                 retry(error)
             }

@@ -85,6 +85,39 @@ impl InboundKind {
     }
 }
 
+impl InboundKind {
+    /// `vless`, `shadowsocks (aes-128-gcm)`, …: for messages.
+    pub fn describe(&self) -> String {
+        match (self.protocol, self.cipher) {
+            (Protocol::Shadowsocks, Some(Cipher::Blake3Aes128Gcm)) => {
+                "shadowsocks 2022 (2022-blake3-aes-128-gcm)".into()
+            }
+            (Protocol::Shadowsocks, c) => {
+                format!("shadowsocks ({})", c.unwrap_or(Cipher::Aes128Gcm).as_str())
+            }
+            (p, _) => p.as_str().into(),
+        }
+    }
+}
+
+/// The protocol an inbound's `proxy_settings.type` names (`vless`, `shadowsocks 2022`,
+/// …), or the type itself when it is none of the managed ones.
+pub fn protocol_of(inbound_type: &str) -> &str {
+    let t = inbound_type
+        .strip_prefix("xray.")
+        .or_else(|| inbound_type.strip_prefix("v2ray.core."))
+        .unwrap_or(inbound_type);
+    match t {
+        "proxy.vless.inbound.Config" => "vless",
+        "proxy.vmess.inbound.Config" => "vmess",
+        "proxy.trojan.ServerConfig" => "trojan",
+        "proxy.shadowsocks.ServerConfig" => "shadowsocks",
+        "proxy.shadowsocks_2022.MultiUserServerConfig" => "shadowsocks 2022",
+        "proxy.shadowsocks_2022.ServerConfig" => "single-user shadowsocks 2022",
+        _ => inbound_type,
+    }
+}
+
 /// `xray.` or `v2ray.core.`: the package prefix of every type and service.
 pub fn prefix(flavor: Flavor) -> &'static str {
     match flavor {

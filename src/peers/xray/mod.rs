@@ -257,6 +257,32 @@ impl XrayClient {
         }
     }
 
+    /// Whether inbound `tag` has a user with `email` (compared case-insensitively, as the
+    /// core does); `None` when the core cannot say (V2Ray 4). One small answer: the core
+    /// returns the one user, or one empty user when it has none by that email.
+    pub async fn has_user(&self, tag: &str, email: &str) -> Result<Option<bool>, XrayError> {
+        match self
+            .call::<_, wire::GetInboundUserResponse>(
+                Self::HANDLER,
+                "GetInboundUsers",
+                wire::GetInboundUserRequest {
+                    tag: tag.to_string(),
+                    email: email.to_string(),
+                },
+            )
+            .await
+        {
+            Ok(r) => Ok(Some(
+                r.users.iter().any(|u| u.email.eq_ignore_ascii_case(email)),
+            )),
+            Err(XrayError::Refused {
+                code: Code::Unimplemented,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Seconds since the core started (1 right after a restart).
     pub async fn uptime(&self) -> Result<u32, XrayError> {
         let r: wire::SysStatsResponse = self
