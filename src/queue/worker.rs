@@ -59,6 +59,9 @@ pub async fn run_workers<H: Handler>(
         if shutdown.is_cancelled() {
             break Ok(());
         }
+        // A JoinSet counts finished attempts until they are joined: reap them all, or
+        // `free` stays at 1 and every lease (and its flush) brings in a single job.
+        while attempts.try_join_next().is_some() {}
         let free = concurrency - attempts.len();
         let leased = match queue.lease(kind, free).await {
             Ok(l) => l,
