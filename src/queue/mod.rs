@@ -35,6 +35,7 @@
 
 mod admin;
 mod clock;
+mod combine;
 mod commit;
 mod disk;
 mod keys;
@@ -269,6 +270,8 @@ struct Inner {
     commit: GroupCommit,
     wake: [Notify; 4],
     events: broadcast::Sender<Event>,
+    /// Enqueues, leases and acks waiting to be written together (`combine.rs`).
+    combine: Mutex<combine::Combine>,
 }
 
 /// Something that happened to a job, for subscribers (`--once`, `queuectl tail`, tests).
@@ -420,6 +423,7 @@ impl Queue {
                 commit,
                 wake: Default::default(),
                 events: broadcast::channel(4096).0,
+                combine: Mutex::new(combine::Combine::default()),
             }),
         };
         if let Some((from, to)) = lost {
@@ -479,66 +483,22 @@ impl Queue {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let leased = {
-            let _w = self.lock();
-            let now = self.now();
-            let ttl = self.inner.settings.kind(kind).lease_timeout;
-            let start = keys::pending(kind, 0, 0);
-            let end = keys::pending(kind, now, u64::MAX);
-            let mut out = Vec::new();
-            let mut b = sled::Batch::default();
-            for entry in self.inner.db.range(start..=end) {
-                let (k, _) = entry?;
-                let Some((_, _, id)) = keys::parse_pending(&k) else {
-                    b.remove(k);
-                    continue;
-                };
-                let Some(mut job) = self.load_locked(id)? else {
-                    // The record is gone (quarantined); drop the dangling index entry.
-                    b.remove(k);
-                    continue;
-                };
-                if !matches!(job.stored, Stored::Pending { .. }) {
-                    b.remove(k);
-                    continue;
-                }
-                let lease_until = clock::after(now, ttl);
-                job.attempts += 1;
-                job.stored = Stored::Running {
-                    started_ms: now,
-                    lease_until_ms: lease_until,
-                };
-                b.remove(k);
-                b.insert(&keys::running(id), &keys::running_value(kind, lease_until));
-                b.insert(&keys::job(id), record::encode_job(&job));
-                out.push(Leased { job });
-                if out.len() >= max {
-                    break;
-                }
-            }
-            self.inner.db.apply_batch(b)?;
-            out
-        };
-        if !leased.is_empty() {
-            self.durable().await?;
-            for l in &leased {
-                self.emit(
-                    &l.job,
-                    EventKind::Leased {
-                        attempt: l.job.attempts,
-                    },
-                );
-            }
+        match self.submit(combine::Op::Lease { kind, max }).await? {
+            combine::Done::Leased(l) => Ok(l),
+            _ => Err(Error::Durability(
+                "write combiner: a reply of the wrong kind".into(),
+            )),
         }
-        Ok(leased)
     }
 
     /// Records a successful attempt: the job is done.
     pub async fn ack(&self, lease: LeaseToken) -> Result<Job> {
-        self.finish(lease, |job, now, started| {
-            succeed(job, lease, now, started, None)
-        })
-        .await
+        match self.submit(combine::Op::Ack(lease)).await? {
+            combine::Done::Finished(j) => Ok(j),
+            _ => Err(Error::Durability(
+                "write combiner: a reply of the wrong kind".into(),
+            )),
+        }
     }
 
     /// Records a failed attempt. The next attempt is due on the kind's ladder (later if

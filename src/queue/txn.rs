@@ -65,15 +65,13 @@ pub struct Committed {
 impl Queue {
     /// Adds one job; see [`Dedupe`]. Returns once it is on disk.
     pub async fn enqueue_with(&self, job: NewJob) -> Result<Enqueued> {
-        let mut c = self
-            .commit(Commit {
-                enqueue: vec![job],
-                ..Commit::default()
-            })
-            .await?;
-        c.enqueued.pop().ok_or(Error::Durability(
-            "commit returned no enqueue result".into(),
-        ))
+        check_key(&job.key)?;
+        match self.submit(super::combine::Op::Enqueue(job)).await? {
+            super::combine::Done::Enqueued(e) => Ok(e),
+            _ => Err(Error::Durability(
+                "write combiner: a reply of the wrong kind".into(),
+            )),
+        }
     }
 
     /// Applies every change in `c` as one atomic write and waits until it is on disk.
@@ -101,6 +99,8 @@ impl Queue {
                 None => None,
             };
             let mut enqueued: Vec<Enqueued> = Vec::with_capacity(c.enqueue.len());
+            // The acked job, if any, is not in the tree yet.
+            let mut touched: HashMap<u64, Job> = acked.iter().map(|j| (j.id, j.clone())).collect();
             // Keys enqueued earlier in this commit are not in the tree yet.
             let mut fresh: HashMap<(JobKind, String), usize> = HashMap::new();
             for j in c.enqueue {
@@ -110,7 +110,7 @@ impl Queue {
                     enqueued.push(e);
                     continue;
                 }
-                let e = self.enqueue_locked(&mut w, &mut b, j, now)?;
+                let e = self.enqueue_locked(&mut w, &mut b, j, now, &mut touched)?;
                 fresh.insert(slot, enqueued.len());
                 enqueued.push(e);
             }
@@ -134,7 +134,12 @@ impl Queue {
 
     /// A second job with the same key in one commit: a duplicate of the first, or (for
     /// `Replace`) the first takes its payload.
-    fn repeat_in_commit(&self, b: &mut sled::Batch, first: &mut Enqueued, j: NewJob) -> Enqueued {
+    pub(super) fn repeat_in_commit(
+        &self,
+        b: &mut sled::Batch,
+        first: &mut Enqueued,
+        j: NewJob,
+    ) -> Enqueued {
         if j.dedupe == Dedupe::Replace && matches!(first.job.stored, Stored::Pending { .. }) {
             first.job.payload = j.payload;
             b.insert(&keys::job(first.job.id), record::encode_job(&first.job));
@@ -146,18 +151,21 @@ impl Queue {
         }
     }
 
-    fn enqueue_locked(
+    /// Adds an enqueue to `b`. `touched` holds jobs already changed in the same batch
+    /// (the tree does not show them yet); a job changed here is recorded in it.
+    pub(super) fn enqueue_locked(
         &self,
         w: &mut WriteState,
         b: &mut sled::Batch,
         j: NewJob,
         now: Millis,
+        touched: &mut HashMap<u64, Job>,
     ) -> Result<Enqueued> {
         let idem = keys::idem(j.kind, &j.key);
-        let existing = match self.inner.db.get(&idem)? {
-            Some(v) => match keys::be_u64(&v) {
-                Some(id) => self.load_locked(id)?,
-                None => None,
+        let existing = match self.inner.db.get(&idem)?.and_then(|v| keys::be_u64(&v)) {
+            Some(id) => match touched.get(&id) {
+                Some(job) => Some(job.clone()),
+                None => self.load_locked(id)?,
             },
             None => None,
         };
@@ -175,6 +183,7 @@ impl Queue {
                 if replaced {
                     job.payload = j.payload;
                     b.insert(&keys::job(job.id), record::encode_job(&job));
+                    touched.insert(job.id, job.clone());
                 }
                 return Ok(Enqueued {
                     job,

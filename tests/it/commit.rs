@@ -137,3 +137,72 @@ async fn a_commit_is_all_or_nothing() {
         [("node/1/synced".to_string(), b"list-1".to_vec())]
     );
 }
+
+/// Concurrent Replace enqueues, leases and acks on a few keys land in the same write
+/// groups; afterwards every job must be in exactly one state, its record agreeing with
+/// its index, and every job must be able to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_replace_lease_and_ack_keep_records_and_indexes_in_step() {
+    use connector::queue::{ListFilter, SystemClock};
+    let dir = tempfile::tempdir().unwrap();
+    let (q, _) = connector::queue::Queue::open(
+        dir.path().join("queue"),
+        Settings::default(),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..8u32 {
+        let q = q.clone();
+        tasks.spawn(async move {
+            for i in 0..150u32 {
+                let key = format!("apply:{}", (p + i) % 4);
+                q.enqueue_with(job(&key, &i.to_be_bytes(), Dedupe::Replace))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    for _ in 0..4 {
+        let q = q.clone();
+        tasks.spawn(async move {
+            for _ in 0..300 {
+                for l in q.lease(JobKind::XrayApply, 2).await.unwrap() {
+                    q.ack(l.token()).await.unwrap();
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    // Drain what is left.
+    loop {
+        let l = q.lease(JobKind::XrayApply, 16).await.unwrap();
+        if l.is_empty() {
+            break;
+        }
+        for l in l {
+            q.ack(l.token()).await.unwrap();
+        }
+    }
+    let jobs = q.list(&ListFilter::default()).unwrap();
+    let stats = q.stats().unwrap();
+    let now = q.now();
+    for state in JobState::ALL {
+        let listed = jobs.iter().filter(|j| j.state(now) == state).count() as u64;
+        assert_eq!(
+            listed,
+            stats.total(state),
+            "{state}: records and indexes disagree"
+        );
+    }
+    assert!(
+        jobs.iter().all(|j| j.state(now) == JobState::Done),
+        "every job finishes: {:?}",
+        jobs.iter()
+            .filter(|j| j.state(now) != JobState::Done)
+            .map(|j| (j.id, j.state(now)))
+            .collect::<Vec<_>>()
+    );
+}
