@@ -217,8 +217,14 @@ async fn check_bans(queue: &Queue, core: &XrayClient, apply: &XrayApply, config:
         let lock = apply.lock_for(node);
         let _serial = lock.lock().await;
         let mut bans = xray_apply::bans::load(queue, node);
-        for (email, ban) in xray_apply::bans::check(&mut bans, &bytes, queue.now()) {
-            xray_apply::bans::warn(node, &email, &ban);
+        let checked = xray_apply::bans::check(&mut bans, &bytes, queue.now());
+        for (email, ban) in &checked.newly {
+            xray_apply::bans::warn(node, email, ban);
+        }
+        // A write (a flush) under the node's lock delays its applies: only when it
+        // says something new.
+        if !checked.changed {
+            continue;
         }
         let commit = crate::queue::Commit {
             state: vec![xray_apply::bans::put(node, &bans)],

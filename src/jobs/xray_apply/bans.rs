@@ -23,6 +23,7 @@ pub struct Ban {
     pub bytes_at_removal: u64,
     /// Bytes counted since the removal, as of the last check.
     pub bytes_since: u64,
+    /// The last check that wrote the record (one that finds nothing new does not).
     pub last_checked: Millis,
 }
 
@@ -65,29 +66,43 @@ pub fn user_bytes(counters: &[(String, i64)]) -> BTreeMap<String, u64> {
     out
 }
 
-/// Updates the watched bans of one node with fresh counters; returns the bans that
-/// were found still carrying traffic for the first time (to report).
-pub fn check(bans: &mut Bans, bytes: &BTreeMap<String, u64>, now: Millis) -> Vec<(String, Ban)> {
+/// What one check of a node's bans found.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// Bans found still carrying traffic for the first time (to report).
+    pub newly: Vec<(String, Ban)>,
+    /// Whether the record changed beyond `last_checked` (worth writing): traffic grew,
+    /// or a ban's watch ended.
+    pub changed: bool,
+}
+
+/// Updates the watched bans of one node with fresh counters.
+pub fn check(bans: &mut Bans, bytes: &BTreeMap<String, u64>, now: Millis) -> Checked {
     let horizon = now.saturating_sub(WATCH_FOR.as_millis() as u64);
+    let before = bans.len();
     bans.retain(|_, b| b.removed_at >= horizon);
-    let mut newly = Vec::new();
+    let mut out = Checked {
+        changed: bans.len() != before,
+        ..Checked::default()
+    };
     for (email, ban) in bans.iter_mut() {
         let current = bytes.get(email).copied().unwrap_or(ban.bytes_at_removal);
         let since = current.saturating_sub(ban.bytes_at_removal);
-        if since > 0 && ban.bytes_since == 0 {
-            newly.push((email.clone(), ban.clone()));
-        }
         if since > ban.bytes_since {
+            if ban.bytes_since == 0 {
+                out.newly.push((email.clone(), Ban::default()));
+            }
             ban.bytes_since = since;
+            out.changed = true;
         }
         ban.last_checked = now;
     }
-    for (email, ban) in &mut newly {
+    for (email, ban) in &mut out.newly {
         if let Some(b) = bans.get(email) {
             *ban = b.clone();
         }
     }
-    newly
+    out
 }
 
 /// One warning line for a ban that has not bitten.
@@ -123,15 +138,22 @@ mod tests {
                 ..Ban::default()
             },
         );
-        assert!(check(&mut bans, &bytes, 2_000).is_empty());
+        let quiet = check(&mut bans, &bytes, 2_000);
+        assert!(quiet.newly.is_empty() && !quiet.changed);
         let mut more = bytes.clone();
         more.insert("a@x".into(), 40);
-        let newly = check(&mut bans, &more, 3_000);
-        assert_eq!(newly.len(), 1);
-        assert_eq!(newly[0].1.bytes_since, 25);
-        assert!(check(&mut bans, &more, 4_000).is_empty(), "reported once");
+        let grew = check(&mut bans, &more, 3_000);
+        assert_eq!(grew.newly.len(), 1);
+        assert_eq!(grew.newly[0].1.bytes_since, 25);
+        assert!(grew.changed);
+        let again = check(&mut bans, &more, 4_000);
+        assert!(again.newly.is_empty(), "reported once");
+        assert!(!again.changed, "nothing new to write");
+        more.insert("a@x".into(), 50);
+        let more_traffic = check(&mut bans, &more, 5_000);
+        assert!(more_traffic.newly.is_empty() && more_traffic.changed);
         let late = 1_000 + WATCH_FOR.as_millis() as u64 + 1;
-        check(&mut bans, &more, late + 1_000);
+        assert!(check(&mut bans, &more, late + 1_000).changed);
         assert!(bans.is_empty(), "dropped after the watch");
     }
 }
