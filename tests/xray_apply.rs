@@ -466,6 +466,22 @@ fn protocols_ban_readd_restart(flavor: Flavor, protocols: &[Protocol]) {
     println!("{flavor}: re-added -> through after: {}", show(&times));
     expect_through_now(&rig, &mut client, &all, &url);
 
+    // Until now the core kept every user: the watcher's check (on V2Ray, an add that
+    // must answer "already exists") never thought otherwise.
+    let spurious: Vec<String> = rig
+        .daemon()
+        .lines
+        .all()
+        .into_iter()
+        .filter(|l| l.contains("lost users") || l.contains("re-applying"))
+        .collect();
+    if !spurious.is_empty() {
+        rig.fail(&format!(
+            "the agent re-applied while the core had every user:\n{}",
+            spurious.join("\n")
+        ));
+    }
+
     // The core SIGKILLed and started again: it lost every API-added user; the agent
     // puts them back by itself.
     let mark = rig.mark();
