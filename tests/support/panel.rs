@@ -199,6 +199,11 @@ impl Panel {
         self.shared.lock().requests.clone()
     }
 
+    /// When `request` came, on this process's clock.
+    pub fn instant_of(&self, request: &Request) -> Instant {
+        self.shared.started + request.at
+    }
+
     pub fn request_count(&self) -> usize {
         self.shared.lock().requests.len()
     }
