@@ -835,3 +835,64 @@ fn a_removed_users_established_download_keeps_flowing_and_is_reported() {
         "{ban}"
     );
 }
+
+// ---- --once ----
+
+/// `connector --once` in `xray-grpc` mode reconciles every node with the core and
+/// exits: the core then holds the panel's users; a node whose inbound has another
+/// protocol fails the run, named in its one-line summary. Run again after the core
+/// restarted, it puts the users back (nothing in the panel changed).
+#[test]
+fn once_reconciles_every_node_with_the_core_and_names_a_mismatch() {
+    let Some(_) = require_peer(Flavor::Xray) else {
+        return;
+    };
+    let good = NodeUsers::new(1, Protocol::Vmess, false);
+    let wrong = NodeUsers::new(2, Protocol::Vless, false);
+    let server = ServerConfig::new(Flavor::Xray)
+        .with(good.inbound.clone())
+        .with(wrong.inbound.clone());
+    let mut core = Core::start(Flavor::Xray, server.json());
+    let mut opts = Opts {
+        nodes: vec![1, 2],
+        xray: Some(xray_section(&server)),
+        ..Opts::default()
+    };
+    opts.node_keys.insert(1, good.keys(None));
+    let mut trojan = wrong.inbound.clone();
+    trojan.protocol = Protocol::Trojan;
+    opts.node_keys.insert(2, node_keys(&trojan, None));
+    let rig = Rig::new(opts);
+    rig.panel.set(1, answer(&[&good.keep, &good.ban]));
+    rig.panel.set(2, answer(&[&wrong.keep]));
+    let api = api(&server);
+    let want = sorted(vec![
+        good.keep.email.clone(),
+        good.ban.email.clone(),
+        good.admin.email.clone(),
+    ]);
+    for run in ["first", "after the core restarted"] {
+        let mut cmd = agent::connector(rig.dir.path());
+        cmd.arg("--config").arg(&rig.config).arg("--once");
+        let r = agent::Run::of(cmd);
+        let plain = r.plain_lines();
+        let named = plain.len() == 1
+            && ["node 2", "`in-2`", "vless", "trojan"]
+                .iter()
+                .all(|w| plain[0].contains(w));
+        if r.code == Some(0) || !named || plain[0].contains("node 1 ") {
+            rig.fail(&format!("--once ({run}) with node 2 mismatched{r}"));
+        }
+        assert_eq!(core_emails(&api, "in-1"), want, "--once ({run})");
+        assert_eq!(
+            core_emails(&api, "in-2"),
+            vec![wrong.admin.email.clone()],
+            "--once ({run}) sent node 2 nothing"
+        );
+        assert!(core.is_running(), "the core died");
+        if run == "first" {
+            core.restart();
+            assert_eq!(core_emails(&api, "in-1"), vec![good.admin.email.clone()]);
+        }
+    }
+}
