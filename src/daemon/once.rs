@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::Agent;
 use crate::config::Config;
 use crate::jobs::{node_key, node_sync};
-use crate::queue::{Job, JobKind, JobState, Outcome, Queue};
+use crate::queue::{Job, JobKind, JobState, Outcome, Queue, Stored};
 
 /// What `--once` did.
 #[derive(Debug, Clone, Default)]
@@ -126,10 +126,17 @@ pub async fn run_once(config: Config) -> anyhow::Result<OnceReport> {
 }
 
 fn track(tracked: &mut BTreeMap<u64, Tracked>, job: &Job, node: u64) {
+    // A lease counts its attempt: a job already running (a worker took it between
+    // being made due and being looked up) is waiting for the attempt it has. Counting
+    // that one as "before" waited forever for the next when it failed.
+    let attempts_before = match job.stored {
+        Stored::Running { .. } => job.attempts.saturating_sub(1),
+        _ => job.attempts,
+    };
     tracked.entry(job.id).or_insert(Tracked {
         node,
         kind: job.kind,
-        attempts_before: job.attempts,
+        attempts_before,
     });
 }
 
