@@ -19,7 +19,8 @@
 //!   converges to exactly the panel's list, nobody twice (on shadowsocks, where Xray
 //!   accepts a duplicate email);
 //! - a removed user's established download keeps flowing (the core's API does not cut
-//!   it) and the agent reports the ban that did not bite, in its log and `queuectl bans`.
+//!   it) and the agent reports the ban that did not bite, in its log and `queuectl bans`;
+//! - `connector --once` reconciles every node with the core, and names a mismatch.
 //!
 //! Nothing waits by sleeping: every wait is for an event (a log line of the agent, a
 //! fetch through the client that gets through or is refused, the core's user count),
