@@ -175,16 +175,8 @@ impl Handler for XrayApply {
             output = %run.describe(timeout),
             "applied"
         );
-        let applied = Applied {
-            generation: synced.generation,
-            users: synced.users.len(),
-            at: self.queue.now(),
-        };
         AttemptResult::DoneWith(Effects {
-            state: vec![StateWrite::Put(
-                applied_key(node_id),
-                serde_json::to_vec(&applied).unwrap_or_default(),
-            )],
+            state: vec![self.applied(node_id, &synced)],
             enqueue: Vec::new(),
             note: Some(run.describe(timeout)),
         })
@@ -192,6 +184,23 @@ impl Handler for XrayApply {
 }
 
 impl XrayApply {
+    /// The state write recording that `synced` is now applied to the node.
+    fn applied(
+        &self,
+        node_id: u64,
+        synced: &crate::jobs::node_sync::state::SyncState,
+    ) -> StateWrite {
+        let applied = Applied {
+            generation: synced.generation,
+            users: synced.users.len(),
+            at: self.queue.now(),
+        };
+        StateWrite::Put(
+            applied_key(node_id),
+            serde_json::to_vec(&applied).unwrap_or_default(),
+        )
+    }
+
     async fn reconcile(
         &self,
         node_id: u64,
@@ -220,19 +229,11 @@ impl XrayApply {
                     resend,
                     "applied"
                 );
-                let applied = Applied {
-                    generation: synced.generation,
-                    users: synced.users.len(),
-                    at: self.queue.now(),
-                };
                 AttemptResult::DoneWith(Effects {
                     state: vec![
                         grpc::put_managed(node_id, &out.managed),
                         bans::put(node_id, &out.bans),
-                        StateWrite::Put(
-                            applied_key(node_id),
-                            serde_json::to_vec(&applied).unwrap_or_default(),
-                        ),
+                        self.applied(node_id, synced),
                     ],
                     enqueue: Vec::new(),
                     note: Some(out.describe()),
