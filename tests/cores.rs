@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use cores::{
     Client, Core, Flavor, Inbound, Protocol, Route, ServerConfig, TARGET_BODY, Target, User,
-    V2rayCore, XrayCore, block_on, fetch_through, require_peer,
+    V2rayCore, XrayCore, api_call, api_prefix, fetch_through, require_peer,
 };
 use serde_json::json;
 
@@ -316,46 +316,8 @@ mod api {
 
 use prost::Message as _;
 
-/// `xray.` or `v2ray.core.`.
-fn prefix(core: &Core) -> &'static str {
-    match core.flavor() {
-        Flavor::Xray => "xray.",
-        Flavor::V2ray => "v2ray.core.",
-    }
-}
-
-/// One unary call to the core's API, on a fresh connection.
-fn call<Req, Resp>(core: &Core, service: &str, method: &str, req: Req) -> Result<Resp, String>
-where
-    Req: prost::Message + Send + Sync + 'static,
-    Resp: prost::Message + Default + Send + Sync + 'static,
-{
-    let addr = core.api_addr();
-    let path = format!("/{}app.{service}/{method}", prefix(core));
-    block_on(async move {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| format!("connect to {addr}: {e:?}"))?;
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.map_err(|e| format!("{e:?}"))?;
-        let path = tonic::codegen::http::uri::PathAndQuery::from_maybe_shared(path)
-            .map_err(|e| e.to_string())?;
-        grpc.unary(
-            tonic::Request::new(req),
-            path,
-            tonic_prost::ProstCodec::<Req, Resp>::default(),
-        )
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
-    })
-}
-
 fn alter(core: &Core, tag: &str, op: &str, value: Vec<u8>) -> Result<(), String> {
-    let p = prefix(core);
+    let p = api_prefix(core);
     let req = api::AlterInboundRequest {
         tag: tag.to_string(),
         operation: Some(api::TypedMessage {
@@ -363,7 +325,8 @@ fn alter(core: &Core, tag: &str, op: &str, value: Vec<u8>) -> Result<(), String>
             value,
         }),
     };
-    call::<_, api::Empty>(core, "proxyman.command.HandlerService", "AlterInbound", req).map(|_| ())
+    api_call::<_, api::Empty>(core, "proxyman.command.HandlerService", "AlterInbound", req)
+        .map(|_| ())
 }
 
 fn add_vless_user(core: &Core, tag: &str, user: &User) -> Result<(), String> {
@@ -377,7 +340,7 @@ fn add_vless_user(core: &Core, tag: &str, user: &User) -> Result<(), String> {
             level: 0,
             email: user.email.clone(),
             account: Some(api::TypedMessage {
-                r#type: format!("{}proxy.vless.Account", prefix(core)),
+                r#type: format!("{}proxy.vless.Account", api_prefix(core)),
                 value: account.encode_to_vec(),
             }),
         }),
@@ -393,7 +356,7 @@ fn remove_user(core: &Core, tag: &str, email: &str) -> Result<(), String> {
 }
 
 fn uptime(core: &Core) -> u32 {
-    call::<_, api::SysStatsResponse>(
+    api_call::<_, api::SysStatsResponse>(
         core,
         "stats.command.StatsService",
         "GetSysStats",
@@ -409,8 +372,9 @@ fn stat(core: &Core, name: &str) -> i64 {
         pattern: name.to_string(),
         reset: false,
     };
-    let resp: api::QueryStatsResponse = call(core, "stats.command.StatsService", "QueryStats", req)
-        .unwrap_or_else(|e| panic!("QueryStats: {e}"));
+    let resp: api::QueryStatsResponse =
+        api_call(core, "stats.command.StatsService", "QueryStats", req)
+            .unwrap_or_else(|e| panic!("QueryStats: {e}"));
     resp.stat
         .iter()
         .find(|s| s.name == name)

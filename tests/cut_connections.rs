@@ -28,9 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use connector::peers::xray::wire;
-use cores::{
-    Client, Core, Flavor, Inbound, Protocol, ServerConfig, Target, User, block_on, require_peer,
-};
+use cores::{Client, Core, Flavor, Inbound, Protocol, ServerConfig, Target, User, require_peer};
 use prost::Message as _;
 
 /// Deadline of each wait (every event measured here takes milliseconds).
@@ -55,34 +53,13 @@ struct RemoveOutboundRequest {
     tag: String,
 }
 
-/// One unary call to HandlerService, on a fresh connection.
+/// One unary call to HandlerService (Xray), on a fresh connection.
 fn call<Req, Resp>(core: &Core, method: &str, req: Req) -> Result<Resp, String>
 where
     Req: prost::Message + Send + Sync + 'static,
     Resp: prost::Message + Default + Send + Sync + 'static,
 {
-    let addr = core.api_addr();
-    let path = format!("/xray.app.proxyman.command.HandlerService/{method}");
-    block_on(async move {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| format!("connect to {addr}: {e:?}"))?;
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.map_err(|e| format!("{e:?}"))?;
-        let path = tonic::codegen::http::uri::PathAndQuery::from_maybe_shared(path)
-            .map_err(|e| e.to_string())?;
-        grpc.unary(
-            tonic::Request::new(req),
-            path,
-            tonic_prost::ProstCodec::<Req, Resp>::default(),
-        )
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(|s| format!("{method}: {:?}: {}", s.code(), s.message()))
-    })
+    cores::api_call(core, "proxyman.command.HandlerService", method, req)
 }
 
 fn alter(core: &Core, tag: &str, op: &str, value: Vec<u8>) {

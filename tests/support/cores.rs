@@ -1518,3 +1518,50 @@ where
         iter.next().map(|item| (item, iter))
     })
 }
+
+// ---- calling a core's API by hand ----
+
+/// The package prefix of the core's API types and services: `xray.` or `v2ray.core.`.
+pub fn api_prefix(core: &Core) -> &'static str {
+    match core.flavor() {
+        Flavor::Xray => "xray.",
+        Flavor::V2ray => "v2ray.core.",
+    }
+}
+
+/// One unary call to the core's gRPC API on a fresh connection, for tests that call it
+/// without the agent. `service` is e.g. `proxyman.command.HandlerService`.
+pub fn api_call<Req, Resp>(
+    core: &Core,
+    service: &str,
+    method: &str,
+    req: Req,
+) -> Result<Resp, String>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
+    let addr = core.api_addr();
+    let path = format!("/{}app.{service}/{method}", api_prefix(core));
+    let method = method.to_string();
+    block_on(async move {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| format!("connect to {addr}: {e:?}"))?;
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.map_err(|e| format!("{e:?}"))?;
+        let path = tonic::codegen::http::uri::PathAndQuery::from_maybe_shared(path)
+            .map_err(|e| e.to_string())?;
+        grpc.unary(
+            tonic::Request::new(req),
+            path,
+            tonic_prost::ProstCodec::<Req, Resp>::default(),
+        )
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| format!("{method}: {:?}: {}", s.code(), s.message()))
+    })
+}
