@@ -154,12 +154,11 @@ impl XrayClient {
                 account: Some(user.account.clone()),
             }),
         };
-        let req = self.alter(tag, "AddUserOperation", op.encode_to_vec());
         match self
-            .call::<_, wire::AlterInboundResponse>(Self::HANDLER, "AlterInbound", req)
+            .alter(tag, "AddUserOperation", op.encode_to_vec())
             .await
         {
-            Ok(_) => Ok(Added::New),
+            Ok(()) => Ok(Added::New),
             Err(XrayError::Refused { message, .. }) if message.contains("already exists") => {
                 Ok(Added::Existed)
             }
@@ -173,12 +172,11 @@ impl XrayClient {
         let op = wire::RemoveUserOperation {
             email: email.to_string(),
         };
-        let req = self.alter(tag, "RemoveUserOperation", op.encode_to_vec());
         match self
-            .call::<_, wire::AlterInboundResponse>(Self::HANDLER, "AlterInbound", req)
+            .alter(tag, "RemoveUserOperation", op.encode_to_vec())
             .await
         {
-            Ok(_) => Ok(Removed::Gone),
+            Ok(()) => Ok(Removed::Gone),
             Err(XrayError::Refused { message, .. }) if message.contains("not found") => {
                 Ok(Removed::WasAbsent)
             }
@@ -186,14 +184,18 @@ impl XrayClient {
         }
     }
 
-    fn alter(&self, tag: &str, op: &str, value: Vec<u8>) -> wire::AlterInboundRequest {
-        wire::AlterInboundRequest {
+    /// `AlterInbound` with one operation (never without: that crashes the core).
+    async fn alter(&self, tag: &str, op: &str, value: Vec<u8>) -> Result<(), XrayError> {
+        let req = wire::AlterInboundRequest {
             tag: tag.to_string(),
             operation: Some(wire::TypedMessage {
                 r#type: format!("{}app.proxyman.command.{op}", account::prefix(self.flavor)),
                 value,
             }),
-        }
+        };
+        self.call::<_, wire::AlterInboundResponse>(Self::HANDLER, "AlterInbound", req)
+            .await
+            .map(|_| ())
     }
 
     /// Every inbound's tag and proxy type (`…proxy.vless.inbound.Config`); `None` when
