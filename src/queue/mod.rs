@@ -534,6 +534,20 @@ impl Queue {
         .await
     }
 
+    /// Puts a leased job back, due at `due_ms`, as if this attempt had not happened: no
+    /// attempt is recorded and none is used up on the ladder. For a job that finds it
+    /// must wait for another (a node's older traffic report, delivered first) — waiting
+    /// is not failing, and must not push the job up its ladder.
+    pub async fn defer(&self, lease: LeaseToken, due_ms: Millis) -> Result<Job> {
+        self.finish(lease, |job, now, _| {
+            job.attempts = job.attempts.saturating_sub(1);
+            job.stored = Stored::Pending {
+                due_ms: due_ms.max(now),
+            };
+        })
+        .await
+    }
+
     async fn finish(
         &self,
         lease: LeaseToken,
@@ -775,6 +789,47 @@ impl Queue {
                 None => Ok(None),
             },
             None => Ok(None),
+        }
+    }
+
+    /// Visits jobs of `kind` whose idempotency key starts with `prefix` (the newest job
+    /// of each key), in key order after `from`, or in reverse key order before `from`
+    /// when `rev`; `from` itself is skipped. Stops when `visit` returns false. For job
+    /// kinds whose keys sort in creation order (a node's traffic reports).
+    pub fn scan_keys(
+        &self,
+        kind: JobKind,
+        prefix: &str,
+        from: Option<&str>,
+        rev: bool,
+        mut visit: impl FnMut(Job) -> bool,
+    ) -> Result<()> {
+        use std::ops::Bound;
+        let lo = keys::idem(kind, prefix);
+        // Keys are UTF-8, which never holds 0xFF: this sorts after every key with the prefix.
+        let mut hi = lo.clone();
+        hi.push(0xFF);
+        let at = from.map(|k| keys::idem(kind, k));
+        let range = match (&at, rev) {
+            (Some(at), false) => (Bound::Excluded(at.clone()), Bound::Excluded(hi)),
+            (Some(at), true) => (Bound::Included(lo), Bound::Excluded(at.clone())),
+            (None, _) => (Bound::Included(lo), Bound::Excluded(hi)),
+        };
+        let mut iter = self.inner.db.range::<Vec<u8>, _>(range);
+        loop {
+            let next = if rev { iter.next_back() } else { iter.next() };
+            let Some(entry) = next else { return Ok(()) };
+            let (_, v) = entry?;
+            let Some(job) = keys::be_u64(&v)
+                .map(|id| self.get(id))
+                .transpose()?
+                .flatten()
+            else {
+                continue;
+            };
+            if !visit(job) {
+                return Ok(());
+            }
         }
     }
 

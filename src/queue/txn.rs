@@ -53,6 +53,9 @@ pub struct Commit {
     pub ack: Option<LeaseToken>,
     /// Kept on the acked attempt (bounded to 4 KiB): what it did, e.g. a hook's output.
     pub note: Option<String>,
+    /// Pending jobs to make due now (others are left as they are): work that waited for
+    /// this commit, e.g. a node's next traffic report once the older one is delivered.
+    pub wake: Vec<u64>,
 }
 
 /// What a commit did: one [`Enqueued`] per [`NewJob`], in order, and the acked job.
@@ -92,6 +95,20 @@ impl Queue {
                     StateWrite::Delete(name) => b.remove(keys::state(name)),
                 }
             }
+            let mut woken = Vec::new();
+            for &id in &c.wake {
+                if let Some(mut job) = self.load_locked(id)?
+                    && let Stored::Pending { due_ms } = job.stored
+                    && due_ms > now
+                    && c.ack.is_none_or(|l| l.id != id)
+                {
+                    self.index_remove(&mut b, &job);
+                    job.stored = Stored::Pending { due_ms: now };
+                    self.index_insert(&mut b, &job);
+                    b.insert(&keys::job(job.id), record::encode_job(&job));
+                    woken.push(job.kind);
+                }
+            }
             let acked = match c.ack {
                 Some(lease) => Some(self.finish_locked(&mut b, lease, |job, now, started| {
                     succeed(job, lease, now, started, c.note.as_deref())
@@ -115,9 +132,13 @@ impl Queue {
                 enqueued.push(e);
             }
             self.inner.db.apply_batch(b)?;
-            Committed { enqueued, acked }
+            (Committed { enqueued, acked }, woken)
         };
+        let (out, woken) = out;
         self.durable().await?;
+        for kind in woken {
+            self.wake(kind);
+        }
         if let Some(job) = &out.acked {
             self.after_finish(job);
         }

@@ -23,6 +23,12 @@ pub enum AttemptResult {
         error: String,
         retry_after: Option<Duration>,
     },
+    /// Not now, and not a failure: the job waits for other work (`why`) and is due
+    /// again at `until` ([`Queue::defer`]: nothing recorded, no ladder rung used).
+    Defer {
+        until: super::Millis,
+        why: String,
+    },
 }
 
 /// State writes and new jobs that go with a successful attempt.
@@ -32,6 +38,8 @@ pub struct Effects {
     pub enqueue: Vec<NewJob>,
     /// Kept on the attempt's record (e.g. a hook's output).
     pub note: Option<String>,
+    /// Pending jobs made due now in the same write ([`Commit::wake`]).
+    pub wake: Vec<u64>,
 }
 
 /// Runs one attempt of a job. Implemented by each job kind.
@@ -91,12 +99,17 @@ pub async fn run_workers<H: Handler>(
                             enqueue: fx.enqueue,
                             ack: Some(token),
                             note: fx.note,
+                            wake: fx.wake,
                         })
                         .await
                         .map(|_| ()),
                     AttemptResult::Retry { error, retry_after } => {
                         tracing::warn!(kind = %kind, job = token.id, attempt = token.attempt, %error, "attempt failed");
                         queue.fail(token, &error, retry_after).await.map(|_| ())
+                    }
+                    AttemptResult::Defer { until, why } => {
+                        tracing::debug!(kind = %kind, job = token.id, %why, "deferred");
+                        queue.defer(token, until).await.map(|_| ())
                     }
                 };
                 match recorded {

@@ -109,6 +109,7 @@ async fn a_commit_is_all_or_nothing() {
             enqueue: vec![job("apply:1", b"gen-1", Dedupe::Replace)],
             ack: Some(token),
             note: Some("synced 1 user".into()),
+            wake: vec![],
         })
         .await
         .unwrap();
@@ -123,6 +124,7 @@ async fn a_commit_is_all_or_nothing() {
             enqueue: vec![job("apply:2", b"", Dedupe::Window)],
             ack: Some(token),
             note: None,
+            wake: vec![],
         })
         .await
         .unwrap_err();
@@ -205,4 +207,48 @@ async fn concurrent_replace_lease_and_ack_keep_records_and_indexes_in_step() {
             .map(|j| (j.id, j.state(now)))
             .collect::<Vec<_>>()
     );
+}
+
+/// A deferred attempt leaves no trace on the ladder; a commit can wake a waiting job.
+#[tokio::test]
+async fn defer_uses_no_rung_and_a_commit_wakes_the_job_that_waited() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let q = open_manual(dir.path(), Settings::default(), &clock);
+    let older = q
+        .enqueue_with(job("r/1", b"", Dedupe::Window))
+        .await
+        .unwrap()
+        .job;
+    let newer = q
+        .enqueue_with(job("r/2", b"", Dedupe::Window))
+        .await
+        .unwrap()
+        .job;
+    let leased = q.lease(JobKind::XrayApply, 2).await.unwrap();
+    assert_eq!(leased.len(), 2);
+    let (lo, ln) = (leased[0].token(), leased[1].token());
+    assert_eq!(ln.id, newer.id);
+    // The newer one waits an hour for the older.
+    let deferred = q.defer(ln, T0 + 3_600_000).await.unwrap();
+    assert_eq!(deferred.attempts, 0);
+    assert!(deferred.history.is_empty());
+    assert_eq!(deferred.state(q.now()), JobState::Scheduled);
+    // The older one is acked, waking it in the same write.
+    q.commit(Commit {
+        ack: Some(lo),
+        wake: vec![newer.id, older.id],
+        ..Commit::default()
+    })
+    .await
+    .unwrap();
+    let now = q.get(newer.id).unwrap().unwrap();
+    assert_eq!(now.state(q.now()), JobState::Ready);
+    assert_eq!(
+        q.get(older.id).unwrap().unwrap().state(q.now()),
+        JobState::Done
+    );
+    // Its next lease is its first attempt.
+    let again = q.lease(JobKind::XrayApply, 1).await.unwrap();
+    assert_eq!(again[0].token().attempt, 1);
 }

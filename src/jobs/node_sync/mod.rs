@@ -132,6 +132,7 @@ impl Handler for NodeSync {
             return AttemptResult::DoneWith(Effects {
                 state: vec![state::put(node_id, &st)],
                 enqueue: Vec::new(),
+                wake: Vec::new(),
                 note: Some(note),
             });
         }
@@ -158,6 +159,7 @@ impl Handler for NodeSync {
         let mut fx = Effects {
             state: vec![state::put(node_id, &st)],
             enqueue: Vec::new(),
+            wake: Vec::new(),
             note: Some(format!(
                 "{} users (was {before}); generation {}",
                 st.users.len(),

@@ -178,6 +178,7 @@ impl Handler for XrayApply {
         AttemptResult::DoneWith(Effects {
             state: vec![self.applied(node_id, &synced)],
             enqueue: Vec::new(),
+            wake: Vec::new(),
             note: Some(run.describe(timeout)),
         })
     }
@@ -236,6 +237,7 @@ impl XrayApply {
                         self.applied(node_id, synced),
                     ],
                     enqueue: Vec::new(),
+                    wake: Vec::new(),
                     note: Some(out.describe()),
                 })
             }
