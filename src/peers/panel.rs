@@ -1,5 +1,6 @@
 //! The panel's internal API: `GET /api/internal/nodes/{id}/allowed-uuids` with
-//! `x-internal-token`, `If-None-Match`/`ETag`, a timeout and a body size limit.
+//! `x-internal-token`, `If-None-Match`/`ETag`, a timeout and a body size limit; and
+//! `POST /api/internal/report-traffic` with an `Idempotency-Key`.
 
 use std::time::Duration;
 
@@ -105,22 +106,7 @@ impl Panel {
             return Ok(Fetched::NotModified);
         }
         if !status.is_success() {
-            return Err(PanelError::Status {
-                status,
-                hint: match status {
-                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                        " (check INTERNAL_API_KEY: the panel refused the token)"
-                    }
-                    StatusCode::NOT_FOUND => " (is the node id known to the panel?)",
-                    _ => "",
-                },
-                retry_after: resp
-                    .headers()
-                    .get(RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs),
-            });
+            return Err(status_error(status, resp.headers()));
         }
         let etag = resp
             .headers()
@@ -137,6 +123,35 @@ impl Panel {
         Ok(Fetched::Body { bytes, etag })
     }
 
+    /// `POST /api/internal/report-traffic` with `Idempotency-Key: {report_id}` and `body`
+    /// (the report's JSON). `2xx` is delivered, `409` delivered before (the panel already
+    /// has this `report_id`); anything else is an error.
+    pub async fn report_traffic(
+        &self,
+        report_id: &str,
+        body: Vec<u8>,
+    ) -> Result<Reported, PanelError> {
+        let url = format!("{}/api/internal/report-traffic", self.base_url);
+        let resp = self
+            .client
+            .post(&url)
+            .header("x-internal-token", self.key.expose())
+            .header("idempotency-key", report_id)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.classify(&url, e))?;
+        let status = resp.status();
+        if status.is_success() {
+            Ok(Reported::Accepted(status.as_u16()))
+        } else if status == StatusCode::CONFLICT {
+            Ok(Reported::Duplicate)
+        } else {
+            Err(status_error(status, resp.headers()))
+        }
+    }
+
     fn classify(&self, url: &str, e: reqwest::Error) -> PanelError {
         if e.is_timeout() {
             PanelError::Timeout(self.timeout)
@@ -148,6 +163,34 @@ impl Panel {
         } else {
             PanelError::Transport(root_cause(&e))
         }
+    }
+}
+
+/// How the panel took a traffic report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reported {
+    /// A `2xx`, with its code.
+    Accepted(u16),
+    /// `409`: it had this `report_id` already.
+    Duplicate,
+}
+
+fn status_error(status: StatusCode, headers: &reqwest::header::HeaderMap) -> PanelError {
+    PanelError::Status {
+        status,
+        hint: match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                " (check INTERNAL_API_KEY: the panel refused the token)"
+            }
+            StatusCode::NOT_FOUND => " (is the node id known to the panel?)",
+            StatusCode::PAYLOAD_TOO_LARGE => " (lower traffic.max_items)",
+            _ => "",
+        },
+        retry_after: headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs),
     }
 }
 

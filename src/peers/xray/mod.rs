@@ -63,6 +63,27 @@ pub enum Removed {
     WasAbsent,
 }
 
+/// What `GetSysStats` tells about the core process's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SysStats {
+    /// Whole seconds since the core started.
+    pub uptime: u32,
+    /// Bytes ever allocated by the Go runtime.
+    pub total_alloc: u64,
+    /// Allocations ever made.
+    pub mallocs: u64,
+}
+
+impl SysStats {
+    /// Whether `self`, read after `earlier`, cannot be the same process: a counter that
+    /// only grows went down.
+    pub fn went_back(&self, earlier: &SysStats) -> bool {
+        self.uptime < earlier.uptime
+            || self.total_alloc < earlier.total_alloc
+            || self.mallocs < earlier.mallocs
+    }
+}
+
 /// A core's API.
 #[derive(Clone)]
 pub struct XrayClient {
@@ -287,10 +308,20 @@ impl XrayClient {
 
     /// Seconds since the core started (1 right after a restart).
     pub async fn uptime(&self) -> Result<u32, XrayError> {
+        Ok(self.sys_stats().await?.uptime)
+    }
+
+    /// The core process's uptime and its cumulative allocation counters: none of them
+    /// ever goes down while one process runs, so any one that did means a restart.
+    pub async fn sys_stats(&self) -> Result<SysStats, XrayError> {
         let r: wire::SysStatsResponse = self
             .call(Self::STATS, "GetSysStats", wire::SysStatsRequest {})
             .await?;
-        Ok(r.uptime)
+        Ok(SysStats {
+            uptime: r.uptime,
+            total_alloc: r.total_alloc,
+            mallocs: r.mallocs,
+        })
     }
 
     /// Counters whose name contains `pattern` (`""`: all), optionally reset.
