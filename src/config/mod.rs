@@ -444,6 +444,17 @@ fn finish(cfg: &mut Config, pending: Pending, env: &dyn Env) -> Result<(), Confi
         }
         _ => {}
     }
+    if let Some(x) = &cfg.xray
+        && cfg.traffic.enabled
+        && cfg.nodes.len() > 1
+        && !x.email_template.contains("{node_id}")
+    {
+        cfg.warnings.push(format!(
+            "traffic: {} nodes share one core but xray.email_template has no {{node_id}}: a user's counters cannot be told apart per node, so all traffic is reported for node {} (use \"{{node_id}}:{{uuid}}\")",
+            cfg.nodes.len(),
+            cfg.nodes[0].id
+        ));
+    }
     if !cfg.nodes.is_empty() && cfg.panel.internal_api_key.is_none() {
         return Err(at(
             "panel.internal_api_key",

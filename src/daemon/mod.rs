@@ -21,8 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::jobs::node_sync::{self, NodeSync};
+use crate::jobs::traffic_report::{Collector, TrafficReport};
 use crate::jobs::xray_apply::XrayApply;
 use crate::peers::panel::Panel;
+use crate::peers::xray::XrayClient;
 use crate::queue::{self, DeadReason, JobKind, JobState, Queue, Stored, SystemClock};
 
 pub use once::{OnceReport, run_once};
@@ -36,6 +38,11 @@ pub(crate) struct Agent {
     pub config: Arc<Config>,
     pub sync: Option<Arc<NodeSync>>,
     pub apply: Arc<XrayApply>,
+    /// Delivers traffic reports (whenever a panel is configured: reports a previous
+    /// run left are delivered even if collection is now off).
+    pub traffic: Option<Arc<TrafficReport>>,
+    /// Reads the core's counters, when `traffic.enabled` and `[xray]` is set.
+    pub collector: Option<Arc<tokio::sync::Mutex<Collector>>>,
 }
 
 impl Agent {
@@ -57,15 +64,40 @@ impl Agent {
             "queue open"
         );
         let config = Arc::new(config);
-        let sync = if config.nodes.is_empty() {
+        let panel = if config.nodes.is_empty() {
             tracing::warn!("no nodes configured (NODE_IDS or [[nodes]]): nothing to sync");
             None
         } else {
-            Some(Arc::new(NodeSync {
+            Some(Panel::new(&config.panel)?)
+        };
+        let sync = panel.as_ref().map(|panel| {
+            Arc::new(NodeSync {
                 queue: queue.clone(),
-                panel: Panel::new(&config.panel)?,
+                panel: panel.clone(),
                 config: config.clone(),
-            }))
+            })
+        });
+        let traffic = panel
+            .as_ref()
+            .map(|panel| TrafficReport::new(queue.clone(), panel.clone()));
+        let collector = match (&config.xray, config.traffic.enabled, &panel) {
+            (Some(x), true, Some(_)) => {
+                let core = XrayClient::new(&x.api, x.flavor, x.timeout)?;
+                let c = Collector::new(queue.clone(), core, config.clone())?;
+                tracing::info!(
+                    core = %x.api,
+                    interval = %humantime::format_duration(config.traffic.interval),
+                    "traffic reporting on"
+                );
+                Some(Arc::new(tokio::sync::Mutex::new(c)))
+            }
+            (None, true, Some(_)) => {
+                tracing::info!(
+                    "traffic reporting off: no [xray] api to read the counters from (XRAY_API_ADDR)"
+                );
+                None
+            }
+            _ => None,
         };
         let apply = Arc::new(XrayApply::new(queue.clone(), config.clone())?);
         tracing::info!(
@@ -80,6 +112,8 @@ impl Agent {
             config,
             sync,
             apply,
+            traffic,
+            collector,
         })
     }
 
@@ -99,6 +133,14 @@ impl Agent {
             self.apply.clone(),
             stop.clone(),
         ));
+        if let Some(traffic) = &self.traffic {
+            tasks.spawn(queue::run_workers(
+                self.queue.clone(),
+                JobKind::TrafficReport,
+                traffic.clone(),
+                stop.clone(),
+            ));
+        }
     }
 
     /// Waits for the worker pools to drain, at most `shutdown_timeout`.
@@ -150,6 +192,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         agent.config.clone(),
         stop.clone(),
     ));
+    let collecting = agent.collector.clone().map(|c| {
+        tokio::spawn(collect_traffic(
+            c,
+            agent.config.traffic.interval,
+            stop.clone(),
+        ))
+    });
     let watcher = agent.apply.core.clone().map(|core| {
         tokio::spawn(core_watch::watch(
             agent.queue.clone(),
@@ -172,6 +221,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!("stopping: no new work; waiting for running attempts");
     let _ = producer.await;
     let _ = maintenance.await;
+    if let Some(c) = collecting {
+        let _ = c.await;
+    }
     if let Some(w) = watcher {
         let _ = w.await;
     }
@@ -210,6 +262,67 @@ async fn produce_syncs(queue: Queue, config: Arc<Config>, stop: CancellationToke
         for node in &config.nodes {
             if let Err(e) = make_sync_due(&queue, node.id).await {
                 tracing::error!(node = node.id, error = %e, "cannot schedule a sync");
+            }
+        }
+    }
+}
+
+/// Collects traffic every `interval` (the first one a full interval after the start,
+/// so a restarted agent does not read twice in a row). A collection that is running
+/// when the agent stops finishes first: it is one read and one commit.
+async fn collect_traffic(
+    collector: Arc<tokio::sync::Mutex<Collector>>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let started = std::time::Instant::now();
+        match collector.lock().await.collect().await {
+            Ok(c) => {
+                if failing {
+                    tracing::info!("traffic collection works again");
+                }
+                failing = false;
+                for r in &c.reports {
+                    tracing::info!(
+                        job = r.job_id,
+                        node = r.node_id,
+                        report_id = %r.report_id,
+                        items = r.items,
+                        upload = r.upload,
+                        download = r.download,
+                        "traffic collected"
+                    );
+                }
+                tracing::debug!(
+                    counters = c.counters,
+                    reports = c.reports.len(),
+                    restarted = c.restarted,
+                    foreign = c.foreign,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "traffic collection"
+                );
+                if c.restarted {
+                    tracing::warn!(
+                        "the core restarted since the last collection: counting from zero (bytes it counted after that collection and before the restart are lost with it)"
+                    );
+                }
+            }
+            Err(e) => {
+                // Once per outage at warn level; the rest at debug.
+                if failing {
+                    tracing::debug!(error = %e, "traffic collection failed");
+                } else {
+                    tracing::warn!(error = %e, "traffic collection failed; the next interval reads again (nothing is lost: counters are not reset)");
+                }
+                failing = true;
             }
         }
     }

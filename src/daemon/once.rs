@@ -1,5 +1,6 @@
 //! `connector --once`: one sync per node, and the apply each changed node needs (every
-//! node, in `xray-grpc` mode: a reconcile), then exit. Each job gets one attempt here; a job whose attempt failed stays in the queue
+//! node, in `xray-grpc` mode: a reconcile), one traffic collection (when reporting is
+//! on and a core is configured) and every pending traffic report, then exit. Each job gets one attempt here; a job whose attempt failed stays in the queue
 //! on its ladder for the next run, and the exit status says so.
 
 use std::collections::BTreeMap;
@@ -34,14 +35,13 @@ impl OnceReport {
                 r.as_ref().err().map(|e| format!("node {node} {kind}: {e}"))
             })
             .collect();
-        let syncs = self
-            .results
-            .keys()
-            .filter(|(_, k)| *k == JobKind::NodeSync)
-            .count();
-        let applies = self.results.len() - syncs;
+        let count = |kind| self.results.keys().filter(|(_, k)| *k == kind).count();
+        let (syncs, applies) = (count(JobKind::NodeSync), count(JobKind::XrayApply));
+        let reports = count(JobKind::TrafficReport);
         if failed.is_empty() {
-            format!("once: {syncs} node(s) synced, {applies} apply(ies) run, all succeeded")
+            format!(
+                "once: {syncs} node(s) synced, {applies} apply(ies) run, traffic reported for {reports} node(s), all succeeded"
+            )
         } else {
             format!(
                 "once: {} of {} job(s) failed: {}",
@@ -70,10 +70,35 @@ pub async fn run_once(config: Config) -> anyhow::Result<OnceReport> {
         let job = due_now(&queue, e.job).await?;
         track(&mut tracked, &job, node.id);
     }
+    let mut report = OnceReport::default();
+    if let Some(collector) = &agent.collector
+        && let Err(e) = collector.lock().await.collect().await
+    {
+        tracing::error!(error = %e, "traffic collection failed");
+        report
+            .results
+            .insert((0, JobKind::TrafficReport), Err(e.to_string()));
+    }
+    if agent.traffic.is_some() {
+        // Every report waiting, oldest first (ids grow with creation).
+        let pending = queue.list(&crate::queue::ListFilter {
+            kind: Some(JobKind::TrafficReport),
+            ..Default::default()
+        })?;
+        for job in pending {
+            if matches!(
+                job.state(queue.now()),
+                JobState::Ready | JobState::Scheduled | JobState::Running
+            ) && let Ok(r) = crate::jobs::traffic_report::Report::decode(&job.payload)
+            {
+                let job = due_now(&queue, job).await?;
+                track(&mut tracked, &job, r.node_id);
+            }
+        }
+    }
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
     agent.spawn_workers(&mut tasks, &stop);
-    let mut report = OnceReport::default();
     loop {
         let ids: Vec<u64> = tracked.keys().copied().collect();
         for id in ids {
@@ -104,7 +129,21 @@ pub async fn run_once(config: Config) -> anyhow::Result<OnceReport> {
                 let apply = due_now(&queue, apply).await?;
                 track(&mut tracked, &apply, node);
             }
-            report.results.insert((node, kind), result);
+            if kind == JobKind::TrafficReport && result.is_err() {
+                // A node's newer reports wait for this one (oldest first): not sent.
+                let blocked: Vec<u64> = tracked
+                    .iter()
+                    .filter(|&(&other, t)| other > id && t.node == node && t.kind == kind)
+                    .map(|(&other, _)| other)
+                    .collect();
+                for other in blocked {
+                    tracked.remove(&other);
+                }
+            }
+            let slot = report.results.entry((node, kind)).or_insert(Ok(()));
+            if slot.is_ok() {
+                *slot = result;
+            }
         }
         if tracked.is_empty() {
             break;

@@ -1,0 +1,383 @@
+//! Collection: the core's per-user counters turned into reports, exactly.
+//!
+//! 1. Read the core's process stats (uptime, allocation counters), then every
+//!    `user>>>{email}>>>traffic>>>uplink|downlink` counter *without* resetting it, then
+//!    the process stats again. If they went back between the two readings the core
+//!    restarted during the read: nothing is counted, the next interval reads again.
+//! 2. Decide whether the core restarted since the baseline was taken: a counter of its
+//!    process went back, or its uptime is shorter than the time since then allows.
+//!    After a restart every counter started again at zero, so the baseline is zero.
+//! 3. Delta per user = counter − baseline. A counter lower than its baseline without a
+//!    restart (someone reset it) counts from zero, with a warning. Removing a user does
+//!    not delete their counters (XRAY-FACTS), so a removed and re-added user's counters
+//!    continue from their baseline: nothing is counted twice.
+//! 4. Attribute each email to a node and a UUID through `xray.email_template`; emails
+//!    of another shape are not ours and are skipped.
+//! 5. Commit the new baselines, the core mark, and one report per node (split into
+//!    reports of at most `traffic.max_items` items, each with its own `report_id`) as
+//!    one write. Nothing is committed when no user's counters grew and the core did not
+//!    restart.
+//!
+//! Why the counters are never reset: a reset is a swap per counter, and uplink and
+//! downlink are separate counters, so a crash between the reset and the commit would
+//! lose those bytes for good. Reading without resetting and keeping the baseline in the
+//! same write as the report makes a crash at any instant harmless.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use uuid::Uuid;
+
+use super::state::{self, CoreMark, Pair};
+use super::{Item, Report};
+use crate::config::Config;
+use crate::peers::xray::{SysStats, XrayClient};
+use crate::queue::{Commit, Dedupe, JobKind, NewJob, Queue, rfc3339};
+
+/// Slack for the uptime rule within one agent process (monotonic clock): uptime is
+/// whole seconds, read somewhere within a call.
+const SLACK_SECS: f64 = 2.0;
+/// Slack across agent restarts, where only the wall clock relates two readings: a
+/// clock step forward larger than this and the core's age would read as a restart.
+const WALL_SLACK_SECS: f64 = 120.0;
+
+/// What one collection did.
+#[derive(Debug, Clone, Default)]
+pub struct Collected {
+    /// (node, report id, items, upload, download, job id) per report committed.
+    pub reports: Vec<Committed>,
+    /// The core restarted since the previous collection.
+    pub restarted: bool,
+    /// Counters read (user uplink and downlink).
+    pub counters: usize,
+    /// Emails skipped: not of the template's shape for any node.
+    pub foreign: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub node_id: u64,
+    pub report_id: String,
+    pub job_id: u64,
+    pub items: usize,
+    pub upload: u64,
+    pub download: u64,
+}
+
+/// The collector. One per core; collections never overlap (`&mut self`).
+pub struct Collector {
+    queue: Queue,
+    core: XrayClient,
+    config: Arc<Config>,
+    matchers: Vec<Matcher>,
+    /// The baselines as committed.
+    bases: HashMap<String, Pair>,
+    /// The core as committed; `seen` is the last reading in this process.
+    mark: Option<CoreMark>,
+    seen: Option<(SysStats, Instant)>,
+    next_seq: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error("cannot read the core's counters: {0}")]
+    Core(#[from] crate::peers::xray::XrayError),
+    #[error(
+        "the core restarted while its counters were read; nothing counted, the next collection reads again"
+    )]
+    RestartedDuringRead,
+    #[error("traffic state: {0}")]
+    State(String),
+    #[error(transparent)]
+    Queue(#[from] crate::queue::Error),
+}
+
+impl Collector {
+    /// Loads the baselines. Fails when a baseline record cannot be read: counting
+    /// from zero then would report that user's whole counter again.
+    pub fn new(
+        queue: Queue,
+        core: XrayClient,
+        config: Arc<Config>,
+    ) -> Result<Collector, CollectError> {
+        let mark = state::load_core(&queue).map_err(CollectError::State)?;
+        let bases = state::load_bases(&queue).map_err(CollectError::State)?;
+        let template = config
+            .xray
+            .as_ref()
+            .map_or("{uuid}", |x| x.email_template.as_str());
+        let matchers = config
+            .nodes
+            .iter()
+            .filter_map(|n| Matcher::new(template, n.id))
+            .collect();
+        Ok(Collector {
+            next_seq: mark.map_or(0, |m| m.next_seq),
+            queue,
+            core,
+            config,
+            matchers,
+            bases,
+            mark,
+            seen: None,
+        })
+    }
+
+    /// One collection; see the module doc.
+    pub async fn collect(&mut self) -> Result<Collected, CollectError> {
+        let before = self.core.sys_stats().await?;
+        let counters = self.core.query_stats("user>>>", false).await?;
+        let after = self.core.sys_stats().await?;
+        let read_at = Instant::now();
+        if after.went_back(&before) {
+            return Err(CollectError::RestartedDuringRead);
+        }
+        let now = self.queue.now();
+        let restarted = self.restarted(&before, now);
+
+        let mut values: HashMap<&str, Pair> = HashMap::new();
+        for (name, value) in &counters {
+            let Some((email, dir)) = parse_counter(name) else {
+                continue;
+            };
+            values.entry(email).or_default()[dir] = u64::try_from(*value).unwrap_or(0);
+        }
+
+        let mut per_node: BTreeMap<u64, Vec<Item>> = BTreeMap::new();
+        let mut writes = Vec::new();
+        let mut foreign = 0;
+        let mut new_bases: Vec<(String, Pair)> = Vec::new();
+        for (&email, &value) in &values {
+            let Some((node_id, uuid)) = self.attribute(email) else {
+                foreign += 1;
+                continue;
+            };
+            let base = if restarted {
+                [0, 0]
+            } else {
+                self.bases.get(email).copied().unwrap_or_default()
+            };
+            let mut delta = [0u64; 2];
+            for d in 0..2 {
+                delta[d] = if value[d] >= base[d] {
+                    value[d] - base[d]
+                } else {
+                    tracing::warn!(
+                        email,
+                        counter = if d == 0 { "uplink" } else { "downlink" },
+                        was = base[d],
+                        now = value[d],
+                        "a traffic counter went down without a core restart (reset by someone else?): counting it from zero"
+                    );
+                    value[d]
+                };
+            }
+            if delta != [0, 0] {
+                per_node.entry(node_id).or_default().push(Item {
+                    uuid: uuid.hyphenated().to_string(),
+                    upload: delta[0],
+                    download: delta[1],
+                });
+            }
+            if self.bases.get(email).copied().unwrap_or_default() != value {
+                writes.push(state::put_base(email, value));
+                new_bases.push((email.to_string(), value));
+            }
+        }
+        let mut gone = Vec::new();
+        if restarted {
+            // The old process's baselines mean nothing to the new one.
+            for email in self.bases.keys() {
+                if !values.contains_key(email.as_str()) {
+                    writes.push(state::delete_base(email));
+                    gone.push(email.clone());
+                }
+            }
+        }
+        self.seen = Some((after, read_at));
+
+        let mut collected = Collected {
+            restarted,
+            counters: counters.len(),
+            foreign,
+            ..Collected::default()
+        };
+        if per_node.is_empty() && !restarted {
+            return Ok(collected);
+        }
+
+        let collected_at = rfc3339(now);
+        let mut seq = self.next_seq;
+        let mut enqueue = Vec::new();
+        let mut reports = Vec::new();
+        let max = self.config.traffic.max_items.max(1);
+        for (node_id, mut items) in per_node {
+            items.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+            for chunk in items.chunks(max) {
+                let report = Report {
+                    report_id: Uuid::new_v4().to_string(),
+                    node_id,
+                    collected_at: collected_at.clone(),
+                    items: chunk.to_vec(),
+                };
+                enqueue.push(NewJob {
+                    kind: JobKind::TrafficReport,
+                    key: super::key(node_id, seq),
+                    payload: report.encode(),
+                    not_before: None,
+                    dedupe: Dedupe::Window,
+                });
+                seq += 1;
+                reports.push(report);
+            }
+        }
+        let mark = CoreMark {
+            sys: after,
+            read_at_ms: now,
+            next_seq: seq,
+        };
+        writes.push(state::put_core(&mark));
+        let done = self
+            .queue
+            .commit(Commit {
+                state: writes,
+                enqueue,
+                ..Commit::default()
+            })
+            .await?;
+
+        // Committed: only now does the in-memory view move.
+        self.next_seq = seq;
+        self.mark = Some(mark);
+        if restarted {
+            for email in gone {
+                self.bases.remove(&email);
+            }
+        }
+        for (email, value) in new_bases {
+            self.bases.insert(email, value);
+        }
+        collected.reports = reports
+            .iter()
+            .zip(&done.enqueued)
+            .map(|(r, e)| Committed {
+                node_id: r.node_id,
+                report_id: r.report_id.clone(),
+                job_id: e.job.id,
+                items: r.items.len(),
+                upload: r.upload(),
+                download: r.download(),
+            })
+            .collect();
+        Ok(collected)
+    }
+
+    /// Whether the core read as `now_sys` is a new process since the baseline.
+    fn restarted(&self, now_sys: &SysStats, now_ms: crate::queue::Millis) -> bool {
+        if let Some((seen, at)) = &self.seen {
+            // Same agent process: the monotonic clock relates the readings.
+            let expected = f64::from(seen.uptime) + at.elapsed().as_secs_f64();
+            if now_sys.went_back(seen) || f64::from(now_sys.uptime) + SLACK_SECS < expected {
+                return true;
+            }
+        }
+        match &self.mark {
+            Some(mark) => {
+                let wall = now_ms.saturating_sub(mark.read_at_ms) as f64 / 1000.0;
+                now_sys.went_back(&mark.sys)
+                    || f64::from(now_sys.uptime) + WALL_SLACK_SECS
+                        < f64::from(mark.sys.uptime) + wall
+            }
+            // Never collected: the baselines (none) are zero anyway.
+            None => false,
+        }
+    }
+
+    /// The node and UUID of a counter's email.
+    fn attribute(&self, email: &str) -> Option<(u64, Uuid)> {
+        self.matchers.iter().find_map(|m| m.matches(email))
+    }
+}
+
+/// `user>>>{email}>>>traffic>>>uplink` → (email, 0); `…downlink` → (email, 1).
+pub fn parse_counter(name: &str) -> Option<(&str, usize)> {
+    let rest = name.strip_prefix("user>>>")?;
+    if let Some(email) = rest.strip_suffix(">>>traffic>>>uplink") {
+        Some((email, 0))
+    } else {
+        rest.strip_suffix(">>>traffic>>>downlink")
+            .map(|email| (email, 1))
+    }
+}
+
+/// Recognises one node's emails: the template with the node id filled in, around a
+/// UUID. Emails are compared in lower case, as the agent adds them.
+#[derive(Debug, Clone)]
+struct Matcher {
+    node_id: u64,
+    prefix: String,
+    suffix: String,
+}
+
+impl Matcher {
+    fn new(template: &str, node_id: u64) -> Option<Matcher> {
+        let t = template
+            .replace("{node_id}", &node_id.to_string())
+            .to_lowercase();
+        let (prefix, suffix) = t.split_once("{uuid}")?;
+        Some(Matcher {
+            node_id,
+            prefix: prefix.to_string(),
+            suffix: suffix.to_string(),
+        })
+    }
+
+    fn matches(&self, email: &str) -> Option<(u64, Uuid)> {
+        let e = email.to_lowercase();
+        let middle = e
+            .strip_prefix(self.prefix.as_str())?
+            .strip_suffix(self.suffix.as_str())?;
+        if middle.len() != 36 {
+            return None;
+        }
+        Uuid::try_parse(middle).ok().map(|u| (self.node_id, u))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_parse() {
+        assert_eq!(
+            parse_counter("user>>>a@x>>>traffic>>>uplink"),
+            Some(("a@x", 0))
+        );
+        assert_eq!(
+            parse_counter("user>>>a@x>>>traffic>>>downlink"),
+            Some(("a@x", 1))
+        );
+        assert_eq!(parse_counter("inbound>>>api>>>traffic>>>uplink"), None);
+        assert_eq!(parse_counter("user>>>a@x>>>online"), None);
+    }
+
+    #[test]
+    fn emails_attribute_to_their_node() {
+        let u = "9b2c8f4e-1f7a-4c1e-9d2a-0f5b6c7d8e9f";
+        let one = Matcher::new("{node_id}:{uuid}", 1).unwrap();
+        let two = Matcher::new("{node_id}:{uuid}", 2).unwrap();
+        assert_eq!(one.matches(&format!("1:{u}")).map(|m| m.0), Some(1));
+        assert_eq!(one.matches(&format!("2:{u}")), None);
+        assert_eq!(
+            two.matches(&format!("2:{}", u.to_uppercase())).map(|m| m.0),
+            Some(2)
+        );
+        let plain = Matcher::new("{uuid}", 5).unwrap();
+        assert_eq!(plain.matches(u).map(|m| m.0), Some(5));
+        assert_eq!(plain.matches("admin@example.com"), None);
+        assert_eq!(plain.matches(&format!("{u}x")), None);
+        assert!(Matcher::new("no-uuid", 1).is_none());
+    }
+}

@@ -1,0 +1,255 @@
+//! `traffic_report`: every byte the core counted, reported to the panel once.
+//!
+//! Two halves:
+//!
+//! - **Collection** ([`collect`]), every `traffic.interval`, outside the queue's workers:
+//!   reads the core's per-user counters without resetting them, takes deltas against
+//!   the persisted baseline, and commits the new baseline together with the reports
+//!   that carry those deltas — one atomic write, so a crash anywhere either loses the
+//!   whole collection (the next one counts the same bytes again) or keeps all of it.
+//! - **Delivery** (this file, a [`Handler`]): one job per report, `POST`ed to the panel
+//!   with `Idempotency-Key: {report_id}`; `2xx` or `409` is delivered, anything else
+//!   retries on the ladder (`repeat-last`: a report is never dropped). A panel that
+//!   deduplicates on `report_id` counts every byte exactly once.
+//!
+//! | reads | writes |
+//! |---|---|
+//! | the core's StatsService (collection) | state `traffic/core`, `traffic/base/{email}` |
+//! | its own jobs (oldest first, below) | the panel's `report-traffic` endpoint |
+//!
+//! # Oldest first
+//!
+//! A node's reports are keyed `traffic/{node_id}/{seq}`, `seq` a zero-padded counter
+//! that only grows, so key order is creation order. A report whose node has an older
+//! report still pending is deferred ([`AttemptResult::Defer`]: no attempt is used up)
+//! until that one is due; a delivered report wakes the node's next one in the same
+//! write as its ack. So after an outage a node's backlog drains in order, at once.
+
+pub mod collect;
+pub mod state;
+pub mod summary;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::peers::panel::{Panel, Reported};
+use crate::queue::{AttemptResult, Effects, Handler, Job, JobKind, JobState, Queue};
+
+pub use collect::{Collected, Collector};
+
+/// What is `POST`ed, exactly: SPEC §3 traffic_report. Also the job's payload, so
+/// `queuectl show` prints the body the panel gets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub report_id: String,
+    pub node_id: u64,
+    /// RFC 3339, when the counters were read.
+    pub collected_at: String,
+    pub items: Vec<Item>,
+}
+
+/// One user's bytes since the previous collection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    pub uuid: String,
+    /// The user's uplink counter's growth.
+    pub upload: u64,
+    /// The user's downlink counter's growth.
+    pub download: u64,
+}
+
+impl Report {
+    pub fn upload(&self) -> u64 {
+        self.items.iter().map(|i| i.upload).sum()
+    }
+
+    pub fn download(&self) -> u64 {
+        self.items.iter().map(|i| i.download).sum()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        // Strings and integers always serialise.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Report, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("bad traffic report payload: {e}"))
+    }
+}
+
+/// The key prefix of one node's reports.
+pub fn node_prefix(node_id: u64) -> String {
+    format!("traffic/{node_id}/")
+}
+
+/// The key of report number `seq` of a node.
+pub fn key(node_id: u64, seq: u64) -> String {
+    format!("traffic/{node_id}/{seq:020}")
+}
+
+/// How long a report waits for an older one that is ready or running (that one wakes
+/// it when delivered; this only bounds a missed wake).
+const RECHECK: Duration = Duration::from_secs(60);
+
+/// Delivers reports.
+pub struct TrafficReport {
+    pub queue: Queue,
+    pub panel: Panel,
+}
+
+impl Handler for TrafficReport {
+    async fn run(&self, job: Job) -> AttemptResult {
+        let report = match Report::decode(&job.payload) {
+            Ok(r) => r,
+            Err(error) => {
+                return AttemptResult::Retry {
+                    error,
+                    retry_after: None,
+                };
+            }
+        };
+        let prefix = node_prefix(report.node_id);
+        match self.older_pending(&prefix, &job.key) {
+            Ok(Some(older)) => {
+                let now = self.queue.now();
+                let until = match older.stored {
+                    crate::queue::Stored::Pending { due_ms } if due_ms > now => due_ms,
+                    _ => now.saturating_add(RECHECK.as_millis() as u64),
+                };
+                return AttemptResult::Defer {
+                    until,
+                    why: format!(
+                        "node {}'s older report #{} is not delivered yet",
+                        report.node_id, older.id
+                    ),
+                };
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return AttemptResult::Retry {
+                    error: format!("cannot read the queue: {e}"),
+                    retry_after: None,
+                };
+            }
+        }
+        let (up, down, items) = (report.upload(), report.download(), report.items.len());
+        match self
+            .panel
+            .report_traffic(&report.report_id, job.payload.clone())
+            .await
+        {
+            Ok(how) => {
+                let answer = match how {
+                    Reported::Accepted(code) => code.to_string(),
+                    Reported::Duplicate => "409 (it had this report already)".to_string(),
+                };
+                tracing::info!(
+                    job = job.id,
+                    node = report.node_id,
+                    report_id = %report.report_id,
+                    items,
+                    upload = up,
+                    download = down,
+                    collected_at = %report.collected_at,
+                    panel = %answer,
+                    "traffic report delivered"
+                );
+                let wake = match self.next_pending(&prefix, &job.key) {
+                    Ok(next) => next.into_iter().collect(),
+                    // It is woken at its due time anyway.
+                    Err(_) => Vec::new(),
+                };
+                AttemptResult::DoneWith(Effects {
+                    note: Some(format!(
+                        "{items} users, {up} B up, {down} B down; panel answered {answer}"
+                    )),
+                    wake,
+                    ..Effects::default()
+                })
+            }
+            Err(e) => AttemptResult::Retry {
+                error: format!("report {}: {e}", report.report_id),
+                retry_after: e.retry_after(),
+            },
+        }
+    }
+}
+
+impl TrafficReport {
+    pub fn new(queue: Queue, panel: Panel) -> Arc<TrafficReport> {
+        Arc::new(TrafficReport { queue, panel })
+    }
+
+    /// The nearest older report of the node that is still pending or running. Stops at
+    /// the first delivered one: everything before it was delivered before it.
+    fn older_pending(&self, prefix: &str, key: &str) -> crate::queue::Result<Option<Job>> {
+        let now = self.queue.now();
+        let mut found = None;
+        self.queue
+            .scan_keys(JobKind::TrafficReport, prefix, Some(key), true, |j| {
+                match j.state(now) {
+                    JobState::Done => false,
+                    // Cancelled by an operator: not in the way.
+                    JobState::Dead => true,
+                    _ => {
+                        found = Some(j);
+                        false
+                    }
+                }
+            })?;
+        Ok(found)
+    }
+
+    /// The node's next report still waiting, if any.
+    fn next_pending(&self, prefix: &str, key: &str) -> crate::queue::Result<Option<u64>> {
+        let now = self.queue.now();
+        let mut found = None;
+        self.queue.scan_keys(
+            JobKind::TrafficReport,
+            prefix,
+            Some(key),
+            false,
+            |j| match j.state(now) {
+                JobState::Scheduled | JobState::Ready | JobState::Running => {
+                    found = Some(j.id);
+                    false
+                }
+                _ => true,
+            },
+        )?;
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_the_spec_shape() {
+        let r = Report {
+            report_id: "r-1".into(),
+            node_id: 7,
+            collected_at: "2026-11-21T10:00:00Z".into(),
+            items: vec![Item {
+                uuid: "9b2c8f4e-0000-4000-8000-000000000001".into(),
+                upload: 123,
+                download: 456,
+            }],
+        };
+        assert_eq!(
+            String::from_utf8(r.encode()).unwrap(),
+            r#"{"report_id":"r-1","node_id":7,"collected_at":"2026-11-21T10:00:00Z","items":[{"uuid":"9b2c8f4e-0000-4000-8000-000000000001","upload":123,"download":456}]}"#
+        );
+        assert_eq!(Report::decode(&r.encode()).unwrap(), r);
+    }
+
+    #[test]
+    fn keys_sort_in_creation_order_and_per_node() {
+        assert!(key(1, 9) < key(1, 10));
+        assert!(key(1, 99).starts_with(&node_prefix(1)));
+        assert!(!key(10, 1).starts_with(&node_prefix(1)));
+    }
+}
