@@ -19,6 +19,7 @@
 //! | `confirm.rs` | `confirm NODE` | confirms one held sync |
 //! | `accept_loss.rs` | `accept-loss` | opens a queue that lost writes; records the loss |
 //! | `bans.rs` | `bans` | reads recent removals and whether they bit |
+//! | `traffic.rs` | `traffic` | reads traffic reports: pending and delivered bytes per node |
 //!
 //! # Offline mode
 //!
@@ -46,6 +47,7 @@ mod purge;
 mod retry;
 mod show;
 mod stats;
+mod traffic;
 
 use std::fmt::Display;
 use std::io::{self, Write};
@@ -120,6 +122,8 @@ enum Command {
     AcceptLoss(accept_loss::Args),
     /// Users removed from a core in the last 15 minutes, and whether each ban bit.
     Bans(bans::Args),
+    /// Traffic reports per node: pending and delivered, with their bytes.
+    Traffic(traffic::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -192,6 +196,7 @@ async fn run(command: Command, config: &Config, json: bool) -> Result<(), Failur
     let mut w = io::BufWriter::new(stdout.lock());
     let mut out = Out { json, w: &mut w };
     match command {
+        Command::Traffic(a) => traffic::run(a, &queue, &mut out)?,
         Command::Stats(a) => stats::run(a, &queue, &mut out)?,
         Command::List(a) => list::run(a, &queue, &mut out)?,
         Command::Show(a) => show::run(a, &queue, &mut out)?,
