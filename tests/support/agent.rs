@@ -100,6 +100,8 @@ pub struct Opts {
     pub xray: Option<String>,
     /// More keys of a node's `[[nodes]]` entry, e.g. `inbound_tag = "in-1"\n`.
     pub node_keys: std::collections::BTreeMap<u64, String>,
+    /// TOML appended at the end of the file: whole sections, e.g. `[traffic]`.
+    pub extra: String,
 }
 
 impl Default for Opts {
@@ -113,6 +115,7 @@ impl Default for Opts {
             removal_guard: None,
             xray: None,
             node_keys: Default::default(),
+            extra: String::new(),
         }
     }
 }
@@ -171,6 +174,7 @@ impl Rig {
         if let Some(ladder) = opts.sync_ladder {
             text.push_str(&format!("[queue.kinds.node_sync]\nladder = {ladder}\n"));
         }
+        text.push_str(&opts.extra);
         let config = dir.path().join("connector.toml");
         write_private(&config, &text);
         Rig {

@@ -1565,3 +1565,108 @@ where
         .map_err(|s| format!("{method}: {:?}: {}", s.code(), s.message()))
     })
 }
+
+// ---- the API, by hand ----
+
+/// The few API messages these tests send, written from ../shared/XRAY-FACTS.md (the
+/// agent has its own, in proto/; these check the cores, not the agent).
+pub mod api {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct TypedMessage {
+        #[prost(string, tag = "1")]
+        pub r#type: String,
+        #[prost(bytes = "vec", tag = "2")]
+        pub value: Vec<u8>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct User {
+        #[prost(uint32, tag = "1")]
+        pub level: u32,
+        #[prost(string, tag = "2")]
+        pub email: String,
+        #[prost(message, optional, tag = "3")]
+        pub account: Option<TypedMessage>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AddUserOperation {
+        #[prost(message, optional, tag = "1")]
+        pub user: Option<User>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RemoveUserOperation {
+        #[prost(string, tag = "1")]
+        pub email: String,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AlterInboundRequest {
+        #[prost(string, tag = "1")]
+        pub tag: String,
+        #[prost(message, optional, tag = "2")]
+        pub operation: Option<TypedMessage>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Empty {}
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct VlessAccount {
+        #[prost(string, tag = "1")]
+        pub id: String,
+        #[prost(string, tag = "2")]
+        pub flow: String,
+        #[prost(string, tag = "3")]
+        pub encryption: String,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SysStatsResponse {
+        #[prost(uint32, tag = "10")]
+        pub uptime: u32,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueryStatsRequest {
+        #[prost(string, tag = "1")]
+        pub pattern: String,
+        #[prost(bool, tag = "2")]
+        pub reset: bool,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Stat {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(int64, tag = "2")]
+        pub value: i64,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct QueryStatsResponse {
+        #[prost(message, repeated, tag = "1")]
+        pub stat: Vec<Stat>,
+    }
+}
+
+/// Every user's traffic counters on `core`, read without resetting them: email →
+/// [uplink, downlink]. Through this file's own messages, not the agent's client.
+pub fn user_counters(core: &Core) -> Result<std::collections::BTreeMap<String, [u64; 2]>, String> {
+    let resp: api::QueryStatsResponse = api_call(
+        core,
+        "stats.command.StatsService",
+        "QueryStats",
+        api::QueryStatsRequest {
+            pattern: "user>>>".into(),
+            reset: false,
+        },
+    )?;
+    let mut out = std::collections::BTreeMap::new();
+    for s in resp.stat {
+        let Some(rest) = s.name.strip_prefix("user>>>") else {
+            continue;
+        };
+        let (email, dir) = if let Some(e) = rest.strip_suffix(">>>traffic>>>uplink") {
+            (e, 0)
+        } else if let Some(e) = rest.strip_suffix(">>>traffic>>>downlink") {
+            (e, 1)
+        } else {
+            continue;
+        };
+        let slot: &mut [u64; 2] = out.entry(email.to_string()).or_default();
+        slot[dir] = u64::try_from(s.value).unwrap_or(0);
+    }
+    Ok(out)
+}

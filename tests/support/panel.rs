@@ -6,6 +6,14 @@
 //! child processes), and a test waits for requests through a condition variable, never
 //! by sleeping.
 //!
+//! It also takes traffic reports (`POST /api/internal/report-traffic`) the way SPEC asks
+//! a panel to: it deduplicates on `report_id` — a report it has is answered `409` and
+//! counted once — and keeps per-user totals, every report, and every duplicate it saw.
+//! Its answer to reports is set like a node's, under the pseudo-node [`REPORTS`]:
+//! `Status(2xx)` takes them (the default), another status refuses them, `Hang` and
+//! `Reset` lose them, and [`Answer::TakeThen`] takes them but answers with an error, as
+//! a panel whose answer is lost on the way back.
+//!
 //! Every response carries `Connection: close`, so each request comes on a new
 //! connection: that is what lets [`Answer::Reset`] reset the very connection a request
 //! came on. The listener peeks at the request line of each new connection, and when the
@@ -25,7 +33,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::net::{TcpListener, TcpStream};
 
 /// What the panel answers for a node.
@@ -42,6 +50,48 @@ pub enum Answer {
     Hang,
     /// Resets the connection once the request has arrived.
     Reset,
+    /// Reports only: takes the report (counts it, once), then answers this status.
+    TakeThen(u16),
+}
+
+/// The pseudo-node whose [`Answer`] is the panel's answer to traffic reports.
+pub const REPORTS: u64 = u64::MAX;
+
+/// What the panel knows of traffic reports.
+#[derive(Debug, Clone, Default)]
+pub struct Ledger {
+    /// Every distinct report, by `report_id`: its body.
+    pub reports: BTreeMap<String, serde_json::Value>,
+    /// `report_id`s sent again after the panel had them (answered `409`, or taken again
+    /// under `TakeThen`, which still counts them once).
+    pub duplicates: Vec<String>,
+    /// (node, uuid) → [upload, download], deduplicated.
+    pub totals: BTreeMap<(u64, String), [u64; 2]>,
+    /// Requests refused as malformed (no or wrong `Idempotency-Key`, bad body).
+    pub malformed: Vec<String>,
+}
+
+impl Ledger {
+    /// One node's totals by uuid.
+    pub fn node(&self, node: u64) -> BTreeMap<String, [u64; 2]> {
+        self.totals
+            .iter()
+            .filter(|((n, _), _)| *n == node)
+            .map(|((_, u), v)| (u.clone(), *v))
+            .collect()
+    }
+
+    /// Report ids in the order the panel first took them, per node.
+    pub fn order(&self, node: u64) -> Vec<String> {
+        let mut v: Vec<(u64, String)> = self
+            .reports
+            .iter()
+            .filter(|(_, b)| b["node_id"].as_u64() == Some(node))
+            .map(|(id, b)| (b["_seq"].as_u64().unwrap_or(0), id.clone()))
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, id)| id).collect()
+    }
 }
 
 impl Answer {
@@ -94,6 +144,7 @@ struct Inner {
     token: String,
     answers: BTreeMap<u64, Answer>,
     requests: Vec<Request>,
+    ledger: Ledger,
 }
 
 struct Shared {
@@ -111,11 +162,12 @@ impl Shared {
     }
 
     fn answer_for(&self, node: u64) -> Answer {
-        self.lock()
-            .answers
-            .get(&node)
-            .cloned()
-            .unwrap_or(Answer::Status(404))
+        let default = if node == REPORTS {
+            Answer::Status(200)
+        } else {
+            Answer::Status(404)
+        };
+        self.lock().answers.get(&node).cloned().unwrap_or(default)
     }
 
     fn record(&self, node: u64, headers: &HeaderMap, answered: &str) {
@@ -158,6 +210,7 @@ impl Panel {
                 token: token.to_string(),
                 answers: BTreeMap::new(),
                 requests: Vec::new(),
+                ledger: Ledger::default(),
             }),
             changed: Condvar::new(),
             started: Instant::now(),
@@ -168,6 +221,7 @@ impl Panel {
         let addr = listener.local_addr().expect("the panel's address");
         let app = axum::Router::new()
             .route("/api/internal/nodes/{id}/allowed-uuids", get(allowed_uuids))
+            .route("/api/internal/report-traffic", post(report_traffic))
             .with_state(shared.clone());
         let listener = Resetting {
             inner: listener,
@@ -232,6 +286,41 @@ impl Panel {
             if left.is_zero() {
                 return Err(format!(
                     "the panel did not get the awaited request within {timeout:?}; requests:\n{}",
+                    show(&inner.requests)
+                ));
+            }
+            inner = self
+                .shared
+                .changed
+                .wait_timeout(inner, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// What the panel has taken of traffic reports.
+    pub fn ledger(&self) -> Ledger {
+        self.shared.lock().ledger.clone()
+    }
+
+    /// Waits until the ledger satisfies `pred`; on timeout, `Err` with the requests.
+    pub fn wait_ledger(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&Ledger) -> bool,
+    ) -> Result<Ledger, String> {
+        let deadline = Instant::now() + timeout;
+        let mut inner = self.shared.lock();
+        loop {
+            if pred(&inner.ledger) {
+                return Ok(inner.ledger.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "the panel's ledger did not reach the awaited state within {timeout:?}; {} reports, {} duplicates; requests:\n{}",
+                    inner.ledger.reports.len(),
+                    inner.ledger.duplicates.len(),
                     show(&inner.requests)
                 ));
             }
@@ -312,7 +401,7 @@ async fn allowed_uuids(
                     r
                 }
             }
-            Answer::Status(code) => {
+            Answer::Status(code) | Answer::TakeThen(code) => {
                 shared.record(node, &headers, &code.to_string());
                 let status = StatusCode::from_u16(code).unwrap_or(StatusCode::IM_A_TEAPOT);
                 (status, format!("panel says {code}")).into_response()
@@ -337,6 +426,116 @@ async fn allowed_uuids(
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
+}
+
+/// `POST /api/internal/report-traffic`: checks the token and the `Idempotency-Key`,
+/// then takes the report once per `report_id`.
+async fn report_traffic(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let token_ok = {
+        let inner = shared.lock();
+        headers
+            .get("x-internal-token")
+            .is_some_and(|v| v.as_bytes() == inner.token.as_bytes())
+    };
+    let answer = shared.answer_for(REPORTS);
+    let mut resp = if !token_ok {
+        shared.record(REPORTS, &headers, "401");
+        (StatusCode::UNAUTHORIZED, "invalid internal token").into_response()
+    } else {
+        match answer {
+            Answer::Hang => {
+                shared.record(REPORTS, &headers, "hang");
+                std::future::pending::<()>().await;
+                unreachable!("a pending future never completes")
+            }
+            Answer::Reset => {
+                shared.record(REPORTS, &headers, "503 (reset raced)");
+                StatusCode::SERVICE_UNAVAILABLE.into_response()
+            }
+            Answer::Status(code) if !(200..300).contains(&code) => {
+                shared.record(REPORTS, &headers, &code.to_string());
+                let status = StatusCode::from_u16(code).unwrap_or(StatusCode::IM_A_TEAPOT);
+                (status, format!("panel says {code}")).into_response()
+            }
+            other => {
+                let (taken, note) = take_report(&shared, &headers, &body);
+                let code = match (&other, taken) {
+                    (_, Err(_)) => 400,
+                    (Answer::TakeThen(code), Ok(_)) => *code,
+                    (_, Ok(false)) => 409,
+                    (Answer::Status(code), Ok(true)) => *code,
+                    (_, Ok(true)) => 200,
+                };
+                shared.record(REPORTS, &headers, &format!("{code} {note}"));
+                let status = StatusCode::from_u16(code).unwrap_or(StatusCode::IM_A_TEAPOT);
+                (status, note).into_response()
+            }
+        }
+    };
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// Takes one report into the ledger: `Ok(true)` new, `Ok(false)` a duplicate.
+fn take_report(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> (Result<bool, ()>, String) {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let parsed: Result<serde_json::Value, _> = serde_json::from_slice(body);
+    let mut inner = shared.lock();
+    let checked = (|| {
+        let mut report = parsed.map_err(|_| "body is not JSON".to_string())?;
+        let id = report["report_id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or("no report_id")?;
+        if key.as_deref() != Some(id.as_str()) {
+            return Err(format!("Idempotency-Key {key:?} is not the report_id {id}"));
+        }
+        let (Some(node), Some(items)) = (report["node_id"].as_u64(), report["items"].as_array())
+        else {
+            return Err(format!("report {id}: no node_id or items"));
+        };
+        let mut adds = Vec::new();
+        for item in items {
+            let (Some(uuid), Some(up), Some(down)) = (
+                item["uuid"].as_str(),
+                item["upload"].as_u64(),
+                item["download"].as_u64(),
+            ) else {
+                return Err(format!("report {id}: a malformed item {item}"));
+            };
+            adds.push((uuid.to_string(), up, down));
+        }
+        report["_seq"] = serde_json::Value::Null;
+        Ok((id, node, adds, report))
+    })();
+    let (id, node, adds, mut report) = match checked {
+        Ok(c) => c,
+        Err(why) => {
+            inner.ledger.malformed.push(why.clone());
+            return (Err(()), why);
+        }
+    };
+    if inner.ledger.reports.contains_key(&id) {
+        inner.ledger.duplicates.push(id.clone());
+        return (Ok(false), format!("duplicate {id}"));
+    }
+    for (uuid, up, down) in adds {
+        let t = inner.ledger.totals.entry((node, uuid)).or_default();
+        t[0] += up;
+        t[1] += down;
+    }
+    let seq = inner.ledger.reports.len() as u64;
+    report["_seq"] = serde_json::Value::from(seq);
+    inner.ledger.reports.insert(id.clone(), report);
+    (Ok(true), format!("took {id}"))
 }
 
 /// A listener that resets the connections of requests whose node answers `Reset`.
@@ -390,12 +589,15 @@ async fn request_head(stream: &TcpStream) -> Option<(u64, HeaderMap)> {
             let text = std::str::from_utf8(&head[..end]).ok()?;
             let mut lines = text.split("\r\n");
             let path = lines.next()?.split(' ').nth(1)?;
-            let node = path
-                .strip_prefix("/api/internal/nodes/")?
-                .split('/')
-                .next()?
-                .parse()
-                .ok()?;
+            let node = if path == "/api/internal/report-traffic" {
+                REPORTS
+            } else {
+                path.strip_prefix("/api/internal/nodes/")?
+                    .split('/')
+                    .next()?
+                    .parse()
+                    .ok()?
+            };
             let mut headers = HeaderMap::new();
             for line in lines {
                 if let Some((name, value)) = line.split_once(':')
