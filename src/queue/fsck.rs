@@ -11,7 +11,7 @@
 //! | `p` `r` `f` | malformed key or value | moved to quarantine |
 //! | `p` `r` `f` | names a job whose record is missing | moved to quarantine (it is the only trace of that job) |
 //! | `p` `r` `f` | names a job that is in another state (stale) | removed: the job's record is the truth, and its right entry is written |
-//! | `k` | malformed value, or names a job that is missing or has another key | removed, unless a job of that key needs it (then re-pointed) |
+//! | `k` | malformed value, or names a job that is missing (not quarantined) or has another key | removed, unless a job of that key needs it (then re-pointed) |
 //! | `s` name | the envelope does not check (version, CRC) | moved to quarantine |
 //! | `c` | the quarantine entry itself does not decode | reported; left as it is |
 //! | `m/next_id` | not above the highest job id (ids could be reused) | raised |
@@ -259,7 +259,13 @@ impl Queue {
                 );
                 continue;
             };
-            if unreadable.contains(&id) || self.job_has_key(id, kind, key)? {
+            // A job moved to quarantine keeps its key's entry: the record is still there,
+            // set aside, and the entry is all that ties the key to it.
+            let quarantined = self
+                .inner
+                .db
+                .contains_key(keys::quarantine(&keys::job(id)))?;
+            if quarantined || unreadable.contains(&id) || self.job_has_key(id, kind, key)? {
                 continue;
             }
             found.problem(
