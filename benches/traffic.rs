@@ -86,7 +86,10 @@ struct Sample {
 }
 
 fn measure<T>(f: impl FnOnce() -> T) -> (T, Sample) {
-    let (a, b) = (ALLOCS.load(Ordering::Relaxed), BYTES.load(Ordering::Relaxed));
+    let (a, b) = (
+        ALLOCS.load(Ordering::Relaxed),
+        BYTES.load(Ordering::Relaxed),
+    );
     let t = Instant::now();
     let out = f();
     let time = t.elapsed();
@@ -169,10 +172,11 @@ fn bench(rt: &tokio::runtime::Runtime, n: usize) {
         t.elapsed().as_millis()
     );
 
-    let mut config = Config::default();
-    config.xray = Some(xray.clone());
-    config.nodes = vec![node.clone()];
-    let config = Arc::new(config);
+    let config = Arc::new(Config {
+        xray: Some(xray.clone()),
+        nodes: vec![node.clone()],
+        ..Config::default()
+    });
 
     let mut base = Vec::new();
     let mut counters = 0;

@@ -10,9 +10,12 @@
 //! - [`daemon`]: the long-running process: producers, workers, shutdown, `--once`.
 //! - [`config`]: the configuration file and environment, validated into typed settings.
 //! - [`telemetry`]: logging (`RUST_LOG`, `--log-format text|json`).
+//! - [`admin`]: the daemon's admin API (gRPC over a Unix socket) that `queuectl` uses
+//!   while the daemon runs, and the operations it shares with an offline `queuectl`.
 //! - [`cli`]: the two command lines, `connector` and `queuectl`; `src/bin/` only calls
 //!   into them.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -32,15 +32,26 @@ struct Run {
     cmd: String,
     code: Option<i32>,
     stdout: String,
+    /// stderr without `queue_line`.
     stderr: String,
+    /// queuectl's first stderr line saying which queue it used
+    /// (`queuectl: database at …` / `queuectl: daemon at …`), if it printed one.
+    queue_line: Option<String>,
 }
 
 impl fmt::Display for Run {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "\n--- command\n{}\n--- exit code\n{:?}\n--- stdout\n{}\n--- stderr\n{}\n---",
-            self.cmd, self.code, self.stdout, self.stderr
+            "\n--- command\n{}\n--- exit code\n{:?}\n--- stdout\n{}\n--- stderr\n{}{}\n---",
+            self.cmd,
+            self.code,
+            self.stdout,
+            self.queue_line
+                .as_deref()
+                .map(|l| format!("{l}\n"))
+                .unwrap_or_default(),
+            self.stderr
         )
     }
 }
@@ -118,11 +129,26 @@ fn run(mut cmd: Command) -> Run {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let out = spawn(&mut cmd).wait_with_output().unwrap();
+    let (queue_line, stderr) = split_queue_line(&String::from_utf8_lossy(&out.stderr));
     Run {
         cmd: command_line(&cmd),
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stderr,
+        queue_line,
+    }
+}
+
+/// Splits off queuectl's "which queue" line from the rest of its stderr.
+fn split_queue_line(stderr: &str) -> (Option<String>, String) {
+    match stderr.split_once('\n') {
+        Some((first, rest))
+            if first.starts_with("queuectl: database at ")
+                || first.starts_with("queuectl: daemon at ") =>
+        {
+            (Some(first.to_string()), rest.to_string())
+        }
+        _ => (None, stderr.to_string()),
     }
 }
 
@@ -455,6 +481,14 @@ fn stats_counts_jobs_by_kind_and_state() {
         .stdout_has("oldest ready job: due ")
         .stdout_has("quarantined records: 0");
     assert!(r.stderr.is_empty(), "{r}");
+    assert_eq!(
+        r.queue_line,
+        Some(format!(
+            "queuectl: database at {} (no daemon running)",
+            fx.data_dir().join("queue").display()
+        )),
+        "one line says which queue was used{r}"
+    );
 
     let r = fx.queuectl(&["stats", "--json"]).ok();
     let v = r.json();
@@ -764,6 +798,8 @@ fn export_into_a_closed_pipe_exits_quietly() {
         .unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    let (queue_line, stderr) = split_queue_line(&stderr);
+    assert!(queue_line.is_some(), "{stderr}");
     assert_eq!(stderr, "", "a broken pipe is not an error");
 }
 
@@ -810,24 +846,43 @@ fn quarantined_records_show_in_stats_and_list() {
 
 // ---- errors ----
 
+/// A running daemon answers on its admin socket, so queuectl works while it runs
+/// (`tests/admin.rs` compares every command with its offline output). Exit 3 is left
+/// for a database held by a process that does not answer there: here, a daemon looked
+/// for at the wrong socket.
 #[test]
-fn a_running_daemon_holding_the_queue_is_exit_3() {
+fn a_database_held_by_a_daemon_that_does_not_answer_is_exit_3() {
     let fx = Fixture::seeded();
     let mut daemon = Daemon::start(&fx.config);
 
-    let r = fx
-        .queuectl(&["stats"])
-        .code(3)
-        .one_error_line("is held by a running connector daemon; stop it first");
-    assert!(
-        r.stderr
-            .contains(&fx.data_dir().join("queue").display().to_string()),
+    let r = fx.queuectl(&["stats", "--json"]).ok();
+    assert_eq!(r.json()["totals"]["ready"], 2, "{r}");
+    assert_eq!(
+        r.queue_line,
+        Some(format!(
+            "queuectl: daemon at {}",
+            fx.data_dir().join("admin.sock").display()
+        )),
         "{r}"
     );
-    assert!(r.stdout.is_empty(), "{r}");
-    fx.queuectl(&["cancel", &fx.id("evt-c").to_string()])
+
+    let elsewhere = fx.dir.path().join("nobody-here.sock");
+    let r = fx
+        .queuectl(&["stats", "--socket", elsewhere.to_str().unwrap()])
         .code(3)
-        .one_error_line("held by a running connector daemon");
+        .one_error_line("is held by another process, but no daemon running");
+    for path in [fx.data_dir().join("queue"), elsewhere] {
+        assert!(r.stderr.contains(&path.display().to_string()), "{r}");
+    }
+    assert!(r.stdout.is_empty(), "{r}");
+    fx.queuectl(&[
+        "cancel",
+        &fx.id("evt-c").to_string(),
+        "--socket",
+        fx.dir.path().join("nobody-here.sock").to_str().unwrap(),
+    ])
+    .code(3)
+    .one_error_line("held by another process");
 
     assert_eq!(daemon.stop(), Some(0), "SIGTERM is a clean stop");
     let v = fx.queuectl(&["stats", "--json"]).ok().json();
@@ -866,7 +921,7 @@ impl Daemon {
             lines,
             seen: Vec::new(),
         };
-        d.wait_for("queue open");
+        d.wait_for("admin socket open");
         d
     }
 

@@ -2,7 +2,8 @@
 //! library; `src/bin/*.rs` only call `main` here.
 //!
 //! Exit codes (both binaries): 0 success, 1 runtime failure, 2 configuration or usage
-//! error, 3 (`queuectl`) the database is held by a running daemon.
+//! error, 3 (`queuectl`) the database is held by another process but no daemon answers
+//! on the admin socket.
 
 pub mod connector;
 pub mod queuectl;

@@ -34,6 +34,8 @@ pub struct Config {
     pub nodes: Vec<Node>,
     pub traffic: Traffic,
     pub queue: queue::Settings,
+    /// `[admin] socket`: the admin socket's path, when not `{data_dir}/admin.sock`.
+    pub admin_socket: Option<PathBuf>,
     /// How long running attempts may take to finish after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
     /// Problems that do not stop the program (a token file readable by others).
@@ -56,6 +58,7 @@ impl Default for Config {
             nodes: Vec::new(),
             traffic: Traffic::default(),
             queue,
+            admin_socket: None,
             shutdown_timeout: Duration::from_secs(30),
             warnings: Vec::new(),
         }
@@ -66,6 +69,13 @@ impl Config {
     /// Where the queue database lives.
     pub fn queue_path(&self) -> PathBuf {
         self.data_dir.join("queue")
+    }
+
+    /// Where the daemon serves its admin API (`queuectl` while it runs).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(crate::admin::SOCKET_NAME))
     }
 
     pub fn node(&self, id: u64) -> Option<&Node> {

@@ -33,6 +33,15 @@ struct RawConfig {
     traffic: RawTraffic,
     #[serde(default)]
     queue: RawQueue,
+    #[serde(default)]
+    admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    /// Empty: the default, `{data_dir}/admin.sock`.
+    socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +190,9 @@ fn apply_raw(cfg: &mut Config, raw: RawConfig, pending: &mut Pending) -> Result<
     }
     if let Some(d) = raw.shutdown_timeout {
         cfg.shutdown_timeout = d;
+    }
+    if let Some(s) = raw.admin.socket.filter(|s| !s.as_os_str().is_empty()) {
+        cfg.admin_socket = Some(s);
     }
 
     let p = raw.panel;

@@ -35,6 +35,11 @@ fn render_into(cfg: &Config, o: &mut String) -> std::fmt::Result {
     }
     writeln!(o, "data_dir = {}", q(&cfg.data_dir.display().to_string()))?;
     writeln!(o, "shutdown_timeout = {}", d(cfg.shutdown_timeout))?;
+    writeln!(
+        o,
+        "\n[admin]\nsocket = {}",
+        q(&cfg.admin_socket().display().to_string())
+    )?;
 
     writeln!(o, "\n[panel]\nbase_url = {}", q(&cfg.panel.base_url))?;
     match (

@@ -7,6 +7,9 @@
 //! dropped (its hook killed) and, being `running` on disk, runs again at the next start.
 //! Then the queue is flushed.
 //!
+//! The admin socket (`crate::admin`) is served from the queue's opening until it is
+//! flushed at the end, so `queuectl` works during the shutdown's wait as well.
+//!
 //! `--once` ([`run_once`]): one sync per node, the applies those syncs cause, then exit.
 
 mod core_watch;
@@ -179,6 +182,14 @@ impl Agent {
 /// Runs the daemon until `shutdown` is cancelled, then stops as described above.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let agent = Agent::open(config)?;
+    // For the daemon's whole life, so `queuectl` works until the queue is flushed.
+    let admin = crate::admin::Server::start(
+        crate::admin::Ctx {
+            queue: agent.queue.clone(),
+            config: agent.config.clone(),
+        },
+        &agent.config.admin_socket(),
+    )?;
     let stop = shutdown.child_token();
     let mut tasks = JoinSet::new();
     agent.spawn_workers(&mut tasks, &stop);
@@ -228,6 +239,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let _ = w.await;
     }
     let drained = agent.drain(tasks).await;
+    admin.stop().await;
     match early {
         Some(Ok(Err(e))) => return Err(anyhow::Error::new(e).context("the queue failed")),
         Some(Err(e)) => return Err(anyhow::anyhow!("a worker pool ended: {e}")),

@@ -270,13 +270,14 @@ impl Queue {
         };
         self.durable().await?;
         self.wake(job.kind);
+        self.emit_retried(&job);
         Ok(job)
     }
 
     /// Retries every dead job (of one kind, or all). Jobs whose key was taken by a newer
     /// job are left dead. Returns how many were retried.
     pub async fn retry_dead(&self, kind: Option<JobKind>) -> Result<u64> {
-        let mut n = 0;
+        let mut retried = Vec::new();
         {
             let _w = self.lock();
             let ids: Vec<u64> = self
@@ -290,7 +291,7 @@ impl Queue {
             for id in ids {
                 if let Some(job) = self.load_locked(id)? {
                     match self.retry_locked(job) {
-                        Ok(_) => n += 1,
+                        Ok(job) => retried.push(job),
                         Err(Error::KeyTaken { .. }) => {}
                         Err(e) => return Err(e),
                     }
@@ -301,7 +302,16 @@ impl Queue {
         for kind in JobKind::ALL {
             self.wake(kind);
         }
-        Ok(n)
+        for job in &retried {
+            self.emit_retried(job);
+        }
+        Ok(retried.len() as u64)
+    }
+
+    fn emit_retried(&self, job: &Job) {
+        if let Stored::Pending { due_ms } = job.stored {
+            self.emit(job, super::EventKind::Retried { due_ms });
+        }
     }
 
     fn retry_locked(&self, mut job: Job) -> Result<Job> {
@@ -373,6 +383,7 @@ impl Queue {
             job
         };
         self.durable().await?;
+        self.emit(&job, super::EventKind::Cancelled);
         Ok(job)
     }
 

@@ -115,13 +115,31 @@ pub fn parse_id(key: &[u8]) -> Option<u64> {
     be_u64(&key[1..])
 }
 
-/// A readable rendering of a key for error messages: `j/42`, `s/node/1/sync`, printable
-/// text as it is, else hex.
+/// A readable rendering of a key for error messages: `j/42`, `s/node/1/sync`,
+/// `p/webhook/1767225600000/42`, `f/dead/1767225600000/42`, `k/webhook/evt-a`,
+/// printable text as it is, else hex.
 pub fn display(key: &[u8]) -> String {
+    let kind = |code: u8| JobKind::from_code(code).map_or(format!("kind{code}"), |k| k.to_string());
     match key.first() {
         Some(&JOB) | Some(&RUNNING) if key.len() == 9 => {
             format!("{}/{}", key[0] as char, parse_id(key).unwrap_or_default())
         }
+        Some(&PENDING) if let Some((code, due, id)) = parse_pending(key) => {
+            format!("p/{}/{due}/{id}", kind(code))
+        }
+        Some(&FINISHED) if let Some((state, at, id)) = parse_finished(key) => {
+            let state = match state {
+                FINISHED_DONE => "done".to_string(),
+                FINISHED_DEAD => "dead".to_string(),
+                other => format!("state{other}"),
+            };
+            format!("f/{state}/{at}/{id}")
+        }
+        Some(&IDEM) if key.len() >= 2 => format!(
+            "k/{}/{}",
+            kind(key[1]),
+            String::from_utf8_lossy(&key[2..]).escape_default()
+        ),
         Some(&QUARANTINE) => format!("c/{}", display(&key[1..])),
         Some(&STATE) => format!("s/{}", String::from_utf8_lossy(&key[1..])),
         _ => match std::str::from_utf8(key) {

@@ -38,6 +38,7 @@ mod clock;
 mod combine;
 mod commit;
 mod disk;
+mod fsck;
 mod keys;
 mod kind;
 mod ladder;
@@ -53,6 +54,7 @@ use tokio::sync::{Notify, broadcast};
 
 pub use admin::{JobView, ListFilter, PurgeFilter, QuarantineView, Stats};
 pub use clock::{Clock, ManualClock, Millis, SystemClock, rfc3339};
+pub use fsck::{FsckProblem, FsckReport};
 pub use kind::JobKind;
 pub use ladder::{KindSettings, OnExhausted, Settings, after_interruption, next_delay};
 pub use record::{Attempt, DeadReason, Job, Outcome, RecordError, Stored};
@@ -299,6 +301,12 @@ pub enum EventKind {
         due_ms: Millis,
     },
     Dead,
+    /// An operator made a dead or scheduled job due now (`queuectl retry`).
+    Retried {
+        due_ms: Millis,
+    },
+    /// An operator cancelled a pending or running job; it is dead.
+    Cancelled,
 }
 
 struct WriteState {
@@ -900,7 +908,9 @@ impl Queue {
         Ok(())
     }
 
-    fn quarantine_locked(&self, key: &[u8], raw: &[u8], err: &RecordError) -> Result<()> {
+    /// Moves the record under `key` to quarantine with `err` as its reason; a job's
+    /// index entries go with it. The caller holds the write lock.
+    fn quarantine_locked(&self, key: &[u8], raw: &[u8], err: &dyn std::fmt::Display) -> Result<()> {
         tracing::error!(
             key = %keys::display(key),
             error = %err,

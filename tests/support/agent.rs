@@ -369,7 +369,8 @@ impl Rig {
         std::fs::read_to_string(self.hook_dir().join(format!("seen-{n}.txt"))).unwrap_or_default()
     }
 
-    /// `queuectl --config … ARGS` (the agent must be stopped).
+    /// `queuectl --config … ARGS`: through the agent's admin socket while it runs, else
+    /// on the database.
     pub fn queuectl(&self, args: &[&str]) -> Value {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_queuectl"));
         scrub(&mut cmd);
@@ -592,6 +593,19 @@ impl Daemon {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let lines = Lines::read_from(child.stderr.take().unwrap());
+        Daemon { child, lines }
+    }
+
+    /// As [`Daemon::spawn`], but the lines are the child's stdout (`queuectl tail`);
+    /// its stderr is dropped.
+    pub fn spawn_with_stdout(mut cmd: Command) -> Daemon {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let lines = Lines::read_from(child.stdout.take().unwrap());
         Daemon { child, lines }
     }
 }

@@ -8,18 +8,25 @@
 //! `queuectl stats` from then on) and ids are never reused.
 //!
 //! Writes: one quarantine entry; the id counter.
+//!
+//! Offline by nature: only a database that refuses to open needs this, and then no
+//! daemon can be running. With a daemon answering, it lists the losses already
+//! accepted (the same output as offline once the loss is recorded).
 
-use super::Out;
-use crate::queue::Queue;
+use super::{Backend, Out};
+use crate::queue::QuarantineView;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
 
-pub fn run(_args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
-    let losses: Vec<_> = queue
-        .quarantined()?
+pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+    let losses: Vec<QuarantineView> = backend
+        .quarantined()
+        .await?
+        .records
         .into_iter()
         .filter(|q| q.key.starts_with("lost-writes/"))
+        .map(Into::into)
         .collect();
     if out.json {
         out.json(&losses)?;

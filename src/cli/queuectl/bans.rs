@@ -6,9 +6,9 @@
 
 use serde::Serialize;
 
-use super::{Align, Out, Table, relative};
-use crate::jobs::xray_apply::bans::{self, Ban};
-use crate::queue::{Queue, rfc3339};
+use super::{Align, Backend, Out, Table, relative};
+use crate::admin::pb::Ban;
+use crate::queue::rfc3339;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
@@ -22,30 +22,17 @@ struct BanJson<'a> {
     biting: bool,
 }
 
-pub fn run(_args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
-    let mut rows: Vec<(u64, String, Ban)> = Vec::new();
-    for (name, bytes) in queue.state_scan("node/")? {
-        let Some(node) = name
-            .strip_prefix("node/")
-            .and_then(|r| r.strip_suffix("/bans"))
-            .and_then(|id| id.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        let Ok(b) = serde_json::from_slice::<bans::Bans>(&bytes) else {
-            continue;
-        };
-        rows.extend(b.into_iter().map(|(email, ban)| (node, email, ban)));
-    }
+pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+    let rows = backend.bans().await?.bans;
     if out.json {
         let v: Vec<BanJson> = rows
             .iter()
-            .map(|(node, email, b)| BanJson {
-                node_id: *node,
-                user: email,
-                removed_at: rfc3339(b.removed_at),
+            .map(|b| BanJson {
+                node_id: b.node_id,
+                user: &b.user,
+                removed_at: rfc3339(b.removed_at_ms),
                 bytes_since_removal: b.bytes_since,
-                biting: b.biting(),
+                biting: biting(b),
             })
             .collect();
         out.json(&v)?;
@@ -62,18 +49,18 @@ pub fn run(_args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> 
         ("BYTES SINCE", Align::Right),
         ("BAN", Align::Left),
     ]);
-    let now = queue.now();
-    for (node, email, b) in &rows {
+    let now = backend.now();
+    for b in &rows {
         t.row(vec![
-            node.to_string(),
-            email.clone(),
+            b.node_id.to_string(),
+            b.user.clone(),
             format!(
                 "{} ({})",
-                rfc3339(b.removed_at),
-                relative(b.removed_at, now)
+                rfc3339(b.removed_at_ms),
+                relative(b.removed_at_ms, now)
             ),
             b.bytes_since.to_string(),
-            if b.biting() {
+            if biting(b) {
                 "biting".into()
             } else {
                 "NOT YET: established connections still carry traffic".into()
@@ -82,4 +69,9 @@ pub fn run(_args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> 
     }
     out.table(&t)?;
     Ok(())
+}
+
+/// As [`crate::jobs::xray_apply::bans::Ban::biting`]: no traffic since the removal.
+fn biting(b: &Ban) -> bool {
+    b.bytes_since == 0
 }

@@ -4,8 +4,7 @@
 //! (or retried). A worker still running it finds its lease lost when it reports. Done
 //! and dead jobs cannot be cancelled.
 
-use super::{Out, printable};
-use crate::queue::{JobView, Queue};
+use super::{Backend, Out, printable, view};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -13,10 +12,10 @@ pub struct Args {
     id: u64,
 }
 
-pub async fn run(args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
-    let job = queue.cancel(args.id).await?;
+pub async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+    let job = view(backend.cancel(args.id).await?, backend.now())?;
     if out.json {
-        out.json(&JobView::new(&job, queue.now()))?;
+        out.json(&job)?;
     } else {
         out.line(format!(
             "job {} ({}, key {}) cancelled: it is dead (cancelled) until purged or retried",

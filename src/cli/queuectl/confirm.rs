@@ -3,9 +3,7 @@
 //!
 //! Writes: the node's sync state (the hold's `confirmed` flag). Nothing else.
 
-use super::Out;
-use crate::jobs::node_sync::state;
-use crate::queue::Queue;
+use super::{Backend, Out};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -13,22 +11,20 @@ pub struct Args {
     node: u64,
 }
 
-pub async fn run(args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
-    let held = state::confirm(queue, args.node)
-        .await
-        .map_err(anyhow::Error::msg)?
-        .ok_or_else(|| anyhow::anyhow!("node {} has no held sync", args.node))?;
+pub async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+    // "node N has no held sync" is an error the backend words.
+    let held = backend.confirm(args.node).await?;
     if out.json {
         out.json(&serde_json::json!({
             "node_id": args.node,
             "confirmed": true,
-            "removes": held.removed,
-            "of": held.before,
+            "removes": held.removes,
+            "of": held.of,
         }))?;
     } else {
         out.line(format!(
             "node {}: held sync confirmed; the next sync applies it if the panel still answers the same (removes {} of {} users)",
-            args.node, held.removed, held.before
+            args.node, held.removes, held.of
         ))?;
     }
     Ok(())

@@ -5,20 +5,20 @@
 //! `queuectl stats`). Output is the same with or without `--json`. A reader that stops
 //! early (`| head`) is not an error.
 
-use super::Out;
-use crate::queue::{Error, JobView, Queue};
+use std::io;
+
+use super::{Backend, Out, view};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
 
-pub fn run(_args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
-    let now = queue.now();
-    // The queue stops quietly at a broken pipe; any other write error is the writer's.
-    match queue.for_each_job(|job| out.json_line(&JobView::new(job, now))) {
-        Ok(_) => Ok(()),
-        Err(Error::Write(e)) => {
-            Err(anyhow::Error::new(e).context("cannot write the export to stdout"))
-        }
-        Err(e) => Err(e.into()),
-    }
+pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+    let now = backend.now();
+    // The backend stops quietly at a broken pipe; any other write error is the writer's.
+    backend
+        .export(|job| {
+            let v = view(job, now).map_err(io::Error::other)?;
+            out.json_line(&v)
+        })
+        .await
 }

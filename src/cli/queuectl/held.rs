@@ -3,14 +3,13 @@
 //! when it applies by itself if the panel keeps answering the same
 //! (`sync.confirm_after`). `queuectl confirm NODE` applies one sooner.
 //!
-//! Read-only: reads the nodes' sync state.
+//! Read-only: reads the nodes' sync state. `APPLIES BY ITSELF` follows the
+//! `sync.confirm_after` of whoever holds the queue: the daemon's, when it runs.
 
 use serde::Serialize;
 
-use super::{Align, Out, Table, relative};
-use crate::config::Config;
-use crate::jobs::node_sync::state;
-use crate::queue::{Queue, rfc3339};
+use super::{Align, Backend, Out, Table, relative};
+use crate::queue::rfc3339;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
@@ -18,26 +17,27 @@ pub struct Args {}
 #[derive(Serialize)]
 struct HeldJson {
     node_id: u64,
-    removes: usize,
-    of: usize,
-    would_keep: usize,
+    removes: u64,
+    of: u64,
+    would_keep: u64,
     since: String,
     applies_at: String,
     confirmed: bool,
 }
 
-pub fn run(_args: Args, queue: &Queue, config: &Config, out: &mut Out<'_>) -> anyhow::Result<()> {
-    let held = state::held(queue)?;
-    let after = config.sync.confirm_after.as_millis() as u64;
-    let rows: Vec<HeldJson> = held
+pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+    let reply = backend.held().await?;
+    let after = reply.confirm_after_ms;
+    let rows: Vec<HeldJson> = reply
+        .held
         .iter()
-        .map(|(node_id, h)| HeldJson {
-            node_id: *node_id,
-            removes: h.removed,
-            of: h.before,
-            would_keep: h.users.len(),
-            since: rfc3339(h.since),
-            applies_at: rfc3339(h.since.saturating_add(after)),
+        .map(|h| HeldJson {
+            node_id: h.node_id,
+            removes: h.removes,
+            of: h.of,
+            would_keep: h.would_keep,
+            since: rfc3339(h.since_ms),
+            applies_at: rfc3339(h.since_ms.saturating_add(after)),
             confirmed: h.confirmed,
         })
         .collect();
@@ -57,13 +57,13 @@ pub fn run(_args: Args, queue: &Queue, config: &Config, out: &mut Out<'_>) -> an
         ("APPLIES BY ITSELF", Align::Left),
         ("CONFIRMED", Align::Left),
     ]);
-    let now = queue.now();
-    for ((_, h), r) in held.iter().zip(&rows) {
+    let now = backend.now();
+    for (h, r) in reply.held.iter().zip(&rows) {
         t.row(vec![
             r.node_id.to_string(),
             r.removes.to_string(),
             r.of.to_string(),
-            format!("{} ({})", r.since, relative(h.since, now)),
+            format!("{} ({})", r.since, relative(h.since_ms, now)),
             r.applies_at.clone(),
             if r.confirmed { "yes" } else { "no" }.into(),
         ]);

@@ -5,8 +5,9 @@
 //! Read-only, except that a record found unreadable on the way is quarantined (the
 //! queue does that on every read, and logs it).
 
-use super::{Align, Out, Table, clip, stats::quarantine_table};
-use crate::queue::{JobKind, JobState, JobView, ListFilter, Queue};
+use super::{Align, Backend, Out, Table, clip, stats::quarantine_table, view};
+use crate::admin::pb;
+use crate::queue::{JobKind, JobState, JobView, QuarantineView};
 
 /// Page size when `--limit` is not given.
 const DEFAULT_LIMIT: usize = 100;
@@ -30,9 +31,15 @@ pub struct Args {
     quarantined: bool,
 }
 
-pub fn run(args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     if args.quarantined {
-        let records = queue.quarantined()?;
+        let records: Vec<QuarantineView> = backend
+            .quarantined()
+            .await?
+            .records
+            .into_iter()
+            .map(Into::into)
+            .collect();
         let records = match args.limit {
             0 => &records[..],
             n => &records[..n.min(records.len())],
@@ -48,23 +55,28 @@ pub fn run(args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
     }
 
     // One more than asked, to know whether there is a next page.
-    let mut jobs = queue.list(&ListFilter {
-        state: args.state,
-        kind: args.kind,
-        after_id: args.after,
-        limit: match args.limit {
-            0 => 0,
-            n => n.saturating_add(1),
-        },
-    })?;
+    let mut jobs = backend
+        .list(pb::ListRequest {
+            state: args.state.map(|s| s.to_string()),
+            kind: args.kind.map(|k| k.to_string()),
+            after_id: args.after,
+            limit: match args.limit {
+                0 => 0,
+                n => n.saturating_add(1) as u64,
+            },
+        })
+        .await?;
     let more = args.limit > 0 && jobs.len() > args.limit;
     jobs.truncate(if args.limit > 0 {
         args.limit
     } else {
         jobs.len()
     });
-    let now = queue.now();
-    let views: Vec<JobView> = jobs.iter().map(|j| JobView::new(j, now)).collect();
+    let now = backend.now();
+    let views = jobs
+        .into_iter()
+        .map(|j| view(j, now))
+        .collect::<anyhow::Result<Vec<JobView>>>()?;
     if out.json {
         out.json(&views)?;
         return Ok(());

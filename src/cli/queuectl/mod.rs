@@ -1,10 +1,13 @@
-//! `queuectl`: see and repair the queue.
+//! `queuectl`: see and repair the queue, while the daemon runs or while it is stopped.
 //!
 //! # Layout
 //!
-//! This file parses the command line, loads the config, opens the queue, dispatches to
-//! one file per subcommand, and turns failures into exit codes. It also holds the output
-//! helpers every subcommand shares: [`Out`] (human text or `--json`) and [`Table`].
+//! This file parses the command line, loads the config, finds the queue
+//! (`backend.rs`), dispatches to one file per subcommand, and turns failures into exit
+//! codes. It also holds the output helpers every subcommand shares: [`Out`] (human text
+//! or `--json`) and [`Table`]. Each subcommand builds a request, gets the reply from the
+//! [`Backend`] (the daemon or the database: the same messages either way) and renders
+//! it; so a command prints the same thing live and offline.
 //!
 //! | file | command | touches |
 //! |---|---|---|
@@ -20,49 +23,69 @@
 //! | `accept_loss.rs` | `accept-loss` | opens a queue that lost writes; records the loss |
 //! | `bans.rs` | `bans` | reads recent removals and whether they bit |
 //! | `traffic.rs` | `traffic` | reads traffic reports: pending and delivered bytes per node |
+//! | `tail.rs` | `tail` | follows job events (daemon only) |
+//! | `fsck.rs` | `fsck [--repair]` | checks every record and index; repairs them |
+//! | `backend.rs` | | finds the daemon or the database; one method per command |
 //!
-//! # Offline mode
+//! Adding a command: `src/admin/mod.rs` says the five steps (proto, operation, server,
+//! backend, a file here).
 //!
-//! For now `queuectl` opens the database itself (`{data_dir}/queue`), so it only works
-//! while no daemon runs: sled allows one process, and a running daemon makes
-//! [`queue::Error::Locked`], reported in one line with exit code [`EXIT_LOCKED`]. It
-//! never creates a queue: a path with no queue is an error (a typo in `--data-dir` must
-//! not look like an empty queue). Opening the queue recovers jobs a stopped daemon left
-//! running, exactly as the daemon's next start would; that is logged as a warning.
+//! # Finding the queue
+//!
+//! The admin socket is `--socket`, else `[admin] socket`, else `{data_dir}/admin.sock`
+//! (`--data-dir` wins over the config and `DATA_DIR`). A daemon answering there is used;
+//! otherwise `queuectl` opens `{data_dir}/queue` itself. One line on stderr says which:
+//! `queuectl: daemon at /var/lib/connector/admin.sock` or
+//! `queuectl: database at /var/lib/connector/queue (no daemon running)`.
+//! Offline, it never creates a queue (a typo in `--data-dir` must not look like an
+//! empty queue), and opening recovers jobs a stopped daemon left running, exactly as
+//! the daemon's next start would (logged as a warning).
+//!
+//! `tail` needs the daemon: events happen only in a running process. `accept-loss` is
+//! offline by nature: only a database that refuses to open needs it, and then no daemon
+//! can be running; with a daemon answering it lists the losses already accepted.
 //!
 //! # Exit codes
 //!
 //! 0 success (also when stdout is closed early: `queuectl export | head -1`), 1 runtime
-//! failure (no queue, job not found, wrong state, storage error), 2 configuration or
-//! usage error, 3 the queue is held by a running daemon. See `src/cli/mod.rs`.
+//! failure (no queue, job not found, wrong state, storage error, a socket we may not
+//! connect to; `fsck`: problems found and not repaired), 2 configuration or usage
+//! error, 3 the database is held by another process but no daemon answers on the
+//! socket (a daemon with another `[admin] socket`, or a hung one). See
+//! `src/cli/mod.rs`.
 
 mod accept_loss;
+mod backend;
 mod bans;
 mod cancel;
 mod confirm;
 mod export;
+mod fsck;
 mod held;
 mod list;
 mod purge;
 mod retry;
 mod show;
 mod stats;
+mod tail;
 mod traffic;
 
 use std::fmt::Display;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-use crate::config::Config;
-use crate::queue::{self, Millis, Queue, SystemClock};
+use crate::queue::Millis;
 use crate::telemetry::{self, LogFormat};
 
-/// Exit code when a running daemon holds the queue database (`src/cli/mod.rs`).
+pub(crate) use backend::Backend;
+use backend::Need;
+
+/// Exit code when another process holds the database and no daemon answers on the
+/// socket (`src/cli/mod.rs`).
 pub const EXIT_LOCKED: u8 = 3;
 
 #[derive(Debug, Parser)]
@@ -71,10 +94,12 @@ pub const EXIT_LOCKED: u8 = 3;
     version,
     about = "See and repair the connector's job queue",
     long_about = "See and repair the connector's job queue.\n\n\
-        Opens the queue database at {data_dir}/queue itself, so the connector daemon must \
-        be stopped (live access through the daemon's admin socket comes in a later release).",
-    after_help = "Exit codes: 0 success, 1 failure, 2 configuration or usage error, \
-        3 the queue is held by a running connector daemon."
+        Talks to the running daemon over its admin socket ({data_dir}/admin.sock, or \
+        [admin] socket, or --socket); when no daemon answers there, opens the queue \
+        database at {data_dir}/queue itself. One line on stderr says which.",
+    after_help = "Exit codes: 0 success, 1 failure (fsck: problems found and not repaired), \
+        2 configuration or usage error, 3 the database is held by another process but no \
+        daemon answers on the admin socket."
 )]
 struct Args {
     /// Configuration file (TOML), as for `connector`; else CONNECTOR_CONFIG. Only
@@ -84,6 +109,9 @@ struct Args {
     /// Data directory holding the queue (`DIR/queue`); wins over the config and DATA_DIR.
     #[arg(long, global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// The daemon's admin socket; default `[admin] socket`, else `{data_dir}/admin.sock`.
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
     /// Print JSON for scripts instead of tables for people.
     #[arg(long, global = true)]
     json: bool,
@@ -124,6 +152,12 @@ enum Command {
     Bans(bans::Args),
     /// Traffic reports per node: pending and delivered, with their bytes.
     Traffic(traffic::Args),
+    /// Follow job events as they happen (needs the running daemon); Ctrl-C ends it.
+    Tail(tail::Args),
+    /// Check every record, index entry, idempotency entry and state record; with
+    /// --repair, rebuild indexes and move unreadable records to quarantine (nothing is
+    /// deleted). Exit 1 when problems were found and not repaired.
+    Fsck(fsck::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -149,13 +183,14 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(args.command, &config, args.json));
+    let result = runtime.block_on(run(args.command, config, args.socket, args.json));
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Locked(path)) => {
+        Err(Failure::Locked { path, socket, why }) => {
             eprintln!(
-                "queuectl: the queue at {} is held by a running connector daemon; stop it first (live access via the admin socket comes in a later release)",
-                path.display()
+                "queuectl: the queue at {} is held by another process, but {why} (admin socket {}): is the daemon's [admin] socket elsewhere (pass --socket), or is it hung?",
+                path.display(),
+                socket.display()
             );
             ExitCode::from(EXIT_LOCKED)
         }
@@ -166,6 +201,8 @@ pub fn main() -> ExitCode {
             );
             ExitCode::FAILURE
         }
+        // Already reported on stdout (fsck's problems).
+        Err(Failure::Reported) => ExitCode::FAILURE,
         // The reader went away (`| head`): what it wanted, it got.
         Err(Failure::Other(e)) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(Failure::Other(e)) => {
@@ -176,11 +213,18 @@ pub fn main() -> ExitCode {
 }
 
 /// Why a command failed; decides the exit code.
-enum Failure {
-    /// A running daemon holds the database.
-    Locked(PathBuf),
+pub(crate) enum Failure {
+    /// Another process holds the database, and no daemon answers on the socket.
+    Locked {
+        path: PathBuf,
+        socket: PathBuf,
+        /// Why the socket was not used.
+        why: String,
+    },
     /// Nothing at the queue path.
     NoQueue(PathBuf),
+    /// The command printed its result and fails (exit 1) without another message.
+    Reported,
     Other(anyhow::Error),
 }
 
@@ -190,68 +234,64 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
     }
 }
 
-async fn run(command: Command, config: &Config, json: bool) -> Result<(), Failure> {
-    let queue = open_queue(config, matches!(command, Command::AcceptLoss(_)))?;
+async fn run(
+    command: Command,
+    config: crate::config::Config,
+    socket: Option<PathBuf>,
+    json: bool,
+) -> Result<(), Failure> {
+    let need = match command {
+        Command::Tail(_) => Need::Daemon,
+        Command::AcceptLoss(_) => Need::AcceptLoss,
+        _ => Need::Either,
+    };
+    let backend = backend::find(config, socket, need).await?;
     let stdout = io::stdout();
     let mut w = io::BufWriter::new(stdout.lock());
     let mut out = Out { json, w: &mut w };
+    let b = &backend;
+    let mut clean = true;
     match command {
-        Command::Traffic(a) => traffic::run(a, &queue, &mut out)?,
-        Command::Stats(a) => stats::run(a, &queue, &mut out)?,
-        Command::List(a) => list::run(a, &queue, &mut out)?,
-        Command::Show(a) => show::run(a, &queue, &mut out)?,
-        Command::Retry(a) => retry::run(a, &queue, &mut out).await?,
-        Command::Cancel(a) => cancel::run(a, &queue, &mut out).await?,
-        Command::Purge(a) => purge::run(a, &queue, &mut out).await?,
-        Command::Export(a) => export::run(a, &queue, &mut out)?,
-        Command::Held(a) => held::run(a, &queue, config, &mut out)?,
-        Command::Confirm(a) => confirm::run(a, &queue, &mut out).await?,
-        Command::AcceptLoss(a) => accept_loss::run(a, &queue, &mut out)?,
-        Command::Bans(a) => bans::run(a, &queue, &mut out)?,
+        Command::Stats(a) => stats::run(a, b, &mut out).await?,
+        Command::List(a) => list::run(a, b, &mut out).await?,
+        Command::Show(a) => show::run(a, b, &mut out).await?,
+        Command::Retry(a) => retry::run(a, b, &mut out).await?,
+        Command::Cancel(a) => cancel::run(a, b, &mut out).await?,
+        Command::Purge(a) => purge::run(a, b, &mut out).await?,
+        Command::Export(a) => export::run(a, b, &mut out).await?,
+        Command::Held(a) => held::run(a, b, &mut out).await?,
+        Command::Confirm(a) => confirm::run(a, b, &mut out).await?,
+        Command::AcceptLoss(a) => accept_loss::run(a, b, &mut out).await?,
+        Command::Bans(a) => bans::run(a, b, &mut out).await?,
+        Command::Tail(a) => tail::run(a, b, &mut out).await?,
+        Command::Fsck(a) => clean = fsck::run(a, b, &mut out).await?,
+        Command::Traffic(a) => traffic::run(a, b, &mut out).await?,
     }
     w.flush()?;
-    Ok(())
-}
-
-/// Opens the existing queue; never creates one.
-fn open_queue(config: &Config, accept_lost_writes: bool) -> Result<Queue, Failure> {
-    let path = config.queue_path();
-    match std::fs::metadata(&path) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(Failure::NoQueue(path)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Failure::NoQueue(path)),
-        Err(e) => {
-            return Err(Failure::Other(
-                anyhow::Error::new(e).context(format!("cannot read {}", path.display())),
-            ));
-        }
-    }
-    match Queue::open_with(
-        &path,
-        config.queue.clone(),
-        Arc::new(SystemClock),
-        accept_lost_writes,
-    ) {
-        Ok((queue, recovery)) => {
-            if recovery.interrupted > 0 {
-                tracing::warn!(
-                    interrupted = recovery.interrupted,
-                    went_dead = recovery.exhausted,
-                    "jobs left running by a stopped daemon are pending again (the interrupted attempt counts)"
-                );
-            }
-            Ok(queue)
-        }
-        Err(queue::Error::Locked { path }) => Err(Failure::Locked(path)),
-        Err(e) => Err(Failure::Other(e.into())),
+    if clean {
+        Ok(())
+    } else {
+        Err(Failure::Reported)
     }
 }
 
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
+pub(crate) fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<io::Error>()
             .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
     })
+}
+
+/// A job from a reply, for rendering.
+pub(crate) fn job(j: crate::admin::pb::Job) -> anyhow::Result<crate::queue::Job> {
+    j.try_into().map_err(|e: String| {
+        anyhow::anyhow!("the answer holds a job this queuectl cannot read: {e}")
+    })
+}
+
+/// A job from a reply as `--json` and the tables show it, relative to `now`.
+pub(crate) fn view(j: crate::admin::pb::Job, now: Millis) -> anyhow::Result<crate::queue::JobView> {
+    Ok(crate::queue::JobView::new(&job(j)?, now))
 }
 
 // ---- output helpers ----
@@ -274,6 +314,11 @@ impl Out<'_> {
     pub fn json_line<T: Serialize + ?Sized>(&mut self, value: &T) -> io::Result<()> {
         serde_json::to_writer(&mut *self.w, value)?;
         writeln!(self.w)
+    }
+
+    /// Pushes what was written to the reader now (`tail`: one event at a time).
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
     }
 
     pub fn line(&mut self, text: impl Display) -> io::Result<()> {

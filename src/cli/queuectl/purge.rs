@@ -9,8 +9,9 @@ use std::time::Duration;
 use clap::ArgGroup;
 use serde::Serialize;
 
-use super::{Out, count};
-use crate::queue::{JobState, PurgeFilter, Queue};
+use super::{Backend, Out, count};
+use crate::admin::pb;
+use crate::queue::JobState;
 
 #[derive(Debug, clap::Args)]
 #[command(group(ArgGroup::new("state").required(true).args(["dead", "done"])))]
@@ -50,18 +51,22 @@ struct PurgedJson {
     purged: u64,
 }
 
-pub async fn run(args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     let state = if args.dead {
         JobState::Dead
     } else {
         JobState::Done
     };
-    let purged = queue
-        .purge(PurgeFilter {
-            state,
-            older_than: args.older_than.as_ref().map(|a| a.duration),
+    let purged = backend
+        .purge(pb::PurgeRequest {
+            state: state.to_string(),
+            older_than_ms: args
+                .older_than
+                .as_ref()
+                .map(|a| a.duration.as_millis() as u64),
         })
-        .await?;
+        .await?
+        .purged;
     let older_than = args.older_than.map(|a| a.text);
     if out.json {
         out.json(&PurgedJson {

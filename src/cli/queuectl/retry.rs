@@ -9,8 +9,9 @@
 use clap::ArgGroup;
 use serde::Serialize;
 
-use super::{Out, count, printable};
-use crate::queue::{JobKind, JobState, JobView, Queue};
+use super::{Backend, Out, count, printable, view};
+use crate::admin::pb;
+use crate::queue::JobKind;
 
 #[derive(Debug, clap::Args)]
 #[command(group(ArgGroup::new("which").required(true).args(["id", "dead"])))]
@@ -35,12 +36,12 @@ struct RetriedJson {
     left_dead: u64,
 }
 
-pub async fn run(args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     match args.id {
         Some(id) => {
-            let job = queue.retry(id).await?;
+            let job = view(backend.retry(id).await?, backend.now())?;
             if out.json {
-                out.json(&JobView::new(&job, queue.now()))?;
+                out.json(&job)?;
             } else {
                 out.line(format!(
                     "job {} ({}, key {}) is ready; it runs when the connector daemon runs",
@@ -51,17 +52,11 @@ pub async fn run(args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result
             }
         }
         None => {
-            let retried = queue.retry_dead(args.kind).await?;
-            let stats = queue.stats()?;
-            let left_dead = match args.kind {
-                Some(kind) => stats
-                    .jobs
-                    .get(&kind)
-                    .and_then(|m| m.get(&JobState::Dead))
-                    .copied()
-                    .unwrap_or(0),
-                None => stats.total(JobState::Dead),
-            };
+            let pb::RetryDeadReply { retried, left_dead } = backend
+                .retry_dead(pb::RetryDeadRequest {
+                    kind: args.kind.map(|k| k.to_string()),
+                })
+                .await?;
             if out.json {
                 out.json(&RetriedJson {
                     kind: args.kind,

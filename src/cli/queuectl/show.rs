@@ -7,10 +7,8 @@
 
 use std::time::Duration;
 
-use anyhow::anyhow;
-
-use super::{Align, Out, Table, clip, list::state_label, printable, relative};
-use crate::queue::{self, JobView, Outcome, Queue, Stored, rfc3339};
+use super::{Align, Backend, Out, Table, clip, job, list::state_label, printable, relative};
+use crate::queue::{JobView, Outcome, Stored, rfc3339};
 
 /// Longest payload shown to people; `--json` always has all of it.
 const PAYLOAD_SHOWN: usize = 2000;
@@ -21,19 +19,10 @@ pub struct Args {
     id: u64,
 }
 
-pub fn run(args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
-    let Some(job) = queue.get(args.id)? else {
-        let key = format!("j/{}", args.id);
-        if let Some(q) = queue.quarantined()?.into_iter().find(|q| q.key == key) {
-            return Err(anyhow!(
-                "job {} is quarantined (its record is unreadable: {}); see `queuectl list --quarantined`",
-                args.id,
-                q.reason
-            ));
-        }
-        return Err(queue::Error::NotFound(args.id).into());
-    };
-    let now = queue.now();
+pub async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+    // A missing or quarantined job is an error the backend words.
+    let job = job(backend.show(args.id).await?)?;
+    let now = backend.now();
     let view = JobView::new(&job, now);
     if out.json {
         out.json(&view)?;

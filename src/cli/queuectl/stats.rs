@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{Align, Out, Table, clip, relative};
-use crate::queue::{JobKind, JobState, QuarantineView, Queue, rfc3339};
+use super::{Align, Backend, Out, Table, clip, relative};
+use crate::queue::{JobKind, JobState, QuarantineView, rfc3339};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
@@ -28,19 +28,33 @@ struct StatsJson<'a> {
     quarantined_records: &'a [QuarantineView],
 }
 
-pub fn run(_args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
-    let stats = queue.stats()?;
-    let quarantine = queue.quarantined()?;
+pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+    let reply = backend.stats().await?;
+    let mut jobs: BTreeMap<JobKind, BTreeMap<JobState, u64>> = BTreeMap::new();
+    for k in &reply.kinds {
+        let kind: JobKind = k.kind.parse().map_err(anyhow::Error::msg)?;
+        jobs.insert(
+            kind,
+            BTreeMap::from([
+                (JobState::Scheduled, k.scheduled),
+                (JobState::Ready, k.ready),
+                (JobState::Running, k.running),
+                (JobState::Done, k.done),
+                (JobState::Dead, k.dead),
+            ]),
+        );
+    }
+    let quarantine: Vec<QuarantineView> = reply.quarantine.into_iter().map(Into::into).collect();
     let totals: BTreeMap<JobState, u64> = JobState::ALL
         .into_iter()
-        .map(|s| (s, stats.total(s)))
+        .map(|s| (s, jobs.values().map(|m| m[&s]).sum()))
         .collect();
     if out.json {
         out.json(&StatsJson {
-            jobs: &stats.jobs,
+            jobs: &jobs,
             totals,
-            oldest_ready: stats.oldest_ready_ms.map(rfc3339),
-            quarantined: stats.quarantined,
+            oldest_ready: reply.oldest_ready_ms.map(rfc3339),
+            quarantined: quarantine.len() as u64,
             quarantined_records: &quarantine,
         })?;
         return Ok(());
@@ -50,7 +64,7 @@ pub fn run(_args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> 
     columns.extend(JobState::ALL.map(|s| (upper(s), Align::Right)));
     columns.push(("TOTAL", Align::Right));
     let mut table = Table::new(&columns);
-    for (kind, by_state) in &stats.jobs {
+    for (kind, by_state) in &jobs {
         let mut row = vec![kind.to_string()];
         row.extend(JobState::ALL.map(|s| by_state.get(&s).copied().unwrap_or(0).to_string()));
         row.push(by_state.values().sum::<u64>().to_string());
@@ -62,20 +76,19 @@ pub fn run(_args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> 
     table.row(row);
     out.table(&table)?;
     out.line("")?;
-    match stats.oldest_ready_ms {
+    match reply.oldest_ready_ms {
         Some(at) => out.line(format!(
             "oldest ready job: due {} ({})",
             rfc3339(at),
-            relative(at, queue.now())
+            relative(at, reply.now_ms)
         ))?,
         None => out.line("oldest ready job: none")?,
     }
-    let held = crate::jobs::node_sync::state::held(queue)?;
-    if !held.is_empty() {
-        let nodes: Vec<String> = held.iter().map(|(id, _)| id.to_string()).collect();
+    if !reply.held_nodes.is_empty() {
+        let nodes: Vec<String> = reply.held_nodes.iter().map(u64::to_string).collect();
         out.line(format!(
             "held syncs: {} (node {}): the removal guard holds them; see `queuectl held`",
-            held.len(),
+            nodes.len(),
             nodes.join(", ")
         ))?;
     }

@@ -3,15 +3,15 @@
 //!
 //! Read-only: reads the report jobs (`jobs::traffic_report::summary`).
 
-use super::{Align, Out, Table};
-use crate::jobs::traffic_report::summary::{Tally, summary};
-use crate::queue::Queue;
+use super::{Align, Backend, Out, Table};
+use crate::admin::convert;
+use crate::jobs::traffic_report::summary::Tally;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}
 
-pub fn run(_args: Args, queue: &Queue, out: &mut Out<'_>) -> anyhow::Result<()> {
-    let s = summary(queue)?;
+pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+    let s = convert::traffic_summary(backend.traffic().await?);
     if out.json {
         out.json(&s)?;
         return Ok(());

@@ -1,0 +1,234 @@
+//! Every admin operation, as a function of the queue and the config: the daemon's
+//! server calls these for a request that came over the socket, and `queuectl` calls
+//! them itself when no daemon runs. Each takes the context by value (it is two `Arc`s),
+//! so the server can hand it to a blocking thread.
+//!
+//! Reads that scan the database are plain functions (the server runs them on a blocking
+//! thread); operations that write are `async`: they return once the change is on disk.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::Status;
+
+use super::convert::{parse, status};
+use super::pb;
+use crate::config::Config;
+use crate::jobs::node_sync::state as sync_state;
+use crate::jobs::traffic_report;
+use crate::jobs::xray_apply::bans;
+use crate::queue::{self, JobKind, JobState, ListFilter, PurgeFilter, Queue};
+
+/// What every operation works on: the open queue and the configuration of whoever
+/// opened it (the daemon, or an offline `queuectl`).
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    pub queue: Queue,
+    pub config: Arc<Config>,
+}
+
+pub type Result<T> = std::result::Result<T, Status>;
+
+pub fn hello(ctx: Ctx, _: pb::HelloRequest) -> Result<pb::HelloReply> {
+    Ok(pb::HelloReply {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        queue_path: ctx.queue.path().display().to_string(),
+    })
+}
+
+pub fn stats(ctx: Ctx, _: pb::StatsRequest) -> Result<pb::StatsReply> {
+    let q = &ctx.queue;
+    let stats = q.stats().map_err(status)?;
+    let count = |m: &std::collections::BTreeMap<JobState, u64>, s| m.get(&s).copied().unwrap_or(0);
+    Ok(pb::StatsReply {
+        kinds: stats
+            .jobs
+            .iter()
+            .map(|(kind, m)| pb::KindCounts {
+                kind: kind.to_string(),
+                scheduled: count(m, JobState::Scheduled),
+                ready: count(m, JobState::Ready),
+                running: count(m, JobState::Running),
+                done: count(m, JobState::Done),
+                dead: count(m, JobState::Dead),
+            })
+            .collect(),
+        oldest_ready_ms: stats.oldest_ready_ms,
+        quarantine: quarantine(q)?,
+        held_nodes: sync_state::held(q)
+            .map_err(status)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect(),
+        now_ms: q.now(),
+    })
+}
+
+fn quarantine(q: &Queue) -> Result<Vec<pb::QuarantineRecord>> {
+    Ok(q.quarantined()
+        .map_err(status)?
+        .into_iter()
+        .map(Into::into)
+        .collect())
+}
+
+pub fn list(ctx: Ctx, req: pb::ListRequest) -> Result<Vec<pb::Job>> {
+    let filter = ListFilter {
+        state: req.state.as_deref().map(parse).transpose()?,
+        kind: req.kind.as_deref().map(parse).transpose()?,
+        after_id: req.after_id,
+        limit: usize::try_from(req.limit).unwrap_or(usize::MAX),
+    };
+    Ok(ctx
+        .queue
+        .list(&filter)
+        .map_err(status)?
+        .iter()
+        .map(Into::into)
+        .collect())
+}
+
+pub fn quarantined(ctx: Ctx, _: pb::QuarantinedRequest) -> Result<pb::QuarantinedReply> {
+    Ok(pb::QuarantinedReply {
+        records: quarantine(&ctx.queue)?,
+    })
+}
+
+pub fn show(ctx: Ctx, req: pb::JobId) -> Result<pb::Job> {
+    let q = &ctx.queue;
+    match q.get(req.id).map_err(status)? {
+        Some(job) => Ok((&job).into()),
+        None => {
+            let key = format!("j/{}", req.id);
+            match q
+                .quarantined()
+                .map_err(status)?
+                .into_iter()
+                .find(|r| r.key == key)
+            {
+                Some(r) => Err(Status::failed_precondition(format!(
+                    "job {} is quarantined (its record is unreadable: {}); see `queuectl list --quarantined`",
+                    req.id, r.reason
+                ))),
+                None => Err(status(queue::Error::NotFound(req.id))),
+            }
+        }
+    }
+}
+
+pub async fn retry(ctx: Ctx, req: pb::JobId) -> Result<pb::Job> {
+    let job = ctx.queue.retry(req.id).await.map_err(status)?;
+    Ok((&job).into())
+}
+
+pub async fn retry_dead(ctx: Ctx, req: pb::RetryDeadRequest) -> Result<pb::RetryDeadReply> {
+    let kind: Option<JobKind> = req.kind.as_deref().map(parse).transpose()?;
+    let q = &ctx.queue;
+    let retried = q.retry_dead(kind).await.map_err(status)?;
+    let stats = q.stats().map_err(status)?;
+    let left_dead = match kind {
+        Some(kind) => stats
+            .jobs
+            .get(&kind)
+            .and_then(|m| m.get(&JobState::Dead))
+            .copied()
+            .unwrap_or(0),
+        None => stats.total(JobState::Dead),
+    };
+    Ok(pb::RetryDeadReply { retried, left_dead })
+}
+
+pub async fn cancel(ctx: Ctx, req: pb::JobId) -> Result<pb::Job> {
+    let job = ctx.queue.cancel(req.id).await.map_err(status)?;
+    Ok((&job).into())
+}
+
+pub async fn purge(ctx: Ctx, req: pb::PurgeRequest) -> Result<pb::PurgeReply> {
+    let state: JobState = parse(&req.state)?;
+    if !matches!(state, JobState::Done | JobState::Dead) {
+        return Err(Status::invalid_argument(format!(
+            "only done or dead jobs can be purged, not {state}"
+        )));
+    }
+    let purged = ctx
+        .queue
+        .purge(PurgeFilter {
+            state,
+            older_than: req.older_than_ms.map(Duration::from_millis),
+        })
+        .await
+        .map_err(status)?;
+    Ok(pb::PurgeReply { purged })
+}
+
+/// Every job in id order, one call of `each` per job. `each` failing with a broken pipe
+/// (the reader went away) ends the export quietly.
+pub fn export(ctx: Ctx, mut each: impl FnMut(pb::Job) -> std::io::Result<()>) -> Result<()> {
+    match ctx.queue.for_each_job(|job| each(job.into())) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(status(e)),
+    }
+}
+
+pub fn held(ctx: Ctx, _: pb::HeldRequest) -> Result<pb::HeldReply> {
+    let held = sync_state::held(&ctx.queue).map_err(status)?;
+    Ok(pb::HeldReply {
+        held: held
+            .into_iter()
+            .map(|(node_id, h)| pb::HeldSync {
+                node_id,
+                removes: h.removed as u64,
+                of: h.before as u64,
+                would_keep: h.users.len() as u64,
+                since_ms: h.since,
+                confirmed: h.confirmed,
+            })
+            .collect(),
+        confirm_after_ms: ctx.config.sync.confirm_after.as_millis() as u64,
+    })
+}
+
+pub async fn confirm(ctx: Ctx, req: pb::ConfirmRequest) -> Result<pb::ConfirmReply> {
+    let held = sync_state::confirm(&ctx.queue, req.node_id)
+        .await
+        .map_err(Status::internal)?
+        .ok_or_else(|| Status::not_found(format!("node {} has no held sync", req.node_id)))?;
+    Ok(pb::ConfirmReply {
+        removes: held.removed as u64,
+        of: held.before as u64,
+    })
+}
+
+pub fn bans(ctx: Ctx, _: pb::BansRequest) -> Result<pb::BansReply> {
+    let mut out = Vec::new();
+    for (name, bytes) in ctx.queue.state_scan("node/").map_err(status)? {
+        let Some(node_id) = name
+            .strip_prefix("node/")
+            .and_then(|r| r.strip_suffix("/bans"))
+            .and_then(|id| id.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let Ok(b) = serde_json::from_slice::<bans::Bans>(&bytes) else {
+            continue;
+        };
+        out.extend(b.into_iter().map(|(user, ban)| pb::Ban {
+            node_id,
+            user,
+            removed_at_ms: ban.removed_at,
+            bytes_since: ban.bytes_since,
+        }));
+    }
+    Ok(pb::BansReply { bans: out })
+}
+
+pub fn traffic(ctx: Ctx, _: pb::TrafficRequest) -> Result<pb::TrafficReply> {
+    let s = traffic_report::summary::summary(&ctx.queue).map_err(status)?;
+    Ok(super::convert::traffic(s))
+}
+
+pub async fn fsck(ctx: Ctx, req: pb::FsckRequest) -> Result<pb::FsckReport> {
+    let report = ctx.queue.fsck(req.repair).await.map_err(status)?;
+    Ok(report.into())
+}

@@ -1,0 +1,472 @@
+//! `fsck`: checks every key of the queue's tree against the invariants in the module doc
+//! (`mod.rs`), and with `repair` puts it right without losing anything.
+//!
+//! What is checked, and what `repair` does about each problem:
+//!
+//! | key | problem | repair |
+//! |---|---|---|
+//! | `j` id | does not decode (checksum, version, body, filed under another id) | moved to quarantine (`c`), byte for byte, with its index entries |
+//! | `j` id | its index entry (`p`, `r` or `f` for its stored state) is missing or wrong | the right entry is written |
+//! | `j` id | it holds its idempotency key (pending, running, done within the window) but `k` does not point at it or at another job of that key | `k` is pointed at it |
+//! | `p` `r` `f` | malformed key or value | moved to quarantine |
+//! | `p` `r` `f` | names a job whose record is missing | moved to quarantine (it is the only trace of that job) |
+//! | `p` `r` `f` | names a job that is in another state (stale) | removed: the job's record is the truth, and its right entry is written |
+//! | `k` | malformed value, or names a job that is missing (not quarantined) or has another key | removed, unless a job of that key needs it (then re-pointed) |
+//! | `s` name | the envelope does not check (version, CRC) | moved to quarantine |
+//! | `c` | the quarantine entry itself does not decode | reported; left as it is |
+//! | `m/next_id` | not above the highest job id (ids could be reused) | raised |
+//! | any other key | unknown prefix (a newer connector's?) | reported; left as it is |
+//!
+//! Indexes are derived from job records, so rebuilding them loses nothing; everything
+//! else that is wrong is moved aside, never deleted. The whole check runs under the
+//! queue's write lock: a live daemon's writers wait for it (jobs are delayed, not lost),
+//! and what it sees is one consistent state.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use super::record::{self, Job, Quarantined, Stored};
+use super::{Error, JobKind, Queue, Result, decode_at, keys};
+
+/// What `fsck` found (and, with `repair`, fixed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FsckReport {
+    /// Records and entries looked at, by kind of key.
+    pub jobs: u64,
+    pub index_entries: u64,
+    pub idempotency_entries: u64,
+    pub state_records: u64,
+    pub quarantined: u64,
+    pub problems: Vec<FsckProblem>,
+    /// `repair` was asked for and every repairable problem was fixed.
+    pub repaired: bool,
+}
+
+impl FsckReport {
+    /// Problems `repair` cannot fix (they are reported, and left as they are).
+    pub fn unrepairable(&self) -> usize {
+        self.problems.iter().filter(|p| !p.repairable).count()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FsckProblem {
+    /// The key at fault, rendered (`j/5`, `p/webhook/1767225600000/5`).
+    pub key: String,
+    pub problem: String,
+    /// What `repair` does (or did) about it.
+    pub fix: String,
+    /// False when `repair` leaves it as it is.
+    #[serde(skip)]
+    pub repairable: bool,
+}
+
+/// A change `repair` makes.
+enum Fix {
+    /// Move the record under `key` to quarantine with this reason.
+    SetAside {
+        key: Vec<u8>,
+        reason: String,
+    },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Remove {
+        key: Vec<u8>,
+    },
+    /// Nothing: reported only.
+    Leave,
+}
+
+struct Found {
+    report: FsckReport,
+    fixes: Vec<Fix>,
+}
+
+impl Found {
+    fn problem(&mut self, key: &[u8], problem: String, fix_text: &str, fix: Fix) {
+        let repairable = !matches!(fix, Fix::Leave);
+        self.report.problems.push(FsckProblem {
+            key: keys::display(key),
+            problem,
+            fix: fix_text.to_string(),
+            repairable,
+        });
+        self.fixes.push(fix);
+    }
+}
+
+impl Queue {
+    /// Checks every record, index entry, idempotency entry and state record (see the
+    /// table above); with `repair`, fixes what it found and waits until that is on disk.
+    pub async fn fsck(&self, repair: bool) -> Result<FsckReport> {
+        let q = self.clone();
+        let report = tokio::task::spawn_blocking(move || q.fsck_blocking(repair))
+            .await
+            .map_err(|e| Error::Durability(format!("fsck stopped: {e}")))??;
+        if repair && !report.problems.is_empty() {
+            self.durable().await?;
+            for kind in JobKind::ALL {
+                self.wake(kind);
+            }
+        }
+        Ok(report)
+    }
+
+    fn fsck_blocking(&self, repair: bool) -> Result<FsckReport> {
+        let _w = self.lock();
+        let mut found = Found {
+            report: FsckReport::default(),
+            fixes: Vec::new(),
+        };
+        let unreadable = self.check_jobs(&mut found)?;
+        self.check_index(&mut found, &unreadable)?;
+        self.check_rest(&mut found)?;
+        if repair {
+            self.apply_fixes(std::mem::take(&mut found.fixes))?;
+            found.report.repaired = true;
+        }
+        Ok(found.report)
+    }
+
+    /// `j` records: each decodes, has its index entry, and holds its key when it should.
+    /// Returns the ids of unreadable records (their index entries go with them).
+    fn check_jobs(&self, found: &mut Found) -> Result<BTreeSet<u64>> {
+        let db = &self.inner.db;
+        let now = self.now();
+        let window = self.inner.settings.dedupe_window;
+        let mut unreadable = BTreeSet::new();
+        // Idempotency entries this pass re-points; the `k` pass must not also remove them.
+        let mut repointed = BTreeSet::new();
+        let mut max_id = 0;
+        for entry in db.scan_prefix([keys::JOB]) {
+            let (k, raw) = entry?;
+            found.report.jobs += 1;
+            let job = match decode_at(&k, &raw) {
+                Ok(job) => job,
+                Err(e) => {
+                    if let Some(id) = keys::parse_id(&k) {
+                        unreadable.insert(id);
+                    }
+                    found.problem(
+                        &k,
+                        format!("unreadable job record: {e}"),
+                        "move it to quarantine (byte for byte) with its index entries",
+                        Fix::SetAside {
+                            key: k.to_vec(),
+                            reason: e.to_string(),
+                        },
+                    );
+                    continue;
+                }
+            };
+            max_id = max_id.max(job.id);
+            let (index, value) = index_entry(&job);
+            match db.get(&index)? {
+                Some(v) if v.as_ref() == value.as_slice() => {}
+                other => {
+                    let what = if other.is_some() {
+                        "has a wrong value"
+                    } else {
+                        "is missing"
+                    };
+                    found.problem(
+                        &k,
+                        format!(
+                            "job {} is {}, but its index entry {} {what}{}",
+                            job.id,
+                            stored_name(&job.stored),
+                            keys::display(&index),
+                            consequence(&job.stored)
+                        ),
+                        "write the index entry",
+                        Fix::Put { key: index, value },
+                    );
+                }
+            }
+            if super::txn::holds_key(&job, now, window) {
+                let idem = keys::idem(job.kind, &job.key);
+                let holder = db.get(&idem)?.and_then(|v| keys::be_u64(&v));
+                let held_by_its_key = match holder {
+                    Some(id) if id == job.id => true,
+                    Some(id) => self.job_has_key(id, job.kind, &job.key)?,
+                    None => false,
+                };
+                if !held_by_its_key {
+                    found.problem(
+                        &k,
+                        format!(
+                            "job {} holds its idempotency key, but {} does not point at a job of that key: a duplicate could be enqueued",
+                            job.id,
+                            keys::display(&idem)
+                        ),
+                        "point the idempotency entry at this job",
+                        Fix::Put {
+                            key: idem.clone(),
+                            value: job.id.to_be_bytes().to_vec(),
+                        },
+                    );
+                    repointed.insert(idem);
+                }
+            }
+        }
+        self.check_idem(found, &unreadable, &repointed)?;
+        let next = db
+            .get(keys::META_NEXT_ID)?
+            .and_then(|v| keys::be_u64(&v))
+            .unwrap_or(0);
+        let floor = max_id.max(unreadable.last().copied().unwrap_or(0)) + 1;
+        if next < floor {
+            found.problem(
+                keys::META_NEXT_ID,
+                format!(
+                    "the id counter is {next}, not above the highest job id: ids could be reused"
+                ),
+                "raise it",
+                Fix::Put {
+                    key: keys::META_NEXT_ID.to_vec(),
+                    value: floor.to_be_bytes().to_vec(),
+                },
+            );
+        }
+        Ok(unreadable)
+    }
+
+    /// `k` entries: each names an existing job with that kind and key.
+    fn check_idem(
+        &self,
+        found: &mut Found,
+        unreadable: &BTreeSet<u64>,
+        repointed: &BTreeSet<Vec<u8>>,
+    ) -> Result<()> {
+        for entry in self.inner.db.scan_prefix([keys::IDEM]) {
+            let (k, v) = entry?;
+            found.report.idempotency_entries += 1;
+            if repointed.contains(k.as_ref()) {
+                continue;
+            }
+            let kind = k.get(1).and_then(|&c| JobKind::from_code(c));
+            let key = k.get(2..).and_then(|b| std::str::from_utf8(b).ok());
+            let id = keys::be_u64(&v).filter(|_| v.len() == 8);
+            let (Some(kind), Some(key), Some(id)) = (kind, key, id) else {
+                found.problem(
+                    &k,
+                    "malformed idempotency entry (unknown kind, key not UTF-8, or value not a job id)".into(),
+                    "remove it",
+                    Fix::Remove { key: k.to_vec() },
+                );
+                continue;
+            };
+            // A job moved to quarantine keeps its key's entry: the record is still there,
+            // set aside, and the entry is all that ties the key to it.
+            let quarantined = self
+                .inner
+                .db
+                .contains_key(keys::quarantine(&keys::job(id)))?;
+            if quarantined || unreadable.contains(&id) || self.job_has_key(id, kind, key)? {
+                continue;
+            }
+            found.problem(
+                &k,
+                format!("idempotency entry names job {id}, which is missing or has another key"),
+                "remove it",
+                Fix::Remove { key: k.to_vec() },
+            );
+        }
+        Ok(())
+    }
+
+    /// `p`, `r`, `f` entries: each names an existing job in exactly that state.
+    fn check_index(&self, found: &mut Found, unreadable: &BTreeSet<u64>) -> Result<()> {
+        for prefix in [keys::PENDING, keys::RUNNING, keys::FINISHED] {
+            for entry in self.inner.db.scan_prefix([prefix]) {
+                let (k, v) = entry?;
+                found.report.index_entries += 1;
+                let id = match prefix {
+                    keys::PENDING => keys::parse_pending(&k).map(|(_, _, id)| id),
+                    keys::RUNNING => keys::parse_id(&k),
+                    _ => keys::parse_finished(&k).map(|(_, _, id)| id),
+                };
+                let Some(id) = id else {
+                    found.problem(
+                        &k,
+                        "malformed index key".into(),
+                        "move it to quarantine",
+                        Fix::SetAside {
+                            key: k.to_vec(),
+                            reason: "fsck: malformed index key".into(),
+                        },
+                    );
+                    continue;
+                };
+                if unreadable.contains(&id) {
+                    // Reported with the record; set aside with it.
+                    continue;
+                }
+                let job = match self.inner.db.get(keys::job(id))? {
+                    None => None,
+                    Some(raw) => decode_at(&keys::job(id), &raw).ok(),
+                };
+                let Some(job) = job else {
+                    found.problem(
+                        &k,
+                        format!("index entry for job {id}, whose record is missing"),
+                        "move it to quarantine (the only trace of that job)",
+                        Fix::SetAside {
+                            key: k.to_vec(),
+                            reason: format!(
+                                "fsck: index entry for job {id}, whose record is missing"
+                            ),
+                        },
+                    );
+                    continue;
+                };
+                let (right_key, right_value) = index_entry(&job);
+                if right_key.as_slice() == k.as_ref() && right_value.as_slice() == v.as_ref() {
+                    continue;
+                }
+                if right_key.as_slice() == k.as_ref() {
+                    // A wrong value under the right key: reported and rewritten by the
+                    // job pass.
+                    continue;
+                }
+                found.problem(
+                    &k,
+                    format!(
+                        "stale index entry: job {id} is {}",
+                        stored_name(&job.stored)
+                    ),
+                    "remove it (the job's record is the truth)",
+                    Fix::Remove { key: k.to_vec() },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// State records, the quarantine, and keys of no known kind.
+    fn check_rest(&self, found: &mut Found) -> Result<()> {
+        for entry in self.inner.db.iter() {
+            let (k, v) = entry?;
+            match k.first().copied() {
+                Some(keys::JOB | keys::PENDING | keys::RUNNING | keys::FINISHED | keys::IDEM) => {}
+                Some(keys::STATE) => {
+                    found.report.state_records += 1;
+                    if let Err(e) = record::decode_state(&v) {
+                        found.problem(
+                            &k,
+                            format!("unreadable state record: {e}"),
+                            "move it to quarantine (byte for byte)",
+                            Fix::SetAside {
+                                key: k.to_vec(),
+                                reason: e.to_string(),
+                            },
+                        );
+                    }
+                }
+                Some(keys::QUARANTINE) => {
+                    found.report.quarantined += 1;
+                    if let Err(e) = record::decode_quarantined(&v) {
+                        found.problem(
+                            &k,
+                            format!("the quarantine entry itself is unreadable: {e}"),
+                            "none: left as it is",
+                            Fix::Leave,
+                        );
+                    }
+                }
+                _ if k.as_ref() == keys::META_SCHEMA || k.as_ref() == keys::META_NEXT_ID => {}
+                _ => found.problem(
+                    &k,
+                    "a key of no known kind (written by a newer connector?)".into(),
+                    "none: left as it is",
+                    Fix::Leave,
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// True when job `id` exists, reads, and has this kind and key.
+    fn job_has_key(&self, id: u64, kind: JobKind, key: &str) -> Result<bool> {
+        Ok(match self.inner.db.get(keys::job(id))? {
+            Some(raw) => {
+                decode_at(&keys::job(id), &raw).is_ok_and(|j| j.kind == kind && j.key == key)
+            }
+            None => false,
+        })
+    }
+
+    fn apply_fixes(&self, fixes: Vec<Fix>) -> Result<()> {
+        let mut b = sled::Batch::default();
+        for fix in fixes {
+            match fix {
+                Fix::SetAside { key, reason } => {
+                    let Some(raw) = self.inner.db.get(&key)? else {
+                        continue;
+                    };
+                    if key.first() == Some(&keys::JOB) {
+                        // Takes the job's index entries with it.
+                        self.quarantine_locked(&key, &raw, &reason)?;
+                        continue;
+                    }
+                    tracing::warn!(key = %keys::display(&key), %reason, "fsck: record moved to quarantine");
+                    let q = Quarantined {
+                        key: key.clone(),
+                        reason,
+                        at_ms: self.now(),
+                        raw: raw.to_vec(),
+                    };
+                    b.insert(keys::quarantine(&key), record::encode_quarantined(&q));
+                    b.remove(key);
+                }
+                Fix::Put { key, value } => b.insert(key, value),
+                Fix::Remove { key } => b.remove(key),
+                Fix::Leave => {}
+            }
+        }
+        self.inner.db.apply_batch(b)?;
+        Ok(())
+    }
+}
+
+/// The index key and value a job's stored state calls for.
+fn index_entry(job: &Job) -> (Vec<u8>, Vec<u8>) {
+    match job.stored {
+        Stored::Pending { due_ms } => {
+            (keys::pending(job.kind, due_ms, job.id).to_vec(), Vec::new())
+        }
+        Stored::Running { lease_until_ms, .. } => (
+            keys::running(job.id).to_vec(),
+            keys::running_value(job.kind, lease_until_ms).to_vec(),
+        ),
+        Stored::Done { at_ms } => (
+            keys::finished(keys::FINISHED_DONE, at_ms, job.id).to_vec(),
+            vec![job.kind.code()],
+        ),
+        Stored::Dead { at_ms, .. } => (
+            keys::finished(keys::FINISHED_DEAD, at_ms, job.id).to_vec(),
+            vec![job.kind.code()],
+        ),
+    }
+}
+
+fn stored_name(s: &Stored) -> &'static str {
+    match s {
+        Stored::Pending { .. } => "pending",
+        Stored::Running { .. } => "running",
+        Stored::Done { .. } => "done",
+        Stored::Dead { .. } => "dead",
+    }
+}
+
+/// What a missing index entry means for the job, for the operator reading the report.
+fn consequence(s: &Stored) -> &'static str {
+    match s {
+        Stored::Pending { .. } => ": no worker will ever lease it",
+        Stored::Running { .. } => ": a crash would not make it run again",
+        Stored::Done { .. } | Stored::Dead { .. } => ": stats, purge and sweeps miss it",
+    }
+}
