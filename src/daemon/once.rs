@@ -16,7 +16,8 @@ use crate::queue::{Job, JobKind, JobState, Outcome, Queue, Stored};
 /// What `--once` did.
 #[derive(Debug, Clone, Default)]
 pub struct OnceReport {
-    /// (node, kind) → `Ok` or the error of its attempt.
+    /// (node, kind) → `Ok` or the error of its attempt. For `webhook`, the first
+    /// number is the job id (callbacks that were due).
     pub results: BTreeMap<(u64, JobKind), Result<(), String>>,
 }
 
@@ -31,7 +32,10 @@ impl OnceReport {
             .results
             .iter()
             .filter_map(|((node, kind), r)| {
-                r.as_ref().err().map(|e| format!("node {node} {kind}: {e}"))
+                r.as_ref().err().map(|e| match kind {
+                    JobKind::Webhook => format!("webhook job {node}: {e}"),
+                    _ => format!("node {node} {kind}: {e}"),
+                })
             })
             .collect();
         let syncs = self
@@ -39,8 +43,17 @@ impl OnceReport {
             .keys()
             .filter(|(_, k)| *k == JobKind::NodeSync)
             .count();
-        let applies = self.results.len() - syncs;
-        if failed.is_empty() {
+        let webhooks = self
+            .results
+            .keys()
+            .filter(|(_, k)| *k == JobKind::Webhook)
+            .count();
+        let applies = self.results.len() - syncs - webhooks;
+        if failed.is_empty() && webhooks > 0 {
+            format!(
+                "once: {syncs} node(s) synced, {applies} apply(ies) run, {webhooks} callback(s) delivered, all succeeded"
+            )
+        } else if failed.is_empty() {
             format!("once: {syncs} node(s) synced, {applies} apply(ies) run, all succeeded")
         } else {
             format!(
@@ -69,6 +82,16 @@ pub async fn run_once(config: Config) -> anyhow::Result<OnceReport> {
         let e = queue.enqueue_with(node_sync::job(node.id)).await?;
         let job = due_now(&queue, e.job).await?;
         track(&mut tracked, &job, node.id);
+    }
+    // Callbacks that are due get one attempt too (when any relay is registered: else
+    // no webhook worker runs).
+    if !agent.webhook.registry.snapshot().by_id.is_empty() {
+        let now = queue.now();
+        for job in queue.unfinished_and_dead(JobKind::Webhook)? {
+            if job.state(now) == JobState::Ready {
+                track(&mut tracked, &job, job.id);
+            }
+        }
     }
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
