@@ -19,6 +19,7 @@
 //! | `confirm.rs` | `confirm NODE` | confirms one held sync |
 //! | `accept_loss.rs` | `accept-loss` | opens a queue that lost writes; records the loss |
 //! | `bans.rs` | `bans` | reads recent removals and whether they bit |
+//! | `relays.rs` | `relays` | reads webhook stats per relay and ref, and the provider files |
 //!
 //! # Offline mode
 //!
@@ -43,6 +44,7 @@ mod export;
 mod held;
 mod list;
 mod purge;
+mod relays;
 mod retry;
 mod show;
 mod stats;
@@ -120,6 +122,8 @@ enum Command {
     AcceptLoss(accept_loss::Args),
     /// Users removed from a core in the last 15 minutes, and whether each ban bit.
     Bans(bans::Args),
+    /// Webhook callbacks per relay and ref: events by status; delivered, pending, dead.
+    Relays(relays::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -203,6 +207,7 @@ async fn run(command: Command, config: &Config, json: bool) -> Result<(), Failur
         Command::Confirm(a) => confirm::run(a, &queue, &mut out).await?,
         Command::AcceptLoss(a) => accept_loss::run(a, &queue, &mut out)?,
         Command::Bans(a) => bans::run(a, &queue, &mut out)?,
+        Command::Relays(a) => relays::run(a, &queue, config, &mut out)?,
     }
     w.flush()?;
     Ok(())
