@@ -94,14 +94,15 @@ impl fmt::Debug for SigningKey {
 /// A URL fit for logs and `queuectl`: scheme, host, port and path; no user, password,
 /// query or fragment (relays put tokens there).
 pub fn redacted(url: &url::Url) -> String {
-    let mut u = url.clone();
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    if u.query().is_some() {
-        u.set_query(Some("…"));
+    let mut s = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
+    if let Some(port) = url.port() {
+        s.push_str(&format!(":{port}"));
     }
-    u.set_fragment(None);
-    u.to_string()
+    s.push_str(url.path());
+    if url.query().is_some() {
+        s.push_str("?…");
+    }
+    s
 }
 
 /// A provider file that could not be used: its path, the field at fault, and why.
@@ -383,6 +384,10 @@ impl Registry {
     }
 
     fn install(&self, providers: Providers, why: &str) -> Arc<Providers> {
+        let providers = Arc::new(providers);
+        // In force before it is logged: whoever reads the log line can rely on it.
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = providers.clone();
+        self.any.send_replace(!providers.by_id.is_empty());
         if providers.missing_dir {
             tracing::info!(dir = %self.dir.display(), "webhook.providers_dir does not exist: no relays registered (create it and add {{id}}.json files; they are picked up without a restart)");
         }
@@ -407,9 +412,6 @@ impl Registry {
             skipped = providers.errors.len(),
             "providers {why}"
         );
-        let providers = Arc::new(providers);
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = providers.clone();
-        self.any.send_replace(!providers.by_id.is_empty());
         providers
     }
 
