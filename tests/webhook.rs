@@ -204,10 +204,13 @@ async fn attempt_end(
     tokio::time::timeout(WAIT, async {
         loop {
             match events.recv().await {
-                Ok(e) if e.id == id => match e.what {
-                    w @ (EventKind::Retry { .. } | EventKind::Done | EventKind::Dead) => return w,
-                    _ => {}
-                },
+                Ok(e) if e.id == id => {
+                    if let w @ (EventKind::Retry { .. } | EventKind::Done | EventKind::Dead) =
+                        e.what
+                    {
+                        return w;
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => panic!("job events: {e}"),
             }
@@ -702,7 +705,9 @@ fn bad_input_gets_the_right_4xx_and_nothing_is_enqueued() {
         e.as_object_mut().unwrap().remove(k);
         e
     };
-    let cases: Vec<(&str, u16, &str, Option<&str>, (u16, Value))> = vec![
+    /// (what, expected status, code, field, what it got)
+    type Case<'a> = (&'a str, u16, &'a str, Option<&'a str>, (u16, Value));
+    let cases: Vec<Case> = vec![
         (
             "unknown relay",
             422,
@@ -976,7 +981,7 @@ fn the_full_key_never_reaches_the_database_the_logs_or_an_export() {
         }
     }
     for r in rig.receiver.requests() {
-        assert!(!contains(&r.body, FULL_KEY[..8].as_bytes()));
+        assert!(!contains(&r.body, &FULL_KEY.as_bytes()[..8]));
     }
 }
 

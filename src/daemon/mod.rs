@@ -222,9 +222,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!("stopping: no new work; waiting for running attempts");
     if let Some(s) = server {
         // Intake first: once this returns, no event is being accepted.
-        match s.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "http listener failed"),
-            Ok(Ok(())) | Err(_) => {}
+        if let Ok(Err(e)) = s.await {
+            tracing::error!(error = %e, "http listener failed");
         }
     }
     let _ = producer.await;

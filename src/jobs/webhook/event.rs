@@ -421,7 +421,7 @@ fn key_prefix(key: Option<Secret>, prefix: Option<String>) -> Result<String, Rej
 /// ISO 8601 in UTC: seconds, or milliseconds when there are any.
 pub fn iso8601(at: Millis) -> String {
     let t = UNIX_EPOCH + Duration::from_millis(at);
-    if at % 1000 == 0 {
+    if at.is_multiple_of(1000) {
         humantime::format_rfc3339_seconds(t).to_string()
     } else {
         humantime::format_rfc3339_millis(t).to_string()
