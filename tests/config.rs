@@ -272,10 +272,16 @@ fn webhook_and_http_sections() {
     let e = load_text("[webhook]\nca_file = \"/nonexistent/ca.pem\"\n").unwrap_err();
     assert_eq!(e.key, "webhook.ca_file", "{e}");
     let e = load_text("[webhook]\nprovider_dir = \"x\"\n").unwrap_err();
-    assert_eq!(e.key, "webhook.provider_dir", "an unknown key is named: {e}");
+    assert_eq!(
+        e.key, "webhook.provider_dir",
+        "an unknown key is named: {e}"
+    );
 
     let c = load_text("[http]\nlisten = \"\"\ntoken = \"tok-123456\"\n").unwrap();
     assert!(c.http.listen.is_none());
     let shown = config::render(&c);
-    assert!(!shown.contains("tok-123456") && shown.contains("token = \"***\""), "{shown}");
+    assert!(
+        !shown.contains("tok-123456") && shown.contains("token = \"***\""),
+        "{shown}"
+    );
 }
