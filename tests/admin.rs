@@ -441,6 +441,7 @@ impl Fixture {
             &config,
             format!(
                 "data_dir = {data:?}\n\
+                 [http]\nlisten = \"127.0.0.1:0\"\n\
                  [sync]\nmax_removal_ratio = 0.5\nconfirm_after = \"10m\"\n\
                  [queue.kinds.node_sync]\nladder = [\"0s\"]\non_exhausted = \"dead\"\n"
             ),
@@ -502,6 +503,8 @@ fn every_command_prints_the_same_through_the_daemon_as_offline() {
         vec!["bans", "--json"],
         vec!["traffic"],
         vec!["traffic", "--json"],
+        vec!["relays"],
+        vec!["relays", "--json"],
         vec!["accept-loss"],
         vec!["fsck"],
         vec!["fsck", "--json"],
@@ -673,7 +676,7 @@ fn the_socket_is_private_replaced_when_stale_refused_when_live() {
     std::fs::write(
         &other,
         format!(
-            "data_dir = {:?}\n[admin]\nsocket = {:?}\n",
+            "data_dir = {:?}\n[admin]\nsocket = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n",
             fx.dir.path().join("data2"),
             sock
         ),

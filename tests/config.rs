@@ -251,3 +251,37 @@ fn apply_mode_follows_what_is_configured() {
     let e = load_text("[sync]\nmax_removal_ratio = 1.5\n").unwrap_err();
     assert_eq!(e.key, "sync.max_removal_ratio");
 }
+
+#[test]
+fn webhook_and_http_sections() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let ex = config::load(Some(&path), &no_env()).unwrap();
+    let d = config::load(None, &no_env()).unwrap();
+    assert_eq!(ex.webhook.providers_dir, d.webhook.providers_dir);
+    assert_eq!(ex.webhook.ca_file, None);
+    assert_eq!(ex.webhook.timeout, Duration::from_secs(5));
+    assert_eq!(ex.http.listen, d.http.listen);
+    assert_eq!(ex.http.listen.unwrap().to_string(), "127.0.0.1:9460");
+    assert!(ex.http.token.is_none());
+    assert_eq!(ex.http.max_body_bytes, d.http.max_body_bytes);
+
+    let e = load_text("[http]\nlisten = \"localhost\"\n").unwrap_err();
+    assert_eq!(e.key, "http.listen", "{e}");
+    let e = load_text("[webhook]\nper_relay_concurrency = 0\n").unwrap_err();
+    assert_eq!(e.key, "webhook.per_relay_concurrency", "{e}");
+    let e = load_text("[webhook]\nca_file = \"/nonexistent/ca.pem\"\n").unwrap_err();
+    assert_eq!(e.key, "webhook.ca_file", "{e}");
+    let e = load_text("[webhook]\nprovider_dir = \"x\"\n").unwrap_err();
+    assert_eq!(
+        e.key, "webhook.provider_dir",
+        "an unknown key is named: {e}"
+    );
+
+    let c = load_text("[http]\nlisten = \"\"\ntoken = \"tok-123456\"\n").unwrap();
+    assert!(c.http.listen.is_none());
+    let shown = config::render(&c);
+    assert!(
+        !shown.contains("tok-123456") && shown.contains("token = \"***\""),
+        "{shown}"
+    );
+}

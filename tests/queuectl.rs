@@ -190,6 +190,7 @@ impl Fixture {
             &config,
             format!(
                 "data_dir = {:?}\n\n\
+                 [http]\nlisten = \"127.0.0.1:0\"\n\n\
                  [queue.kinds.webhook]\nladder = [\"0s\"]\non_exhausted = \"dead\"\n\n\
                  [queue.kinds.node_sync]\nladder = [\"0s\"]\non_exhausted = \"dead\"\n",
                 data.to_str().unwrap()

@@ -228,6 +228,15 @@ pub fn traffic(ctx: Ctx, _: pb::TrafficRequest) -> Result<pb::TrafficReply> {
     Ok(super::convert::traffic(s))
 }
 
+pub fn relays(ctx: Ctx, _: pb::RelaysRequest) -> Result<pb::RelaysReply> {
+    let providers = crate::peers::relays::load_dir(&ctx.config.webhook.providers_dir, None);
+    let report =
+        crate::jobs::webhook::stats::report(&ctx.queue, Some(&providers)).map_err(status)?;
+    let report_json = serde_json::to_string(&report)
+        .map_err(|e| Status::internal(format!("relay stats do not serialise: {e}")))?;
+    Ok(pb::RelaysReply { report_json })
+}
+
 pub async fn fsck(ctx: Ctx, req: pb::FsckRequest) -> Result<pb::FsckReport> {
     let report = ctx.queue.fsck(req.repair).await.map_err(status)?;
     Ok(report.into())

@@ -287,6 +287,10 @@ impl pb::admin_server::Admin for Service {
         self.blocking(r, ops::traffic).await
     }
 
+    async fn relays(&self, r: Request<pb::RelaysRequest>) -> Reply<pb::RelaysReply> {
+        self.blocking(r, ops::relays).await
+    }
+
     type TailStream = Stream<pb::TailEvent>;
     async fn tail(&self, _: Request<pb::TailRequest>) -> Reply<Self::TailStream> {
         let mut events = self.ctx.queue.subscribe();

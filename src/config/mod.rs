@@ -9,6 +9,7 @@
 mod env;
 mod raw;
 mod render;
+mod webhook;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,6 +20,7 @@ use crate::queue;
 
 pub use env::ENV_VARS;
 pub use render::render;
+pub use webhook::{Http, Webhook};
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -36,6 +38,10 @@ pub struct Config {
     pub queue: queue::Settings,
     /// `[admin] socket`: the admin socket's path, when not `{data_dir}/admin.sock`.
     pub admin_socket: Option<PathBuf>,
+    /// `[webhook]`: relay callbacks.
+    pub webhook: Webhook,
+    /// `[http]`: the local listener.
+    pub http: Http,
     /// How long running attempts may take to finish after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
     /// Problems that do not stop the program (a token file readable by others).
@@ -59,6 +65,8 @@ impl Default for Config {
             traffic: Traffic::default(),
             queue,
             admin_socket: None,
+            webhook: Webhook::default(),
+            http: Http::default(),
             shutdown_timeout: Duration::from_secs(30),
             warnings: Vec::new(),
         }

@@ -35,6 +35,10 @@ struct RawConfig {
     queue: RawQueue,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    webhook: super::webhook::RawWebhook,
+    #[serde(default)]
+    http: super::webhook::RawHttp,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,7 +157,7 @@ pub(super) fn apply_file(
             path.display()
         ));
     }
-    apply_raw(cfg, raw, pending).map_err(|(key, reason)| err(&key, reason))
+    apply_raw(cfg, raw, pending, path).map_err(|(key, reason)| err(&key, reason))
 }
 
 /// True when group or others may read the file.
@@ -184,7 +188,14 @@ fn positive(key: &str, d: Duration) -> Result<Duration, KeyError> {
     }
 }
 
-fn apply_raw(cfg: &mut Config, raw: RawConfig, pending: &mut Pending) -> Result<(), KeyError> {
+fn apply_raw(
+    cfg: &mut Config,
+    raw: RawConfig,
+    pending: &mut Pending,
+    path: &Path,
+) -> Result<(), KeyError> {
+    super::webhook::apply_webhook(&mut cfg.webhook, raw.webhook)?;
+    super::webhook::apply_http(&mut cfg.http, raw.http, path, &mut cfg.warnings)?;
     if let Some(d) = raw.data_dir {
         cfg.data_dir = d;
     }

@@ -106,6 +106,7 @@ fn render_into(cfg: &Config, o: &mut String) -> std::fmt::Result {
         cfg.traffic.max_items
     )?;
 
+    super::webhook::render(&cfg.webhook, &cfg.http, o)?;
     writeln!(
         o,
         "\n[queue]\ndedupe_window = {}",

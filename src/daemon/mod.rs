@@ -13,6 +13,7 @@
 //! `--once` ([`run_once`]): one sync per node, the applies those syncs cause, then exit.
 
 mod core_watch;
+pub mod http;
 mod once;
 
 use std::sync::Arc;
@@ -25,8 +26,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::jobs::node_sync::{self, NodeSync};
 use crate::jobs::traffic_report::{Collector, TrafficReport};
+use crate::jobs::webhook::{self, Webhook};
 use crate::jobs::xray_apply::XrayApply;
 use crate::peers::panel::Panel;
+use crate::peers::relays::{Registry, client::RelayClient};
 use crate::peers::xray::XrayClient;
 use crate::queue::{self, DeadReason, JobKind, JobState, Queue, Stored, SystemClock};
 
@@ -46,6 +49,7 @@ pub(crate) struct Agent {
     pub traffic: Option<Arc<TrafficReport>>,
     /// Reads the core's counters, when `traffic.enabled` and `[xray]` is set.
     pub collector: Option<Arc<tokio::sync::Mutex<Collector>>>,
+    pub webhook: Arc<Webhook>,
 }
 
 impl Agent {
@@ -103,6 +107,11 @@ impl Agent {
             _ => None,
         };
         let apply = Arc::new(XrayApply::new(queue.clone(), config.clone())?);
+        let webhook = Arc::new(Webhook {
+            queue: queue.clone(),
+            registry: Arc::new(Registry::load(&config.webhook.providers_dir)),
+            client: Arc::new(RelayClient::new(&config.webhook)?),
+        });
         tracing::info!(
             nodes = config.nodes.len(),
             apply_mode = config.apply.mode.as_str(),
@@ -117,6 +126,7 @@ impl Agent {
             apply,
             traffic,
             collector,
+            webhook,
         })
     }
 
@@ -144,6 +154,15 @@ impl Agent {
                 stop.clone(),
             ));
         }
+        // A node without relays leaves webhook jobs alone rather than failing them.
+        let (queue, handler, stop) = (self.queue.clone(), self.webhook.clone(), stop.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = handler.registry.wait_for_any() => {}
+            }
+            queue::run_workers(queue, JobKind::Webhook, handler, stop).await
+        });
     }
 
     /// Waits for the worker pools to drain, at most `shutdown_timeout`.
@@ -191,6 +210,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         &agent.config.admin_socket(),
     )?;
     let stop = shutdown.child_token();
+    // Bound first: a listener that cannot start stops the daemon before it takes work.
+    let listener = match agent.config.http.listen {
+        Some(addr) => Some(http::bind(addr).await?),
+        None => None,
+    };
     let mut tasks = JoinSet::new();
     agent.spawn_workers(&mut tasks, &stop);
     let maintenance = tokio::spawn(queue::run_maintenance(
@@ -219,6 +243,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             stop.clone(),
         ))
     });
+    let reloader = tokio::spawn(
+        agent
+            .webhook
+            .registry
+            .clone()
+            .watch(agent.config.webhook.reload_interval, stop.clone()),
+    );
+    let folder = tokio::spawn(webhook::stats::run_fold(agent.queue.clone(), stop.clone()));
+    let server = listener.map(|l| {
+        let state = Arc::new(http::HttpState {
+            queue: agent.queue.clone(),
+            registry: agent.webhook.registry.clone(),
+            token: agent.config.http.token.clone(),
+            max_body_bytes: agent.config.http.max_body_bytes,
+        });
+        let addr = l.local_addr().ok();
+        tracing::info!(
+            addr = %addr.map(|a| a.to_string()).unwrap_or_default(),
+            bearer_token = state.token.is_some(),
+            "http listener ready"
+        );
+        if addr.is_some_and(|a| !a.ip().is_loopback()) && state.token.is_none() {
+            tracing::warn!("http.listen is not a loopback address and http.token is not set: anyone who can reach it can submit webhook events");
+        }
+        tokio::spawn(http::serve(l, http::router(state), stop.clone()))
+    });
     if agent.apply.core.is_some() {
         // Level-triggered: whatever happened while the agent was down, reconcile now.
         core_watch::apply_all(&agent.queue, &agent.config, "start").await;
@@ -230,11 +280,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     stop.cancel();
     tracing::info!("stopping: no new work; waiting for running attempts");
+    if let Some(s) = server {
+        // Intake first: once this returns, no event is being accepted.
+        if let Ok(Err(e)) = s.await {
+            tracing::error!(error = %e, "http listener failed");
+        }
+    }
     let _ = producer.await;
     let _ = maintenance.await;
     if let Some(c) = collecting {
         let _ = c.await;
     }
+    let _ = reloader.await;
+    let _ = folder.await;
     if let Some(w) = watcher {
         let _ = w.await;
     }
@@ -246,6 +304,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         _ => {}
     }
     drained?;
+    if let Err(e) = webhook::stats::fold(&agent.queue).await {
+        tracing::warn!(error = %e, "webhook stats not folded at shutdown (they are at the next start)");
+    }
     tracing::info!("queue flushed; stopped");
     Ok(())
 }

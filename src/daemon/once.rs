@@ -17,7 +17,8 @@ use crate::queue::{Job, JobKind, JobState, Outcome, Queue, Stored};
 /// What `--once` did.
 #[derive(Debug, Clone, Default)]
 pub struct OnceReport {
-    /// (node, kind) → `Ok` or the error of its attempt.
+    /// (node, kind) → `Ok` or the error of its attempt. For `webhook`, the first
+    /// number is the job id (callbacks that were due).
     pub results: BTreeMap<(u64, JobKind), Result<(), String>>,
 }
 
@@ -32,15 +33,18 @@ impl OnceReport {
             .results
             .iter()
             .filter_map(|((node, kind), r)| {
-                r.as_ref().err().map(|e| format!("node {node} {kind}: {e}"))
+                r.as_ref().err().map(|e| match kind {
+                    JobKind::Webhook => format!("webhook job {node}: {e}"),
+                    _ => format!("node {node} {kind}: {e}"),
+                })
             })
             .collect();
         let count = |kind| self.results.keys().filter(|(_, k)| *k == kind).count();
         let (syncs, applies) = (count(JobKind::NodeSync), count(JobKind::XrayApply));
-        let reports = count(JobKind::TrafficReport);
+        let (reports, webhooks) = (count(JobKind::TrafficReport), count(JobKind::Webhook));
         if failed.is_empty() {
             format!(
-                "once: {syncs} node(s) synced, {applies} apply(ies) run, traffic reported for {reports} node(s), all succeeded"
+                "once: {syncs} node(s) synced, {applies} apply(ies) run, traffic reported for {reports} node(s), {webhooks} callback(s) delivered, all succeeded"
             )
         } else {
             format!(
@@ -93,6 +97,16 @@ pub async fn run_once(config: Config) -> anyhow::Result<OnceReport> {
             {
                 let job = due_now(&queue, job).await?;
                 track(&mut tracked, &job, r.node_id);
+            }
+        }
+    }
+    // Callbacks that are due get one attempt too (when any relay is registered: else
+    // no webhook worker runs).
+    if !agent.webhook.registry.snapshot().by_id.is_empty() {
+        let now = queue.now();
+        for job in queue.unfinished_and_dead(JobKind::Webhook)? {
+            if job.state(now) == JobState::Ready {
+                track(&mut tracked, &job, job.id);
             }
         }
     }

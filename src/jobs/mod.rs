@@ -7,9 +7,11 @@
 //! | `node_sync` | [`node_sync`] | the panel | `{output_dir}/node-{id}/*`, state `node/{id}/sync`, enqueues `xray_apply` |
 //! | `xray_apply` | [`xray_apply`] | state `node/{id}/sync`, the output files | runs the hook; state `node/{id}/applied` |
 //! | `traffic_report` | [`traffic_report`] | the core's counters (collection); its own jobs | state `traffic/*`, enqueues `traffic_report`; the panel's report endpoint |
+//! | `webhook` | [`webhook`] | the job's event, the provider registry | POSTs to the relay; state `webhook/delivered/{job}`, `webhook/totals/{relay}` |
 
 pub mod node_sync;
 pub mod traffic_report;
+pub mod webhook;
 pub mod xray_apply;
 
 /// The key of a node's job (the same for every kind that works per node).

@@ -4,9 +4,11 @@
 //! - [`panel`]: the panel's internal API (allowed users; traffic reports later).
 //! - [`hook`]: the operator's `APPLY_CMD`.
 //! - [`xray`]: an Xray or V2Ray core's gRPC API.
+//! - [`relays`]: relays' provider files and the client their callbacks go out through.
 
 pub mod hook;
 pub mod panel;
+pub mod relays;
 pub mod xray;
 
 /// Renders an error with its chain of causes on one line.

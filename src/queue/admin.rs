@@ -504,6 +504,50 @@ impl Queue {
         Ok((swept, reaped))
     }
 
+    /// The jobs of `kind` that are not done: pending (scheduled or ready), running and
+    /// dead, found through the indexes, so the cost follows their number, not the
+    /// number of done jobs kept for the dedupe window.
+    pub fn unfinished_and_dead(&self, kind: JobKind) -> Result<Vec<Job>> {
+        let mut ids = Vec::new();
+        for k in self
+            .inner
+            .db
+            .scan_prefix([keys::PENDING, kind.code()])
+            .keys()
+        {
+            if let Some((_, _, id)) = keys::parse_pending(&k?) {
+                ids.push(id);
+            }
+        }
+        for entry in self.inner.db.scan_prefix([keys::RUNNING]) {
+            let (k, v) = entry?;
+            if v.first() == Some(&kind.code())
+                && let Some(id) = keys::parse_id(&k)
+            {
+                ids.push(id);
+            }
+        }
+        for entry in self
+            .inner
+            .db
+            .scan_prefix([keys::FINISHED, keys::FINISHED_DEAD])
+        {
+            let (k, v) = entry?;
+            if v.first() == Some(&kind.code())
+                && let Some((_, _, id)) = keys::parse_finished(&k)
+            {
+                ids.push(id);
+            }
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(job) = self.get(id)? {
+                out.push(job);
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes the database takes on disk.
     pub fn size_on_disk(&self) -> Result<u64> {
         Ok(self.inner.db.size_on_disk()?)

@@ -140,6 +140,7 @@ impl Rig {
         std::fs::write(hook_dir.join("hook.sh"), HOOK).unwrap();
         let mut text = format!(
             "data_dir = {data:?}\n{shutdown}\
+             [http]\nlisten = \"127.0.0.1:0\"\n\
              [panel]\nbase_url = {url:?}\ninternal_api_key = {TOKEN:?}\ntimeout = {timeout:?}\n\
              [sync]\ninterval = \"200ms\"\noutput_dir = {out:?}\n{guard}{apply}",
             data = dir.path().join("data"),

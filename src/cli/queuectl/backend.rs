@@ -399,6 +399,16 @@ impl Backend {
         .await
     }
 
+    pub async fn relays(&self) -> anyhow::Result<crate::jobs::webhook::stats::Report> {
+        let r = self
+            .read(pb::RelaysRequest {}, ops::relays, |mut c, r| async move {
+                c.relays(r).await
+            })
+            .await?;
+        serde_json::from_str(&r.report_json)
+            .map_err(|e| anyhow::anyhow!("the relay stats do not decode: {e}"))
+    }
+
     pub async fn fsck(&self, repair: bool) -> anyhow::Result<pb::FsckReport> {
         self.write(
             pb::FsckRequest { repair },

@@ -26,6 +26,7 @@
 //! | `tail.rs` | `tail` | follows job events (daemon only) |
 //! | `fsck.rs` | `fsck [--repair]` | checks every record and index; repairs them |
 //! | `backend.rs` | | finds the daemon or the database; one method per command |
+//! | `relays.rs` | `relays` | reads webhook stats per relay and ref, and the provider files |
 //!
 //! Adding a command: `src/admin/mod.rs` says the five steps (proto, operation, server,
 //! backend, a file here).
@@ -64,6 +65,7 @@ mod fsck;
 mod held;
 mod list;
 mod purge;
+mod relays;
 mod retry;
 mod show;
 mod stats;
@@ -158,6 +160,8 @@ enum Command {
     /// --repair, rebuild indexes and move unreadable records to quarantine (nothing is
     /// deleted). Exit 1 when problems were found and not repaired.
     Fsck(fsck::Args),
+    /// Webhook callbacks per relay and ref: events by status; delivered, pending, dead.
+    Relays(relays::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -266,6 +270,7 @@ async fn run(
         Command::Tail(a) => tail::run(a, b, &mut out).await?,
         Command::Fsck(a) => clean = fsck::run(a, b, &mut out).await?,
         Command::Traffic(a) => traffic::run(a, b, &mut out).await?,
+        Command::Relays(a) => relays::run(a, b, &mut out).await?,
     }
     w.flush()?;
     if clean {

@@ -1,0 +1,141 @@
+//! The local HTTP listener (`http.listen`, SPEC §4).
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1/webhooks/connect` | a ProxyCast Connect event → one durable webhook job |
+//!
+//! [`router`] builds the routes from one shared [`HttpState`]; a later route (metrics,
+//! health) is one more `.route(…)` there, or a `Router` merged in [`serve`]'s caller.
+//!
+//! Answers are JSON. `202 {"job_id","event_id","duplicate"}` once the job is on disk;
+//! errors are `{"code","field","detail"}` (`field` when one is at fault): `400`
+//! malformed JSON, `401` a missing or wrong bearer token (when `http.token` is set),
+//! `413` a body over `http.max_body_bytes`, `422` a field that fails its check (an
+//! unknown relay included), `503` the queue could not store it. The body is never
+//! logged (it holds the full API key).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Secret;
+use crate::jobs::webhook::{self, Rejected};
+use crate::peers::relays::Registry;
+use crate::queue::Queue;
+
+/// What every route can reach.
+pub struct HttpState {
+    pub queue: Queue,
+    pub registry: Arc<Registry>,
+    /// Required as `Authorization: Bearer …` on the webhook route, when set.
+    pub token: Option<Secret>,
+    pub max_body_bytes: usize,
+}
+
+/// The routes.
+pub fn router(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/v1/webhooks/connect", post(connect))
+        .with_state(state)
+}
+
+/// Binds `addr`; the error names it.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!("http.listen: cannot listen on {addr}: {e} (set http.listen to another address, or \"\" for no listener)")
+    })
+}
+
+/// Serves `router` on `listener` until `stop`; requests in progress then finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+}
+
+fn json_error(r: &Rejected) -> Response {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST);
+    (status, axum::Json(r)).into_response()
+}
+
+fn plain(status: u16, code: &'static str, detail: String) -> Rejected {
+    Rejected {
+        status,
+        code,
+        field: None,
+        detail,
+    }
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timing.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(headers: &HeaderMap, token: &Secret) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .is_some_and(|given| same(given.trim().as_bytes(), token.expose().as_bytes()))
+}
+
+async fn connect(State(st): State<Arc<HttpState>>, headers: HeaderMap, body: Body) -> Response {
+    if let Some(token) = &st.token
+        && !authorized(&headers, token)
+    {
+        tracing::info!("webhook event refused: missing or wrong bearer token");
+        let mut r = json_error(&plain(
+            401,
+            "unauthorized",
+            "a valid bearer token is required (Authorization: Bearer …)".into(),
+        ));
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let too_large = || {
+        tracing::info!(
+            limit = st.max_body_bytes,
+            "webhook event refused: body too large"
+        );
+        json_error(&plain(
+            413,
+            "payload_too_large",
+            format!("the body is larger than {} bytes", st.max_body_bytes),
+        ))
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > st.max_body_bytes as u64) {
+        return too_large();
+    }
+    let bytes = match axum::body::to_bytes(body, st.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => return too_large(),
+    };
+    match webhook::ingest_json(&st.queue, &st.registry, &bytes).await {
+        Ok(accepted) => (StatusCode::ACCEPTED, axum::Json(accepted)).into_response(),
+        Err(r) => {
+            tracing::info!(code = r.code, field = r.field.as_deref().unwrap_or(""), detail = %r.detail, "webhook event refused");
+            json_error(&r)
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! `webhook`: deliver one ProxyCast Connect callback to a relay (SPEC §3 webhook).
+//!
+//! # In
+//!
+//! [`ingest`] (and [`ingest_json`], what `POST /v1/webhooks/connect` calls) checks an
+//! event ([`event::validate`]: every field SPEC names, the relay registered), cuts the
+//! key to its first 7 characters, and enqueues one job whose idempotency key is the
+//! event's `event_id` ([`Dedupe::Window`]: the same id again within
+//! `queue.dedupe_window` is the same job). It returns only once the job is on disk.
+//!
+//! # Out
+//!
+//! One attempt ([`Webhook`]) POSTs [`Payload::body`] to the relay's `callback_url`
+//! through [`RelayClient`] with `Content-Type: application/json`,
+//! `User-Agent: ProxyCast/{client.version}`, `webhook-id: {event_id}` and, when the
+//! provider has a secret, Standard Webhooks `webhook-timestamp` and
+//! `webhook-signature` ([`sign`]). The body is rebuilt from the payload on every
+//! attempt, byte for byte the same (its `timestamp` is the event's, fixed at
+//! ingestion). `2xx` is delivered; anything else, a timeout or no connection is a
+//! failed attempt on the kind's ladder (`0s, 1m, 5m, 30m`, then dead), pushed later by
+//! a `Retry-After`. A relay that is not registered (any more) is a failed attempt too.
+//!
+//! Reads: the job payload, the provider registry. Writes: the relay (HTTP), state
+//! `webhook/delivered/{job}` with the ack, `webhook/totals/{relay}` ([`stats`]).
+//!
+//! Never stored, logged or sent: the full API key, the provider's secret, the bearer
+//! token, the callback URL's query.
+
+pub mod event;
+pub mod sign;
+pub mod stats;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
+use serde::Serialize;
+
+pub use event::{ConnectEvent, Payload, Rejected, Status};
+
+use crate::peers::relays::Registry;
+use crate::peers::relays::client::RelayClient;
+use crate::queue::{
+    AttemptResult, Dedupe, Effects, Handler, Job, JobKind, NewJob, Queue, next_delay,
+};
+
+/// What an accepted event became: `202 {"job_id","event_id","duplicate"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Accepted {
+    pub job_id: u64,
+    pub event_id: String,
+    /// The event id was already accepted (within the dedupe window): `job_id` is that
+    /// job, nothing new was stored.
+    pub duplicate: bool,
+}
+
+/// Checks `event` and enqueues its callback; returns once the job is durable.
+pub async fn ingest(
+    queue: &Queue,
+    registry: &Registry,
+    event: ConnectEvent,
+) -> Result<Accepted, Rejected> {
+    let payload = event::validate(event, registry, queue.now())?;
+    let enqueued = queue
+        .enqueue_with(NewJob {
+            kind: JobKind::Webhook,
+            key: payload.event_id.clone(),
+            payload: payload.encode(),
+            not_before: None,
+            dedupe: Dedupe::Window,
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "webhook event not stored");
+            Rejected {
+                status: 503,
+                code: "not_stored",
+                field: None,
+                detail: format!("the event was not stored, try again: {e}"),
+            }
+        })?;
+    tracing::debug!(
+        relay = %payload.relay_id,
+        status = payload.status.as_str(),
+        event_id = %payload.event_id,
+        job = enqueued.job.id,
+        duplicate = enqueued.duplicate,
+        "webhook event accepted"
+    );
+    Ok(Accepted {
+        job_id: enqueued.job.id,
+        event_id: payload.event_id,
+        duplicate: enqueued.duplicate,
+    })
+}
+
+/// [`ingest`] of a JSON body (what the HTTP endpoint calls).
+pub async fn ingest_json(
+    queue: &Queue,
+    registry: &Registry,
+    body: &[u8],
+) -> Result<Accepted, Rejected> {
+    ingest(queue, registry, event::parse_json(body)?).await
+}
+
+/// The job that delivers `payload` (for programs that build payloads themselves).
+pub fn job(payload: &Payload) -> NewJob {
+    NewJob {
+        kind: JobKind::Webhook,
+        key: payload.event_id.clone(),
+        payload: payload.encode(),
+        not_before: None,
+        dedupe: Dedupe::Window,
+    }
+}
+
+/// The headers of one attempt. `now_secs` is the attempt's time (`webhook-timestamp`).
+pub fn headers(
+    p: &Payload,
+    key: Option<&crate::peers::relays::SigningKey>,
+    now_secs: u64,
+    body: &[u8],
+) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    // Validated at ingestion: visible ASCII. A payload edited by hand to something
+    // else gets no header rather than a panic.
+    if let Ok(ua) = HeaderValue::from_str(&format!("ProxyCast/{}", p.client.version)) {
+        h.insert(USER_AGENT, ua);
+    }
+    if let Ok(id) = HeaderValue::from_str(&p.event_id) {
+        h.insert(HeaderName::from_static("webhook-id"), id);
+    }
+    if let Some(key) = key {
+        h.insert(
+            HeaderName::from_static("webhook-timestamp"),
+            HeaderValue::from(now_secs),
+        );
+        if let Ok(sig) = HeaderValue::from_str(&sign::signature(key, &p.event_id, now_secs, body)) {
+            h.insert(HeaderName::from_static("webhook-signature"), sig);
+        }
+    }
+    h
+}
+
+/// Runs webhook attempts.
+pub struct Webhook {
+    pub queue: Queue,
+    pub registry: Arc<Registry>,
+    pub client: Arc<RelayClient>,
+}
+
+fn retry(error: String) -> AttemptResult {
+    AttemptResult::Retry {
+        error,
+        retry_after: None,
+    }
+}
+
+impl Handler for Webhook {
+    async fn run(&self, job: Job) -> AttemptResult {
+        let p = match Payload::decode(&job.payload) {
+            Ok(p) => p,
+            Err(e) => return retry(e),
+        };
+        let Some(provider) = self.registry.get(&p.relay_id) else {
+            return self.failed(
+                &job,
+                &p,
+                format!(
+                    "relay `{}` is not registered (no valid {}/{}.json with a webhook section)",
+                    p.relay_id,
+                    self.registry.dir().display(),
+                    p.relay_id
+                ),
+                None,
+            );
+        };
+        let body = p.body();
+        let now_secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let headers = headers(&p, provider.secret.as_ref(), now_secs, &body);
+        match self
+            .client
+            .post(&p.relay_id, &provider.callback_url, headers, body)
+            .await
+        {
+            Ok(d) => {
+                tracing::info!(
+                    relay = %p.relay_id,
+                    event_id = %p.event_id,
+                    job = job.id,
+                    attempt = job.attempts,
+                    status = d.status,
+                    "callback delivered"
+                );
+                AttemptResult::DoneWith(Effects {
+                    state: vec![stats::delivered(job.id, &p, self.queue.now())],
+                    enqueue: Vec::new(),
+                    note: Some(format!("relay answered {}", d.status)),
+                    wake: Vec::new(),
+                })
+            }
+            Err(e) => self.failed(&job, &p, e.to_string(), e.retry_after()),
+        }
+    }
+}
+
+impl Webhook {
+    /// A failed attempt; says so loudly when it is the last one.
+    fn failed(
+        &self,
+        job: &Job,
+        p: &Payload,
+        error: String,
+        retry_after: Option<std::time::Duration>,
+    ) -> AttemptResult {
+        let settings = self.queue.settings().kind(JobKind::Webhook);
+        if next_delay(settings, job.attempts, retry_after).is_none() {
+            tracing::error!(
+                relay = %p.relay_id,
+                event_id = %p.event_id,
+                job = job.id,
+                attempts = job.attempts,
+                %error,
+                "callback given up (dead); `queuectl retry {}` sends it again",
+                job.id
+            );
+        }
+        AttemptResult::Retry { error, retry_after }
+    }
+}

@@ -1,0 +1,261 @@
+//! The HTTP client callbacks go out through: one `reqwest` client for every relay (so
+//! connections are pooled and reused), a timeout per request, the system's CAs plus
+//! `webhook.ca_file`, no redirects (a `3xx` is a failed attempt: a callback is never
+//! sent somewhere the provider file does not say), and at most
+//! `webhook.per_relay_concurrency` requests in flight to one relay. All relays together
+//! are bounded by the webhook kind's worker concurrency.
+//!
+//! Errors name the relay and what happened, never the URL's query (relays put tokens
+//! there) or a header.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use tokio::sync::Semaphore;
+
+use crate::config;
+
+/// Longest a `Retry-After` may push an attempt (a relay asking for a week is capped).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// How much of a failed answer's body is kept for the job's error.
+const SNIPPET: usize = 200;
+/// Read at most this much of an answer (to reuse the connection), then drop it.
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// Why the client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("webhook.ca_file: cannot read {path}: {source}")]
+    ReadCa {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("webhook.ca_file: {path} holds no usable PEM certificate: {reason}")]
+    BadCa { path: String, reason: String },
+    #[error("cannot build the webhook HTTP client: {0}")]
+    Build(String),
+}
+
+/// Why one callback was not delivered. Every one of them is a failed attempt.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("relay {relay} answered {status}{snippet}")]
+    Status {
+        relay: String,
+        status: reqwest::StatusCode,
+        /// `: <start of the body>` or empty.
+        snippet: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("relay {relay} did not answer within {}", humantime::format_duration(*.timeout))]
+    Timeout { relay: String, timeout: Duration },
+    #[error("cannot connect to relay {relay}: {reason}")]
+    Connect { relay: String, reason: String },
+    #[error("the connection to relay {relay} failed: {reason}")]
+    Transport { relay: String, reason: String },
+}
+
+impl DeliveryError {
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            DeliveryError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// A delivered callback: the relay's `2xx`.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivered {
+    pub status: u16,
+}
+
+/// Sends callbacks. Cheap to share (`Arc`).
+#[derive(Debug)]
+pub struct RelayClient {
+    http: reqwest::Client,
+    timeout: Duration,
+    per_relay_limit: usize,
+    per_relay: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl RelayClient {
+    pub fn new(cfg: &config::Webhook) -> Result<RelayClient, ClientError> {
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(cfg.timeout)
+            .timeout(cfg.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(cfg.per_relay_concurrency.max(1))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true);
+        if let Some(path) = &cfg.ca_file {
+            let shown = path.display().to_string();
+            let pem = std::fs::read(path).map_err(|source| ClientError::ReadCa {
+                path: shown.clone(),
+                source,
+            })?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ClientError::BadCa {
+                    path: shown.clone(),
+                    reason: crate::peers::chain(&e),
+                })?;
+            if certs.is_empty() {
+                return Err(ClientError::BadCa {
+                    path: shown,
+                    reason: "no `BEGIN CERTIFICATE` block".into(),
+                });
+            }
+            b = b.tls_certs_merge(certs);
+        }
+        let http = b
+            .build()
+            .map_err(|e| ClientError::Build(crate::peers::chain(&e)))?;
+        Ok(RelayClient {
+            http,
+            timeout: cfg.timeout,
+            per_relay_limit: cfg.per_relay_concurrency.max(1),
+            per_relay: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn slots(&self, relay: &str) -> Arc<Semaphore> {
+        let mut m = self
+            .per_relay
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        m.entry(relay.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_relay_limit)))
+            .clone()
+    }
+
+    /// POSTs `body` to `url` for `relay`, waiting for one of the relay's slots first.
+    pub async fn post(
+        &self,
+        relay: &str,
+        url: &url::Url,
+        headers: HeaderMap,
+        body: Vec<u8>,
+    ) -> Result<Delivered, DeliveryError> {
+        let slots = self.slots(relay);
+        // The semaphore is never closed.
+        let _slot = slots.acquire().await;
+        let sent = self
+            .http
+            .post(url.clone())
+            .headers(headers)
+            .body(body)
+            .send()
+            .await;
+        let mut resp = match sent {
+            Ok(r) => r,
+            Err(e) => return Err(self.transport_error(relay, e)),
+        };
+        let status = resp.status();
+        let retry_after = parse_retry_after(resp.headers(), SystemTime::now());
+        // Read (a bounded part of) the answer so the connection goes back to the pool.
+        let mut answer = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) if answer.len() < MAX_ANSWER => answer.extend_from_slice(&c),
+                Ok(Some(_)) => break,
+                Ok(None) => break,
+                // The status is what counts; a body cut short does not change it.
+                Err(_) => break,
+            }
+        }
+        if status.is_success() {
+            return Ok(Delivered {
+                status: status.as_u16(),
+            });
+        }
+        Err(DeliveryError::Status {
+            relay: relay.to_string(),
+            status,
+            snippet: snippet(&answer),
+            retry_after,
+        })
+    }
+
+    fn transport_error(&self, relay: &str, e: reqwest::Error) -> DeliveryError {
+        let relay = relay.to_string();
+        let e = e.without_url();
+        if e.is_timeout() {
+            DeliveryError::Timeout {
+                relay,
+                timeout: self.timeout,
+            }
+        } else if e.is_connect() {
+            DeliveryError::Connect {
+                relay,
+                reason: crate::peers::chain(&e),
+            }
+        } else {
+            DeliveryError::Transport {
+                relay,
+                reason: crate::peers::chain(&e),
+            }
+        }
+    }
+}
+
+/// `: <first bytes of the body, one line>` or empty.
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(SNIPPET)
+        .collect();
+    let line = line.trim();
+    if line.is_empty() {
+        String::new()
+    } else {
+        format!(": {line}")
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date, capped at [`MAX_RETRY_AFTER`].
+pub fn parse_retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let d = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(d.min(MAX_RETRY_AFTER))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_dates_and_caps() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+        let mut h = HeaderMap::new();
+        assert_eq!(parse_retry_after(&h, now), None);
+        h.insert(RETRY_AFTER, "120".parse().unwrap());
+        assert_eq!(parse_retry_after(&h, now), Some(Duration::from_secs(120)));
+        h.insert(
+            RETRY_AFTER,
+            "Thu, 01 Jan 2026 00:05:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(parse_retry_after(&h, now), Some(Duration::from_secs(300)));
+        h.insert(RETRY_AFTER, "999999999".parse().unwrap());
+        assert_eq!(parse_retry_after(&h, now), Some(MAX_RETRY_AFTER));
+        h.insert(RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(parse_retry_after(&h, now), None);
+    }
+
+    #[test]
+    fn snippets_are_one_short_line() {
+        assert_eq!(snippet(b""), "");
+        assert_eq!(snippet(b"bad\ngateway"), ": bad gateway");
+        assert_eq!(snippet(&[b'x'; 500]).len(), 2 + SNIPPET);
+    }
+}
