@@ -32,6 +32,7 @@ use uuid::Uuid;
 use super::state::{self, CoreMark, Pair};
 use super::{Item, Report};
 use crate::config::Config;
+use crate::jobs::xray_apply::grpc::EmailShape;
 use crate::peers::xray::{SysStats, XrayClient};
 use crate::queue::{Commit, Dedupe, JobKind, NewJob, Queue, rfc3339};
 
@@ -70,7 +71,7 @@ pub struct Collector {
     queue: Queue,
     core: XrayClient,
     config: Arc<Config>,
-    matchers: Vec<Matcher>,
+    shapes: Vec<EmailShape>,
     /// The baselines as committed.
     bases: HashMap<String, Pair>,
     /// The core as committed; `seen` is the last reading in this process.
@@ -107,17 +108,17 @@ impl Collector {
             .xray
             .as_ref()
             .map_or("{uuid}", |x| x.email_template.as_str());
-        let matchers = config
+        let shapes = config
             .nodes
             .iter()
-            .filter_map(|n| Matcher::new(template, n.id))
+            .filter_map(|n| EmailShape::new(template, n.id))
             .collect();
         Ok(Collector {
             next_seq: mark.map_or(0, |m| m.next_seq),
             queue,
             core,
             config,
-            matchers,
+            shapes,
             bases,
             mark,
             seen: None,
@@ -296,7 +297,9 @@ impl Collector {
 
     /// The node and UUID of a counter's email.
     fn attribute(&self, email: &str) -> Option<(u64, Uuid)> {
-        self.matchers.iter().find_map(|m| m.matches(email))
+        self.shapes
+            .iter()
+            .find_map(|s| s.uuid_of(email).map(|u| (s.node_id, u)))
     }
 }
 
@@ -308,40 +311,6 @@ pub fn parse_counter(name: &str) -> Option<(&str, usize)> {
     } else {
         rest.strip_suffix(">>>traffic>>>downlink")
             .map(|email| (email, 1))
-    }
-}
-
-/// Recognises one node's emails: the template with the node id filled in, around a
-/// UUID. Emails are compared in lower case, as the agent adds them.
-#[derive(Debug, Clone)]
-struct Matcher {
-    node_id: u64,
-    prefix: String,
-    suffix: String,
-}
-
-impl Matcher {
-    fn new(template: &str, node_id: u64) -> Option<Matcher> {
-        let t = template
-            .replace("{node_id}", &node_id.to_string())
-            .to_lowercase();
-        let (prefix, suffix) = t.split_once("{uuid}")?;
-        Some(Matcher {
-            node_id,
-            prefix: prefix.to_string(),
-            suffix: suffix.to_string(),
-        })
-    }
-
-    fn matches(&self, email: &str) -> Option<(u64, Uuid)> {
-        let e = email.to_lowercase();
-        let middle = e
-            .strip_prefix(self.prefix.as_str())?
-            .strip_suffix(self.suffix.as_str())?;
-        if middle.len() != 36 {
-            return None;
-        }
-        Uuid::try_parse(middle).ok().map(|u| (self.node_id, u))
     }
 }
 
@@ -366,18 +335,15 @@ mod tests {
     #[test]
     fn emails_attribute_to_their_node() {
         let u = "9b2c8f4e-1f7a-4c1e-9d2a-0f5b6c7d8e9f";
-        let one = Matcher::new("{node_id}:{uuid}", 1).unwrap();
-        let two = Matcher::new("{node_id}:{uuid}", 2).unwrap();
-        assert_eq!(one.matches(&format!("1:{u}")).map(|m| m.0), Some(1));
-        assert_eq!(one.matches(&format!("2:{u}")), None);
-        assert_eq!(
-            two.matches(&format!("2:{}", u.to_uppercase())).map(|m| m.0),
-            Some(2)
-        );
-        let plain = Matcher::new("{uuid}", 5).unwrap();
-        assert_eq!(plain.matches(u).map(|m| m.0), Some(5));
-        assert_eq!(plain.matches("admin@example.com"), None);
-        assert_eq!(plain.matches(&format!("{u}x")), None);
-        assert!(Matcher::new("no-uuid", 1).is_none());
+        let one = EmailShape::new("{node_id}:{uuid}", 1).unwrap();
+        let two = EmailShape::new("{node_id}:{uuid}", 2).unwrap();
+        assert!(one.uuid_of(&format!("1:{u}")).is_some());
+        assert_eq!(one.uuid_of(&format!("2:{u}")), None);
+        assert!(two.uuid_of(&format!("2:{}", u.to_uppercase())).is_some());
+        let plain = EmailShape::new("{uuid}", 5).unwrap();
+        assert!(plain.uuid_of(u).is_some());
+        assert_eq!(plain.uuid_of("admin@example.com"), None);
+        assert_eq!(plain.uuid_of(&format!("{u}x")), None);
+        assert!(EmailShape::new("no-uuid", 1).is_none());
     }
 }

@@ -82,19 +82,46 @@ pub fn email_for(template: &str, node_id: u64, uuid: Uuid) -> String {
         .to_lowercase()
 }
 
+/// The shape of one node's emails: `email_template` with the node id filled in, around
+/// a UUID. Emails are compared in lower case, as the agent adds them. Built once and
+/// reused where every counter or user of a core is matched (traffic collection).
+#[derive(Debug, Clone)]
+pub struct EmailShape {
+    pub node_id: u64,
+    prefix: String,
+    suffix: String,
+}
+
+impl EmailShape {
+    /// `None` when the template has no `{uuid}`.
+    pub fn new(template: &str, node_id: u64) -> Option<EmailShape> {
+        let t = template
+            .replace("{node_id}", &node_id.to_string())
+            .to_lowercase();
+        let (prefix, suffix) = t.split_once("{uuid}")?;
+        Some(EmailShape {
+            node_id,
+            prefix: prefix.to_string(),
+            suffix: suffix.to_string(),
+        })
+    }
+
+    /// The UUID in `email`, when it has this shape.
+    pub fn uuid_of(&self, email: &str) -> Option<Uuid> {
+        let e = email.to_lowercase();
+        let middle = e
+            .strip_prefix(self.prefix.as_str())?
+            .strip_suffix(self.suffix.as_str())?;
+        if middle.len() != 36 {
+            return None;
+        }
+        Uuid::try_parse(middle).ok()
+    }
+}
+
 /// True when `email` has the template's shape for this node (a user the agent manages).
 pub fn is_templated(template: &str, node_id: u64, email: &str) -> bool {
-    let t = template
-        .replace("{node_id}", &node_id.to_string())
-        .to_lowercase();
-    let Some((prefix, suffix)) = t.split_once("{uuid}") else {
-        return false;
-    };
-    let e = email.to_lowercase();
-    e.len() == prefix.len() + 36 + suffix.len()
-        && e.starts_with(prefix)
-        && e.ends_with(suffix)
-        && Uuid::try_parse(&e[prefix.len()..prefix.len() + 36]).is_ok()
+    EmailShape::new(template, node_id).is_some_and(|s| s.uuid_of(email).is_some())
 }
 
 /// What one reconcile did.
