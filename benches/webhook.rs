@@ -17,11 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use connector::config::Webhook as WebhookConfig;
+use connector::daemon::health::Health;
 use connector::daemon::http::{self, HttpState};
 use connector::jobs::webhook::{self, Webhook};
 use connector::peers::relays::client::RelayClient;
 use connector::peers::relays::{Provider, Registry, SigningKey};
-use connector::queue::{JobKind, JobState, Queue, Settings, SystemClock, run_workers};
+use connector::queue::{JobKind, JobState, Pools, Queue, Settings, SystemClock, run_workers};
 use futures_util::future::join_all;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -161,6 +162,11 @@ async fn ingestion(receiver: &receiver::Receiver, total: usize) -> f64 {
         registry: s.registry.clone(),
         token: None,
         max_body_bytes: 64 * 1024,
+        health: Arc::new(Health {
+            queue: s.queue.clone(),
+            nodes: Vec::new(),
+            pools: Arc::new(Pools::default()),
+        }),
     });
     let server = tokio::spawn(http::serve(listener, http::router(state), stop.clone()));
     let url = format!("http://{addr}/v1/webhooks/connect");

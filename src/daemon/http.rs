@@ -3,9 +3,12 @@
 //! | route | what |
 //! |---|---|
 //! | `POST /v1/webhooks/connect` | a ProxyCast Connect event → one durable webhook job |
+//! | `GET /metrics` | Prometheus text format (names: `crate::telemetry::metrics`) |
+//! | `GET /healthz` | 200 `{"status":"ok",…}`, or 503 with `problems` naming what is wrong ([`Health`]) |
 //!
-//! [`router`] builds the routes from one shared [`HttpState`]; a later route (metrics,
-//! health) is one more `.route(…)` there, or a `Router` merged in [`serve`]'s caller.
+//! [`router`] builds the routes from one shared [`HttpState`]. The bearer token guards
+//! only the webhook route: metrics and health hold no secret and are read by scrapers
+//! and supervisors that carry none.
 //!
 //! Answers are JSON. `202 {"job_id","event_id","duplicate"}` once the job is on disk;
 //! errors are `{"code","field","detail"}` (`field` when one is at fault): `400`
@@ -22,10 +25,11 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::health::Health;
 use crate::config::Secret;
 use crate::jobs::webhook::{self, Rejected};
 use crate::peers::relays::Registry;
@@ -38,12 +42,15 @@ pub struct HttpState {
     /// Required as `Authorization: Bearer …` on the webhook route, when set.
     pub token: Option<Secret>,
     pub max_body_bytes: usize,
+    pub health: Arc<Health>,
 }
 
 /// The routes.
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/v1/webhooks/connect", post(connect))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
         .with_state(state)
 }
 
@@ -63,6 +70,60 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
+}
+
+async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
+    let Some(handle) = crate::telemetry::metrics::install() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics are off: another metrics recorder is installed in this process\n",
+        )
+            .into_response();
+    };
+    let health = st.health.clone();
+    // The scrape reads the queue's indexes: not on the runtime's threads.
+    match tokio::task::spawn_blocking(move || health.scrape()).await {
+        Ok(Ok(scrape)) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            )],
+            crate::telemetry::metrics::render(handle, &scrape),
+        )
+            .into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "metrics: cannot read the queue");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot read the queue: {e}\n"),
+            )
+                .into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the scrape failed: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn healthz(State(st): State<Arc<HttpState>>) -> Response {
+    let health = st.health.clone();
+    match tokio::task::spawn_blocking(move || health.check()).await {
+        Ok(report) => {
+            let status = if report.ok() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (status, axum::Json(report)).into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the health check failed: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 fn json_error(r: &Rejected) -> Response {

@@ -13,6 +13,7 @@
 //! `--once` ([`run_once`]): one sync per node, the applies those syncs cause, then exit.
 
 mod core_watch;
+pub mod health;
 pub mod http;
 mod once;
 
@@ -31,7 +32,7 @@ use crate::jobs::xray_apply::XrayApply;
 use crate::peers::panel::Panel;
 use crate::peers::relays::{Registry, client::RelayClient};
 use crate::peers::xray::XrayClient;
-use crate::queue::{self, DeadReason, JobKind, JobState, Queue, Stored, SystemClock};
+use crate::queue::{self, DeadReason, JobKind, JobState, Pools, Queue, Stored, SystemClock};
 
 pub use once::{OnceReport, run_once};
 
@@ -50,6 +51,8 @@ pub(crate) struct Agent {
     /// Reads the core's counters, when `traffic.enabled` and `[xray]` is set.
     pub collector: Option<Arc<tokio::sync::Mutex<Collector>>>,
     pub webhook: Arc<Webhook>,
+    /// One per kind this agent runs: liveness and pause, for `/healthz` and `queuectl`.
+    pub pools: Arc<Pools>,
 }
 
 impl Agent {
@@ -119,6 +122,13 @@ impl Agent {
             panel = %config.panel.base_url,
             "connector started"
         );
+        let kinds = [
+            sync.as_ref().map(|_| JobKind::NodeSync),
+            Some(JobKind::XrayApply),
+            traffic.as_ref().map(|_| JobKind::TrafficReport),
+            Some(JobKind::Webhook),
+        ];
+        let pools = Arc::new(Pools::new(kinds.into_iter().flatten()));
         Ok(Agent {
             queue,
             config,
@@ -127,41 +137,49 @@ impl Agent {
             traffic,
             collector,
             webhook,
+            pools,
         })
     }
 
     /// Starts a worker pool for every kind this agent runs.
     pub fn spawn_workers(&self, tasks: &mut JoinSet<queue::Result<()>>, stop: &CancellationToken) {
+        let pool = |kind| {
+            self.pools
+                .get(kind)
+                .cloned()
+                .unwrap_or_else(|| queue::Pool::new(kind))
+        };
         if let Some(sync) = &self.sync {
-            tasks.spawn(queue::run_workers(
+            tasks.spawn(queue::run_pool(
                 self.queue.clone(),
-                JobKind::NodeSync,
+                pool(JobKind::NodeSync),
                 sync.clone(),
                 stop.clone(),
             ));
         }
-        tasks.spawn(queue::run_workers(
+        tasks.spawn(queue::run_pool(
             self.queue.clone(),
-            JobKind::XrayApply,
+            pool(JobKind::XrayApply),
             self.apply.clone(),
             stop.clone(),
         ));
         if let Some(traffic) = &self.traffic {
-            tasks.spawn(queue::run_workers(
+            tasks.spawn(queue::run_pool(
                 self.queue.clone(),
-                JobKind::TrafficReport,
+                pool(JobKind::TrafficReport),
                 traffic.clone(),
                 stop.clone(),
             ));
         }
         // A node without relays leaves webhook jobs alone rather than failing them.
         let (queue, handler, stop) = (self.queue.clone(), self.webhook.clone(), stop.clone());
+        let webhooks = pool(JobKind::Webhook);
         tasks.spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 _ = handler.registry.wait_for_any() => {}
             }
-            queue::run_workers(queue, JobKind::Webhook, handler, stop).await
+            queue::run_pool(queue, webhooks, handler, stop).await
         });
     }
 
@@ -200,12 +218,15 @@ impl Agent {
 
 /// Runs the daemon until `shutdown` is cancelled, then stops as described above.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Before any work, so the counters see every attempt.
+    crate::telemetry::metrics::install();
     let agent = Agent::open(config)?;
     // For the daemon's whole life, so `queuectl` works until the queue is flushed.
     let admin = crate::admin::Server::start(
         crate::admin::Ctx {
             queue: agent.queue.clone(),
             config: agent.config.clone(),
+            pools: Some(agent.pools.clone()),
         },
         &agent.config.admin_socket(),
     )?;
@@ -257,6 +278,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             registry: agent.webhook.registry.clone(),
             token: agent.config.http.token.clone(),
             max_body_bytes: agent.config.http.max_body_bytes,
+            health: Arc::new(health::Health {
+                queue: agent.queue.clone(),
+                nodes: agent.config.nodes.iter().map(|n| n.id).collect(),
+                pools: agent.pools.clone(),
+            }),
         });
         let addr = l.local_addr().ok();
         tracing::info!(

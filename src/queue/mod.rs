@@ -59,7 +59,10 @@ pub use kind::JobKind;
 pub use ladder::{KindSettings, OnExhausted, Settings, after_interruption, next_delay};
 pub use record::{Attempt, DeadReason, Job, Outcome, RecordError, Stored};
 pub use txn::{Commit, Committed, Dedupe, NewJob, StateWrite};
-pub use worker::{AttemptResult, Effects, Handler, run_maintenance, run_workers};
+pub use worker::{
+    AttemptResult, Condition, Effects, Handler, Pool, PoolStatus, Pools, run_maintenance, run_pool,
+    run_workers,
+};
 
 use commit::GroupCommit;
 

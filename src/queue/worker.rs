@@ -1,14 +1,24 @@
 //! Running jobs: a worker loop per kind that leases due jobs up to the kind's
 //! concurrency, runs each attempt under a timeout, and records the result.
+//!
+//! Each loop reports to its [`Pool`]: when it last turned (a loop that stops turning
+//! is stuck), whether it is running, and whether an operator paused it (`queuectl
+//! pause KIND`: it leases nothing until resumed; attempts in flight finish). The
+//! daemon's `/healthz` reads the pools; every attempt's outcome goes to the metrics
+//! (`crate::telemetry::metrics`).
 
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{Commit, Error, Job, JobKind, NewJob, Queue, Result, StateWrite};
+use super::{Commit, Error, Job, JobKind, NewJob, Queue, Result, StateWrite, Stored};
+use crate::telemetry::metrics;
 
 /// How one attempt ended, as the job's handler reports it.
 #[derive(Debug, Clone)]
@@ -51,6 +61,164 @@ pub trait Handler: Send + Sync + 'static {
 /// (a clock that jumped, a job enqueued by another handle).
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
+/// What a worker loop is doing, as [`Pool::status`] tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolStatus {
+    /// Not started yet (the webhook pool waits for a first relay).
+    Waiting,
+    Running,
+    /// Paused by an operator: leases nothing until resumed.
+    Paused,
+    /// The loop has ended (the daemon is stopping, or the queue failed).
+    Stopped,
+}
+
+impl PoolStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolStatus::Waiting => "waiting",
+            PoolStatus::Running => "running",
+            PoolStatus::Paused => "paused",
+            PoolStatus::Stopped => "stopped",
+        }
+    }
+}
+
+/// Slack over the lease timeout before a loop that has not gone round counts as stuck.
+pub const STUCK_SLACK: Duration = Duration::from_secs(60);
+
+/// See [`Pool::condition`].
+#[derive(Debug, Clone)]
+pub struct Condition {
+    /// `running`, `waiting`, `paused`, `stopped` or `stuck`.
+    pub state: &'static str,
+    /// Since the loop last went round.
+    pub idle: Duration,
+    /// Why this makes the daemon unhealthy, naming the kind.
+    pub problem: Option<String>,
+}
+
+const WAITING: u8 = 0;
+const RUNNING: u8 = 1;
+const STOPPED: u8 = 2;
+
+/// One kind's worker loop, seen from outside: its liveness and the operator's pause.
+#[derive(Debug)]
+pub struct Pool {
+    kind: JobKind,
+    state: AtomicU8,
+    paused: watch::Sender<bool>,
+    /// When the loop last went round (it does at least every [`IDLE_RECHECK`], or when
+    /// an attempt ends, which the lease timeout bounds).
+    turned: Mutex<Instant>,
+}
+
+impl Pool {
+    pub fn new(kind: JobKind) -> Arc<Pool> {
+        Arc::new(Pool {
+            kind,
+            state: AtomicU8::new(WAITING),
+            paused: watch::Sender::new(false),
+            turned: Mutex::new(Instant::now()),
+        })
+    }
+
+    pub fn kind(&self) -> JobKind {
+        self.kind
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        match self.state.load(Ordering::Acquire) {
+            STOPPED => PoolStatus::Stopped,
+            _ if *self.paused.borrow() => PoolStatus::Paused,
+            RUNNING => PoolStatus::Running,
+            _ => PoolStatus::Waiting,
+        }
+    }
+
+    /// How long since the loop last went round (zero unless it runs).
+    pub fn idle_for(&self) -> Duration {
+        if self.state.load(Ordering::Acquire) != RUNNING {
+            return Duration::ZERO;
+        }
+        self.turned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed()
+    }
+
+    /// Pauses (`true`) or resumes the pool. Returns whether this changed anything.
+    pub fn set_paused(&self, paused: bool) -> bool {
+        self.paused
+            .send_if_modified(|p| std::mem::replace(p, paused) != paused)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// The pool as `/healthz` and `queuectl workers` show it. A running loop that has
+    /// not gone round for longer than `lease_timeout` plus [`STUCK_SLACK`] is stuck: it
+    /// waits at most [`IDLE_RECHECK`] when idle, or for an attempt the lease timeout
+    /// ends.
+    pub fn condition(&self, lease_timeout: Duration) -> Condition {
+        let (status, idle) = (self.status(), self.idle_for());
+        let kind = self.kind;
+        let (state, problem) = match status {
+            PoolStatus::Running if idle > lease_timeout + STUCK_SLACK => (
+                "stuck",
+                Some(format!(
+                    "{kind} workers have not gone round their loop for {}s (more than the lease timeout plus {}s): stuck",
+                    idle.as_secs(),
+                    STUCK_SLACK.as_secs()
+                )),
+            ),
+            PoolStatus::Paused => (
+                "paused",
+                Some(format!(
+                    "{kind} workers are paused by an operator (`queuectl resume {kind}`)"
+                )),
+            ),
+            PoolStatus::Stopped => ("stopped", Some(format!("{kind} workers have stopped"))),
+            s => (s.as_str(), None),
+        };
+        Condition {
+            state,
+            idle,
+            problem,
+        }
+    }
+
+    fn turn(&self) {
+        *self.turned.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+
+    fn set_state(&self, state: u8) {
+        self.state.store(state, Ordering::Release);
+        self.turn();
+    }
+}
+
+/// The daemon's worker pools, one per kind it runs: what `/healthz`, the metrics and
+/// `queuectl workers|pause|resume` look at.
+#[derive(Debug, Default)]
+pub struct Pools(std::collections::BTreeMap<JobKind, Arc<Pool>>);
+
+impl Pools {
+    pub fn new(kinds: impl IntoIterator<Item = JobKind>) -> Pools {
+        Pools(kinds.into_iter().map(|k| (k, Pool::new(k))).collect())
+    }
+
+    pub fn get(&self, kind: JobKind) -> Option<&Arc<Pool>> {
+        self.0.get(&kind)
+    }
+
+    /// In kind order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.0.values()
+    }
+}
+
 /// Leases and runs jobs of `kind` until `shutdown` is cancelled, then waits for the
 /// attempts in flight (the caller bounds that wait). Returns an error only when the
 /// queue itself fails.
@@ -60,16 +228,50 @@ pub async fn run_workers<H: Handler>(
     handler: Arc<H>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    run_pool(queue, Pool::new(kind), handler, shutdown).await
+}
+
+/// [`run_workers`], reporting to `pool` (and obeying its pause).
+pub async fn run_pool<H: Handler>(
+    queue: Queue,
+    pool: Arc<Pool>,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    pool.set_state(RUNNING);
+    let outcome = work(&queue, &pool, handler, &shutdown).await;
+    pool.set_state(STOPPED);
+    outcome
+}
+
+async fn work<H: Handler>(
+    queue: &Queue,
+    pool: &Pool,
+    handler: Arc<H>,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let kind = pool.kind;
     let settings = queue.settings().kind(kind).clone();
     let concurrency = settings.concurrency.max(1);
     let mut attempts = JoinSet::new();
+    let mut pause = pool.paused.subscribe();
     let outcome = loop {
         if shutdown.is_cancelled() {
             break Ok(());
         }
+        pool.turn();
         // A JoinSet counts finished attempts until they are joined: reap them all, or
         // `free` stays at 1 and every lease (and its flush) brings in a single job.
         while attempts.try_join_next().is_some() {}
+        if *pause.borrow_and_update() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = pause.changed() => {}
+                Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+                _ = tokio::time::sleep(IDLE_RECHECK) => {}
+            }
+            continue;
+        }
         let free = concurrency - attempts.len();
         let leased = match queue.lease(kind, free).await {
             Ok(l) => l,
@@ -80,7 +282,9 @@ pub async fn run_workers<H: Handler>(
             let token = l.token();
             let (queue, handler) = (queue.clone(), handler.clone());
             let limit = settings.lease_timeout;
+            let created_ms = l.job.created_ms;
             attempts.spawn(async move {
+                let started = Instant::now();
                 let result = match tokio::time::timeout(limit, handler.run(l.job)).await {
                     Ok(r) => r,
                     Err(_) => AttemptResult::Retry {
@@ -90,6 +294,12 @@ pub async fn run_workers<H: Handler>(
                         ),
                         retry_after: None,
                     },
+                };
+                let took = started.elapsed();
+                let outcome = match &result {
+                    AttemptResult::Done | AttemptResult::DoneWith(_) => "done",
+                    AttemptResult::Retry { .. } => "failed",
+                    AttemptResult::Defer { .. } => "deferred",
                 };
                 let recorded = match result {
                     AttemptResult::Done => queue.ack(token).await.map(|_| ()),
@@ -105,7 +315,11 @@ pub async fn run_workers<H: Handler>(
                         .map(|_| ()),
                     AttemptResult::Retry { error, retry_after } => {
                         tracing::warn!(kind = %kind, job = token.id, attempt = token.attempt, %error, "attempt failed");
-                        queue.fail(token, &error, retry_after).await.map(|_| ())
+                        queue.fail(token, &error, retry_after).await.map(|job| {
+                            if matches!(job.stored, Stored::Dead { .. }) {
+                                metrics::exhausted(kind);
+                            }
+                        })
                     }
                     AttemptResult::Defer { until, why } => {
                         tracing::debug!(kind = %kind, job = token.id, %why, "deferred");
@@ -113,7 +327,13 @@ pub async fn run_workers<H: Handler>(
                     }
                 };
                 match recorded {
-                    Ok(()) => {}
+                    Ok(()) => {
+                        metrics::attempt(kind, outcome, took);
+                        if outcome == "done" {
+                            let waited = queue.now().saturating_sub(created_ms);
+                            metrics::finished(kind, Duration::from_millis(waited));
+                        }
+                    }
                     Err(e @ Error::LeaseLost { .. }) => tracing::warn!(kind = %kind, error = %e),
                     Err(e) => tracing::error!(kind = %kind, job = token.id, error = %e, "could not record attempt"),
                 }
@@ -137,6 +357,7 @@ pub async fn run_workers<H: Handler>(
             _ = shutdown.cancelled() => break Ok(()),
             Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
             _ = queue.woken(kind) => {}
+            _ = pause.changed() => {}
             _ = tokio::time::sleep(wait) => {}
         }
     };

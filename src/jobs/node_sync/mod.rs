@@ -28,6 +28,7 @@ use crate::peers::panel::{Fetched, Panel};
 use crate::queue::{
     AttemptResult, Dedupe, Effects, Handler, Job, JobKind, Millis, NewJob, Queue, rfc3339,
 };
+use crate::telemetry::metrics;
 
 use files::NodeFiles;
 use state::{Held, SyncState};
@@ -72,6 +73,17 @@ impl Handler for NodeSync {
             tracing::warn!(node = node_id, "node is no longer configured; sync dropped");
             return AttemptResult::Done;
         }
+        let result = self.sync(node_id).await;
+        if matches!(result, AttemptResult::Done | AttemptResult::DoneWith(_)) {
+            metrics::sync_succeeded(node_id);
+        }
+        result
+    }
+}
+
+impl NodeSync {
+    /// One sync of a configured node.
+    async fn sync(&self, node_id: u64) -> AttemptResult {
         let mut st = match state::load(&self.queue, node_id) {
             Ok(s) => s,
             Err(e) => return retry(e),
@@ -172,9 +184,7 @@ impl Handler for NodeSync {
         }
         AttemptResult::DoneWith(fx)
     }
-}
 
-impl NodeSync {
     /// Rewrites the files from the last good list if someone deleted them.
     fn ensure_files(&self, files: &NodeFiles, node_id: u64, st: &SyncState) -> AttemptResult {
         if st.generation > 0 && !(files.txt.exists() && files.json.exists()) {

@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::peers::panel::{Panel, Reported};
 use crate::queue::{AttemptResult, Effects, Handler, Job, JobKind, JobState, Queue};
+use crate::telemetry::metrics;
 
 pub use collect::{Collected, Collector};
 
@@ -141,6 +142,12 @@ impl Handler for TrafficReport {
             .await
         {
             Ok(how) => {
+                metrics::traffic_reported(
+                    report.node_id,
+                    up,
+                    down,
+                    matches!(how, Reported::Duplicate),
+                );
                 let answer = match how {
                     Reported::Accepted(code) => code.to_string(),
                     Reported::Duplicate => "409 (it had this report already)".to_string(),

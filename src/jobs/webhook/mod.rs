@@ -43,6 +43,7 @@ use crate::peers::relays::client::RelayClient;
 use crate::queue::{
     AttemptResult, Dedupe, Effects, Handler, Job, JobKind, NewJob, Queue, next_delay,
 };
+use crate::telemetry::metrics;
 
 /// What an accepted event became: `202 {"job_id","event_id","duplicate"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -187,6 +188,7 @@ impl Handler for Webhook {
             .await
         {
             Ok(d) => {
+                metrics::webhook_delivery(&p.relay_id, "delivered");
                 tracing::info!(
                     relay = %p.relay_id,
                     event_id = %p.event_id,
@@ -217,7 +219,9 @@ impl Webhook {
         retry_after: Option<std::time::Duration>,
     ) -> AttemptResult {
         let settings = self.queue.settings().kind(JobKind::Webhook);
-        if next_delay(settings, job.attempts, retry_after).is_none() {
+        let last = next_delay(settings, job.attempts, retry_after).is_none();
+        metrics::webhook_delivery(&p.relay_id, if last { "dead" } else { "failed" });
+        if last {
             tracing::error!(
                 relay = %p.relay_id,
                 event_id = %p.event_id,

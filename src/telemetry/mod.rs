@@ -1,5 +1,10 @@
-//! Logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`), as text for
-//! people or JSON lines for log shippers.
+//! What the agent tells its operator besides the queue itself:
+//!
+//! - logging (here): `tracing` to stderr, filtered by `RUST_LOG` (default `info`), as
+//!   text for people or JSON lines for log shippers;
+//! - [`metrics`]: the Prometheus metrics `GET /metrics` serves, every name in one place.
+
+pub mod metrics;
 
 use clap::ValueEnum;
 use tracing_subscriber::EnvFilter;
