@@ -20,11 +20,13 @@ use crate::jobs::xray_apply::bans;
 use crate::queue::{self, JobKind, JobState, ListFilter, PurgeFilter, Queue};
 
 /// What every operation works on: the open queue and the configuration of whoever
-/// opened it (the daemon, or an offline `queuectl`).
+/// opened it (the daemon, or an offline `queuectl`), and the daemon's worker pools
+/// (`None` offline: there are no workers then).
 #[derive(Clone, Debug)]
 pub struct Ctx {
     pub queue: Queue,
     pub config: Arc<Config>,
+    pub pools: Option<Arc<queue::Pools>>,
 }
 
 pub type Result<T> = std::result::Result<T, Status>;
@@ -240,4 +242,45 @@ pub fn relays(ctx: Ctx, _: pb::RelaysRequest) -> Result<pb::RelaysReply> {
 pub async fn fsck(ctx: Ctx, req: pb::FsckRequest) -> Result<pb::FsckReport> {
     let report = ctx.queue.fsck(req.repair).await.map_err(status)?;
     Ok(report.into())
+}
+
+/// The daemon's pools, or why there are none.
+fn pools(ctx: &Ctx) -> Result<&Arc<queue::Pools>> {
+    ctx.pools.as_ref().ok_or_else(|| {
+        Status::failed_precondition(
+            "no daemon is running: worker pools exist only in the running daemon",
+        )
+    })
+}
+
+fn workers_reply(ctx: &Ctx, changed: bool) -> Result<pb::WorkersReply> {
+    let workers = pools(ctx)?
+        .iter()
+        .map(|pool| {
+            let c = pool.condition(ctx.queue.settings().kind(pool.kind()).lease_timeout);
+            pb::Worker {
+                kind: pool.kind().to_string(),
+                status: c.state.to_string(),
+                idle_ms: c.idle.as_millis() as u64,
+                problem: c.problem,
+            }
+        })
+        .collect();
+    Ok(pb::WorkersReply { workers, changed })
+}
+
+pub fn workers(ctx: Ctx, _: pb::WorkersRequest) -> Result<pb::WorkersReply> {
+    workers_reply(&ctx, false)
+}
+
+pub async fn pause(ctx: Ctx, req: pb::PauseRequest) -> Result<pb::WorkersReply> {
+    let kind: JobKind = parse(&req.kind)?;
+    let pool = pools(&ctx)?.get(kind).ok_or_else(|| {
+        Status::failed_precondition(format!("this daemon runs no {kind} workers"))
+    })?;
+    let changed = pool.set_paused(req.paused);
+    if changed {
+        tracing::warn!(kind = %kind, paused = req.paused, "{kind} workers {} by an operator", if req.paused { "paused" } else { "resumed" });
+    }
+    workers_reply(&ctx, changed)
 }

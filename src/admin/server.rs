@@ -326,4 +326,12 @@ impl pb::admin_server::Admin for Service {
     async fn fsck(&self, r: Request<pb::FsckRequest>) -> Reply<pb::FsckReport> {
         self.unary(r, ops::fsck).await
     }
+
+    async fn workers(&self, r: Request<pb::WorkersRequest>) -> Reply<pb::WorkersReply> {
+        self.blocking(r, ops::workers).await
+    }
+
+    async fn pause(&self, r: Request<pb::PauseRequest>) -> Reply<pb::WorkersReply> {
+        self.unary(r, ops::pause).await
+    }
 }

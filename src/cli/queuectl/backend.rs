@@ -52,8 +52,9 @@ pub(crate) struct Live {
 pub(crate) enum Need {
     /// The daemon, or else the database.
     Either,
-    /// The daemon only (`tail`: events exist only in a running process).
-    Daemon,
+    /// The daemon only, for the reason given (`tail`: events exist only in a running
+    /// process; `workers`, `pause`, `resume`: so do the worker pools).
+    Daemon(&'static str),
     /// As [`Need::Either`], but a database that lost writes is opened anyway and the
     /// loss recorded (`accept-loss`).
     AcceptLoss,
@@ -77,9 +78,9 @@ pub(crate) async fn find(
             format!("the daemon at {} does not answer: {why}", socket.display())
         }
     };
-    if need == Need::Daemon {
+    if let Need::Daemon(why) = need {
         return Err(Failure::Other(anyhow!(
-            "tail needs a running daemon (job events happen only there), but {not_live} (admin socket {}); start connector, or pass --socket if its socket is elsewhere",
+            "{why}, but {not_live} (admin socket {}); start connector, or pass --socket if its socket is elsewhere",
             socket.display()
         )));
     }
@@ -91,6 +92,7 @@ pub(crate) async fn find(
     Ok(Backend::Local(Ctx {
         queue,
         config: Arc::new(config),
+        pools: None,
     }))
 }
 
@@ -416,6 +418,22 @@ impl Backend {
             |mut c, r| async move { c.fsck(r).await },
         )
         .await
+    }
+
+    pub async fn workers(&self) -> anyhow::Result<pb::WorkersReply> {
+        self.read(pb::WorkersRequest {}, ops::workers, |mut c, r| async move {
+            c.workers(r).await
+        })
+        .await
+    }
+
+    pub async fn pause(&self, kind: &str, paused: bool) -> anyhow::Result<pb::WorkersReply> {
+        let req = pb::PauseRequest {
+            kind: kind.to_string(),
+            paused,
+        };
+        self.write(req, ops::pause, |mut c, r| async move { c.pause(r).await })
+            .await
     }
 
     /// Job events as they happen, until the daemon stops; `each` gets every one.

@@ -27,6 +27,7 @@
 //! | `fsck.rs` | `fsck [--repair]` | checks every record and index; repairs them |
 //! | `backend.rs` | | finds the daemon or the database; one method per command |
 //! | `relays.rs` | `relays` | reads webhook stats per relay and ref, and the provider files |
+//! | `workers.rs` | `workers`, `pause KIND`, `resume KIND` | the daemon's worker pools (daemon only; in memory, nothing on disk) |
 //!
 //! Adding a command: `src/admin/mod.rs` says the five steps (proto, operation, server,
 //! backend, a file here).
@@ -42,7 +43,8 @@
 //! empty queue), and opening recovers jobs a stopped daemon left running, exactly as
 //! the daemon's next start would (logged as a warning).
 //!
-//! `tail` needs the daemon: events happen only in a running process. `accept-loss` is
+//! `tail`, `workers`, `pause` and `resume` need the daemon: events and worker pools
+//! exist only in a running process. `accept-loss` is
 //! offline by nature: only a database that refuses to open needs it, and then no daemon
 //! can be running; with a daemon answering it lists the losses already accepted.
 //!
@@ -71,6 +73,7 @@ mod show;
 mod stats;
 mod tail;
 mod traffic;
+mod workers;
 
 use std::fmt::Display;
 use std::io::{self, Write};
@@ -162,6 +165,15 @@ enum Command {
     Fsck(fsck::Args),
     /// Webhook callbacks per relay and ref: events by status; delivered, pending, dead.
     Relays(relays::Args),
+    /// The daemon's worker pools: running, waiting, paused, stopped or stuck (needs the
+    /// running daemon). The same conditions make /healthz answer 503.
+    Workers(workers::Args),
+    /// Pause one kind's workers: they lease nothing until resumed (attempts in flight
+    /// finish; jobs keep queueing). In memory only: a restart runs them again.
+    /// /healthz answers 503 while paused.
+    Pause(workers::KindArgs),
+    /// Resume one kind's paused workers.
+    Resume(workers::KindArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -245,7 +257,12 @@ async fn run(
     json: bool,
 ) -> Result<(), Failure> {
     let need = match command {
-        Command::Tail(_) => Need::Daemon,
+        Command::Tail(_) => {
+            Need::Daemon("tail needs a running daemon (job events happen only there)")
+        }
+        Command::Workers(_) | Command::Pause(_) | Command::Resume(_) => {
+            Need::Daemon("worker pools exist only in a running daemon")
+        }
         Command::AcceptLoss(_) => Need::AcceptLoss,
         _ => Need::Either,
     };
@@ -271,6 +288,9 @@ async fn run(
         Command::Fsck(a) => clean = fsck::run(a, b, &mut out).await?,
         Command::Traffic(a) => traffic::run(a, b, &mut out).await?,
         Command::Relays(a) => relays::run(a, b, &mut out).await?,
+        Command::Workers(a) => workers::run(a, b, &mut out).await?,
+        Command::Pause(a) => workers::pause(a, b, &mut out, true).await?,
+        Command::Resume(a) => workers::pause(a, b, &mut out, false).await?,
     }
     w.flush()?;
     if clean {
