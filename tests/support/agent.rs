@@ -233,6 +233,18 @@ impl Rig {
         }
     }
 
+    /// The HTTP listener's address (`http.listen` is port 0), from its log line.
+    #[track_caller]
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        let (_, v) = self.wait_log(0, "http listener ready", |v| {
+            v["message"] == "http listener ready"
+        });
+        match v["addr"].as_str().map(str::parse) {
+            Some(Ok(addr)) => addr,
+            _ => self.fail(&format!("no address in {v}")),
+        }
+    }
+
     /// Waits for the `applied` line of `node` at `generation`.
     #[track_caller]
     pub fn wait_applied(&self, from: usize, node: u64, generation: u64) -> usize {
