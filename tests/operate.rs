@@ -14,124 +14,19 @@
 
 #[path = "support/agent.rs"]
 mod agent;
+#[path = "support/metrics.rs"]
+mod metrics;
 #[path = "support/panel.rs"]
 mod panel;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use agent::{Opts, Rig, WAIT};
+use metrics::get;
 use panel::Answer;
-use prometheus_parse::{Scrape, Value};
-
-/// `GET http://addr/path`: status and body.
-fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let r = reqwest::get(format!("http://{addr}{path}"))
-            .await
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-        let status = r.status().as_u16();
-        (status, r.text().await.unwrap())
-    })
-}
-
-/// One scrape, parsed.
-struct Metrics {
-    text: String,
-    scrape: Scrape,
-}
-
-impl Metrics {
-    fn read(addr: SocketAddr) -> Metrics {
-        let (status, text) = get(addr, "/metrics");
-        assert_eq!(status, 200, "GET /metrics: {text}");
-        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-            .unwrap_or_else(|e| panic!("the metrics do not parse: {e}\n{text}"));
-        // The parser is lenient: check the shape of every sample line too.
-        for line in text
-            .lines()
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
-            let value = line.rsplit(' ').next().unwrap();
-            assert!(
-                value.parse::<f64>().is_ok() || value == "+Inf" || value == "NaN",
-                "not a sample line: {line}"
-            );
-        }
-        for s in &scrape.samples {
-            let base = s
-                .metric
-                .trim_end_matches("_bucket")
-                .trim_end_matches("_sum")
-                .trim_end_matches("_count");
-            assert!(
-                scrape.docs.contains_key(&s.metric) || scrape.docs.contains_key(base),
-                "{} has no HELP line\n{text}",
-                s.metric
-            );
-        }
-        Metrics { text, scrape }
-    }
-
-    /// The value of the sample `name` whose labels include `labels`; `None` if absent.
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        self.scrape
-            .samples
-            .iter()
-            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-            .map(|s| match &s.value {
-                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
-                Value::Histogram(h) => h.last().map_or(0.0, |b| b.count),
-                Value::Summary(_) => f64::NAN,
-            })
-    }
-
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.get(name, labels)
-            .unwrap_or_else(|| panic!("no {name} {labels:?} in\n{}", self.text))
-    }
-
-    /// The type the exposition declares for `name`.
-    fn kind_of(&self, name: &str) -> &'static str {
-        match self.scrape.samples.iter().find(|s| s.metric == name) {
-            Some(s) => match s.value {
-                Value::Counter(_) => "counter",
-                Value::Gauge(_) => "gauge",
-                Value::Histogram(_) => "histogram",
-                Value::Summary(_) => "summary",
-                Value::Untyped(_) => "untyped",
-            },
-            None => panic!("no {name} in\n{}", self.text),
-        }
-    }
-}
-
-/// Scrapes until `pred` holds (or fails after [`WAIT`] with the last scrape).
-#[track_caller]
-fn scrape_until(
-    rig: &Rig,
-    addr: SocketAddr,
-    what: &str,
-    pred: impl Fn(&Metrics) -> bool,
-) -> Metrics {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let m = Metrics::read(addr);
-        if pred(&m) {
-            return m;
-        }
-        if Instant::now() > deadline {
-            rig.fail(&format!("the metrics never showed {what}:\n{}", m.text));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn healthz(addr: SocketAddr) -> (u16, serde_json::Value) {
     let (status, body) = get(addr, "/healthz");
@@ -162,7 +57,7 @@ fn metrics_parse_and_move_when_jobs_move() {
     let addr = rig.http_addr();
     rig.wait_applied(0, 1, 1);
 
-    let m = scrape_until(&rig, addr, "node 2's ladder running out", |m| {
+    let m = metrics::wait_for(addr, WAIT, "node 2's ladder running out", |m| {
         m.get("connector_ladder_exhausted_total", &[("kind", "node_sync")])
             .is_some_and(|n| n >= 1.0)
     });
@@ -250,7 +145,7 @@ fn metrics_parse_and_move_when_jobs_move() {
     rig.panel.set(2, Answer::list(&users[..1]));
     rig.wait_applied(from, 1, 2);
     rig.wait_applied(from, 2, 1);
-    let m = scrape_until(&rig, addr, "the new lists", |m| {
+    let m = metrics::wait_for(addr, WAIT, "the new lists", |m| {
         m.get("connector_node_users_applied", &[("node", "1")]) == Some(5.0)
             && m.get("connector_node_users_applied", &[("node", "2")]) == Some(1.0)
     });
@@ -327,7 +222,7 @@ fn healthz_turns_503_naming_a_paused_pool() {
 
     // Syncs go on; the applies they cause wait, and the metrics show them waiting.
     rig.panel.set(1, Answer::list(&users));
-    let m = scrape_until(&rig, addr, "an apply waiting while paused", |m| {
+    let m = metrics::wait_for(addr, WAIT, "an apply waiting while paused", |m| {
         m.get(
             "connector_jobs",
             &[("kind", "xray_apply"), ("state", "ready")],
@@ -360,7 +255,7 @@ fn healthz_turns_503_naming_a_paused_pool() {
     let (status, v) = healthz(addr);
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["workers"]["xray_apply"], "running");
-    scrape_until(&rig, addr, "the apply done after resume", |m| {
+    metrics::wait_for(addr, WAIT, "the apply done after resume", |m| {
         m.get("connector_node_users_applied", &[("node", "1")]) == Some(4.0)
             && m.get("connector_worker_pool_up", &[("kind", "xray_apply")]) == Some(1.0)
     });

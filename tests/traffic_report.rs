@@ -28,6 +28,8 @@
 mod agent;
 #[path = "support/cores.rs"]
 mod cores;
+#[path = "support/metrics.rs"]
+mod metrics;
 #[path = "support/panel.rs"]
 mod panel;
 
@@ -270,6 +272,37 @@ fn steady_state_reports_every_byte_per_node_split_and_once() {
     // The agent's own reports carried the token and the key.
     for r in f.rig.panel.requests().iter().filter(|r| r.node == REPORTS) {
         assert_eq!(r.token.as_deref(), Some(agent::TOKEN));
+    }
+    // Prometheus: the bytes the panel took, per node and direction, to the byte.
+    let addr = f.rig.http_addr();
+    let reported = |m: &metrics::Metrics, node: u64, direction| {
+        m.get(
+            "connector_traffic_reported_bytes_total",
+            &[("node", &node.to_string()), ("direction", direction)],
+        )
+    };
+    let sum = |node: u64, i: usize| ledger.node(node).values().map(|t| t[i]).sum::<u64>() as f64;
+    let m = metrics::wait_for(addr, agent::WAIT, "the panel's totals", |m| {
+        [1u64, 2].iter().all(|&n| {
+            reported(m, n, "uplink") == Some(sum(n, 0))
+                && reported(m, n, "downlink") == Some(sum(n, 1))
+        })
+    });
+    for node in [1u64, 2] {
+        let taken = ledger
+            .reports
+            .values()
+            .filter(|r| r["node_id"] == node)
+            .count() as f64;
+        assert_eq!(
+            m.value(
+                "connector_traffic_reports_total",
+                &[("node", &node.to_string()), ("outcome", "accepted")]
+            ),
+            taken,
+            "{}",
+            m.text
+        );
     }
     assert_eq!(f.rig.stop(), Some(0));
 

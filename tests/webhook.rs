@@ -13,6 +13,8 @@
 
 #[path = "support/agent.rs"]
 mod agent;
+#[path = "support/metrics.rs"]
+mod metrics;
 #[path = "support/panel.rs"]
 mod panel;
 #[path = "support/receiver.rs"]
@@ -849,6 +851,28 @@ fn dead_callbacks_show_in_queuectl_and_a_retry_by_hand_delivers_them() {
     rig.wait_log(0, "the callback given up", |v| {
         v["level"] == "ERROR" && v["event_id"] == "evt-dead" && v["attempts"] == 4
     });
+    // Prometheus sees the relay's three failures, its death, and the ladder run out
+    // (the log line comes from the attempt, a moment before the queue records it).
+    let m = metrics::wait_for(addr, WAIT, "the dead job", |m| {
+        m.get("connector_ladder_exhausted_total", &[("kind", "webhook")]) == Some(1.0)
+    });
+    let deliveries = |m: &metrics::Metrics, outcome| {
+        m.get(
+            "connector_webhook_deliveries_total",
+            &[("relay", "myrelay"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(deliveries(&m, "failed"), Some(3.0), "{}", m.text);
+    assert_eq!(deliveries(&m, "dead"), Some(1.0), "{}", m.text);
+    assert_eq!(deliveries(&m, "delivered"), None, "{}", m.text);
+    assert_eq!(
+        m.value("connector_ladder_exhausted_total", &[("kind", "webhook")]),
+        1.0
+    );
+    assert_eq!(
+        m.value("connector_jobs", &[("kind", "webhook"), ("state", "dead")]),
+        1.0
+    );
     assert_eq!(rig.stop(), Some(0));
     let id = a["job_id"].as_u64().unwrap().to_string();
     let job = rig.queuectl_json(&["show", &id, "--json"]);
@@ -866,10 +890,25 @@ fn dead_callbacks_show_in_queuectl_and_a_retry_by_hand_delivers_them() {
     );
     let (code, _, err) = rig.queuectl(&["retry", &id]);
     assert_eq!(code, Some(0), "{err}");
-    rig.start();
+    let addr = rig.start();
     rig.wait_log(0, "callback delivered", |v| {
         v["message"] == "callback delivered"
     });
+    // A new process counts from zero, as Prometheus expects of a counter.
+    let m = metrics::wait_for(addr, WAIT, "the delivery done", |m| {
+        m.get("connector_jobs", &[("kind", "webhook"), ("state", "done")]) == Some(1.0)
+    });
+    assert_eq!(deliveries(&m, "delivered"), Some(1.0), "{}", m.text);
+    assert_eq!(deliveries(&m, "failed"), None, "{}", m.text);
+    assert_eq!(
+        m.value("connector_jobs", &[("kind", "webhook"), ("state", "done")]),
+        1.0
+    );
+    // Its latency runs from the event's arrival, before the restart.
+    assert_eq!(
+        m.value("connector_job_latency_seconds", &[("kind", "webhook")]),
+        1.0
+    );
     assert_eq!(rig.stop(), Some(0));
     let relays = rig.queuectl_json(&["relays", "--json"]);
     let t = &relays["relays"][0]["total"];
