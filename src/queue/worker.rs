@@ -382,3 +382,48 @@ pub async fn run_maintenance(queue: Queue, every: Duration, shutdown: Cancellati
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_reads_as_healthz_shows_it() {
+        let lease = Duration::from_secs(120);
+        let pool = Pool::new(JobKind::XrayApply);
+        let c = pool.condition(lease);
+        assert_eq!((c.state, c.problem), ("waiting", None));
+
+        pool.set_state(RUNNING);
+        let c = pool.condition(lease);
+        assert_eq!((c.state, c.problem), ("running", None));
+
+        // A loop that has not turned for longer than the lease timeout plus the slack.
+        *pool.turned.lock().unwrap() =
+            Instant::now() - lease - STUCK_SLACK - Duration::from_secs(5);
+        let c = pool.condition(lease);
+        assert_eq!(c.state, "stuck");
+        let problem = c.problem.unwrap();
+        assert!(
+            problem.starts_with("xray_apply workers have not gone round"),
+            "{problem}"
+        );
+        // Just under the limit is not stuck.
+        *pool.turned.lock().unwrap() = Instant::now() - lease;
+        assert_eq!(pool.condition(lease).state, "running");
+
+        assert!(pool.set_paused(true));
+        assert!(!pool.set_paused(true));
+        let c = pool.condition(lease);
+        assert_eq!(c.state, "paused");
+        assert!(c.problem.unwrap().contains("queuectl resume xray_apply"));
+        assert!(pool.set_paused(false));
+
+        pool.set_state(STOPPED);
+        let c = pool.condition(lease);
+        assert_eq!(
+            (c.state, c.problem.as_deref()),
+            ("stopped", Some("xray_apply workers have stopped"))
+        );
+    }
+}
