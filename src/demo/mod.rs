@@ -139,6 +139,7 @@ fn log_to(path: &Path) -> std::io::Result<()> {
 /// What the run showed, for the summary.
 struct Done {
     core: Option<String>,
+    /// One line per step: `✓` reached, `–` skipped (no core).
     steps: Vec<String>,
 }
 
@@ -504,10 +505,10 @@ async fn walk(w: &World) -> anyhow::Result<Vec<String>> {
         ok(
             "alice and bob both get through: each fetched the website through the node as themselves",
         );
-        done.push("1. users synced and applied: the panel's list is in the core".to_string());
+        done.push("✓ 1. users synced and applied: the panel's list is in the core".to_string());
     } else {
         said("apply: skipped (no core; apply.mode = \"none\" stops at the files)");
-        done.push("1. users synced (apply skipped: no Xray core)".to_string());
+        done.push("– 1. users synced (apply skipped: no Xray core)".to_string());
     }
 
     // 2. A ban.
@@ -562,7 +563,7 @@ async fn walk(w: &World) -> anyhow::Result<Vec<String>> {
             said(
                 "(A connection bob already had open is not cut: the core's API cannot. README says what can.)",
             );
-            done.push("2. ban refused: bob's new connections are turned away".to_string());
+            done.push("✓ 2. ban refused: bob's new connections are turned away".to_string());
         }
         _ => {
             wait_for("the agent's next sync", STEP_TIMEOUT, || {
@@ -581,7 +582,7 @@ async fn walk(w: &World) -> anyhow::Result<Vec<String>> {
             ok(
                 "bob is gone from allowed-uuids.txt; with a core, the agent would now remove him from the inbound",
             );
-            done.push("2. ban synced to the files (no core to refuse him)".to_string());
+            done.push("– 2. ban synced to the files (no core to refuse him)".to_string());
         }
     }
 
@@ -628,11 +629,11 @@ async fn walk(w: &World) -> anyhow::Result<Vec<String>> {
                 seen.reports.len(),
                 seen.duplicates
             ));
-            done.push("3. traffic reported exactly: panel totals = core counters".to_string());
+            done.push("✓ 3. traffic reported exactly: panel totals = core counters".to_string());
         }
         _ => {
             said("skipped: traffic comes from the core's counters, and there is no core.");
-            done.push("3. traffic: skipped (no Xray core)".to_string());
+            done.push("– 3. traffic: skipped (no Xray core)".to_string());
         }
     }
 
@@ -693,7 +694,7 @@ async fn walk(w: &World) -> anyhow::Result<Vec<String>> {
         attempts[0].user_agent,
         body["key_prefix"].as_str().unwrap_or("")
     ));
-    done.push("4. callback delivered after 2 failures (500, 500, then 200)".to_string());
+    done.push("✓ 4. callback delivered after 2 failures (500, 500, then 200)".to_string());
     Ok(done)
 }
 
@@ -823,7 +824,7 @@ fn short(e: &str) -> String {
 fn summary(done: &Done, took: Duration) {
     println!("\nDone in {:.1}s. What you saw:", took.as_secs_f64());
     for s in &done.steps {
-        println!("  ✓ {s}");
+        println!("  {s}");
     }
     if done.core.is_none() {
         println!("  (apply, ban and traffic need the Xray core: see above for how to get one)");
