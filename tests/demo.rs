@@ -153,7 +153,7 @@ fn demo_without_the_core_says_how_to_get_one_and_still_runs() {
         "Xray core         none: cannot run /nonexistent/python-without-xray",
         "pip install Xray-core==1.8.26.13",
         "CONNECTOR_XRAY_PYTHON=xray-venv/bin/python connector demo",
-        "bash scripts/install-peers.sh",
+        "scripts/install-peers.sh",
         "apply mode none",
         "✓ synced: ",
         "– 1. users synced (apply skipped: no Xray core)",

@@ -47,6 +47,8 @@ use self::relay::Relay;
 use self::show::{Check, STEP_TIMEOUT, ok, said, step, wait_for};
 use crate::peers::xray::XrayClient;
 
+/// Where `scripts/install-peers.sh` puts the Xray wheel's python, in a checkout.
+const REPO_VENV: &str = "target/peers/venv/bin/python";
 /// The node the demo syncs.
 const NODE: u64 = 1;
 /// The relay the demo's callbacks go to.
@@ -346,8 +348,17 @@ fn no_core(why: &str) {
         self::core::XRAY_WHEEL
     ));
     said("    CONNECTOR_XRAY_PYTHON=xray-venv/bin/python connector demo");
-    said("(in the repository: `bash scripts/install-peers.sh`, then");
-    said(" CONNECTOR_XRAY_PYTHON=target/peers/venv/bin/python cargo run --release -- demo)");
+    if Path::new(REPO_VENV).exists() {
+        said("This checkout has one (scripts/install-peers.sh made it):");
+        said(format!(
+            "    CONNECTOR_XRAY_PYTHON={REPO_VENV} cargo run --release --bin connector -- demo"
+        ));
+    } else {
+        said("(in the repository: `bash scripts/install-peers.sh`, then");
+        said(format!(
+            " CONNECTOR_XRAY_PYTHON={REPO_VENV} cargo run --release --bin connector -- demo)"
+        ));
+    }
 }
 
 fn config_toml(

@@ -89,9 +89,9 @@ where
         }
         if tty {
             print!(
-                "\r\x1b[2K   {} {what} … {}s",
+                "\r\x1b[2K   {} {what} … {:.1}s",
                 SPINNER[frame % SPINNER.len()],
-                elapsed.as_secs()
+                elapsed.as_secs_f64()
             );
             let _ = std::io::stdout().flush();
             frame += 1;
