@@ -248,9 +248,9 @@ pub async fn fetch_through(socks: SocketAddr, url: &str) -> Result<usize, String
         .header(reqwest::header::CONNECTION, "close")
         .send()
         .await
-        .map_err(|e| chain(&e))?;
+        .map_err(chain)?;
     let status = resp.status();
-    let body = resp.bytes().await.map_err(|e| chain(&e))?;
+    let body = resp.bytes().await.map_err(chain)?;
     if status.is_success() {
         Ok(body.len())
     } else {
@@ -259,13 +259,6 @@ pub async fn fetch_through(socks: SocketAddr, url: &str) -> Result<usize, String
 }
 
 /// An error and its sources, `a: b: c`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+fn chain(e: reqwest::Error) -> String {
+    format!("{:#}", anyhow::Error::new(e))
 }

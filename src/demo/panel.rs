@@ -10,7 +10,6 @@
 //! way an operator would look at their panel.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -100,10 +99,12 @@ impl Panel {
     }
 }
 
+/// A strong ETag: the first 8 bytes of the body's SHA-256, in hex.
 fn etag_of(body: &str) -> String {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    body.hash(&mut h);
-    format!("\"{:016x}\"", h.finish())
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(body.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("\"{hex}\"")
 }
 
 async fn allowed_uuids(

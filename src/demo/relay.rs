@@ -52,18 +52,18 @@ pub struct Relay {
     shared: Arc<Shared>,
 }
 
-/// A CA and a certificate for `localhost` and 127.0.0.1 that it signed: (CA PEM, the
-/// certificate chain, its key).
-pub fn localhost_certificate()
--> anyhow::Result<(String, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+/// A CA named `ca_name` and a certificate for `localhost` and 127.0.0.1 that it signed:
+/// (CA PEM, the certificate chain, its key). The webhook tests' receiver uses it too.
+pub fn localhost_certificate(
+    ca_name: &str,
+) -> anyhow::Result<(String, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     };
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "connector demo CA");
+    ca.distinguished_name.push(DnType::CommonName, ca_name);
     ca.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -87,7 +87,7 @@ impl Relay {
     /// Serves HTTPS until `stop`; checks signatures with `secret` (`whsec_…`).
     pub async fn start(secret: &str, stop: CancellationToken) -> anyhow::Result<Relay> {
         let key = SigningKey::parse(secret).map_err(anyhow::Error::msg)?;
-        let (ca_pem, chain, leaf_key) = localhost_certificate()?;
+        let (ca_pem, chain, leaf_key) = localhost_certificate("connector demo CA")?;
         let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
