@@ -35,7 +35,8 @@ enum Command {
     /// Validate the configuration and print the effective values.
     CheckConfig,
     /// See it work in a minute: the agent against a simulated panel and relay (and a
-    /// real Xray core when python has the `xray` module), in a temporary directory.
+    /// real Xray core when python has the `xray` module), in a temporary directory with
+    /// a config of its own (`--config` is not read).
     Demo {
         /// Keep the temporary directory (config, log, the core's files) afterwards.
         #[arg(long)]

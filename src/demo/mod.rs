@@ -624,7 +624,10 @@ async fn walk(w: &World) -> anyhow::Result<Vec<String>> {
                 "{:<7} {:>30} {:>30}",
                 "user", "core counters (up / down)", "panel's totals (up / down)"
             ));
-            for (uuid, c) in &counters {
+            // alice, then bob.
+            let mut rows: Vec<_> = counters.iter().collect();
+            rows.sort_by_key(|(uuid, _)| w.users.name(uuid).to_string());
+            for (uuid, c) in rows {
                 let p = seen.totals.get(uuid).copied().unwrap_or_default();
                 said(format!(
                     "{:<7} {:>30} {:>30}  {}",
