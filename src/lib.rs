@@ -12,6 +12,8 @@
 //! - [`telemetry`]: logging (`RUST_LOG`, `--log-format text|json`).
 //! - [`admin`]: the daemon's admin API (gRPC over a Unix socket) that `queuectl` uses
 //!   while the daemon runs, and the operations it shares with an offline `queuectl`.
+//! - [`demo`]: `connector demo`, a first run that shows the agent at work against
+//!   simulators in a temporary directory.
 //! - [`cli`]: the two command lines, `connector` and `queuectl`; `src/bin/` only calls
 //!   into them.
 
@@ -19,6 +21,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod jobs;
 pub mod peers;
 pub mod queue;

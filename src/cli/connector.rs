@@ -34,6 +34,14 @@ enum Command {
     Run,
     /// Validate the configuration and print the effective values.
     CheckConfig,
+    /// See it work in a minute: the agent against a simulated panel and relay (and a
+    /// real Xray core when python has the `xray` module), in a temporary directory with
+    /// a config of its own (`--config` is not read).
+    Demo {
+        /// Keep the temporary directory (config, log, the core's files) afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -41,6 +49,10 @@ pub fn main() -> ExitCode {
     let args = Args::parse_from(
         std::env::args_os().map(|a| if a == "-once" { "--once".into() } else { a }),
     );
+    // Its own temporary config and a log file of its own: no --config, no stderr logs.
+    if let Some(Command::Demo { keep }) = args.command {
+        return crate::demo::main(crate::demo::Options { keep });
+    }
     telemetry::init(args.log_format);
     let config = match super::load_config(args.config.as_deref()) {
         Ok(c) => c,
