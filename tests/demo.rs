@@ -121,6 +121,13 @@ fn demo_runs_to_the_end_with_the_real_core() {
         "✓ 2. ban refused",
         "✓ 3. traffic reported exactly",
         "✓ 4. callback delivered after 2 failures",
+        "✓ 5. /healthz 200; /metrics counted what happened",
+        // 5. what Prometheus saw.
+        "GET /healthz → 200",
+        "connector_webhook_deliveries_total{relay=\"demo-relay\",outcome=\"failed\"} 2",
+        "connector_webhook_deliveries_total{relay=\"demo-relay\",outcome=\"delivered\"} 1",
+        "connector_node_users_applied{node=\"1\"} 1",
+        "connector_traffic_reported_bytes_total{node=\"1\",direction=\"downlink\"}",
         "The daemon stopped cleanly",
     ] {
         expect(&output, needle);
@@ -160,6 +167,7 @@ fn demo_without_the_core_says_how_to_get_one_and_still_runs() {
         "– 3. traffic: skipped (no Xray core)",
         "✓ callback delivered after 2 failures",
         "✓ 4. callback delivered after 2 failures",
+        "✓ 5. /healthz 200; /metrics counted what happened",
     ] {
         expect(&output, needle);
     }

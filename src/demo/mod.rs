@@ -13,7 +13,10 @@
 //! 2. a user the panel drops is removed, and the core refuses their next connection;
 //! 3. traffic reported exactly: the panel's totals equal the core's counters, byte for
 //!    byte;
-//! 4. a relay callback delivered after the relay failed twice, on the retry ladder.
+//! 4. a relay callback delivered after the relay failed twice, on the retry ladder;
+//! 5. what monitoring sees: `/healthz` answering 200, and the `/metrics` lines that
+//!    counted the steps above (two failed deliveries and one delivered, the users
+//!    applied, the bytes reported).
 //!
 //! Without the Xray core it says how to get one and runs with `apply.mode = "none"`:
 //! the sync (files) and the callback, not the apply, ban or traffic steps.
@@ -439,7 +442,7 @@ async fn start_site(stop: CancellationToken) -> anyhow::Result<std::net::SocketA
     Ok(addr)
 }
 
-/// The four steps; returns the outcome lines for the summary.
+/// The five steps; returns the outcome lines for the summary.
 async fn walk(w: &World) -> anyhow::Result<Vec<String>> {
     let mut done = Vec::new();
     let client = w
@@ -709,7 +712,71 @@ async fn walk(w: &World) -> anyhow::Result<Vec<String>> {
         body["key_prefix"].as_str().unwrap_or("")
     ));
     done.push("✓ 4. callback delivered after 2 failures (500, 500, then 200)".to_string());
+
+    // 5. What monitoring sees.
+    step(5, "What Prometheus and a supervisor see");
+    said(format!(
+        "The same listener serves GET /healthz and GET /metrics (http://127.0.0.1:{}).",
+        w.http_port
+    ));
+    let lines = observe(w).await.context("step 5")?;
+    for l in &lines {
+        said(format!("  {l}"));
+    }
+    ok(
+        "healthy, and the metrics tell the story above: the relay's two failures and its delivery, \
+        the users applied, the bytes reported",
+    );
+    done.push("✓ 5. /healthz 200; /metrics counted what happened".to_string());
     Ok(done)
+}
+
+/// `/healthz` and the lines of `/metrics` that show what the demo did; fails when the
+/// agent is not healthy or the delivery counts are not 2 failed and 1 delivered.
+async fn observe(w: &World) -> anyhow::Result<Vec<String>> {
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let base = format!("http://127.0.0.1:{}", w.http_port);
+    let health = client.get(format!("{base}/healthz")).send().await?;
+    let status = health.status().as_u16();
+    let report: serde_json::Value = serde_json::from_slice(&health.bytes().await?)?;
+    if status != 200 {
+        anyhow::bail!("/healthz answered {status}: {report}");
+    }
+    let mut out = vec![format!("GET /healthz → 200 {}", report["workers"])];
+    out.push("GET /metrics →".to_string());
+    // The delivery's ack is recorded a moment after the relay's 200.
+    let text = wait_for("the metrics to count the delivery", STEP_TIMEOUT, || {
+        let (client, url) = (client.clone(), format!("{base}/metrics"));
+        async move {
+            let text = match client.get(url).send().await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(e) => return Check::NotYet(e.to_string()),
+            };
+            let has = |needle: &str| text.lines().any(|l| l.starts_with(needle));
+            if has(&format!(
+                "connector_webhook_deliveries_total{{relay=\"{RELAY_ID}\",outcome=\"delivered\"}} 1"
+            )) && has(&format!(
+                "connector_webhook_deliveries_total{{relay=\"{RELAY_ID}\",outcome=\"failed\"}} 2"
+            )) {
+                Check::Done(text)
+            } else {
+                Check::NotYet("no delivered=1 and failed=2 yet".into())
+            }
+        }
+    })
+    .await?;
+    let shown = [
+        "connector_node_users_applied",
+        "connector_traffic_reported_bytes_total",
+        "connector_webhook_deliveries_total",
+        "connector_jobs{kind=\"webhook\",state=\"done\"}",
+    ];
+    out.extend(
+        text.lines()
+            .filter(|l| shown.iter().any(|s| l.starts_with(s)))
+            .map(str::to_string),
+    );
+    Ok(out)
 }
 
 /// Whether the core's inbound lists every user of `want` and none of `gone`.
