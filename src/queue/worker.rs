@@ -153,10 +153,6 @@ impl Pool {
             .send_if_modified(|p| std::mem::replace(p, paused) != paused)
     }
 
-    pub fn is_paused(&self) -> bool {
-        *self.paused.borrow()
-    }
-
     /// The pool as `/healthz` and `queuectl workers` show it. A running loop that has
     /// not gone round for longer than `lease_timeout` plus [`STUCK_SLACK`] is stuck: it
     /// waits at most [`IDLE_RECHECK`] when idle, or for an attempt the lease timeout
