@@ -285,3 +285,101 @@ fn webhook_and_http_sections() {
         "{shown}"
     );
 }
+
+/// Credentials in the panel's URL (issue 12, item 9): `check-config` (the real binary)
+/// and the config's `Debug` show the password and query values masked; a trailing slash
+/// and a path prefix are kept as a prefix that request paths join onto.
+#[test]
+fn a_password_in_the_panel_url_is_masked_by_check_config() {
+    let cfg = config::load(
+        None,
+        &env_of(&[(
+            "PANEL_BASE_URL",
+            "http://admin:pa55-secret@panel.example:8080/panel/",
+        )]),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.panel.base_url,
+        "http://admin:pa55-secret@panel.example:8080/panel"
+    );
+    assert!(!format!("{cfg:?}").contains("pa55-secret"));
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_connector"))
+        .arg("check-config")
+        .env_clear()
+        .env(
+            "PANEL_BASE_URL",
+            "http://admin:pa55-secret@panel.example:8080/panel/",
+        )
+        .env("INTERNAL_API_KEY", "k-123-secret")
+        .env("DATA_DIR", dir.path().join("data"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("base_url = \"http://admin:***@panel.example:8080/panel\""),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("pa55-secret") && !shown.contains("k-123-secret"),
+        "{shown}"
+    );
+}
+
+/// A panel base URL with a query or a fragment would swallow the request paths appended
+/// to it: refused, in the file and in the environment, naming the key, echoing neither
+/// the query's value nor the password; `connector check-config` exits 2.
+#[test]
+fn a_panel_url_with_a_query_or_fragment_is_refused_without_echoing_it() {
+    for url in [
+        "http://admin:pa55-secret@panel.example/?token=q-secret",
+        "http://panel.example/api?q-secret",
+        "http://admin:pa55-secret@panel.example/#q-secret",
+        "http://panel.example/?",
+    ] {
+        let file = load_text(&format!("[panel]\nbase_url = {url:?}\n")).unwrap_err();
+        let env = config::load(None, &env_of(&[("PANEL_BASE_URL", url)])).unwrap_err();
+        for (e, key) in [(file, "panel.base_url"), (env, "PANEL_BASE_URL")] {
+            let text = e.to_string();
+            assert_eq!(e.key, key, "{text}");
+            assert!(text.contains("takes no query or fragment"), "{text}");
+            assert!(
+                !text.contains("q-secret") && !text.contains("pa55-secret"),
+                "{text}"
+            );
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_connector"))
+        .arg("check-config")
+        .env_clear()
+        .env(
+            "PANEL_BASE_URL",
+            "http://admin:pa55-secret@panel.example/?token=q-secret",
+        )
+        .env("DATA_DIR", dir.path().join("data"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("PANEL_BASE_URL"), "{stderr}");
+    assert!(
+        stderr.contains("http://admin:***@panel.example/?token=***"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("q-secret") && !stderr.contains("pa55-secret"),
+        "{stderr}"
+    );
+    // Not a URL at all: refused without echoing it (where its secrets are is unknown).
+    let e = config::load(None, &env_of(&[("PANEL_BASE_URL", "admin:pa55-secret@")])).unwrap_err();
+    assert!(!e.to_string().contains("pa55-secret"), "{e}");
+}

@@ -13,6 +13,10 @@
 
 #[path = "support/agent.rs"]
 mod agent;
+#[path = "support/capture.rs"]
+mod capture;
+#[path = "support/cores.rs"]
+mod cores;
 #[path = "support/panel.rs"]
 mod panel;
 
@@ -22,7 +26,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use agent::{Daemon, Opts, Rig, Run, TOKEN, connector, hook_cmd, sorted, uuids, write_private};
-use panel::Answer;
+use capture::Capture;
+use panel::{Answer, REPORTS};
 use serde_json::Value;
 
 // ---- the tests ----
@@ -945,5 +950,326 @@ fn a_long_outage_keeps_one_sync_job_per_node() {
         rig.fail(&format!(
             "the outage's job should end done after 9+ attempts: {job:#}"
         ));
+    }
+}
+
+// ---- hostile or broken panels (issue 12) ----
+
+/// The answers that are lists with items but are broken: none of their items is a valid
+/// user, or most are not. `good` is the last good list (two of its users make the mostly
+/// invalid one look almost plausible).
+fn broken_lists(good: &[String]) -> Vec<(&'static str, String)> {
+    vec![
+        ("numbers", "[1,2,3]".into()),
+        ("a null", "[null]".into()),
+        ("objects without uuid", r#"[{"id":1}]"#.into()),
+        ("a word", r#"["nope"]"#.into()),
+        (
+            "a nested invalid uuid",
+            r#"{"data":{"uuids":[{"uuid":"not-a-uuid"}]}}"#.into(),
+        ),
+        (
+            "a mostly invalid list",
+            format!(r#"["{}","{}","x",7,null]"#, good[0], good[1]),
+        ),
+    ]
+}
+
+/// After a good list of 5, each broken list is a failed sync (logged with the node and
+/// what was wrong) that changes nothing: the files keep the 5 users, nothing is applied
+/// (`core_users`, when given, reads what the apply target has), and the next good list
+/// is applied as the very next generation.
+fn broken_lists_keep_the_last_good_list(
+    rig: &mut Rig,
+    core_users: Option<&dyn Fn() -> Vec<String>>,
+) {
+    let files = rig.files(1);
+    let good = uuids(5);
+    rig.panel.set(1, Answer::list(&good));
+    rig.start();
+    let mark = rig.wait_applied(0, 1, 1);
+    if let Some(read) = core_users
+        && read() != good
+    {
+        rig.fail(&format!("the core should have the 5 users: {:?}", read()));
+    }
+    for (what, body) in broken_lists(&good) {
+        let before = files.stamp();
+        let hooks = rig.hook_runs("start").len();
+        let from = rig.mark();
+        rig.panel.set(1, Answer::Raw(body.clone()));
+        // Three requests with this answer: the first two syncs have ended.
+        rig.wait_syncs(1, "200 raw", 3);
+        if files.stamp() != before {
+            rig.fail(&format!("{what} ({body}) changed the files"));
+        }
+        if let Err(e) = files.check(1, &good) {
+            rig.fail(&format!("after {what} ({body}): {e}"));
+        }
+        if rig.hook_runs("start").len() != hooks {
+            rig.fail(&format!("{what} ({body}) ran the hook"));
+        }
+        let broken = |v: &Value| {
+            v["level"] == "WARN"
+                && v["node"] == 1
+                && v["reason"].as_str().is_some_and(|r| {
+                    r.starts_with("panel answer for node 1 is broken: ")
+                        && (r.contains("none is a valid user") || r.contains("more than half"))
+                        && r.ends_with("keeping the last good list")
+                })
+        };
+        let (i, _) = rig.wait_log(from, &format!("the broken answer ({what}: {body})"), broken);
+        let (i, _) = rig.wait_log(i + 1, &format!("a second broken answer ({what})"), broken);
+        let lines = rig.daemon().lines.all();
+        if let Some(l) = lines[from..=i]
+            .iter()
+            .find(|l| l.contains("allowed users changed") || l.contains("\"applied\""))
+        {
+            rig.fail(&format!("{what} ({body}) was taken as a list: {l}"));
+        }
+        if let Some(read) = core_users
+            && read() != good
+        {
+            rig.fail(&format!(
+                "after {what} ({body}) the core should keep the 5 users: {:?}",
+                read()
+            ));
+        }
+    }
+    // The panel recovers: its list is the next generation (no broken answer made one).
+    let mut next = good.clone();
+    next.extend(uuids(1));
+    let next = sorted(next);
+    rig.panel.set(1, Answer::list(&next));
+    rig.wait_applied(mark, 1, 2);
+    if let Err(e) = files.check(1, &next) {
+        rig.fail(&e);
+    }
+    if let Some(read) = core_users
+        && read() != next
+    {
+        rig.fail(&format!("the core should have the 6 users: {:?}", read()));
+    }
+    assert_eq!(rig.stop(), Some(0), "{}", rig.report());
+}
+
+/// Fail static (issue 12, item 1), files and hook: a list whose items are all invalid,
+/// or mostly, never becomes "no users".
+#[test]
+fn a_list_of_invalid_items_keeps_the_last_good_list() {
+    let mut rig = Rig::new(Opts::default());
+    broken_lists_keep_the_last_good_list(&mut rig, None);
+}
+
+/// Fail static (issue 12, item 1) against the real Xray core in `xray-grpc` mode: the
+/// core keeps its 5 users through every broken list.
+#[test]
+fn a_list_of_invalid_items_leaves_the_real_cores_users_alone() {
+    use cores::{Core, Flavor, Inbound, Protocol, ServerConfig, User, block_on, require_peer};
+    let Some(_) = require_peer(Flavor::Xray) else {
+        return;
+    };
+    let admin = User::new("admin@node-1");
+    let inbound = Inbound::new("in-1", Protocol::Vless, vec![admin.clone()]);
+    let server = ServerConfig::new(Flavor::Xray).with(inbound);
+    let _core = Core::start(Flavor::Xray, server.json());
+    let mut opts = Opts {
+        xray: Some(format!(
+            "api = \"{}\"\nflavor = \"xray\"\ntimeout = \"5s\"\n",
+            server.api_addr()
+        )),
+        ..Opts::default()
+    };
+    opts.node_keys
+        .insert(1, "inbound_tag = \"in-1\"\nprotocol = \"vless\"\n".into());
+    let mut rig = Rig::new(opts);
+    let addr = server.api_addr().to_string();
+    // The channel is made inside the runtime it runs on.
+    let api = block_on(async move {
+        connector::peers::xray::XrayClient::new(
+            &addr,
+            connector::config::Flavor::Xray,
+            Duration::from_secs(10),
+        )
+    })
+    .expect("an API client of the core");
+    // The panel's users in the core: every email but the core's own config user.
+    let read = move || -> Vec<String> {
+        let emails = block_on(api.inbound_emails("in-1"))
+            .unwrap_or_else(|e| panic!("GetInboundUsers in-1: {e}"))
+            .expect("Xray lists an inbound's users");
+        sorted(emails.into_iter().filter(|e| *e != admin.email).collect())
+    };
+    broken_lists_keep_the_last_good_list(&mut rig, Some(&read));
+}
+
+/// Redirects (issue 12, item 2): a panel answering `302` to another server is a failed
+/// sync. The other server never gets a request (so never the key), nothing of its list
+/// is applied, the files keep the last good list, and the log names the redirect with
+/// its location masked.
+#[test]
+fn a_redirecting_panel_is_a_failed_sync_and_the_key_goes_nowhere_else() {
+    let mut rig = Rig::new(Opts::default());
+    let files = rig.files(1);
+    let good = uuids(5);
+    rig.panel.set(1, Answer::list(&good));
+    // Another host, on another port, with a list of its own.
+    let elsewhere = Capture::start(&panel::json_array(&uuids(2)));
+    let location = elsewhere.url("/api/internal/nodes/1/allowed-uuids?sig=leak-me");
+    rig.start();
+    rig.wait_applied(0, 1, 1);
+    let before = files.stamp();
+    let hooks = rig.hook_runs("start").len();
+    let from = rig.mark();
+    rig.panel.set(1, Answer::Redirect(302, location));
+    // Three redirected syncs: each one ended before the next began.
+    rig.wait_syncs(1, "302", 3);
+    let captured = elsewhere.requests();
+    if !captured.is_empty() {
+        rig.fail(&format!(
+            "the redirect was followed: the other server got {captured:#?}"
+        ));
+    }
+    let shown = format!(
+        "http://{}/api/internal/nodes/1/allowed-uuids?sig=***",
+        elsewhere.addr
+    );
+    let (_, warn) = rig.wait_log(from, "the failed sync naming the redirect", |v| {
+        v["level"] == "WARN"
+            && v["node"] == 1
+            && v["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("302") && r.contains("redirect") && r.contains(&shown))
+    });
+    if rig.daemon().lines.text().contains("leak-me") {
+        rig.fail(&format!("the Location's query was logged: {warn}"));
+    }
+    if files.stamp() != before || files.check(1, &good).is_err() {
+        rig.fail("a redirect changed the files");
+    }
+    if rig.hook_runs("start").len() != hooks {
+        rig.fail("a redirect ran the hook");
+    }
+    assert_eq!(rig.stop(), Some(0), "{}", rig.report());
+    rig.assert_token_always_sent();
+    assert!(elsewhere.requests().is_empty());
+}
+
+/// The panel client itself (issue 12, item 2), for both of its requests: a `307` (which
+/// a following client would replay with method, body and headers) to another server is
+/// an error naming the status and the masked location; that server gets nothing.
+#[test]
+fn the_panel_client_follows_no_redirect_for_lists_or_reports() {
+    let panel = panel::Panel::start(TOKEN);
+    let elsewhere = Capture::start("[]");
+    let location = elsewhere.url("/steal?token=leak-me");
+    panel.set(1, Answer::Redirect(307, location.clone()));
+    panel.set(REPORTS, Answer::Redirect(307, location));
+    let cfg = connector::config::Panel {
+        base_url: panel.base_url(),
+        internal_api_key: Some(connector::config::Secret::new(TOKEN)),
+        ..connector::config::Panel::default()
+    };
+    let shown = format!("http://{}/steal?token=***", elsewhere.addr);
+    let (fetched, reported) = cores::block_on(async move {
+        let client = connector::peers::panel::Panel::new(&cfg).unwrap();
+        let fetched = client.allowed_uuids(1, None).await;
+        let body = br#"{"report_id":"r-1","node_id":1,"items":[]}"#.to_vec();
+        (fetched, client.report_traffic("r-1", body).await)
+    });
+    for (what, result) in [
+        ("allowed-uuids", fetched.map(|_| ())),
+        ("report-traffic", reported.map(|_| ())),
+    ] {
+        let e = match result {
+            Err(e @ connector::peers::panel::PanelError::Redirect { .. }) => e.to_string(),
+            other => panic!("{what}: a 307 must be a redirect error, got {other:?}"),
+        };
+        assert!(
+            e.contains("307") && e.contains(&shown) && !e.contains("leak-me"),
+            "{what}: {e}"
+        );
+    }
+    assert_eq!(panel.request_count(), 2, "{}", panel.dump());
+    let captured = elsewhere.requests();
+    assert!(captured.is_empty(), "the other server got {captured:#?}");
+}
+
+/// Credentials in the panel's URL (issue 12, item 9): with `user:pass@` in
+/// `panel.base_url` and the panel unreachable, the password shows nowhere — not in the
+/// "connector started" line, the "cannot connect" lines, nor the job's history in
+/// `queuectl list` and `show`. The path prefix and trailing slash join correctly.
+#[test]
+fn a_password_in_the_panel_url_is_masked_in_logs_and_queuectl() {
+    let mut rig = Rig::new(Opts::default());
+    let closed = cores::free_port();
+    let text = std::fs::read_to_string(&rig.config).unwrap();
+    let text = text.replace(
+        &format!("base_url = {:?}", rig.panel.base_url()),
+        &format!("base_url = \"http://admin:hunter2-pw@127.0.0.1:{closed}/panel/\""),
+    );
+    assert!(
+        text.contains("hunter2-pw"),
+        "the config's base_url was replaced"
+    );
+    write_private(&rig.config, &text);
+    rig.start();
+    let masked = format!("http://admin:***@127.0.0.1:{closed}/panel");
+    rig.wait_log(0, "the started line with the masked URL", |v| {
+        v["message"] == "connector started" && v["panel"] == masked
+    });
+    let url = format!("{masked}/api/internal/nodes/1/allowed-uuids");
+    let (i, _) = rig.wait_log(0, "a cannot-connect line with the masked URL", |v| {
+        v["level"] == "WARN"
+            && v["node"] == 1
+            && v["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains(&format!("cannot connect to the panel at {url}")))
+    });
+    rig.wait_log(i + 1, "a second failed sync", |v| {
+        v["level"] == "WARN" && v["node"] == 1
+    });
+    let list = rig.queuectl(&["list", "--kind", "node_sync", "--json"]);
+    let id = list
+        .as_array()
+        .and_then(|jobs| jobs.first())
+        .and_then(|j| j["id"].as_u64())
+        .unwrap_or_else(|| rig.fail(&format!("no node_sync job: {list}")))
+        .to_string();
+    let show = rig.queuectl(&["show", &id, "--json"]);
+    if !show.to_string().contains(&url) {
+        rig.fail(&format!(
+            "the job's history should name the masked URL: {show:#}"
+        ));
+    }
+    assert_eq!(rig.stop(), Some(0), "{}", rig.report());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_queuectl"));
+    agent::scrub(&mut cmd);
+    let human = cmd
+        .arg("--config")
+        .arg(&rig.config)
+        .args(["show", &id])
+        .output()
+        .unwrap();
+    let human = format!(
+        "{}{}",
+        String::from_utf8_lossy(&human.stdout),
+        String::from_utf8_lossy(&human.stderr)
+    );
+    if !human.contains(&url) {
+        rig.fail(&format!(
+            "queuectl show should name the masked URL:\n{human}"
+        ));
+    }
+    for (what, out) in [
+        ("the agent's log", rig.report()),
+        ("queuectl list", list.to_string()),
+        ("queuectl show --json", show.to_string()),
+        ("queuectl show", human),
+    ] {
+        assert!(
+            !out.contains("hunter2-pw"),
+            "the password is in {what}:\n{out}"
+        );
     }
 }

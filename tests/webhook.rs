@@ -13,6 +13,8 @@
 
 #[path = "support/agent.rs"]
 mod agent;
+#[path = "support/capture.rs"]
+mod capture;
 #[path = "support/metrics.rs"]
 mod metrics;
 #[path = "support/panel.rs"]
@@ -418,6 +420,55 @@ async fn the_ladder_in_virtual_time_then_dead_then_retried_by_hand() {
     assert_eq!(attempt_end(&mut events, d.job_id).await, EventKind::Done);
     let c = stats::report(&t.queue, None).unwrap().relays[0].refs["promo2024"].clone();
     assert_eq!((c.success, c.cancelled, c.dead, c.delivered), (1, 1, 0, 2));
+    t.stop().await;
+}
+
+/// A relay answering a redirect (issue 12, item 2): the callback is not followed to the
+/// other server, which sees nothing (no body, no signature); the attempt fails with an
+/// error naming the status and the masked location, and goes on the ladder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirecting_relay_is_a_failed_attempt_and_nothing_reaches_the_other_server() {
+    let t = InProcess::start(Some(SECRET));
+    let elsewhere = capture::Capture::start("{}");
+    let mut events = t.queue.subscribe();
+    // 307 is the worst case: a following client replays method, body and headers.
+    t.receiver.plan([
+        Answer::Redirect(307, elsewhere.url("/stolen?token=leak-me")),
+        Answer::Redirect(302, elsewhere.url("/stolen")),
+    ]);
+    let a = t.ingest(connect_event("evt-redirect", "success")).await;
+    for attempt in 1..=2 {
+        let end = attempt_end(&mut events, a.job_id).await;
+        assert!(
+            matches!(end, EventKind::Retry { .. }),
+            "a redirect must fail attempt {attempt}, it ended {end:?}; the other server got {:#?}",
+            elsewhere.requests()
+        );
+        if attempt == 1 {
+            // The ladder's first rung.
+            t.clock.advance(Duration::from_secs(60));
+            t.queue.wake(JobKind::Webhook);
+        }
+    }
+    let job = t.queue.get(a.job_id).unwrap().unwrap();
+    let errors: Vec<String> = job
+        .history
+        .iter()
+        .map(|h| match &h.outcome {
+            Outcome::Failed { error } => error.clone(),
+            other => panic!("every attempt failed: {other:?}"),
+        })
+        .collect();
+    let shown = format!("http://{}/stolen?token=***", elsewhere.addr);
+    assert!(
+        errors[0].contains("307") && errors[0].contains("redirect") && errors[0].contains(&shown),
+        "{errors:#?}"
+    );
+    assert!(errors[1].contains("302"), "{errors:#?}");
+    assert!(!errors.concat().contains("leak-me"), "{errors:#?}");
+    assert_eq!(t.receiver.requests().len(), 2);
+    let captured = elsewhere.requests();
+    assert!(captured.is_empty(), "the other server got {captured:#?}");
     t.stop().await;
 }
 
@@ -886,7 +937,7 @@ fn dead_callbacks_show_in_queuectl_and_a_retry_by_hand_delivers_them() {
     );
     assert_eq!(
         r["callback_url"],
-        "https://localhost:".to_string() + &rig.receiver.addr.port().to_string() + "/cb?…"
+        "https://localhost:".to_string() + &rig.receiver.addr.port().to_string() + "/cb?token=***"
     );
     let (code, _, err) = rig.queuectl(&["retry", &id]);
     assert_eq!(code, Some(0), "{err}");

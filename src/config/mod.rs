@@ -5,10 +5,12 @@
 //! - `raw.rs`: the file's shape (serde), unknown keys refused.
 //! - `env.rs`: the environment variables and how each maps onto a key.
 //! - `render.rs`: `connector check-config`'s output, secrets masked.
+//! - `shown_url.rs`: how a URL is shown anywhere (password, query values masked).
 
 mod env;
 mod raw;
 mod render;
+mod shown_url;
 mod webhook;
 
 use std::collections::BTreeMap;
@@ -20,6 +22,7 @@ use crate::queue;
 
 pub use env::ENV_VARS;
 pub use render::render;
+pub use shown_url::{ShownUrl, redact_url};
 pub use webhook::{Http, Webhook};
 
 /// The validated configuration.
@@ -118,14 +121,27 @@ impl fmt::Display for Secret {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Panel {
-    /// `http(s)://host:port`, no trailing slash.
+    /// `http(s)://[user[:password]@]host[:port][/path]`, no trailing slash, no query or
+    /// fragment: request paths are appended to it. Shown only through [`ShownUrl`].
     pub base_url: String,
     pub internal_api_key: Option<Secret>,
     /// Where the key was read from, when it came from a file.
     pub internal_api_key_file: Option<PathBuf>,
     pub timeout: Duration,
+}
+
+/// By hand: the base URL may carry a password.
+impl fmt::Debug for Panel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Panel")
+            .field("base_url", &ShownUrl(&self.base_url).to_string())
+            .field("internal_api_key", &self.internal_api_key)
+            .field("internal_api_key_file", &self.internal_api_key_file)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl Default for Panel {
@@ -499,15 +515,38 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{s}` is not a duration ({e}); use e.g. \"10s\", \"5m\", \"1h30m\""))
 }
 
+/// `panel.base_url` / `PANEL_BASE_URL`. The value is echoed only masked: it may carry
+/// a password (`http://admin:pass@panel/`).
 fn parse_base_url(s: &str) -> Result<String, String> {
-    let url = url::Url::parse(s.trim()).map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+    let url = url::Url::parse(s.trim()).map_err(|e| {
+        format!("not a URL ({e}); expected e.g. \"http://127.0.0.1:3000\" or \"https://panel.example/prefix\"")
+    })?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("`{s}` must start with http:// or https://"));
+        // Only the scheme: in `admin:pass@host` the "scheme" is the user name and the
+        // rest, the password included, is a path.
+        return Err(format!(
+            "must start with http:// or https:// (it starts with `{}:`)",
+            url.scheme()
+        ));
     }
+    let shown = redact_url(&url);
     if url.host().is_none() {
-        return Err(format!("`{s}` has no host"));
+        return Err(format!("`{shown}` has no host"));
     }
-    Ok(s.trim().trim_end_matches('/').to_string())
+    // Request paths (`/api/internal/...`) are appended to the base: after a query or a
+    // fragment they would end up inside it.
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "`{shown}` has a {}: panel.base_url (PANEL_BASE_URL) takes no query or fragment, request paths are appended to it; remove everything from the `{}` on",
+            if url.query().is_some() {
+                "query"
+            } else {
+                "fragment"
+            },
+            if url.query().is_some() { '?' } else { '#' },
+        ));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
 }
 
 fn parse_node_ids(s: &str) -> Result<Vec<u64>, String> {

@@ -41,7 +41,11 @@ fn render_into(cfg: &Config, o: &mut String) -> std::fmt::Result {
         q(&cfg.admin_socket().display().to_string())
     )?;
 
-    writeln!(o, "\n[panel]\nbase_url = {}", q(&cfg.panel.base_url))?;
+    writeln!(
+        o,
+        "\n[panel]\nbase_url = {}",
+        q(&super::ShownUrl(&cfg.panel.base_url).to_string())
+    )?;
     match (
         &cfg.panel.internal_api_key,
         &cfg.panel.internal_api_key_file,

@@ -119,7 +119,7 @@ impl Agent {
             nodes = config.nodes.len(),
             apply_mode = config.apply.mode.as_str(),
             interval = %humantime::format_duration(config.sync.interval),
-            panel = %config.panel.base_url,
+            panel = %crate::config::ShownUrl(&config.panel.base_url),
             "connector started"
         );
         let kinds = [

@@ -1,13 +1,18 @@
 //! The panel's internal API: `GET /api/internal/nodes/{id}/allowed-uuids` with
 //! `x-internal-token`, `If-None-Match`/`ETag`, a timeout and a body size limit; and
 //! `POST /api/internal/report-traffic` with an `Idempotency-Key`.
+//!
+//! Redirects are never followed: the internal key goes to `panel.base_url` and nowhere
+//! else, so a `3xx` (a moved panel, a hijacked one, a captive portal) is a failed
+//! attempt whose error names the status and where it pointed (masked). URLs in errors
+//! are shown masked ([`ShownUrl`]): a base URL may carry a password.
 
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use reqwest::header::{ETAG, HeaderValue, IF_NONE_MATCH, RETRY_AFTER};
+use reqwest::header::{ETAG, HeaderMap, HeaderValue, IF_NONE_MATCH, LOCATION, RETRY_AFTER};
 
-use crate::config::{self, Secret};
+use crate::config::{self, Secret, ShownUrl};
 
 /// Largest body accepted (a 100,000-user list is about 4 MB).
 pub const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -42,6 +47,15 @@ pub enum PanelError {
         /// From a `Retry-After` header, if the panel sent one.
         retry_after: Option<Duration>,
     },
+    #[error(
+        "panel answered {status} redirecting to {location}: redirects are not followed (the internal key is only sent to panel.base_url); set panel.base_url (PANEL_BASE_URL) to the address the panel really serves from"
+    )]
+    Redirect {
+        status: StatusCode,
+        /// The `Location`, masked (resolved against the request's URL), or a note that
+        /// there was none.
+        location: String,
+    },
     #[error("no answer from the panel within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
     #[error("cannot connect to the panel at {url}: {reason}")]
@@ -73,6 +87,8 @@ impl Panel {
             .connect_timeout(cfg.timeout)
             .timeout(cfg.timeout)
             .user_agent(concat!("connector/", env!("CARGO_PKG_VERSION")))
+            // Following a redirect would send the internal key to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| PanelError::Client(super::chain(&e)))?;
         Ok(Panel {
@@ -106,7 +122,7 @@ impl Panel {
             return Ok(Fetched::NotModified);
         }
         if !status.is_success() {
-            return Err(status_error(status, resp.headers()));
+            return Err(answer_error(&url, status, resp.headers()));
         }
         let etag = resp
             .headers()
@@ -148,16 +164,18 @@ impl Panel {
         } else if status == StatusCode::CONFLICT {
             Ok(Reported::Duplicate)
         } else {
-            Err(status_error(status, resp.headers()))
+            Err(answer_error(&url, status, resp.headers()))
         }
     }
 
     fn classify(&self, url: &str, e: reqwest::Error) -> PanelError {
+        // reqwest's own text carries the URL unmasked: only the masked one is shown.
+        let e = e.without_url();
         if e.is_timeout() {
             PanelError::Timeout(self.timeout)
         } else if e.is_connect() {
             PanelError::Connect {
-                url: url.to_string(),
+                url: ShownUrl(url).to_string(),
                 reason: root_cause(&e),
             }
         } else {
@@ -175,7 +193,33 @@ pub enum Reported {
     Duplicate,
 }
 
-fn status_error(status: StatusCode, headers: &reqwest::header::HeaderMap) -> PanelError {
+/// The error for a non-`2xx` answer (a `304` is handled before): a redirect, or a
+/// status with a hint.
+fn answer_error(url: &str, status: StatusCode, headers: &HeaderMap) -> PanelError {
+    if status.is_redirection() {
+        return PanelError::Redirect {
+            status,
+            location: shown_location(url, headers),
+        };
+    }
+    status_error(status, headers)
+}
+
+/// Where a redirect pointed, masked; relative locations are resolved against `url`.
+fn shown_location(url: &str, headers: &HeaderMap) -> String {
+    let Some(value) = headers.get(LOCATION) else {
+        return "(no Location header)".into();
+    };
+    let Ok(text) = value.to_str() else {
+        return "(a Location that is not text)".into();
+    };
+    match url::Url::parse(url).and_then(|base| base.join(text.trim())) {
+        Ok(to) => config::redact_url(&to),
+        Err(_) => "(a Location that is not a URL)".into(),
+    }
+}
+
+fn status_error(status: StatusCode, headers: &HeaderMap) -> PanelError {
     PanelError::Status {
         status,
         hint: match status {

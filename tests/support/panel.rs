@@ -52,6 +52,8 @@ pub enum Answer {
     Reset,
     /// Reports only: takes the report (counts it, once), then answers this status.
     TakeThen(u16),
+    /// This redirect status (`302`, `307`, …) with this `Location`.
+    Redirect(u16, String),
 }
 
 /// The pseudo-node whose [`Answer`] is the panel's answer to traffic reports.
@@ -410,6 +412,10 @@ async fn allowed_uuids(
                 shared.record(node, &headers, "200 raw");
                 body.into_response()
             }
+            Answer::Redirect(code, location) => {
+                shared.record(node, &headers, &code.to_string());
+                redirect(code, &location)
+            }
             Answer::Hang => {
                 shared.record(node, &headers, "hang");
                 std::future::pending::<()>().await;
@@ -426,6 +432,16 @@ async fn allowed_uuids(
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
+}
+
+/// A `3xx` pointing at `location`.
+fn redirect(code: u16, location: &str) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::FOUND);
+    let mut r = (status, "moved").into_response();
+    if let Ok(v) = HeaderValue::from_str(location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
 }
 
 /// `POST /api/internal/report-traffic`: checks the token and the `Idempotency-Key`,
@@ -455,6 +471,10 @@ async fn report_traffic(
             Answer::Reset => {
                 shared.record(REPORTS, &headers, "503 (reset raced)");
                 StatusCode::SERVICE_UNAVAILABLE.into_response()
+            }
+            Answer::Redirect(code, location) => {
+                shared.record(REPORTS, &headers, &code.to_string());
+                redirect(code, &location)
             }
             Answer::Status(code) if !(200..300).contains(&code) => {
                 shared.record(REPORTS, &headers, &code.to_string());

@@ -35,6 +35,8 @@ pub enum Answer {
     /// Records the request, then holds it (no answer) until [`Receiver::release`];
     /// then `200`.
     Hold,
+    /// This redirect status (`302`, `307`, …) with this `Location`.
+    Redirect(u16, String),
 }
 
 /// One request as it arrived.
@@ -165,6 +167,9 @@ async fn handle(
         Answer::Status(s) => StatusCode::from_u16(s).unwrap().into_response(),
         Answer::RetryAfter(s, after) => {
             (StatusCode::from_u16(s).unwrap(), [("retry-after", after)]).into_response()
+        }
+        Answer::Redirect(s, location) => {
+            (StatusCode::from_u16(s).unwrap(), [("location", location)]).into_response()
         }
         Answer::Hold => {
             loop {

@@ -5,9 +5,14 @@
 //! Writes: `{output_dir}/node-{id}/allowed-uuids.{txt,json}` (atomically), state
 //! `node/{id}/sync`, and enqueues `xray_apply` for the node (coalescing).
 //!
-//! Fail static: a non-2xx answer, a timeout, a broken connection, or a body that is not
-//! a user list is a failed attempt and changes nothing; the last good list stays in
-//! force. The new state and the apply job are committed with the ack in one write, so
+//! Fail static: a non-2xx answer (a redirect included: it is never followed), a
+//! timeout, a broken connection, or a broken answer is a failed attempt and changes
+//! nothing — files, state, the core; the last good list stays in force. A broken answer
+//! ([`userlist`] has the rule) is a body that is not a user list, a list with items of
+//! which none is a valid user, or one whose items are more than half invalid. An
+//! explicitly empty list is an answer ("nobody"), which the removal guard below can
+//! hold. Invalid items of an answer (at most half) are skipped and logged once per
+//! changed list, with the node, their count and the first few positions. The new state and the apply job are committed with the ack in one write, so
 //! a crash between writing the files and committing only means the next sync writes
 //! them again and enqueues the apply then.
 //!
@@ -114,13 +119,17 @@ impl NodeSync {
         let list = match userlist::parse(&bytes) {
             Ok(l) => l,
             Err(e) => {
-                tracing::warn!(node = node_id, reason = %e, "sync failed: unusable panel answer; the last good list stays in force");
-                return retry(e.to_string());
+                let error = format!(
+                    "panel answer for node {node_id} is broken: {e} — keeping the last good list"
+                );
+                tracing::warn!(node = node_id, reason = %error, "sync failed: unusable panel answer; the last good list stays in force");
+                return retry(error);
             }
         };
-        report_skipped(node_id, &list);
+        let same = st.generation > 0 && list.users == st.users;
+        report_skipped(node_id, &list, same);
         let users = list.users;
-        if st.generation > 0 && users == st.users {
+        if same {
             // Same list (the panel sent no ETag, or a new one): nothing to rewrite.
             let mut fx = Effects::default();
             if st.etag != etag || st.held.is_some() {
@@ -263,21 +272,31 @@ impl NodeSync {
     }
 }
 
-fn report_skipped(node_id: u64, list: &UserList) {
+/// Says what was left out of an answer: once per changed list as a warning (the same
+/// list every interval would repeat it), otherwise at debug level.
+fn report_skipped(node_id: u64, list: &UserList, same: bool) {
     if list.skipped.is_empty() && list.duplicates == 0 {
         return;
     }
-    let examples: Vec<String> = list
-        .skipped
-        .iter()
-        .take(5)
-        .map(|s| format!("#{}: {}", s.index, s.reason))
-        .collect();
-    tracing::warn!(
-        node = node_id,
-        skipped = list.skipped.len(),
-        duplicates = list.duplicates,
-        examples = %examples.join("; "),
-        "panel list had invalid or repeated entries; they were left out"
-    );
+    let examples = userlist::examples(&list.skipped);
+    let message = "panel list had invalid or repeated entries; they were left out";
+    if same {
+        tracing::debug!(
+            node = node_id,
+            items = list.items,
+            skipped = list.skipped.len(),
+            duplicates = list.duplicates,
+            examples = %examples,
+            "{message}"
+        );
+    } else {
+        tracing::warn!(
+            node = node_id,
+            items = list.items,
+            skipped = list.skipped.len(),
+            duplicates = list.duplicates,
+            examples = %examples,
+            "{message}"
+        );
+    }
 }

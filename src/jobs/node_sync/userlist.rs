@@ -1,6 +1,16 @@
 //! The panel's allowed-user list: the body shapes it may answer with, validated into a
-//! sorted, de-duplicated list. A body of the wrong shape is an error (fail static); a
-//! single bad item is skipped and reported.
+//! sorted, de-duplicated list.
+//!
+//! What is an answer and what is a broken one (fail static: a broken answer is an
+//! error, never "no users"):
+//! - a body of the wrong shape is broken;
+//! - a list with items of which none is a valid user is broken (`[1,2,3]`, `[null]`,
+//!   `["nope"]`): a panel that means "nobody" says `[]`;
+//! - a list where more than half of the items are invalid is broken too: a panel
+//!   emitting mostly garbage is failing, and what little parses is not its list;
+//! - otherwise it is an answer: invalid items (at most half) are skipped and reported;
+//! - an explicitly empty list (`[]`, `{"uuids": []}`) is a valid answer: nobody is
+//!   allowed. `sync.max_removal_ratio` is the guard against a panel that says so wrongly.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -28,13 +38,18 @@ pub struct Skipped {
 /// A validated list: users sorted by UUID, each once.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserList {
+    /// How many items the answer's list had, valid or not.
+    pub items: usize,
     pub users: Vec<User>,
     pub skipped: Vec<Skipped>,
     /// How many items repeated a UUID already in the list.
     pub duplicates: usize,
 }
 
-/// Why a body is not a user list.
+/// How many offending items an error or a log line names.
+pub const EXAMPLES: usize = 3;
+
+/// Why a body is not a user list (a broken answer: the last good list stays).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ShapeError {
     #[error("the body is empty")]
@@ -45,6 +60,32 @@ pub enum ShapeError {
         "the body is JSON but not a user list (expected an array, or an object with `uuids`, optionally under `data`; got {0})"
     )]
     WrongShape(String),
+    #[error("the list has {items} items and none is a valid user ({})", examples(.first))]
+    NoValidUser {
+        items: usize,
+        /// The first few offending items.
+        first: Vec<Skipped>,
+    },
+    #[error(
+        "{invalid} of the list's {items} items are not valid users, more than half ({})",
+        examples(.first)
+    )]
+    MostlyInvalid {
+        items: usize,
+        invalid: usize,
+        /// The first few offending items.
+        first: Vec<Skipped>,
+    },
+}
+
+/// `item 0: …; item 3: …` for the first [`EXAMPLES`] of `skipped`.
+pub fn examples(skipped: &[Skipped]) -> String {
+    skipped
+        .iter()
+        .take(EXAMPLES)
+        .map(|s| format!("item {}: {}", s.index, s.reason))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn describe(v: &Value) -> String {
@@ -95,11 +136,35 @@ pub fn parse(body: &[u8]) -> Result<UserList, ShapeError> {
         }
         other => return Err(ShapeError::WrongShape(describe(&other))),
     };
-    Ok(validate(items))
+    judge(validate(items))
+}
+
+/// The share rule: a list with items and no valid user, or with more invalid items than
+/// valid ones (more than half), is a broken answer.
+fn judge(list: UserList) -> Result<UserList, ShapeError> {
+    let (items, invalid) = (list.items, list.skipped.len());
+    let first = || list.skipped.iter().take(EXAMPLES).cloned().collect();
+    if items > 0 && invalid == items {
+        return Err(ShapeError::NoValidUser {
+            items,
+            first: first(),
+        });
+    }
+    if invalid * 2 > items {
+        return Err(ShapeError::MostlyInvalid {
+            items,
+            invalid,
+            first: first(),
+        });
+    }
+    Ok(list)
 }
 
 fn validate(items: Vec<Value>) -> UserList {
-    let mut list = UserList::default();
+    let mut list = UserList {
+        items: items.len(),
+        ..UserList::default()
+    };
     list.users.reserve(items.len());
     for (index, item) in items.into_iter().enumerate() {
         match user_of(item) {
@@ -154,7 +219,7 @@ fn user_of(item: Value) -> Result<User, String> {
             })
         }
         other => Err(format!(
-            "item is {}, not a UUID string or object",
+            "{}, not a UUID string or an object with `uuid`",
             describe(&other)
         )),
     }
@@ -164,7 +229,16 @@ fn user_of(item: Value) -> Result<User, String> {
 /// unhyphenated forms are refused: a core may treat them differently than we do.
 fn parse_uuid(s: &str) -> Result<Uuid, String> {
     // The message is built only on failure: this runs for every user of every sync.
-    let refuse = || format!("`{}` is not a UUID", s.chars().take(40).collect::<String>());
+    // At most 40 characters of it, escaped: the log is one line per event.
+    let refuse = || {
+        let head: String = s.chars().take(40).collect();
+        let more = if s.chars().nth(40).is_some() {
+            "…"
+        } else {
+            ""
+        };
+        format!("\"{}{more}\" is not a UUID", head.escape_debug())
+    };
     if s.len() != 36 {
         return Err(refuse());
     }
@@ -248,18 +322,68 @@ mod tests {
 
     #[test]
     fn bad_items_are_skipped_duplicates_folded_case_normalised() {
+        // Five invalid items of ten: exactly half, still an answer.
         let body = format!(
-            r#"["{A}", "not-a-uuid", 7, {{"email": "x"}}, "{}", "{{{A}}}", "{}"]"#,
+            r#"["{A}", "not-a-uuid", 7, {{"email": "x"}}, "{}", "{{{A}}}", "{}", "{B}", "{C}", "{D}"]"#,
             A.to_uppercase(),
             A.replace('-', "")
         );
         let l = parse(body.as_bytes()).unwrap();
-        assert_eq!(uuids(&l), [A]);
-        assert_eq!(l.duplicates, 1);
+        assert_eq!(uuids(&l), [B, C, D, A]);
+        assert_eq!((l.items, l.duplicates), (10, 1));
         assert_eq!(
             l.skipped.iter().map(|s| s.index).collect::<Vec<_>>(),
             [1, 2, 3, 5, 6]
         );
+    }
+
+    const C: &str = "3b0e9a4c-2222-4c6e-9d1a-0b4f7a3c2d10";
+    const D: &str = "5d7c1e2a-3333-4c6e-9d1a-0b4f7a3c2d10";
+
+    /// The share rule: no valid user among some items, or more than half invalid, is a
+    /// broken answer; up to half invalid is an answer; an empty list is "nobody".
+    #[test]
+    fn a_list_of_mostly_invalid_items_is_broken_not_empty() {
+        for body in [
+            "[1,2,3]".to_string(),
+            "[null]".into(),
+            r#"[{"id":1}]"#.into(),
+            r#"["nope"]"#.into(),
+            r#"{"data":{"uuids":[{"uuid":"not-a-uuid"}]}}"#.into(),
+            format!(r#"["{A}","{B}","x","y","z"]"#),
+        ] {
+            let e = parse(body.as_bytes()).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ShapeError::NoValidUser { .. } | ShapeError::MostlyInvalid { .. }
+                ),
+                "{body}: {e}"
+            );
+        }
+        let e = parse(br#"[1, "nope", {"id": 1}, null]"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the list has 4 items and none is a valid user (item 0: a number, not a UUID string or an object with `uuid`; item 1: \"nope\" is not a UUID; item 2: object has no `uuid`)"
+        );
+        let e = parse(format!(r#"["{A}", 1, 2]"#).as_bytes()).unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "2 of the list's 3 items are not valid users, more than half (item 1: "
+            ),
+            "{e}"
+        );
+        // Half invalid: an answer, with the bad one skipped.
+        let l = parse(format!(r#"["{A}", 1]"#).as_bytes()).unwrap();
+        assert_eq!((uuids(&l), l.skipped.len()), (vec![A.to_string()], 1));
+        // Empty lists are answers: nobody is allowed.
+        for body in ["[]", r#"{"uuids": []}"#, r#"{"data": {"uuids": []}}"#] {
+            assert!(parse(body.as_bytes()).unwrap().users.is_empty(), "{body}");
+        }
+        // A huge invalid item is named by position, and only its start is shown.
+        let huge = format!(r#"["{}"]"#, "x".repeat(100_000));
+        let e = parse(huge.as_bytes()).unwrap_err().to_string();
+        assert!(e.len() < 200 && e.contains("item 0:"), "{e}");
     }
 
     #[test]

@@ -187,7 +187,7 @@ pub struct RelayStats {
     pub relay_id: String,
     /// Registered now (a valid provider file with a webhook section).
     pub registered: bool,
-    /// `callback_url` without user, password or query; absent when not registered.
+    /// `callback_url` with its password and query values masked; absent when not registered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
     /// Callbacks carry a Standard Webhooks signature.

@@ -5,8 +5,8 @@
 //! `webhook.per_relay_concurrency` requests in flight to one relay. All relays together
 //! are bounded by the webhook kind's worker concurrency.
 //!
-//! Errors name the relay and what happened, never the URL's query (relays put tokens
-//! there) or a header.
+//! Errors name the relay and what happened, never a header, nor a URL's password or
+//! query values (relays put tokens there): a redirect's location is shown masked.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -49,6 +49,15 @@ pub enum DeliveryError {
         /// `: <start of the body>` or empty.
         snippet: String,
         retry_after: Option<Duration>,
+    },
+    #[error(
+        "relay {relay} answered {status} redirecting to {location}: callbacks do not follow redirects; put the final address in the provider file's callback_url"
+    )]
+    Redirect {
+        relay: String,
+        status: reqwest::StatusCode,
+        /// The `Location`, masked ([`crate::config::redact_url`]), or a note.
+        location: String,
     },
     #[error("relay {relay} did not answer within {}", humantime::format_duration(*.timeout))]
     Timeout { relay: String, timeout: Duration },
@@ -171,6 +180,13 @@ impl RelayClient {
                 status: status.as_u16(),
             });
         }
+        if status.is_redirection() {
+            return Err(DeliveryError::Redirect {
+                relay: relay.to_string(),
+                status,
+                location: shown_location(url, resp.headers()),
+            });
+        }
         Err(DeliveryError::Status {
             relay: relay.to_string(),
             status,
@@ -198,6 +214,18 @@ impl RelayClient {
                 reason: crate::peers::chain(&e),
             }
         }
+    }
+}
+
+/// Where a redirect pointed, masked; a relative location is resolved against `url`.
+fn shown_location(url: &url::Url, headers: &HeaderMap) -> String {
+    match headers.get(reqwest::header::LOCATION).map(|v| v.to_str()) {
+        None => "(no Location header)".into(),
+        Some(Err(_)) => "(a Location that is not text)".into(),
+        Some(Ok(text)) => match url.join(text.trim()) {
+            Ok(to) => crate::config::redact_url(&to),
+            Err(_) => "(a Location that is not a URL)".into(),
+        },
     }
 }
 

@@ -91,18 +91,10 @@ impl fmt::Debug for SigningKey {
     }
 }
 
-/// A URL fit for logs and `queuectl`: scheme, host, port and path; no user, password,
-/// query or fragment (relays put tokens there).
+/// A URL fit for logs and `queuectl`: its password, query values and fragment masked
+/// (relays put tokens there). The one rule for every URL shown: [`crate::config::redact_url`].
 pub fn redacted(url: &url::Url) -> String {
-    let mut s = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
-    if let Some(port) = url.port() {
-        s.push_str(&format!(":{port}"));
-    }
-    s.push_str(url.path());
-    if url.query().is_some() {
-        s.push_str("?…");
-    }
-    s
+    crate::config::redact_url(url)
 }
 
 /// A provider file that could not be used: its path, the field at fault, and why.
@@ -575,7 +567,7 @@ mod tests {
         let key = SigningKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         assert_eq!(format!("{key:?}"), "***");
         let url = url::Url::parse("https://u:p@r.example/cb?token=abc#x").unwrap();
-        assert_eq!(redacted(&url), "https://r.example/cb?…");
+        assert_eq!(redacted(&url), "https://u:***@r.example/cb?token=***#***");
         assert!(SigningKey::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
         assert!(SigningKey::parse("whsec_!!").is_err());
     }
