@@ -756,6 +756,13 @@ fn bad_input_gets_the_right_4xx_and_nothing_is_enqueued() {
             ),
         ),
         (
+            "a timestamp without an offset (not guessed to be UTC)",
+            422,
+            "invalid_field",
+            Some("timestamp"),
+            post(addr, &with("timestamp", json!("2026-01-05T12:00:00"))),
+        ),
+        (
             "malformed JSON",
             400,
             "malformed_json",
