@@ -1,7 +1,16 @@
 //! Configuration: the example file is the defaults, and bad values name file, key, reason.
 
+#[path = "support/agent.rs"]
+mod agent;
+#[path = "support/panel.rs"]
+mod panel;
+
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
 use connector::config::{self, ConfigError};
@@ -382,4 +391,283 @@ fn a_panel_url_with_a_query_or_fragment_is_refused_without_echoing_it() {
     // Not a URL at all: refused without echoing it (where its secrets are is unknown).
     let e = config::load(None, &env_of(&[("PANEL_BASE_URL", "admin:pa55-secret@")])).unwrap_err();
     assert!(!e.to_string().contains("pa55-secret"), "{e}");
+}
+
+// ---- secrets, the environment, and what the agent can use (issue 12) ----
+
+/// Runs the real `connector ARGS` in `dir` with a clean environment plus `env`:
+/// (exit code, stderr as bytes). One that has not exited by the deadline is killed and
+/// fails the test: it ran on a config it should have refused.
+fn connector_run(dir: &Path, args: &[&str], env: &[(&str, &OsStr)]) -> (Option<i32>, Vec<u8>) {
+    let mut cmd = agent::connector(dir);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = stderr.read_to_end(&mut b);
+        let _ = tx.send(b);
+    });
+    match rx.recv_timeout(agent::WAIT) {
+        Ok(err) => (child.wait().unwrap().code(), err),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "connector {args:?} with {env:?} was still running after {:?}",
+                agent::WAIT
+            );
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A config for `run` that starts without any peer: no nodes, listener on port 0.
+fn runnable_config(dir: &Path, data_dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("c.toml");
+    agent::write_private(
+        &path,
+        &format!(
+            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[webhook]\nproviders_dir = {:?}\n",
+            data_dir,
+            dir.join("providers")
+        ),
+    );
+    path
+}
+
+#[test]
+fn config_errors_never_show_a_secret() {
+    // (file text, the secret in it, key, what the reason says)
+    let cases = [
+        // A syntax error on the key's own line: toml would quote that line.
+        (
+            "[panel]\ninternal_api_key = \"TOMLSECRET-1\n",
+            "TOMLSECRET-1",
+            "(syntax)",
+            "line 2, column 33, key `panel.internal_api_key`: invalid basic string",
+        ),
+        (
+            "[panel]\ninternal_api_key = \"\"\"TOMLSECRET-2\nmore\n",
+            "TOMLSECRET-2",
+            "(syntax)",
+            "line 4, column 1: invalid multi-line basic string",
+        ),
+        (
+            "[http]\ntoken = 'TOMLSECRET-3\n",
+            "TOMLSECRET-3",
+            "(syntax)",
+            "key `http.token`",
+        ),
+        (
+            "[panel]\nbase_url = \"http://admin:TOMLSECRET-4@127.0.0.1/\n",
+            "TOMLSECRET-4",
+            "(syntax)",
+            "key `panel.base_url`",
+        ),
+        // A wrong type: serde would quote the value.
+        (
+            "[panel]\ninternal_api_key = 12345\n",
+            "12345",
+            "panel.internal_api_key",
+            "expected a string",
+        ),
+        (
+            "[http]\ntoken = 987654\n",
+            "987654",
+            "http.token",
+            "expected a string",
+        ),
+        // A duplicate key: toml would quote the second line.
+        (
+            "[panel]\ninternal_api_key = \"TOMLSECRET-5\"\ninternal_api_key = \"TOMLSECRET-5\"\n",
+            "TOMLSECRET-5",
+            "(syntax)",
+            "line 3, column 1, key `panel.internal_api_key`: duplicate key",
+        ),
+        // A key that cannot go into a header, said without the key.
+        (
+            "[panel]\ninternal_api_key = \"TOMLSECRET-6\\u0007\"\n",
+            "TOMLSECRET-6",
+            "panel.internal_api_key",
+            "printable ASCII",
+        ),
+    ];
+    for (text, secret, key, reason) in cases {
+        let e = load_text(text).expect_err(text);
+        let line = e.to_string();
+        assert!(!line.contains(secret), "{text:?} shows its secret: {line}");
+        assert_eq!(e.key, key, "{text:?}: {line}");
+        assert!(e.reason.contains(reason), "{text:?}: {line}");
+        assert!(line.contains("c.toml: ") && !line.contains('\n'), "{line}");
+    }
+
+    // The same through the real binary: what an operator sees on stderr.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    agent::write_private(&path, "[panel]\ninternal_api_key = \"TOMLSECRET-7\n");
+    let (code, err) = connector_run(
+        dir.path(),
+        &["check-config", "--config", path.to_str().unwrap()],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&err);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!err.contains("TOMLSECRET-7"), "{err}");
+    assert!(
+        err.contains(&format!("{}: (syntax): line 2", path.display()))
+            && err.contains("panel.internal_api_key"),
+        "{err}"
+    );
+
+    // Environment values of the wrong form.
+    for value in ["ENVSECRET-1\u{1}x", "ENVSECRET-2\nx", "ENVSECRET-3\u{e9}"] {
+        let e = config::load(None, &env_of(&[("INTERNAL_API_KEY", value)])).unwrap_err();
+        assert_eq!(e.key, "INTERNAL_API_KEY", "{e}");
+        assert!(!e.to_string().contains("ENVSECRET"), "{e}");
+    }
+}
+
+#[test]
+fn non_utf8_environment_values_are_errors_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = runnable_config(dir.path(), &dir.path().join("data"));
+    let config = config.to_str().unwrap();
+    let cases: [(&str, &[u8]); 4] = [
+        ("DATA_DIR", b"\xff"),
+        ("NODE_IDS", b"1,\xff"),
+        ("INTERNAL_API_KEY", b"NONUTF8SECRET\xff"),
+        ("OUTPUT_DIR", b"/tmp/out-\xfe"),
+    ];
+    for (name, value) in cases {
+        let env = [(name, OsStr::from_bytes(value))];
+        for args in [
+            &["check-config", "--config", config][..],
+            &["run", "--config", config][..],
+        ] {
+            let (code, err) = connector_run(dir.path(), args, &env);
+            let shown = String::from_utf8_lossy(&err);
+            assert_eq!(code, Some(2), "{name} {args:?}: {shown}");
+            assert!(
+                shown.contains(&format!("environment: {name}: ")) && shown.contains("UTF-8"),
+                "{name} {args:?}: {shown}"
+            );
+            assert!(
+                !contains(&err, value) && !shown.contains("NONUTF8SECRET"),
+                "{name}'s value was echoed: {shown}"
+            );
+        }
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "nothing ran: no queue was created"
+    );
+}
+
+#[test]
+fn a_data_dir_the_agent_cannot_use_is_a_config_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, "not a directory").unwrap();
+    let unusable = blocker.join("data");
+    let config = runnable_config(dir.path(), &unusable);
+    let config = config.to_str().unwrap();
+    for args in [
+        &["check-config", "--config", config][..],
+        &["run", "--config", config][..],
+    ] {
+        let (code, err) = connector_run(dir.path(), args, &[]);
+        let err = String::from_utf8_lossy(&err);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("{config}: data_dir: "))
+                && err.to_lowercase().contains("not a directory"),
+            "{args:?}: {err}"
+        );
+    }
+    // Set from the environment, the variable is named.
+    let fine = runnable_config(dir.path(), &dir.path().join("data"));
+    let (code, err) = connector_run(
+        dir.path(),
+        &["run", "--config", fine.to_str().unwrap()],
+        &[("DATA_DIR", unusable.as_os_str())],
+    );
+    let err = String::from_utf8_lossy(&err);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("environment: DATA_DIR: "), "{err}");
+}
+
+#[test]
+fn the_core_api_address_is_checked_at_config_time() {
+    for bad in [
+        "garbage",
+        "127.0.0.1",
+        "127.0.0.1:0",
+        "host:port",
+        ":10085",
+        "::1:10085",
+        "a b:1",
+    ] {
+        let e = config::load(None, &env_of(&[("XRAY_API_ADDR", bad)])).unwrap_err();
+        assert_eq!(e.key, "XRAY_API_ADDR", "{bad}: {e}");
+        assert!(e.reason.contains("host:port"), "{bad}: {e}");
+        let e = load_text(&format!("[xray]\napi = {bad:?}\n")).unwrap_err();
+        assert_eq!(e.key, "xray.api", "{bad}: {e}");
+    }
+    for good in [
+        "127.0.0.1:10085",
+        "[::1]:10085",
+        "localhost:10085",
+        "xray.internal:8080",
+    ] {
+        let cfg = config::load(None, &env_of(&[("XRAY_API_ADDR", good)])).unwrap();
+        assert_eq!(cfg.xray.unwrap().api, good);
+    }
+}
+
+#[test]
+fn a_listener_other_hosts_can_reach_without_a_token_is_warned_about() {
+    let warned = |c: &config::Config| {
+        c.warnings
+            .iter()
+            .any(|w| w.contains("http.listen") && w.contains("http.token"))
+    };
+    let c = load_text("[http]\nlisten = \"0.0.0.0:9460\"\n").unwrap();
+    assert!(warned(&c), "{:?}", c.warnings);
+    let c = load_text("[http]\nlisten = \"[::]:9460\"\n").unwrap();
+    assert!(warned(&c), "{:?}", c.warnings);
+    let c = load_text("[http]\nlisten = \"0.0.0.0:9460\"\ntoken = \"t-123456\"\n").unwrap();
+    assert!(!warned(&c), "{:?}", c.warnings);
+    let c = load_text("[http]\nlisten = \"127.0.0.1:9460\"\n").unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
+
+#[test]
+fn the_key_and_the_key_file_together_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    agent::write_private(&key, "from-file\n");
+    let env = env_of(&[
+        ("INTERNAL_API_KEY", "from-env"),
+        ("INTERNAL_API_KEY_FILE", key.to_str().unwrap()),
+    ]);
+    let e = config::load(None, &env).unwrap_err();
+    assert_eq!(e.key, "INTERNAL_API_KEY", "{e}");
+    assert!(e.reason.contains("INTERNAL_API_KEY_FILE"), "{e}");
+    assert!(!e.to_string().contains("from-env"), "{e}");
+    let e = load_text(&format!(
+        "[panel]\ninternal_api_key = \"k\"\ninternal_api_key_file = {key:?}\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "panel.internal_api_key_file", "{e}");
 }

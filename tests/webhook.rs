@@ -807,6 +807,13 @@ fn bad_input_gets_the_right_4xx_and_nothing_is_enqueued() {
             ),
         ),
         (
+            "a timestamp without an offset (not guessed to be UTC)",
+            422,
+            "invalid_field",
+            Some("timestamp"),
+            post(addr, &with("timestamp", json!("2026-01-05T12:00:00"))),
+        ),
+        (
             "malformed JSON",
             400,
             "malformed_json",
@@ -1020,6 +1027,68 @@ fn providers_reload_on_sighup_and_on_change_without_a_restart() {
     e["event_id"] = json!("evt-second-b");
     assert_eq!(post(addr, &e).0, 202);
     rig.receiver.wait_requests(2, WAIT).unwrap();
+    assert_eq!(rig.stop(), Some(0));
+}
+
+#[test]
+fn provider_files_that_cannot_be_relays_are_named_once() {
+    let mut rig = Rig::new(r#"["0s"]"#, "");
+    let dir = rig.path("providers");
+    let ghost = dir.join("ghost.json");
+    std::os::unix::fs::symlink(rig.path("nowhere.json"), &ghost).unwrap();
+    let folder = dir.join("folder.json");
+    std::fs::create_dir(&folder).unwrap();
+    let typo = dir.join("typo.json");
+    std::fs::write(
+        &typo,
+        json!({"id": "typo", "webhok": {"callback_url": rig.receiver.url("/typo")}}).to_string(),
+    )
+    .unwrap();
+    let big = dir.join("big.json");
+    let mut text = br#"{"id":"big","pad":""#.to_vec();
+    text.resize(text.len() + 1024 * 1024, b'x');
+    text.extend_from_slice(br#""}"#);
+    std::fs::write(&big, text).unwrap();
+    rig.start();
+    let named = |file: &Path, field: &'static str, reason: &'static str| {
+        let file = file.display().to_string();
+        move |v: &Value| {
+            v["level"] == "ERROR"
+                && v["file"] == file
+                && v["field"] == field
+                && v["reason"].as_str().is_some_and(|r| r.contains(reason))
+        }
+    };
+    let cases = [
+        (&ghost, "(file)", "does not exist", "the dangling symlink"),
+        (&folder, "(file)", "is a directory", "the directory"),
+        (
+            &typo,
+            "webhok",
+            "did you mean `webhook`",
+            "the misspelt key",
+        ),
+        (&big, "(file)", "larger than", "the oversized file"),
+    ];
+    for (file, field, reason, what) in cases {
+        rig.wait_log(0, what, named(file, field, reason));
+    }
+    // The good relay still loads; a reload does not say it all again.
+    let mark = rig.lines().len();
+    rig.signal("HUP");
+    let (end, _) = rig.wait_log(mark, "a reload on SIGHUP", |v| {
+        v["message"] == "providers reloaded (SIGHUP)" && v["relays"] == 1 && v["skipped"] == 4
+    });
+    let repeated: Vec<String> = rig.lines().all()[mark..end]
+        .iter()
+        .filter(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["level"] == "ERROR"))
+        .cloned()
+        .collect();
+    if !repeated.is_empty() {
+        rig.fail(&format!(
+            "a reload repeated unchanged errors: {repeated:#?}"
+        ));
+    }
     assert_eq!(rig.stop(), Some(0));
 }
 

@@ -62,6 +62,13 @@ pub fn main() -> ExitCode {
         }
     };
     let command = args.command.unwrap_or(Command::Run);
+    // A data_dir the agent cannot create or write is a config error (exit 2, naming the
+    // key), not a runtime failure. check-config looks without creating it.
+    let create = !matches!(command, Command::CheckConfig);
+    if let Err(e) = crate::config::prepare_data_dir(&config, &crate::config::ProcessEnv, create) {
+        eprintln!("connector: config error: {e}");
+        return ExitCode::from(super::EXIT_CONFIG);
+    }
     if let Command::CheckConfig = command {
         for w in &config.warnings {
             eprintln!("connector: warning: {w}");

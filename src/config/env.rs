@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use super::raw::{parse_mode, read_key_file};
 use super::{
-    Config, ConfigError, Env, Flavor, NodeSpec, Pending, Secret, Xray, parse_base_url,
-    parse_duration, parse_node_ids, split_cmd,
+    Config, ConfigError, Env, Flavor, NodeSpec, Pending, Secret, Xray, header_safe, parse_base_url,
+    parse_duration, parse_node_ids, parse_xray_api, split_cmd,
 };
 
 /// Every variable read: (name, key it sets, what it means). README's table is this.
@@ -86,12 +86,27 @@ pub(super) fn apply(
     env: &dyn Env,
     pending: &mut Pending,
 ) -> Result<(), ConfigError> {
+    // A value that is not UTF-8 would read as unset: refused, and never echoed.
+    for (name, _, _) in ENV_VARS {
+        if env.is_not_unicode(name) {
+            return Err(env_err(
+                name,
+                "is set to a value that is not valid UTF-8 (not shown); set it to UTF-8 text, or unset it".into(),
+            ));
+        }
+    }
     let get = |name: &str| env.var(name);
     if let Some(v) = get("DATA_DIR") {
         cfg.data_dir = PathBuf::from(v);
     }
     if let Some(v) = get("PANEL_BASE_URL") {
         cfg.panel.base_url = parse_base_url(&v).map_err(|r| env_err("PANEL_BASE_URL", r))?;
+    }
+    if get("INTERNAL_API_KEY").is_some() && get("INTERNAL_API_KEY_FILE").is_some() {
+        return Err(env_err(
+            "INTERNAL_API_KEY",
+            "INTERNAL_API_KEY and INTERNAL_API_KEY_FILE are both set: set only one (neither would silently win)".into(),
+        ));
     }
     if let Some(v) = get("INTERNAL_API_KEY_FILE") {
         let path = PathBuf::from(v);
@@ -102,6 +117,7 @@ pub(super) fn apply(
         cfg.panel.internal_api_key_file = Some(path);
     }
     if let Some(v) = get("INTERNAL_API_KEY") {
+        header_safe(v.trim()).map_err(|r| env_err("INTERNAL_API_KEY", r))?;
         cfg.panel.internal_api_key = Some(Secret::new(v.trim()));
         cfg.panel.internal_api_key_file = None;
     }
@@ -142,7 +158,7 @@ pub(super) fn apply(
     if api.is_some() || flavor.is_some() {
         let x = cfg.xray.get_or_insert_with(Xray::default);
         if let Some(a) = api {
-            x.api = a;
+            x.api = parse_xray_api(&a).map_err(|r| env_err("XRAY_API_ADDR", r))?;
         }
         match flavor.as_deref() {
             None => {}

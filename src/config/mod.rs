@@ -1,6 +1,7 @@
 //! Configuration: defaults, then the TOML file, then environment variables (the Go
 //! connector's names included), validated into typed settings. Every error names the
-//! file (or "environment"), the key and the reason, in one line.
+//! file (or "environment"), the key and the reason, in one line, and never quotes the
+//! value of a secret-bearing key ([`is_secret_key`]) or a TOML source line.
 //!
 //! - `raw.rs`: the file's shape (serde), unknown keys refused.
 //! - `env.rs`: the environment variables and how each maps onto a key.
@@ -330,7 +331,15 @@ impl std::error::Error for ConfigError {}
 
 /// Reads environment variables; a trait so tests can pass a map.
 pub trait Env {
+    /// The value, `None` when unset or empty.
     fn var(&self, name: &str) -> Option<String>;
+
+    /// True when `name` is set to something that is not UTF-8: an error naming the
+    /// variable, never a value silently ignored.
+    fn is_not_unicode(&self, name: &str) -> bool {
+        let _ = name;
+        false
+    }
 }
 
 /// The process environment.
@@ -338,7 +347,13 @@ pub struct ProcessEnv;
 
 impl Env for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok().filter(|v| !v.is_empty())
+        std::env::var_os(name)
+            .and_then(|v| v.into_string().ok())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn is_not_unicode(&self, name: &str) -> bool {
+        std::env::var_os(name).is_some_and(|v| v.to_str().is_none())
     }
 }
 
@@ -489,6 +504,14 @@ fn finish(cfg: &mut Config, pending: Pending, env: &dyn Env) -> Result<(), Confi
             cfg.nodes[0].id
         ));
     }
+    if let Some(addr) = cfg.http.listen
+        && !addr.ip().is_loopback()
+        && cfg.http.token.is_none()
+    {
+        cfg.warnings.push(format!(
+            "http.listen is {addr}, which other hosts can reach, and http.token is not set: anyone who can connect may submit webhook events and trigger node syncs; set http.token (or http.token_file), or listen on 127.0.0.1"
+        ));
+    }
     if !cfg.nodes.is_empty() && cfg.panel.internal_api_key.is_none() {
         return Err(at(
             "panel.internal_api_key",
@@ -547,6 +570,144 @@ fn parse_base_url(s: &str) -> Result<String, String> {
         ));
     }
     Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
+/// `xray.api`: `host:port` as the gRPC client dials it (`127.0.0.1:10085`,
+/// `[::1]:10085`, `localhost:10085`).
+fn parse_xray_api(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let bad = |why: &str| {
+        format!(
+            "`{s}` is not a host:port address ({why}); expected e.g. \"127.0.0.1:10085\" or \"[::1]:10085\""
+        )
+    };
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => return Err(bad("the port must be a number from 1 to 65535")),
+        Ok(_) => {}
+    }
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| bad("not an IPv6 address between the brackets"))?;
+    } else if host.contains(':') {
+        return Err(bad("an IPv6 address goes in brackets"));
+    } else {
+        url::Host::parse(host).map_err(|e| bad(&format!("bad host: {e}")))?;
+    }
+    Ok(s.to_string())
+}
+
+/// A key or token sent in an HTTP header: printable ASCII. Says what is wrong without
+/// the value.
+fn header_safe(s: &str) -> Result<(), String> {
+    if s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        Ok(())
+    } else {
+        Err("holds a character that cannot be sent in an HTTP header (only printable ASCII; the value is not shown)".into())
+    }
+}
+
+/// Whether a key (dotted path or variable name) holds a secret, or may (a URL's
+/// password or query): its value never appears in an error.
+pub fn is_secret_key(key: &str) -> bool {
+    let last = key
+        .rsplit('.')
+        .next()
+        .unwrap_or(key)
+        .trim_end_matches(|c: char| c == ']' || c.is_ascii_digit() || c == '[')
+        .to_ascii_lowercase();
+    ["key", "token", "secret", "password", "url"]
+        .iter()
+        .any(|w| last.contains(w))
+}
+
+/// A serde error message fit for a secret-bearing key: `invalid type: integer
+/// `12345`, expected a string` becomes `has the wrong type or value (not shown: this
+/// key holds a secret); expected a string`. Unknown-field messages name only keys and
+/// are kept.
+pub fn without_value(message: &str) -> String {
+    if message.starts_with("unknown field") || message.starts_with("missing field") {
+        return message.to_string();
+    }
+    let expected = message
+        .rfind(", expected ")
+        .map(|i| format!("; {}", &message[i + 2..]))
+        .unwrap_or_default();
+    format!("has the wrong type or value (not shown: this key holds a secret){expected}")
+}
+
+/// Checks that `data_dir` can hold the queue, and with `create` creates it: a
+/// directory this process may write. `check-config` checks without creating; the
+/// daemon creates. The error names `DATA_DIR` when the environment set it.
+pub fn prepare_data_dir(cfg: &Config, env: &dyn Env, create: bool) -> Result<(), ConfigError> {
+    let (file, key) = if env.var("DATA_DIR").is_some() {
+        (None, "DATA_DIR")
+    } else {
+        (cfg.file.clone(), "data_dir")
+    };
+    let dir = &cfg.data_dir;
+    let err = |reason: String| ConfigError {
+        file: file.clone(),
+        key: key.into(),
+        reason: format!(
+            "{reason}; set {key} to a directory the agent can create and write (it holds the queue database)"
+        ),
+    };
+    // The directory, or the nearest ancestor that exists: where the queue would go.
+    let mut probe = dir.as_path();
+    loop {
+        match std::fs::metadata(probe) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => {
+                return Err(err(format!(
+                    "cannot use {}: {} is not a directory",
+                    dir.display(),
+                    probe.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match probe.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    Some(p) => probe = p,
+                    None => {
+                        probe = Path::new(".");
+                        break;
+                    }
+                }
+            }
+            Err(e) => return Err(err(format!("cannot use {}: {e}", dir.display()))),
+        }
+    }
+    if let Err(e) = writable(probe) {
+        return Err(err(format!(
+            "cannot write in {}: {e}",
+            if probe == dir.as_path() {
+                dir.display().to_string()
+            } else {
+                format!("{} (to create {})", probe.display(), dir.display())
+            }
+        )));
+    }
+    if create {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// access(2) with W_OK|X_OK: may this process create files in `dir`?
+fn writable(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn parse_node_ids(s: &str) -> Result<Vec<u64>, String> {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    ApplyMode, Config, ConfigError, Flavor, NodeSpec, Pending, Protocol, Secret, Xray,
-    parse_base_url, split_cmd,
+    ApplyMode, Config, ConfigError, Flavor, NodeSpec, Pending, Protocol, Secret, Xray, header_safe,
+    is_secret_key, parse_base_url, parse_xray_api, split_cmd, without_value,
 };
 use crate::queue::{JobKind, OnExhausted};
 
@@ -143,13 +143,17 @@ pub(super) fn apply_file(
     let text =
         std::fs::read_to_string(path).map_err(|e| err("(file)", format!("cannot read: {e}")))?;
     let value: toml::Value =
-        toml::from_str(&text).map_err(|e| err("(syntax)", one_line(&e.to_string())))?;
+        toml::from_str(&text).map_err(|e| err("(syntax)", syntax_error(&text, &e)))?;
     let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
         let key = e.path().to_string();
-        err(
-            if key == "." { "(top level)" } else { &key },
-            one_line(&e.into_inner().to_string()),
-        )
+        let message = one_line(e.inner().message());
+        // serde quotes the value it got (`integer `12345``): never a secret's.
+        let reason = if is_secret_key(&key) {
+            without_value(&message)
+        } else {
+            message
+        };
+        err(if key == "." { "(top level)" } else { &key }, reason)
     })?;
     if raw.panel.internal_api_key.is_some() && readable_by_others(path) {
         cfg.warnings.push(format!(
@@ -172,6 +176,68 @@ pub(super) fn readable_by_others(path: &Path) -> bool {
         let _ = path;
         false
     }
+}
+
+/// A TOML syntax error in one line: where (line, column, and the key when the line
+/// assigns one) and why. toml's own rendering quotes the source line, which may hold a
+/// secret (`internal_api_key = "…` missing its closing quote), so it is never used;
+/// toml's `message()` describes the error without quoting the input.
+fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    let message = one_line(e.message());
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let at = span.start.min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line_no = text[..line_start].matches('\n').count() + 1;
+    let column = text[line_start..at].chars().count() + 1;
+    let line = text[line_start..].split('\n').next().unwrap_or("");
+    // A duplicate key's span is the key itself (a name, not a value).
+    let key = if message.starts_with("duplicate key") {
+        bare_key(text.get(span.clone()).unwrap_or("").trim())
+    } else {
+        assigned_key(line)
+            .filter(|(_, eq)| column > *eq)
+            .map(|(k, _)| k)
+    };
+    let key = key.map(|k| match table_above(&text[..line_start]) {
+        Some(t) => format!(", key `{t}.{k}`"),
+        None => format!(", key `{k}`"),
+    });
+    format!(
+        "line {line_no}, column {column}{}: {message}",
+        key.unwrap_or_default()
+    )
+}
+
+/// A bare TOML key (`a_b-c`, dotted `a.b`); anything else is not named in errors.
+fn bare_key(s: &str) -> Option<String> {
+    let ok = !s.is_empty()
+        && s.split('.').all(|p| {
+            let p = p.trim();
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+    ok.then(|| s.split('.').map(str::trim).collect::<Vec<_>>().join("."))
+}
+
+/// `key = …` on this line: the key and the column of `=` (1-based).
+fn assigned_key(line: &str) -> Option<(String, usize)> {
+    let eq = line.find('=')?;
+    let key = bare_key(line[..eq].trim())?;
+    Some((key, line[..eq].chars().count() + 1))
+}
+
+/// The last `[table]` / `[[array]]` header before this point.
+fn table_above(before: &str) -> Option<String> {
+    before.lines().rev().find_map(|l| {
+        let l = l.trim();
+        let inner = l.strip_prefix('[')?;
+        let inner = inner.strip_prefix('[').unwrap_or(inner);
+        let end = inner.find(']')?;
+        bare_key(inner[..end].trim())
+    })
 }
 
 fn one_line(s: &str) -> String {
@@ -217,6 +283,7 @@ fn apply_raw(
         ));
     }
     if let Some(k) = p.internal_api_key {
+        header_safe(k.trim()).map_err(|r| ("panel.internal_api_key".to_string(), r))?;
         cfg.panel.internal_api_key = Some(Secret::new(k.trim()));
     }
     if let Some(f) = p.internal_api_key_file {
@@ -274,7 +341,10 @@ fn apply_raw(
                 Some(c) => c,
                 None => d.concurrency,
             },
-            api: x.api.unwrap_or(d.api),
+            api: match x.api {
+                Some(a) => parse_xray_api(&a).map_err(|r| ("xray.api".to_string(), r))?,
+                None => d.api,
+            },
             flavor: match x.flavor.as_deref() {
                 None | Some("xray") => Flavor::Xray,
                 Some("v2ray") => Flavor::V2ray,
@@ -389,6 +459,7 @@ pub(super) fn read_key_file(path: &Path, warnings: &mut Vec<String>) -> Result<S
     if key.is_empty() {
         return Err(format!("{} is empty", path.display()));
     }
+    header_safe(key).map_err(|r| format!("the key in {} {r}", path.display()))?;
     if readable_by_others(path) {
         warnings.push(format!(
             "{} holds the panel's internal API key and is readable by other users; chmod 600 it",

@@ -290,9 +290,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             bearer_token = state.token.is_some(),
             "http listener ready"
         );
-        if addr.is_some_and(|a| !a.ip().is_loopback()) && state.token.is_none() {
-            tracing::warn!("http.listen is not a loopback address and http.token is not set: anyone who can reach it can submit webhook events");
-        }
+        // A non-loopback listen without a token is one of config.warnings, logged at start.
         tokio::spawn(http::serve(l, http::router(state), stop.clone()))
     });
     if agent.apply.core.is_some() {

@@ -428,9 +428,14 @@ pub fn iso8601(at: Millis) -> String {
     }
 }
 
-/// RFC 3339 / ISO 8601 date-time with `Z` or a `±HH:MM` offset (or none: UTC).
+/// RFC 3339 date-time with `Z` or a `±HH:MM` offset. One without an offset is refused:
+/// taking it as UTC would shift a client's local time by hours without a word.
 pub fn parse_timestamp(s: &str) -> Result<Millis, String> {
-    let bad = || format!("`{s}` is not an ISO 8601 date-time (e.g. 2026-01-05T12:00:00Z)");
+    let bad = || {
+        format!(
+            "`{s}` is not an RFC 3339 date-time with an offset (e.g. 2026-01-05T12:00:00Z or 2026-01-05T20:00:00+08:00)"
+        )
+    };
     let s = s.trim();
     // Split off a numeric offset after the time part.
     let (local, offset_secs) = match s.get(19..).and_then(|rest| rest.rfind(['+', '-'])) {
@@ -449,7 +454,12 @@ pub fn parse_timestamp(s: &str) -> Result<Millis, String> {
             }
             (l, sign * (h * 3600 + m * 60))
         }
-        None => (s, 0),
+        None if s.ends_with(['Z', 'z']) => (s, 0),
+        None => {
+            return Err(format!(
+                "`{s}` has no UTC offset: use RFC 3339 with `Z` or `±HH:MM` (e.g. 2026-01-05T12:00:00Z or 2026-01-05T20:00:00+08:00)"
+            ));
+        }
     };
     let t = humantime::parse_rfc3339_weak(local).map_err(|_| bad())?;
     let ms = t
@@ -567,6 +577,8 @@ mod tests {
             Ok(1_767_614_400_000)
         );
         assert!(parse_timestamp("yesterday").is_err());
+        let e = parse_timestamp("2026-01-05T12:00:00").unwrap_err();
+        assert!(e.contains("no UTC offset"), "{e}");
         assert_eq!(iso8601(1_767_614_400_250), "2026-01-05T12:00:00.250Z");
     }
 }

@@ -12,8 +12,12 @@
 //!   optional (Standard Webhooks: `whsec_` + base64). Other top-level keys are the
 //!   provider's own and are ignored; unknown keys *inside* `webhook` are errors (a
 //!   misspelt `secret` must not silently turn signing off). A file without a `webhook`
-//!   object is a provider that takes no callbacks. An invalid file is reported with its
-//!   path, the field and the reason, and skipped; the others load. On a reload, an
+//!   object is a provider that takes no callbacks — unless it has a key that looks like
+//!   a misspelt `webhook` (`webhok`) or a top-level `callback_url` / `secret`: that is
+//!   an error, not a relay gone silent. A `*.json` that is a directory, a dangling
+//!   symlink, not a regular file, or larger than [`MAX_FILE_BYTES`] is an error too.
+//!   An invalid file is reported with its path, the field and the reason (once: a
+//!   reload repeats only what changed), and skipped; the others load. On a reload, an
 //!   invalid file keeps the version loaded before it (fail static: a half-saved edit
 //!   does not unregister a relay).
 //!
@@ -35,6 +39,10 @@ use serde::Deserialize;
 
 /// Longest relay id: it names a file and goes into state keys.
 pub const MAX_ID_LEN: usize = 64;
+
+/// Largest provider file read: a registration is a few hundred bytes; a huge file is a
+/// mistake (a log, a dump) and is not read into memory.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 /// One relay's registration.
 #[derive(Clone)]
@@ -152,6 +160,9 @@ struct RawProvider {
     id: Option<serde_json::Value>,
     name: Option<serde_json::Value>,
     webhook: Option<serde_json::Value>,
+    /// The provider's own keys, ignored, but looked at for a misspelt `webhook`.
+    #[serde(flatten)]
+    others: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -172,7 +183,7 @@ pub fn load_file(path: &Path) -> Result<Option<Provider>, ProviderError> {
         .file_stem()
         .and_then(|s| s.to_str())
         .ok_or_else(|| err("(file)", "the file name is not UTF-8".into()))?;
-    let text = std::fs::read(path).map_err(|e| err("(file)", format!("cannot read: {e}")))?;
+    let text = read_capped(path).map_err(|r| err("(file)", r))?;
     let raw: RawProvider = serde_json::from_slice(&text)
         .map_err(|e| err("(json)", format!("not a JSON object: {e}")))?;
     let id = match raw.id {
@@ -195,9 +206,28 @@ pub fn load_file(path: &Path) -> Result<Option<Provider>, ProviderError> {
         Some(_) => return Err(err("name", "must be a string".into())),
     };
     let webhook = match raw.webhook {
-        None | Some(serde_json::Value::Null) => return Ok(None),
+        None | Some(serde_json::Value::Null) => {
+            if let Some((key, reason)) = misplaced_webhook(&raw.others) {
+                return Err(err(&key, reason));
+            }
+            return Ok(None);
+        }
         Some(v @ serde_json::Value::Object(_)) => {
-            serde_json::from_value::<RawWebhook>(v).map_err(|e| err("webhook", e.to_string()))?
+            serde_path_to_error::deserialize::<_, RawWebhook>(v).map_err(|e| {
+                let at = e.path().to_string();
+                let message = e.into_inner().to_string();
+                if at == "." {
+                    err("webhook", message)
+                } else if crate::config::is_secret_key(&at) {
+                    // serde quotes the value it got: never a secret's or a URL's.
+                    err(
+                        &format!("webhook.{at}"),
+                        crate::config::without_value(&message),
+                    )
+                } else {
+                    err(&format!("webhook.{at}"), message)
+                }
+            })?
         }
         Some(_) => return Err(err("webhook", "must be an object".into())),
     };
@@ -231,6 +261,71 @@ pub fn load_file(path: &Path) -> Result<Option<Provider>, ProviderError> {
     }))
 }
 
+/// Reads a provider file: a regular file (a symlink to one is fine) of at most
+/// [`MAX_FILE_BYTES`]. Says what it is otherwise (a directory, a dangling link, a FIFO
+/// that would block the reload).
+fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(match std::fs::read_link(path) {
+                Ok(target) => format!(
+                    "is a symbolic link to {}, which does not exist",
+                    target.display()
+                ),
+                Err(_) => format!("cannot read: {e}"),
+            });
+        }
+        Err(e) => return Err(format!("cannot read: {e}")),
+    };
+    if meta.is_dir() {
+        return Err("is a directory, not a provider file".into());
+    }
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let too_big = || format!("is larger than {MAX_FILE_BYTES} bytes (1 MiB): not a provider file");
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut text))
+        .map_err(|e| format!("cannot read: {e}"))?;
+    // It may have grown since the metadata was read.
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    Ok(text)
+}
+
+/// A file without `webhook`: is there one misspelt (`webhok`, `Webhook`), or its
+/// fields at the top level? Then it is a mistake, not a provider without callbacks.
+fn misplaced_webhook(
+    others: &serde_json::Map<String, serde_json::Value>,
+) -> Option<(String, String)> {
+    for key in others.keys() {
+        if strsim::damerau_levenshtein(&key.to_ascii_lowercase(), "webhook") <= 2 {
+            return Some((
+                key.clone(),
+                format!(
+                    "unknown key `{key}`: did you mean `webhook`? Without a `webhook` object this relay takes no callbacks"
+                ),
+            ));
+        }
+        if key == "callback_url" || key == "secret" {
+            return Some((
+                key.clone(),
+                format!(
+                    "`{key}` belongs inside the `webhook` object ({{\"webhook\": {{\"{key}\": …}}}}); as it is, this relay takes no callbacks"
+                ),
+            ));
+        }
+    }
+    None
+}
+
 /// Loads every `*.json` in `dir`. `previous`: the last load, whose version of a file
 /// now invalid is kept.
 pub fn load_dir(dir: &Path, previous: Option<&Providers>) -> Providers {
@@ -257,7 +352,7 @@ pub fn load_dir(dir: &Path, previous: Option<&Providers>) -> Providers {
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| is_provider_file(p))
+        .filter(|p| is_provider_name(p))
         .collect();
     files.sort();
     for path in files {
@@ -283,13 +378,13 @@ pub fn load_dir(dir: &Path, previous: Option<&Providers>) -> Providers {
     out
 }
 
-/// `*.json`, not hidden (editors' swap and temp files start with a dot).
-fn is_provider_file(p: &Path) -> bool {
+/// `*.json`, not hidden (editors' swap and temp files start with a dot). Whatever it
+/// is (a directory, a dangling link) is [`load_file`]'s to report.
+fn is_provider_name(p: &Path) -> bool {
     p.extension().is_some_and(|e| e == "json")
         && p.file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| !n.starts_with('.'))
-        && p.is_file()
 }
 
 /// What the directory looks like, to notice changes cheaply: name, size, mtime.
@@ -298,9 +393,10 @@ pub fn fingerprint(dir: &Path) -> Option<BTreeMap<PathBuf, (u64, SystemTime)>> {
     Some(
         entries
             .filter_map(Result::ok)
-            .filter(|e| is_provider_file(&e.path()))
+            .filter(|e| is_provider_name(&e.path()))
             .filter_map(|e| {
-                let m = e.metadata().ok()?;
+                // Through a symlink (config management links files in), else the link.
+                let m = std::fs::metadata(e.path()).or_else(|_| e.metadata()).ok()?;
                 Some((e.path(), (m.len(), m.modified().ok()?)))
             })
             .collect(),
@@ -325,7 +421,7 @@ impl Registry {
             any: tokio::sync::watch::Sender::new(!providers.by_id.is_empty()),
             current: RwLock::new(Arc::new(Providers::default())),
         };
-        r.install(providers, "loaded");
+        r.install(providers, "loaded", None);
         r
     }
 
@@ -366,7 +462,7 @@ impl Registry {
     pub fn reload(&self, why: &str) -> Arc<Providers> {
         let previous = self.snapshot();
         let providers = load_dir(&self.dir, Some(&previous));
-        self.install(providers, why)
+        self.install(providers, why, Some(&previous))
     }
 
     /// Resolves once at least one relay is registered.
@@ -375,7 +471,14 @@ impl Registry {
         let _ = rx.wait_for(|any| *any).await;
     }
 
-    fn install(&self, providers: Providers, why: &str) -> Arc<Providers> {
+    /// Puts `providers` in force and logs what changed: a file's error is logged when
+    /// it is new since `previous`, not again at every reload.
+    fn install(
+        &self,
+        providers: Providers,
+        why: &str,
+        previous: Option<&Providers>,
+    ) -> Arc<Providers> {
         let providers = Arc::new(providers);
         // In force before it is logged: whoever reads the log line can rely on it.
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = providers.clone();
@@ -384,6 +487,9 @@ impl Registry {
             tracing::info!(dir = %self.dir.display(), "webhook.providers_dir does not exist: no relays registered (create it and add {{id}}.json files; they are picked up without a restart)");
         }
         for e in &providers.errors {
+            if previous.is_some_and(|p| p.errors.contains(e)) {
+                continue;
+            }
             let kept = e
                 .path
                 .file_stem()
@@ -529,13 +635,48 @@ mod tests {
             [
                 ("other.json".to_string(), "id"),
                 ("plain.json".to_string(), "webhook.callback_url"),
-                ("typo.json".to_string(), "webhook"),
+                ("typo.json".to_string(), "webhook.secrett"),
             ]
         );
         let shown = p.errors[1].to_string();
         assert!(shown.starts_with(&plain.display().to_string()), "{shown}");
         assert!(shown.contains("must be https://"), "{shown}");
         assert!(p.errors[2].reason.contains("secrett"), "{}", p.errors[2]);
+    }
+
+    #[test]
+    fn a_wrong_typed_secret_or_url_is_named_without_its_value() {
+        let d = tempfile::tempdir().unwrap();
+        write(
+            d.path(),
+            "s.json",
+            r#"{"id":"s","webhook":{"callback_url":"https://r.example/cb","secret":918273645}}"#,
+        );
+        write(
+            d.path(),
+            "u.json",
+            r#"{"id":"u","webhook":{"callback_url":["https://u:pw-5150@r.example/"]}}"#,
+        );
+        write(
+            d.path(),
+            "t.json",
+            r#"{"id":"t","secret":"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw","callback_url":"https://r.example/"}"#,
+        );
+        let p = load_dir(d.path(), None);
+        let fields: Vec<&str> = p.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["webhook.secret", "callback_url", "webhook.callback_url"]
+        );
+        for e in &p.errors {
+            let shown = e.to_string();
+            assert!(
+                !shown.contains("918273645")
+                    && !shown.contains("pw-5150")
+                    && !shown.contains("MfKQ"),
+                "{shown}"
+            );
+        }
     }
 
     #[test]
