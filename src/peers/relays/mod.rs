@@ -514,12 +514,25 @@ impl Registry {
     }
 
     /// Reloads on SIGHUP and when the directory's files change, until `stop`.
-    pub async fn watch(
+    ///
+    /// The SIGHUP handler is installed here, before the future is first polled: a
+    /// SIGHUP that arrives before a spawned task gets to run must not meet the default
+    /// action, which ends the process.
+    pub fn watch(
         self: Arc<Self>,
         every: Duration,
         stop: tokio_util::sync::CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let hup = hangup();
+        self.watch_with(hup, every, stop)
+    }
+
+    async fn watch_with(
+        self: Arc<Self>,
+        mut hup: Hangup,
+        every: Duration,
+        stop: tokio_util::sync::CancellationToken,
     ) {
-        let mut hup = hangup();
         let mut seen = fingerprint(&self.dir);
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
