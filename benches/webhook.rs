@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use connector::config::Webhook as WebhookConfig;
 use connector::daemon::health::Health;
 use connector::daemon::http::{self, HttpState};
+use connector::daemon::listener::{self, Limits};
 use connector::jobs::webhook::{self, Webhook};
 use connector::peers::relays::client::RelayClient;
 use connector::peers::relays::{Provider, Registry, SigningKey};
@@ -168,7 +169,13 @@ async fn ingestion(receiver: &receiver::Receiver, total: usize) -> f64 {
             pools: Arc::new(Pools::default()),
         }),
     });
-    let server = tokio::spawn(http::serve(listener, http::router(state), stop.clone()));
+    let limits = Limits::new(&connector::config::Http::default(), Duration::from_secs(30));
+    let server = tokio::spawn(listener::serve(
+        listener,
+        http::router(state),
+        limits,
+        stop.clone(),
+    ));
     let url = format!("http://{addr}/v1/webhooks/connect");
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();

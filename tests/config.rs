@@ -286,6 +286,39 @@ fn webhook_and_http_sections() {
         "an unknown key is named: {e}"
     );
 
+    // The listener's limits (issue 12): the example's values are the defaults, and a
+    // value that would leave the listener unbounded or shut is refused naming its key.
+    assert_eq!(ex.http.max_connections, 1024);
+    assert_eq!(ex.http.max_connections, d.http.max_connections);
+    assert_eq!(ex.http.header_timeout, Duration::from_secs(10));
+    assert_eq!(ex.http.header_timeout, d.http.header_timeout);
+    assert_eq!(ex.http.idle_timeout, Duration::from_secs(60));
+    assert_eq!(ex.http.idle_timeout, d.http.idle_timeout);
+    let c = load_text(
+        "[http]\nmax_connections = 64\nheader_timeout = \"2s\"\nidle_timeout = \"1m30s\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.http.max_connections, 64);
+    assert_eq!(c.http.header_timeout, Duration::from_secs(2));
+    assert_eq!(c.http.idle_timeout, Duration::from_secs(90));
+    let shown = config::render(&c);
+    assert!(
+        shown.contains("max_connections = 64")
+            && shown.contains("header_timeout = \"2s\"")
+            && shown.contains("idle_timeout = \"1m 30s\""),
+        "{shown}"
+    );
+    for (text, key) in [
+        ("max_connections = 0", "http.max_connections"),
+        ("max_connections = 10000000", "http.max_connections"),
+        ("header_timeout = \"0s\"", "http.header_timeout"),
+        ("header_timeout = \"soon\"", "http.header_timeout"),
+        ("idle_timeout = \"0s\"", "http.idle_timeout"),
+    ] {
+        let e = load_text(&format!("[http]\n{text}\n")).unwrap_err();
+        assert_eq!(e.key, key, "{text}: {e}");
+    }
+
     let c = load_text("[http]\nlisten = \"\"\ntoken = \"tok-123456\"\n").unwrap();
     assert!(c.http.listen.is_none());
     let shown = config::render(&c);

@@ -57,7 +57,7 @@ pub fn main() -> ExitCode {
     let config = match super::load_config(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("connector: config error: {e}");
+            crate::say!("connector: config error: {e}");
             return ExitCode::from(super::EXIT_CONFIG);
         }
     };
@@ -71,30 +71,34 @@ pub fn main() -> ExitCode {
     }
     if let Command::CheckConfig = command {
         for w in &config.warnings {
-            eprintln!("connector: warning: {w}");
+            crate::say!("connector: warning: {w}");
         }
-        print!("{}", crate::config::render(&config));
+        // A closed stdout (`check-config | head`) ends the listing, not with a panic.
+        let _ = std::io::Write::write_all(
+            &mut std::io::stdout(),
+            crate::config::render(&config).as_bytes(),
+        );
         return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("connector: cannot start the async runtime: {e}");
+            crate::say!("connector: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     if args.once {
         return match runtime.block_on(crate::daemon::run_once(config)) {
             Ok(report) if report.ok() => {
-                eprintln!("connector: {}", report.summary());
+                crate::say!("connector: {}", report.summary());
                 ExitCode::SUCCESS
             }
             Ok(report) => {
-                eprintln!("connector: {}", report.summary());
+                crate::say!("connector: {}", report.summary());
                 ExitCode::FAILURE
             }
             Err(e) => {
-                eprintln!("connector: {e:#}");
+                crate::say!("connector: {e:#}");
                 ExitCode::FAILURE
             }
         };
@@ -102,7 +106,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(crate::daemon::run_until_signal(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("connector: {e:#}");
+            crate::say!("connector: {e:#}");
             ExitCode::FAILURE
         }
     }

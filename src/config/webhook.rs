@@ -50,6 +50,15 @@ pub struct Http {
     pub token_file: Option<PathBuf>,
     /// Largest request body accepted; larger is `413`.
     pub max_body_bytes: usize,
+    /// Connections served at once; at the limit the oldest one with no request in
+    /// progress is closed to make room, or (none idle) accepting waits.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this, counted from the connection's
+    /// opening or the end of the previous answer (so it is also the keep-alive limit).
+    pub header_timeout: Duration,
+    /// A connection on which a read or a write makes no progress for this long is
+    /// closed (a body that stops arriving, a client that does not read its answer).
+    pub idle_timeout: Duration,
 }
 
 impl Default for Http {
@@ -59,6 +68,9 @@ impl Default for Http {
             token: None,
             token_file: None,
             max_body_bytes: 64 * 1024,
+            max_connections: 1024,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -82,9 +94,18 @@ pub(super) struct RawHttp {
     token: Option<String>,
     token_file: Option<PathBuf>,
     max_body_bytes: Option<usize>,
+    max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    header_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
 }
 
 type KeyError = (String, String);
+
+/// The most `http.max_connections` may be: each connection holds a file descriptor,
+/// and the daemon keeps the rest of its open-file limit for itself.
+const MAX_CONNECTIONS: usize = 1_000_000;
 
 fn positive(key: &str, d: Duration) -> Result<Duration, KeyError> {
     if d.is_zero() {
@@ -189,6 +210,21 @@ pub(super) fn apply_http(
         }
         h.max_body_bytes = m;
     }
+    if let Some(n) = raw.max_connections {
+        if !(1..=MAX_CONNECTIONS).contains(&n) {
+            return Err((
+                "http.max_connections".into(),
+                format!("{n} is not between 1 and {MAX_CONNECTIONS}"),
+            ));
+        }
+        h.max_connections = n;
+    }
+    if let Some(t) = raw.header_timeout {
+        h.header_timeout = positive("http.header_timeout", t)?;
+    }
+    if let Some(t) = raw.idle_timeout {
+        h.idle_timeout = positive("http.idle_timeout", t)?;
+    }
     Ok(())
 }
 
@@ -232,5 +268,12 @@ pub(super) fn render(w: &Webhook, h: &Http, o: &mut String) -> std::fmt::Result 
             "# token is not set: POST /v1/webhooks/connect takes no bearer token"
         )?,
     }
-    writeln!(o, "max_body_bytes = {}", h.max_body_bytes)
+    writeln!(o, "max_body_bytes = {}", h.max_body_bytes)?;
+    writeln!(
+        o,
+        "max_connections = {}\nheader_timeout = {}\nidle_timeout = {}",
+        h.max_connections,
+        d(h.header_timeout),
+        d(h.idle_timeout)
+    )
 }

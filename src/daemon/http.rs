@@ -6,7 +6,8 @@
 //! | `GET /metrics` | Prometheus text format (names: `crate::telemetry::metrics`) |
 //! | `GET /healthz` | 200 `{"status":"ok",…}`, or 503 with `problems` naming what is wrong ([`Health`]) |
 //!
-//! [`router`] builds the routes from one shared [`HttpState`]. The bearer token guards
+//! [`router`] builds the routes from one shared [`HttpState`]; [`super::listener`]
+//! serves them under connection limits and timeouts. The bearer token guards
 //! only the webhook route: metrics and health hold no secret and are read by scrapers
 //! and supervisors that carry none.
 //!
@@ -27,7 +28,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use super::health::Health;
 use crate::config::Secret;
@@ -59,17 +59,6 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!("http.listen: cannot listen on {addr}: {e} (set http.listen to another address, or \"\" for no listener)")
     })
-}
-
-/// Serves `router` on `listener` until `stop`; requests in progress then finish.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    stop: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
 }
 
 async fn metrics(State(st): State<Arc<HttpState>>) -> Response {

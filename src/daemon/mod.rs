@@ -15,6 +15,7 @@
 mod core_watch;
 pub mod health;
 pub mod http;
+pub mod listener;
 mod once;
 
 use std::sync::Arc;
@@ -220,6 +221,9 @@ impl Agent {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Before any work, so the counters see every attempt.
     crate::telemetry::metrics::install();
+    // Before any file is opened: HTTP clients must not be able to take the descriptors
+    // the queue and the admin socket need (`listener::connection_limit`).
+    let fd_limit = listener::raise_fd_limit();
     let agent = Agent::open(config)?;
     // For the daemon's whole life, so `queuectl` works until the queue is flushed.
     let admin = crate::admin::Server::start(
@@ -291,7 +295,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "http listener ready"
         );
         // A non-loopback listen without a token is one of config.warnings, logged at start.
-        tokio::spawn(http::serve(l, http::router(state), stop.clone()))
+        let mut limits = listener::Limits::new(&agent.config.http, agent.config.shutdown_timeout);
+        limits.max_connections = listener::connection_limit(limits.max_connections, fd_limit);
+        tokio::spawn(listener::serve(
+            l,
+            http::router(state),
+            limits,
+            stop.clone(),
+        ))
     });
     if agent.apply.core.is_some() {
         // Level-triggered: whatever happened while the agent was down, reconcile now.
@@ -306,9 +317,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!("stopping: no new work; waiting for running attempts");
     if let Some(s) = server {
         // Intake first: once this returns, no event is being accepted.
-        if let Ok(Err(e)) = s.await {
-            tracing::error!(error = %e, "http listener failed");
-        }
+        // It answers the requests in progress first (at most shutdown_timeout).
+        let _ = s.await;
     }
     let _ = producer.await;
     let _ = maintenance.await;

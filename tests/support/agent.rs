@@ -102,6 +102,8 @@ pub struct Opts {
     pub node_keys: std::collections::BTreeMap<u64, String>,
     /// TOML appended at the end of the file: whole sections, e.g. `[traffic]`.
     pub extra: String,
+    /// More keys of the `[http]` section, e.g. `header_timeout = "1s"\n`.
+    pub http: String,
 }
 
 impl Default for Opts {
@@ -116,6 +118,7 @@ impl Default for Opts {
             xray: None,
             node_keys: Default::default(),
             extra: String::new(),
+            http: String::new(),
         }
     }
 }
@@ -140,7 +143,7 @@ impl Rig {
         std::fs::write(hook_dir.join("hook.sh"), HOOK).unwrap();
         let mut text = format!(
             "data_dir = {data:?}\n{shutdown}\
-             [http]\nlisten = \"127.0.0.1:0\"\n\
+             [http]\nlisten = \"127.0.0.1:0\"\n{http}\
              [panel]\nbase_url = {url:?}\ninternal_api_key = {TOKEN:?}\ntimeout = {timeout:?}\n\
              [sync]\ninterval = \"200ms\"\noutput_dir = {out:?}\n{guard}{apply}",
             data = dir.path().join("data"),
@@ -148,6 +151,7 @@ impl Rig {
                 .shutdown_timeout
                 .map(|t| format!("shutdown_timeout = {t:?}\n"))
                 .unwrap_or_default(),
+            http = opts.http,
             url = panel.base_url(),
             timeout = opts.panel_timeout,
             out = dir.path().join("out"),
@@ -201,9 +205,15 @@ impl Rig {
 
     /// `connector run --config … --log-format json`, with a clean environment.
     pub fn start(&mut self) {
+        self.start_with(|_| {});
+    }
+
+    /// As [`Rig::start`], `adjust` changing the command first (a resource limit, say).
+    pub fn start_with(&mut self, adjust: impl FnOnce(&mut Command)) {
         assert!(self.daemon.is_none(), "the agent is already running");
         let mut cmd = connector(self.dir.path());
         cmd.arg("run").arg("--config").arg(&self.config);
+        adjust(&mut cmd);
         self.daemon = Some(Daemon::spawn(cmd));
     }
 
