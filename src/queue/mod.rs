@@ -31,6 +31,11 @@
 //! - A record that fails its checksum or does not decode is moved under `c` with the
 //!   reason, its index entries are dropped, and everything else keeps working.
 //!
+//! - Writes are refused ([`Error::Unwritable`], reads go on) on a full disk, after a
+//!   failed flush, or once the database was deleted underneath us; [`Queue::probe`]
+//!   notices each and takes writes again when it can, reopening sled after a failed
+//!   write (`store.rs`). A write is durable only through the handle it was made on.
+//!
 //! sled never leaves this module: callers see [`Queue`], [`Job`] and [`Error`].
 
 mod admin;

@@ -397,6 +397,8 @@ pub async fn run_maintenance(queue: Queue, every: Duration, shutdown: Cancellati
                 tracing::info!(swept, reaped, "queue maintenance")
             }
             Ok(_) => {}
+            // A full disk: the queue said so once; maintenance runs again when it can.
+            Err(e) if e.is_unwritable() => tracing::debug!(error = %e, "queue maintenance skipped"),
             Err(e) => tracing::error!(error = %e, "queue maintenance failed"),
         }
     }
