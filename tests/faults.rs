@@ -75,6 +75,14 @@ fn healthz(addr: SocketAddr) -> (u16, Value) {
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
+/// `connector_queue_writable` as `/metrics` shows it.
+fn writable_gauge(addr: SocketAddr) -> Option<f64> {
+    let (_, _, body) = http(addr, "GET", "/metrics", b"");
+    body.lines()
+        .find_map(|l| l.strip_prefix("connector_queue_writable "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Waits until `f` is true, or fails naming `what`.
 #[track_caller]
 fn wait_until(rig: &Rig, what: &str, mut f: impl FnMut() -> bool) {
@@ -241,6 +249,11 @@ fn a_full_disk_refuses_writes_keeps_syncing_survives_a_restart_and_resumes() {
         "/healthz does not name the full data_dir: {report}"
     );
     assert!(!rig.exited(), "the agent exited on a full disk");
+    assert_eq!(
+        writable_gauge(addr),
+        Some(0.0),
+        "connector_queue_writable on a full disk"
+    );
 
     // Node sync goes on: a changed list reaches the output files (another filesystem)
     // and the hook.
@@ -281,6 +294,9 @@ fn a_full_disk_refuses_writes_keeps_syncing_survives_a_restart_and_resumes() {
     std::fs::remove_file(data.join("filler-1")).unwrap();
     wait_until(&rig, "/healthz 200 once space is freed", || {
         healthz(addr).0 == 200
+    });
+    wait_until(&rig, "connector_queue_writable 1", || {
+        writable_gauge(addr) == Some(1.0)
     });
     let (status, _, body) = http(addr, "POST", "/v1/webhooks/connect", &event("evt-after"));
     assert_eq!(status, 202, "{body}");

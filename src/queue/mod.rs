@@ -433,7 +433,10 @@ impl Queue {
         });
         let recovery = match finished {
             Ok(r) => r,
-            Err(e) if store::free_space(queue.path()).is_some_and(|f| f < LOW_SPACE) => {
+            Err(e)
+                if e.to_string().contains("No space left on device")
+                    || store::free_space(queue.path()).is_some_and(|f| f < LOW_SPACE) =>
+            {
                 tracing::error!(
                     path = %queue.path().display(),
                     error = %e,
