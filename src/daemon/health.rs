@@ -1,7 +1,9 @@
 //! What `GET /healthz` and `GET /metrics` read: the queue, the config's nodes, and the
 //! worker pools ([`Pools`]).
 //!
-//! Healthy means: the queue database answers a read, and every worker pool this daemon
+//! Healthy means: the queue database answers a read and takes writes (not a full disk,
+//! not deleted underneath the daemon: `queue` then says `read-only` and `problems`
+//! names the path and the cause), and every worker pool this daemon
 //! runs is running, not paused by an operator, not stopped, and not stuck
 //! ([`Pool::condition`](crate::queue::Pool::condition)). The webhook pool waiting for
 //! its first provider file is healthy: there is nothing to deliver to.
@@ -27,7 +29,8 @@ pub struct Health {
 pub struct Report {
     /// `ok` or `unhealthy`.
     pub status: &'static str,
-    /// `ok`, or why the database cannot be read.
+    /// `ok`, `read-only` (it takes no writes: see `problems`), or why the database
+    /// cannot be read.
     pub queue: String,
     /// Per kind: `running`, `waiting`, `paused`, `stopped` or `stuck`.
     pub workers: std::collections::BTreeMap<&'static str, String>,
@@ -48,7 +51,7 @@ impl Health {
 
     pub fn check(&self) -> Report {
         let mut problems = Vec::new();
-        let queue = match self.queue.next_due(JobKind::NodeSync) {
+        let mut queue = match self.queue.next_due(JobKind::NodeSync) {
             Ok(_) => "ok".to_string(),
             Err(e) => {
                 let why = format!("cannot read the queue database: {e}");
@@ -56,6 +59,13 @@ impl Health {
                 why
             }
         };
+        // A full disk, a failed write, a deleted database: nothing is acknowledged.
+        if let Some(p) = self.queue.writability().problem {
+            if queue == "ok" {
+                queue = "read-only".to_string();
+            }
+            problems.push(format!("queue: {p}"));
+        }
         let mut workers = std::collections::BTreeMap::new();
         for pool in self.pools.iter() {
             let c = self.condition(pool);

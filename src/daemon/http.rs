@@ -15,8 +15,9 @@
 //! errors are `{"code","field","detail"}` (`field` when one is at fault): `400`
 //! malformed JSON, `401` a missing or wrong bearer token (when `http.token` is set),
 //! `413` a body over `http.max_body_bytes`, `422` a field that fails its check (an
-//! unknown relay included), `503` the queue could not store it. The body is never
-//! logged (it holds the full API key).
+//! unknown relay included), `503` the queue could not store it (with `Retry-After`:
+//! a full disk, a failed write, a deleted database — `/healthz` says which). The body
+//! is never logged (it holds the full API key).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +35,11 @@ use crate::config::Secret;
 use crate::jobs::webhook::{self, Rejected};
 use crate::peers::relays::Registry;
 use crate::queue::Queue;
+
+/// `Retry-After` on a 503 (the queue could not store the event): the disk probe runs
+/// every second, so a sender that waits this long finds writes taken again as soon as
+/// they can be.
+const RETRY_AFTER_SECS: &str = "5";
 
 /// What every route can reach.
 pub struct HttpState {
@@ -183,6 +189,14 @@ async fn connect(State(st): State<Arc<HttpState>>, headers: HeaderMap, body: Bod
     };
     match webhook::ingest_json(&st.queue, &st.registry, &bytes).await {
         Ok(accepted) => (StatusCode::ACCEPTED, axum::Json(accepted)).into_response(),
+        Err(r) if r.status == 503 => {
+            let mut resp = json_error(&r);
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+            resp
+        }
         Err(r) => {
             tracing::info!(code = r.code, field = r.field.as_deref().unwrap_or(""), detail = %r.detail, "webhook event refused");
             json_error(&r)

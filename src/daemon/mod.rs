@@ -13,6 +13,7 @@
 //! `--once` ([`run_once`]): one sync per node, the applies those syncs cause, then exit.
 
 mod core_watch;
+mod disk;
 pub mod health;
 pub mod http;
 pub mod listener;
@@ -209,7 +210,14 @@ impl Agent {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
-        self.queue.flush().await?;
+        match self.queue.flush().await {
+            Ok(()) => {}
+            // Everything acknowledged was flushed when it was; what is left was refused.
+            Err(e) if e.is_unwritable() => {
+                tracing::warn!(error = %e, "the queue takes no writes: stopping without a last flush (nothing acknowledged depends on it)")
+            }
+            Err(e) => return Err(e.into()),
+        }
         match failure {
             Some(e) => Err(e),
             None => Ok(()),
@@ -276,6 +284,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .watch(agent.config.webhook.reload_interval, stop.clone()),
     );
     let folder = tokio::spawn(webhook::stats::run_fold(agent.queue.clone(), stop.clone()));
+    // A full disk or a deleted database: probed, reported, and synced around.
+    let disk_watch = tokio::spawn(disk::watch(agent.queue.clone(), stop.clone()));
+    let fallback = agent.sync.clone().map(|sync| {
+        tokio::spawn(disk::sync_while_unwritable(
+            agent.queue.clone(),
+            sync,
+            agent.apply.clone(),
+            agent.config.clone(),
+            stop.clone(),
+        ))
+    });
     let server = listener.map(|l| {
         let state = Arc::new(http::HttpState {
             queue: agent.queue.clone(),
@@ -308,7 +327,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         // Level-triggered: whatever happened while the agent was down, reconcile now.
         core_watch::apply_all(&agent.queue, &agent.config, "start").await;
     }
-    // A queue failure in a worker pool (a failed flush) stops the daemon too.
+    // A worker pool ends early only if it panicked: a queue that takes no writes (a full
+    // disk) makes it wait, not end (`disk.rs`).
     let early = tokio::select! {
         _ = shutdown.cancelled() => None,
         Some(r) = tasks.join_next() => Some(r),
@@ -327,6 +347,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     let _ = reloader.await;
     let _ = folder.await;
+    let _ = disk_watch.await;
+    if let Some(f) = fallback {
+        let _ = f.await;
+    }
     if let Some(w) = watcher {
         let _ = w.await;
     }
@@ -367,8 +391,13 @@ async fn produce_syncs(queue: Queue, config: Arc<Config>, stop: CancellationToke
             _ = tick.tick() => {}
         }
         for node in &config.nodes {
-            if let Err(e) = make_sync_due(&queue, node.id).await {
-                tracing::error!(node = node.id, error = %e, "cannot schedule a sync");
+            match make_sync_due(&queue, node.id).await {
+                Ok(()) => {}
+                // A full disk: said once by the queue; the sync goes on without it.
+                Err(e) if e.is_unwritable() => {
+                    tracing::debug!(node = node.id, error = %e, "cannot schedule a sync")
+                }
+                Err(e) => tracing::error!(node = node.id, error = %e, "cannot schedule a sync"),
             }
         }
     }

@@ -161,7 +161,7 @@ impl Queue {
             }
         };
         let mut oldest: Option<Millis> = None;
-        for k in self.inner.db.scan_prefix([keys::PENDING]).keys() {
+        for k in self.db()?.scan_prefix([keys::PENDING]).keys() {
             if let Some((code, due, _)) = keys::parse_pending(&k?) {
                 if due <= now {
                     bump(code, JobState::Ready);
@@ -171,12 +171,12 @@ impl Queue {
                 }
             }
         }
-        for v in self.inner.db.scan_prefix([keys::RUNNING]).values() {
+        for v in self.db()?.scan_prefix([keys::RUNNING]).values() {
             if let Some(&code) = v?.first() {
                 bump(code, JobState::Running);
             }
         }
-        for entry in self.inner.db.scan_prefix([keys::FINISHED]) {
+        for entry in self.db()?.scan_prefix([keys::FINISHED]) {
             let (k, v) = entry?;
             let (Some((state, _, _)), Some(&code)) = (keys::parse_finished(&k), v.first()) else {
                 continue;
@@ -188,7 +188,7 @@ impl Queue {
             };
             bump(code, state);
         }
-        stats.quarantined = self.inner.db.scan_prefix([keys::QUARANTINE]).count() as u64;
+        stats.quarantined = self.db()?.scan_prefix([keys::QUARANTINE]).count() as u64;
         stats.oldest_ready_ms = oldest;
         Ok(stats)
     }
@@ -199,7 +199,7 @@ impl Queue {
         let start = keys::job(filter.after_id.map_or(0, |id| id.saturating_add(1)));
         let end = keys::job(u64::MAX);
         let mut out = Vec::new();
-        for entry in self.inner.db.range(start..=end) {
+        for entry in self.db()?.range(start..=end) {
             let (k, raw) = entry?;
             let Some(job) = self.read_job(&k, &raw)? else {
                 continue;
@@ -220,7 +220,7 @@ impl Queue {
     /// Every job, in id order, one call of `f` each (for export).
     pub fn for_each_job(&self, mut f: impl FnMut(&Job) -> std::io::Result<()>) -> Result<u64> {
         let mut n = 0;
-        for entry in self.inner.db.scan_prefix([keys::JOB]) {
+        for entry in self.db()?.scan_prefix([keys::JOB]) {
             let (k, raw) = entry?;
             let Some(job) = self.read_job(&k, &raw)? else {
                 continue;
@@ -239,7 +239,7 @@ impl Queue {
     /// Records in quarantine.
     pub fn quarantined(&self) -> Result<Vec<QuarantineView>> {
         let mut out = Vec::new();
-        for entry in self.inner.db.scan_prefix([keys::QUARANTINE]) {
+        for entry in self.db()?.scan_prefix([keys::QUARANTINE]) {
             let (k, v) = entry?;
             let original = keys::display(&k[1..]);
             out.push(match record::decode_quarantined(&v) {
@@ -263,12 +263,13 @@ impl Queue {
     /// Makes a dead or scheduled job due now. A dead job gets one more attempt; if that
     /// fails it is dead again (its ladder is already used up).
     pub async fn retry(&self, id: u64) -> Result<Job> {
+        let epoch = self.epoch();
         let job = {
             let _w = self.lock();
             let job = self.load_locked(id)?.ok_or(Error::NotFound(id))?;
             self.retry_locked(job)?
         };
-        self.durable().await?;
+        self.durable_since(epoch).await?;
         self.wake(job.kind);
         self.emit_retried(&job);
         Ok(job)
@@ -277,12 +278,12 @@ impl Queue {
     /// Retries every dead job (of one kind, or all). Jobs whose key was taken by a newer
     /// job are left dead. Returns how many were retried.
     pub async fn retry_dead(&self, kind: Option<JobKind>) -> Result<u64> {
+        let epoch = self.epoch();
         let mut retried = Vec::new();
         {
             let _w = self.lock();
             let ids: Vec<u64> = self
-                .inner
-                .db
+                .db()?
                 .scan_prefix([keys::FINISHED, keys::FINISHED_DEAD])
                 .filter_map(|e| e.ok())
                 .filter(|(_, v)| kind.is_none_or(|kind| v.first() == Some(&kind.code())))
@@ -298,7 +299,7 @@ impl Queue {
                 }
             }
         }
-        self.durable().await?;
+        self.durable_since(epoch).await?;
         for kind in JobKind::ALL {
             self.wake(kind);
         }
@@ -327,7 +328,7 @@ impl Queue {
             }
         }
         let idem = keys::idem(job.kind, &job.key);
-        if let Some(holder) = self.inner.db.get(&idem)?.and_then(|v| keys::be_u64(&v))
+        if let Some(holder) = self.db()?.get(&idem)?.and_then(|v| keys::be_u64(&v))
             && holder != job.id
             && self
                 .load_locked(holder)?
@@ -341,13 +342,14 @@ impl Queue {
         self.index_insert(&mut b, &job);
         b.insert(&keys::job(job.id), record::encode_job(&job));
         b.insert(idem, &job.id.to_be_bytes());
-        self.inner.db.apply_batch(b)?;
+        self.apply(b)?;
         Ok(job)
     }
 
     /// Cancels a pending or running job: it goes dead (reason `cancelled`). A worker still
     /// running it will find its lease lost when it reports.
     pub async fn cancel(&self, id: u64) -> Result<Job> {
+        let epoch = self.epoch();
         let job = {
             let _w = self.lock();
             let now = self.now();
@@ -379,10 +381,10 @@ impl Queue {
             };
             self.index_insert(&mut b, &job);
             b.insert(&keys::job(id), record::encode_job(&job));
-            self.inner.db.apply_batch(b)?;
+            self.apply(b)?;
             job
         };
-        self.durable().await?;
+        self.durable_since(epoch).await?;
         self.emit(&job, super::EventKind::Cancelled);
         Ok(job)
     }
@@ -390,6 +392,7 @@ impl Queue {
     /// Deletes finished jobs (done or dead) that finished before `older_than` ago.
     /// Returns how many.
     pub async fn purge(&self, filter: PurgeFilter) -> Result<u64> {
+        let epoch = self.epoch();
         let state = match filter.state {
             JobState::Done => keys::FINISHED_DONE,
             JobState::Dead => keys::FINISHED_DEAD,
@@ -410,7 +413,7 @@ impl Queue {
             self.purge_locked(state, cutoff)?
         };
         if n > 0 {
-            self.durable().await?;
+            self.durable_since(epoch).await?;
         }
         Ok(n)
     }
@@ -421,14 +424,14 @@ impl Queue {
         let end = keys::finished(state, cutoff, u64::MAX);
         let mut n = 0;
         let mut b = sled::Batch::default();
-        for entry in self.inner.db.range(start..=end) {
+        for entry in self.db()?.range(start..=end) {
             let (k, _) = entry?;
             let id = keys::parse_finished(&k).map(|(_, _, id)| id);
             if self.delete_finished(&mut b, k, id)? {
                 n += 1;
             }
         }
-        self.inner.db.apply_batch(b)?;
+        self.apply(b)?;
         Ok(n)
     }
 
@@ -445,7 +448,7 @@ impl Queue {
             return Ok(false);
         };
         let idem = keys::idem(job.kind, &job.key);
-        if self.inner.db.get(&idem)?.and_then(|v| keys::be_u64(&v)) == Some(job.id) {
+        if self.db()?.get(&idem)?.and_then(|v| keys::be_u64(&v)) == Some(job.id) {
             b.remove(idem);
         }
         b.remove(&keys::job(job.id));
@@ -466,7 +469,7 @@ impl Queue {
         let start = keys::finished(keys::FINISHED_DONE, 0, 0);
         let end = keys::finished(keys::FINISHED_DONE, now.saturating_sub(shortest), u64::MAX);
         let mut expired = Vec::new();
-        for entry in self.inner.db.range(start..=end) {
+        for entry in self.db()?.range(start..=end) {
             let (k, v) = entry?;
             let (Some((_, at, id)), Some(kind)) = (
                 keys::parse_finished(&k),
@@ -485,7 +488,7 @@ impl Queue {
                 n += 1;
             }
         }
-        self.inner.db.apply_batch(b)?;
+        self.apply(b)?;
         Ok(n)
     }
 
@@ -493,12 +496,13 @@ impl Queue {
     /// `keep_done`, else the dedupe window) and makes jobs with expired leases ready
     /// again. Returns (swept, reaped).
     pub async fn maintain(&self) -> Result<(u64, u64)> {
+        let epoch = self.epoch();
         let swept = {
             let _w = self.lock();
             self.sweep_done_locked()?
         };
         if swept > 0 {
-            self.durable().await?;
+            self.durable_since(epoch).await?;
         }
         let reaped = self.reap_expired_leases().await?;
         Ok((swept, reaped))
@@ -509,17 +513,12 @@ impl Queue {
     /// number of done jobs kept for the dedupe window.
     pub fn unfinished_and_dead(&self, kind: JobKind) -> Result<Vec<Job>> {
         let mut ids = Vec::new();
-        for k in self
-            .inner
-            .db
-            .scan_prefix([keys::PENDING, kind.code()])
-            .keys()
-        {
+        for k in self.db()?.scan_prefix([keys::PENDING, kind.code()]).keys() {
             if let Some((_, _, id)) = keys::parse_pending(&k?) {
                 ids.push(id);
             }
         }
-        for entry in self.inner.db.scan_prefix([keys::RUNNING]) {
+        for entry in self.db()?.scan_prefix([keys::RUNNING]) {
             let (k, v) = entry?;
             if v.first() == Some(&kind.code())
                 && let Some(id) = keys::parse_id(&k)
@@ -528,8 +527,7 @@ impl Queue {
             }
         }
         for entry in self
-            .inner
-            .db
+            .db()?
             .scan_prefix([keys::FINISHED, keys::FINISHED_DEAD])
         {
             let (k, v) = entry?;
@@ -550,6 +548,6 @@ impl Queue {
 
     /// Bytes the database takes on disk.
     pub fn size_on_disk(&self) -> Result<u64> {
-        Ok(self.inner.db.size_on_disk()?)
+        Ok(self.db()?.size_on_disk()?)
     }
 }

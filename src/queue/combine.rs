@@ -90,13 +90,23 @@ impl Queue {
                 Err(e) => {
                     let msg = e.to_string();
                     for tx in replies {
-                        let _ = tx.send(Err(Error::Durability(msg.clone())));
+                        let e = match &e {
+                            Error::Unwritable { path, why } => Error::Unwritable {
+                                path: path.clone(),
+                                why: why.clone(),
+                            },
+                            _ => Error::Durability(msg.clone()),
+                        };
+                        let _ = tx.send(Err(e));
                     }
                 }
-                Ok((results, ticket)) => {
+                Ok((results, epoch)) => {
                     let q = self.clone();
                     rt.spawn(async move {
-                        let durable = q.inner.commit.wait(ticket).await;
+                        let durable = q.durable_since(epoch).await.map_err(|e| match e {
+                            Error::Durability(m) => m,
+                            e => e.to_string(),
+                        });
                         for (r, tx) in results.into_iter().zip(replies) {
                             let r = match (&durable, r) {
                                 (Err(m), _) => Err(Error::Durability(m.clone())),
@@ -142,9 +152,11 @@ impl Queue {
 
     /// Runs a group into one batch. The outer error (storage) fails the whole group and
     /// nothing is written; an inner error (a lost lease) fails only its operation.
+    /// Returns the results and the epoch of the handle written to.
     #[allow(clippy::type_complexity)]
     fn apply_group(&self, ops: Vec<Op>) -> Result<(Vec<Result<Done>>, u64)> {
         let mut w = self.lock();
+        let epoch = self.epoch();
         let now = self.now();
         let mut b = sled::Batch::default();
         let mut touched: HashMap<u64, Job> = HashMap::new();
@@ -180,8 +192,8 @@ impl Queue {
             };
             results.push(r);
         }
-        self.inner.db.apply_batch(b)?;
-        Ok((results, self.inner.commit.ticket()))
+        self.apply(b)?;
+        Ok((results, epoch))
     }
 
     fn lease_in_group(
@@ -196,7 +208,7 @@ impl Queue {
         let start = keys::pending(kind, 0, 0);
         let end = keys::pending(kind, now, u64::MAX);
         let mut out = Vec::new();
-        for entry in self.inner.db.range(start..=end) {
+        for entry in self.db()?.range(start..=end) {
             let (k, _) = entry?;
             let Some((_, _, id)) = keys::parse_pending(&k) else {
                 b.remove(k);

@@ -23,8 +23,16 @@ use tokio::sync::watch;
 struct Progress {
     /// Every ticket up to this one is durable.
     durable: u64,
-    /// Set when a flush failed: the store can no longer promise durability.
-    failed: Option<String>,
+    /// Set when a flush failed: the store can no longer promise durability (sled
+    /// refuses every write after a failed one, until the database is opened again).
+    failed: Option<Failure>,
+}
+
+/// A failed flush: what it said, and whether the filesystem was full.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub(crate) message: String,
+    pub(crate) no_space: bool,
 }
 
 #[derive(Default)]
@@ -78,6 +86,26 @@ impl GroupCommit {
         t.issued
     }
 
+    /// Why flushing stopped, once it has.
+    pub(crate) fn failure(&self) -> Option<Failure> {
+        self.shared.progress.borrow().failed.clone()
+    }
+
+    /// A handle to wait on tickets with, usable after the lock that took them is gone.
+    pub(crate) fn waiter(&self) -> Waiter {
+        Waiter {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Waits for tickets of one [`GroupCommit`].
+#[derive(Clone)]
+pub(crate) struct Waiter {
+    shared: Arc<Shared>,
+}
+
+impl Waiter {
     /// Waits until the ticket's writes are on disk.
     pub(crate) async fn wait(&self, ticket: u64) -> Result<(), String> {
         let mut rx = self.shared.progress.subscribe();
@@ -86,7 +114,7 @@ impl GroupCommit {
             .await
             .map_err(|_| "the flush thread is gone".to_string())?;
         match &p.failed {
-            Some(e) if p.durable < ticket => Err(e.clone()),
+            Some(e) if p.durable < ticket => Err(e.message.clone()),
             _ => Ok(()),
         }
     }
@@ -148,11 +176,17 @@ fn flusher(db: sled::Db, data_file: File, dir: PathBuf, shared: Arc<Shared>) {
             t.issued
         };
         let next = next_id(&db);
-        match db
-            .flush()
-            .map_err(|e| e.to_string())
-            .and_then(|_| data_file.sync_data().map_err(|e| format!("fdatasync: {e}")))
-        {
+        let flushed = match db.flush() {
+            Ok(_) => data_file.sync_data().map_err(|e| Failure {
+                no_space: is_no_space(&e),
+                message: format!("fdatasync: {e}"),
+            }),
+            Err(e) => Err(Failure {
+                no_space: matches!(&e, sled::Error::Io(io) if is_no_space(io)),
+                message: e.to_string(),
+            }),
+        };
+        match flushed {
             Ok(()) => {
                 shared.progress.send_modify(|p| p.durable = target);
                 if hwm_written.1.elapsed() >= HWM_EVERY {
@@ -163,11 +197,15 @@ fn flusher(db: sled::Db, data_file: File, dir: PathBuf, shared: Arc<Shared>) {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "queue flush failed; writes can no longer be acknowledged");
-                shared
-                    .progress
-                    .send_modify(|p| p.failed = Some(format!("flush failed: {e}")));
-                break;
+                tracing::error!(error = %e.message, no_space = e.no_space, "queue flush failed; no write is acknowledged until the database is opened again (the daemon does so once the disk can take writes)");
+                shared.progress.send_modify(|p| {
+                    p.failed = Some(Failure {
+                        message: format!("flush failed: {}", e.message),
+                        no_space: e.no_space,
+                    })
+                });
+                // sled refuses every write after a failed one: nothing more to flush.
+                return;
             }
         }
     }
@@ -178,6 +216,16 @@ fn flusher(db: sled::Db, data_file: File, dir: PathBuf, shared: Arc<Shared>) {
         Ok(Err(e)) => tracing::error!(error = %e, "final queue fdatasync failed"),
         Err(e) => tracing::error!(error = %e, "final queue flush failed"),
     }
+}
+
+/// ENOSPC (or EDQUOT: a quota is a full disk for this process).
+pub(crate) fn is_no_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+        || e.raw_os_error() == Some(libc::ENOSPC)
+        || e.raw_os_error() == Some(libc::EDQUOT)
+        // sled wraps the OS error in one of its own that keeps only the kind.
+        || e.to_string().contains("No space left on device")
 }
 
 impl Drop for GroupCommit {

@@ -102,12 +102,13 @@ impl Queue {
     /// Checks every record, index entry, idempotency entry and state record (see the
     /// table above); with `repair`, fixes what it found and waits until that is on disk.
     pub async fn fsck(&self, repair: bool) -> Result<FsckReport> {
+        let epoch = self.epoch();
         let q = self.clone();
         let report = tokio::task::spawn_blocking(move || q.fsck_blocking(repair))
             .await
             .map_err(|e| Error::Durability(format!("fsck stopped: {e}")))??;
         if repair && !report.problems.is_empty() {
-            self.durable().await?;
+            self.durable_since(epoch).await?;
             for kind in JobKind::ALL {
                 self.wake(kind);
             }
@@ -134,7 +135,7 @@ impl Queue {
     /// `j` records: each decodes, has its index entry, and holds its key when it should.
     /// Returns the ids of unreadable records (their index entries go with them).
     fn check_jobs(&self, found: &mut Found) -> Result<BTreeSet<u64>> {
-        let db = &self.inner.db;
+        let db = &self.db()?;
         let now = self.now();
         let window = self.inner.settings.dedupe_window;
         let mut unreadable = BTreeSet::new();
@@ -241,7 +242,7 @@ impl Queue {
         unreadable: &BTreeSet<u64>,
         repointed: &BTreeSet<Vec<u8>>,
     ) -> Result<()> {
-        for entry in self.inner.db.scan_prefix([keys::IDEM]) {
+        for entry in self.db()?.scan_prefix([keys::IDEM]) {
             let (k, v) = entry?;
             found.report.idempotency_entries += 1;
             if repointed.contains(k.as_ref()) {
@@ -261,10 +262,7 @@ impl Queue {
             };
             // A job moved to quarantine keeps its key's entry: the record is still there,
             // set aside, and the entry is all that ties the key to it.
-            let quarantined = self
-                .inner
-                .db
-                .contains_key(keys::quarantine(&keys::job(id)))?;
+            let quarantined = self.db()?.contains_key(keys::quarantine(&keys::job(id)))?;
             if quarantined || unreadable.contains(&id) || self.job_has_key(id, kind, key)? {
                 continue;
             }
@@ -281,7 +279,7 @@ impl Queue {
     /// `p`, `r`, `f` entries: each names an existing job in exactly that state.
     fn check_index(&self, found: &mut Found, unreadable: &BTreeSet<u64>) -> Result<()> {
         for prefix in [keys::PENDING, keys::RUNNING, keys::FINISHED] {
-            for entry in self.inner.db.scan_prefix([prefix]) {
+            for entry in self.db()?.scan_prefix([prefix]) {
                 let (k, v) = entry?;
                 found.report.index_entries += 1;
                 let id = match prefix {
@@ -305,7 +303,7 @@ impl Queue {
                     // Reported with the record; set aside with it.
                     continue;
                 }
-                let job = match self.inner.db.get(keys::job(id))? {
+                let job = match self.db()?.get(keys::job(id))? {
                     None => None,
                     Some(raw) => decode_at(&keys::job(id), &raw).ok(),
                 };
@@ -348,7 +346,7 @@ impl Queue {
 
     /// State records, the quarantine, and keys of no known kind.
     fn check_rest(&self, found: &mut Found) -> Result<()> {
-        for entry in self.inner.db.iter() {
+        for entry in self.db()?.iter() {
             let (k, v) = entry?;
             match k.first().copied() {
                 Some(keys::JOB | keys::PENDING | keys::RUNNING | keys::FINISHED | keys::IDEM) => {}
@@ -391,7 +389,7 @@ impl Queue {
 
     /// True when job `id` exists, reads, and has this kind and key.
     fn job_has_key(&self, id: u64, kind: JobKind, key: &str) -> Result<bool> {
-        Ok(match self.inner.db.get(keys::job(id))? {
+        Ok(match self.db()?.get(keys::job(id))? {
             Some(raw) => {
                 decode_at(&keys::job(id), &raw).is_ok_and(|j| j.kind == kind && j.key == key)
             }
@@ -404,7 +402,7 @@ impl Queue {
         for fix in fixes {
             match fix {
                 Fix::SetAside { key, reason } => {
-                    let Some(raw) = self.inner.db.get(&key)? else {
+                    let Some(raw) = self.db()?.get(&key)? else {
                         continue;
                     };
                     if key.first() == Some(&keys::JOB) {
@@ -427,7 +425,7 @@ impl Queue {
                 Fix::Leave => {}
             }
         }
-        self.inner.db.apply_batch(b)?;
+        self.apply(b)?;
         Ok(())
     }
 }

@@ -31,6 +31,11 @@
 //! - A record that fails its checksum or does not decode is moved under `c` with the
 //!   reason, its index entries are dropped, and everything else keeps working.
 //!
+//! - Writes are refused ([`Error::Unwritable`], reads go on) on a full disk, after a
+//!   failed flush, or once the database was deleted underneath us; [`Queue::probe`]
+//!   notices each and takes writes again when it can, reopening sled after a failed
+//!   write (`store.rs`). A write is durable only through the handle it was made on.
+//!
 //! sled never leaves this module: callers see [`Queue`], [`Job`] and [`Error`].
 
 mod admin;
@@ -43,11 +48,13 @@ mod keys;
 mod kind;
 mod ladder;
 pub mod record;
+mod store;
 mod txn;
 mod worker;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{Notify, broadcast};
@@ -58,6 +65,7 @@ pub use fsck::{FsckProblem, FsckReport};
 pub use kind::JobKind;
 pub use ladder::{KindSettings, OnExhausted, Settings, after_interruption, next_delay};
 pub use record::{Attempt, DeadReason, Job, Outcome, RecordError, Stored};
+pub use store::{LOW_SPACE, RESERVE_BYTES, RESUME_SPACE, Refusal};
 pub use txn::{Commit, Committed, Dedupe, NewJob, StateWrite};
 pub use worker::{
     AttemptResult, Condition, Effects, Handler, Pool, PoolStatus, Pools, run_maintenance, run_pool,
@@ -65,6 +73,7 @@ pub use worker::{
 };
 
 use commit::GroupCommit;
+use store::{Identity, Store};
 
 /// The on-disk layout version this build writes and reads (`m/schema`).
 pub const SCHEMA_VERSION: u32 = 1;
@@ -125,6 +134,17 @@ pub enum Error {
     Write(#[source] std::io::Error),
     #[error("cannot start the queue's flush thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// Writes are refused for now ([`Refusal`]); reads keep working.
+    #[error("{}", why.describe(path))]
+    Unwritable { path: PathBuf, why: Refusal },
+}
+
+impl Error {
+    /// True when the queue refused or could not make a write durable: the caller should
+    /// answer "not now" (503), not treat it as a bug.
+    pub fn is_unwritable(&self) -> bool {
+        matches!(self, Error::Unwritable { .. } | Error::Durability(_))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -266,13 +286,19 @@ pub struct Queue {
 }
 
 struct Inner {
-    db: sled::Db,
+    /// The open database and its flush thread (which owns its own handle on the db;
+    /// dropping it flushes once more). Replaced when the database is opened again
+    /// after a failed write (`store.rs`); `None` only while that reopen failed.
+    store: RwLock<Option<Store>>,
+    /// Bumped each time `store` is replaced: a write made on one handle is never
+    /// called durable by another's flush ([`Queue::durable_since`]).
+    epoch: AtomicU64,
+    /// Why writes are refused now, if they are; and what was opened.
+    status: Mutex<Status>,
     path: PathBuf,
     clock: Arc<dyn Clock>,
     settings: Settings,
     write: Mutex<WriteState>,
-    /// Owns the flush thread (and its own handle on `db`); dropping it flushes once more.
-    commit: GroupCommit,
     wake: [Notify; 4],
     events: broadcast::Sender<Event>,
     /// Enqueues, leases and acks waiting to be written together (`combine.rs`).
@@ -316,6 +342,32 @@ struct WriteState {
     next_id: u64,
 }
 
+#[derive(Default)]
+struct Status {
+    refusal: Option<Refusal>,
+    /// The directory and `db` file opened, for the deletion check.
+    identity: Option<Identity>,
+    /// A write failed on the current handle: sled refuses all others until reopened.
+    poisoned: bool,
+}
+
+/// Whether the queue takes writes, as [`Queue::probe`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Writability {
+    /// `None`: writes are taken.
+    pub refusal: Option<Refusal>,
+    /// Free bytes on the database's filesystem, when known.
+    pub free: Option<u64>,
+    /// One line naming the path and the cause (for `/healthz`), when refused.
+    pub problem: Option<String>,
+}
+
+impl Writability {
+    pub fn writable(&self) -> bool {
+        self.refusal.is_none()
+    }
+}
+
 impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Queue")
@@ -346,109 +398,60 @@ impl Queue {
         accept_lost_writes: bool,
     ) -> Result<(Queue, Recovery)> {
         let path = path.as_ref().to_path_buf();
-        let io_err = |e: std::io::Error| Error::Open {
-            path: path.clone(),
-            source: e.into(),
-        };
-        let torn = disk::set_aside_torn_snapshots(&path).map_err(io_err)?;
-        for t in &torn {
-            tracing::warn!(file = %t.display(), "an unfinished sled snapshot (from a kill during its write) was moved aside; nothing is lost");
-        }
-        let acknowledged = disk::read_hwm(&path);
-        let db = sled::Config::new()
-            .path(&path)
-            // We flush explicitly (group commit); sled's timer would only add fsyncs.
-            .flush_every_ms(None)
-            .cache_capacity(256 * 1024 * 1024)
-            .open()
-            .map_err(|source| match &source {
-                sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
-                    Error::Locked { path: path.clone() }
-                }
-                _ => Error::Open {
-                    path: path.clone(),
-                    source,
-                },
-            })?;
-        let stored_next = db
-            .get(keys::META_NEXT_ID)?
-            .and_then(|v| keys::be_u64(&v))
-            .unwrap_or(1);
-        let last_id = db
-            .scan_prefix([keys::JOB])
-            .keys()
-            .next_back()
-            .transpose()?
-            .and_then(|k| keys::parse_id(&k))
-            .unwrap_or(0);
-        let recovered = stored_next.max(last_id + 1);
-        let mut lost = None;
-        if let Some(acknowledged) = acknowledged.filter(|&a| a > recovered) {
-            if !accept_lost_writes {
-                return Err(Error::LostWrites {
-                    path,
-                    acknowledged: acknowledged - 1,
-                    recovered: recovered - 1,
-                });
-            }
-            lost = Some((recovered, acknowledged));
-        }
-        match db.get(keys::META_SCHEMA)? {
-            Some(v) => {
-                let found = v
-                    .as_ref()
-                    .try_into()
-                    .map(u32::from_be_bytes)
-                    .unwrap_or(u32::MAX);
-                if found > SCHEMA_VERSION {
-                    return Err(Error::NewerSchema {
-                        path,
-                        found,
-                        supported: SCHEMA_VERSION,
-                    });
-                }
-            }
-            None if db.is_empty() => {
-                db.insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
-            }
-            None => return Err(Error::NotAQueue { path }),
-        }
-        let data_file = std::fs::File::open(path.join("db")).map_err(|e| Error::Open {
-            path: path.clone(),
-            source: e.into(),
-        })?;
-        let sync_file = data_file.try_clone().map_err(|e| Error::Open {
-            path: path.clone(),
-            source: e.into(),
-        })?;
-        let commit =
-            GroupCommit::start(db.clone(), data_file, path.clone()).map_err(Error::Thread)?;
-        let next_id = lost.map_or(recovered, |(_, acknowledged)| acknowledged);
+        let opened = Opened::open(&path, accept_lost_writes, false)?;
+        let next_id = opened.next_id;
         let queue = Queue {
             inner: Arc::new(Inner {
-                db,
+                store: RwLock::new(Some(opened.store)),
+                epoch: AtomicU64::new(0),
+                status: Mutex::new(Status {
+                    identity: Identity::of(&path).ok(),
+                    ..Status::default()
+                }),
                 path,
                 clock,
                 settings,
                 write: Mutex::new(WriteState { next_id }),
-                commit,
                 wake: Default::default(),
                 events: broadcast::channel(4096).0,
                 combine: Mutex::new(combine::Combine::default()),
             }),
         };
-        if let Some((from, to)) = lost {
+        if let Some((from, to)) = opened.lost {
             queue.record_lost_writes(from, to)?;
         }
-        let recovery = queue.recover()?;
-        queue
-            .inner
-            .db
-            .insert(keys::META_NEXT_ID, &next_id.to_be_bytes())?;
-        queue.inner.db.flush()?;
-        sync_file
-            .sync_data()
-            .map_err(|e| Error::Durability(format!("fdatasync: {e}")))?;
+        // The open's own writes. On a full disk they may fail: the queue then opens for
+        // reading only, refuses writes, and takes them again once space is freed.
+        let finished = queue.recover().and_then(|recovery| {
+            queue.with_db(|db| db.insert(keys::META_NEXT_ID, &next_id.to_be_bytes()))?;
+            queue.with_db(|db| db.flush())?;
+            opened
+                .sync_file
+                .sync_data()
+                .map_err(|e| Error::Durability(format!("fdatasync: {e}")))?;
+            Ok(recovery)
+        });
+        let recovery = match finished {
+            Ok(r) => r,
+            Err(e)
+                if e.to_string().contains("No space left on device")
+                    || store::free_space(queue.path()).is_some_and(|f| f < LOW_SPACE) =>
+            {
+                tracing::error!(
+                    path = %queue.path().display(),
+                    error = %e,
+                    "the queue database opened for reading only: the disk is full; writes are refused until space is freed"
+                );
+                let mut st = queue.status();
+                st.poisoned = true;
+                st.refusal = Some(Refusal::NoSpace {
+                    free: store::free_space(queue.path()),
+                });
+                Recovery::default()
+            }
+            Err(e) => return Err(e),
+        };
+        queue.probe();
         Ok((queue, recovery))
     }
 
@@ -466,7 +469,8 @@ impl Queue {
 
     /// Flushes everything and waits for it. Dropping the last clone also flushes.
     pub async fn flush(&self) -> Result<()> {
-        self.durable().await
+        let epoch = self.epoch();
+        self.durable_since(epoch).await
     }
 
     /// Adds a job unless its key is pending, running, or done within the dedupe window.
@@ -564,14 +568,15 @@ impl Queue {
         lease: LeaseToken,
         update: impl FnOnce(&mut Job, Millis, Millis),
     ) -> Result<Job> {
+        let epoch = self.epoch();
         let job = {
             let _w = self.lock();
             let mut b = sled::Batch::default();
             let job = self.finish_locked(&mut b, lease, update)?;
-            self.inner.db.apply_batch(b)?;
+            self.apply(b)?;
             job
         };
-        self.durable().await?;
+        self.durable_since(epoch).await?;
         self.after_finish(&job);
         Ok(job)
     }
@@ -620,6 +625,7 @@ impl Queue {
     /// Makes jobs whose lease ran out ready again (a hung attempt); the attempt counts.
     /// Returns how many.
     pub async fn reap_expired_leases(&self) -> Result<u64> {
+        let epoch = self.epoch();
         let n = {
             let _w = self.lock();
             let now = self.now();
@@ -627,7 +633,7 @@ impl Queue {
                 .interrupted
         };
         if n > 0 {
-            self.durable().await?;
+            self.durable_since(epoch).await?;
             for kind in JobKind::ALL {
                 self.wake(kind);
             }
@@ -654,7 +660,7 @@ impl Queue {
         let now = self.now();
         let mut rec = Recovery::default();
         let mut b = sled::Batch::default();
-        for entry in self.inner.db.scan_prefix([keys::RUNNING]) {
+        for entry in self.db()?.scan_prefix([keys::RUNNING]) {
             let (k, v) = entry?;
             let lease_until = keys::be_u64(v.get(1..).unwrap_or_default()).unwrap_or(0);
             if !select(lease_until) {
@@ -697,7 +703,7 @@ impl Queue {
             self.index_insert(&mut b, &job);
             b.insert(&keys::job(id), record::encode_job(&job));
         }
-        self.inner.db.apply_batch(b)?;
+        self.apply(b)?;
         Ok(rec)
     }
 
@@ -735,8 +741,7 @@ impl Queue {
     /// When the next pending job of `kind` is due (`None`: nothing pending).
     pub fn next_due(&self, kind: JobKind) -> Result<Option<Millis>> {
         let first = self
-            .inner
-            .db
+            .db()?
             .scan_prefix([keys::PENDING, kind.code()])
             .keys()
             .next()
@@ -749,7 +754,7 @@ impl Queue {
     /// How many jobs of `kind` are leased now.
     pub fn running_count(&self, kind: JobKind) -> Result<usize> {
         let mut n = 0;
-        for v in self.inner.db.scan_prefix([keys::RUNNING]).values() {
+        for v in self.db()?.scan_prefix([keys::RUNNING]).values() {
             if v?.first() == Some(&kind.code()) {
                 n += 1;
             }
@@ -769,7 +774,7 @@ impl Queue {
     }
 
     pub fn get(&self, id: u64) -> Result<Option<Job>> {
-        match self.inner.db.get(keys::job(id))? {
+        match self.db()?.get(keys::job(id))? {
             None => Ok(None),
             Some(raw) => self.read_job(&keys::job(id), &raw),
         }
@@ -794,7 +799,7 @@ impl Queue {
 
     /// The newest job with this idempotency key, if any.
     pub fn find_key(&self, kind: JobKind, key: &str) -> Result<Option<Job>> {
-        match self.inner.db.get(keys::idem(kind, key))? {
+        match self.db()?.get(keys::idem(kind, key))? {
             Some(v) => match keys::be_u64(&v) {
                 Some(id) => self.get(id),
                 None => Ok(None),
@@ -826,7 +831,7 @@ impl Queue {
             (Some(at), true) => (Bound::Included(lo), Bound::Excluded(at.clone())),
             (None, _) => (Bound::Included(lo), Bound::Excluded(hi)),
         };
-        let mut iter = self.inner.db.range::<Vec<u8>, _>(range);
+        let mut iter = self.db()?.range::<Vec<u8>, _>(range);
         loop {
             let next = if rev { iter.next_back() } else { iter.next() };
             let Some(entry) = next else { return Ok(()) };
@@ -842,6 +847,253 @@ impl Queue {
                 return Ok(());
             }
         }
+    }
+
+    // ---- the store, and whether it takes writes (`store.rs`) ----
+
+    /// Runs `f` on the current database handle.
+    fn with_db<T>(&self, f: impl FnOnce(&sled::Db) -> sled::Result<T>) -> Result<T> {
+        let store = self
+            .inner
+            .store
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        match store.as_ref() {
+            Some(s) => Ok(f(&s.db)?),
+            None => Err(self.unwritable()),
+        }
+    }
+
+    /// A clone of the current database handle (for iterating).
+    fn db(&self) -> Result<sled::Db> {
+        self.with_db(|db| Ok(db.clone()))
+    }
+
+    fn status(&self) -> MutexGuard<'_, Status> {
+        // Plain data: still sound after a panic elsewhere.
+        self.inner
+            .status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn unwritable(&self) -> Error {
+        let why = self.status().refusal.clone().unwrap_or(Refusal::Failed {
+            message: "the database is not open".into(),
+        });
+        Error::Unwritable {
+            path: self.inner.path.clone(),
+            why,
+        }
+    }
+
+    /// Notes a failed flush of the current handle as the reason writes are refused.
+    fn note_flush_failure(&self) {
+        let failure = {
+            let store = self
+                .inner
+                .store
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            store.as_ref().and_then(|s| s.commit.failure())
+        };
+        if let Some(f) = failure {
+            let mut st = self.status();
+            st.poisoned = true;
+            if st.refusal.is_none() {
+                st.refusal = Some(if f.no_space {
+                    Refusal::NoSpace {
+                        free: store::free_space(&self.inner.path),
+                    }
+                } else {
+                    Refusal::Failed { message: f.message }
+                });
+            }
+        }
+    }
+
+    /// Applies `b` to the database, unless writes are refused. The caller holds the
+    /// write lock and later waits with [`Queue::durable_since`].
+    fn apply(&self, b: sled::Batch) -> Result<()> {
+        self.note_flush_failure();
+        if self.status().refusal.is_some() {
+            return Err(self.unwritable());
+        }
+        match self.with_db(|db| db.apply_batch(b)) {
+            Err(Error::Storage(e)) => {
+                // sled refuses every write after a failed one: note it for the probe.
+                if let sled::Error::Io(io) = &e {
+                    let mut st = self.status();
+                    st.poisoned = true;
+                    st.refusal.get_or_insert(if commit::is_no_space(io) {
+                        Refusal::NoSpace {
+                            free: store::free_space(&self.inner.path),
+                        }
+                    } else {
+                        Refusal::Failed {
+                            message: e.to_string(),
+                        }
+                    });
+                }
+                Err(Error::Storage(e))
+            }
+            r => r,
+        }
+    }
+
+    /// The current handle's epoch: read before a write, passed to `durable_since`.
+    fn epoch(&self) -> u64 {
+        self.inner.epoch.load(Ordering::Acquire)
+    }
+
+    /// Waits until everything written on the handle of `epoch` is on disk. Fails if
+    /// the handle was replaced since (what was written on it is not on disk).
+    async fn durable_since(&self, epoch: u64) -> Result<()> {
+        let (waiter, ticket) = {
+            let store = self
+                .inner
+                .store
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            match store.as_ref() {
+                Some(s) if self.epoch() == epoch => (s.commit.waiter(), s.commit.ticket()),
+                _ => {
+                    return Err(Error::Durability(
+                        "the database was opened again before this write was flushed".into(),
+                    ));
+                }
+            }
+        };
+        let r = waiter.wait(ticket).await.map_err(Error::Durability);
+        if r.is_err() {
+            self.note_flush_failure();
+        }
+        r
+    }
+
+    /// Whether the queue takes writes now (without probing the disk).
+    pub fn writability(&self) -> Writability {
+        self.note_flush_failure();
+        let refusal = self.status().refusal.clone();
+        Writability {
+            problem: refusal.as_ref().map(|r| r.describe(&self.inner.path)),
+            refusal,
+            free: None,
+        }
+    }
+
+    /// Looks at the disk: is the database still the one opened (not deleted or
+    /// replaced)? Is there space? Refuses writes, or takes them again (reopening the
+    /// database after a failed write), accordingly; logs each change. Blocking (a few
+    /// `stat`s, and on recovery an open): the daemon calls it every second or so.
+    pub fn probe(&self) -> Writability {
+        self.note_flush_failure();
+        let path = self.inner.path.clone();
+        let free = store::free_space(&path);
+        let before = self.status().refusal.clone();
+        // Deleted or replaced: for good.
+        if !matches!(before, Some(Refusal::Gone { .. })) {
+            let opened = self.status().identity;
+            let now = Identity::of(&path);
+            let gone = match (&opened, &now) {
+                (Some(_), Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Some(format!(
+                    "{} or its db file no longer exists",
+                    path.display()
+                )),
+                (Some(a), Ok(b)) if a != b => Some(format!(
+                    "{} is now another directory or file than the one opened",
+                    path.display()
+                )),
+                _ => None,
+            };
+            if let Some(what) = gone {
+                self.status().refusal = Some(Refusal::Gone { what });
+            }
+        }
+        let refusal = self.status().refusal.clone();
+        match refusal {
+            Some(Refusal::Gone { .. }) => {}
+            _ if free.is_some_and(|f| f < LOW_SPACE) => {
+                self.status().refusal = Some(Refusal::NoSpace { free });
+            }
+            Some(_) if free.is_none_or(|f| f >= RESUME_SPACE) => {
+                let poisoned = self.status().poisoned || self.store_missing();
+                let resumed = if poisoned { self.reopen() } else { Ok(()) };
+                match resumed {
+                    Ok(()) => {
+                        let mut st = self.status();
+                        st.refusal = None;
+                        st.poisoned = false;
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "the queue database cannot be opened again yet; retrying at the next probe");
+                    }
+                }
+            }
+            Some(Refusal::NoSpace { .. }) => {
+                self.status().refusal = Some(Refusal::NoSpace { free });
+            }
+            _ => {}
+        }
+        let after = self.status().refusal.clone();
+        if after.is_none()
+            && let Some(f) = free
+            && let Err(e) = store::ensure_reserve(&path, f)
+        {
+            tracing::debug!(error = %e, "cannot make the queue's reserve file");
+        }
+        let changed = std::mem::discriminant(&before) != std::mem::discriminant(&after)
+            || matches!((&before, &after), (Some(a), Some(b)) if std::mem::discriminant(a) != std::mem::discriminant(b));
+        if changed {
+            match &after {
+                Some(r) => tracing::error!(
+                    path = %path.display(),
+                    data_dir = %store::data_dir(&path).display(),
+                    free = free.unwrap_or(0),
+                    "{}",
+                    r.describe(&path)
+                ),
+                None => tracing::info!(
+                    path = %path.display(),
+                    free = free.unwrap_or(0),
+                    "the queue database takes writes again"
+                ),
+            }
+        }
+        Writability {
+            problem: after.as_ref().map(|r| r.describe(&path)),
+            refusal: after,
+            free,
+        }
+    }
+
+    fn store_missing(&self) -> bool {
+        self.inner
+            .store
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+    }
+
+    /// Drops the current handle (sled refuses writes on it for good) and opens the
+    /// database again. Holds the write lock: no write is made meanwhile.
+    fn reopen(&self) -> Result<()> {
+        let mut w = self.lock();
+        let mut slot = self
+            .inner
+            .store
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        // Joins the old flush thread, whose last flush fails quietly (poisoned).
+        drop(slot.take());
+        let opened = Opened::open(&self.inner.path, false, true)?;
+        // Ids handed out to writes that never became durable are not reused.
+        w.next_id = w.next_id.max(opened.next_id);
+        self.status().identity = Identity::of(&self.inner.path).ok();
+        *slot = Some(opened.store);
+        tracing::info!(path = %self.inner.path.display(), "the queue database was opened again after a failed write; nothing acknowledged was lost");
+        Ok(())
     }
 
     // ---- internals ----
@@ -869,7 +1121,7 @@ impl Queue {
     /// quarantined and reads as absent.
     fn load_locked(&self, id: u64) -> Result<Option<Job>> {
         let key = keys::job(id);
-        match self.inner.db.get(key)? {
+        match self.db()?.get(key)? {
             None => Ok(None),
             Some(raw) => match decode_at(&key, &raw) {
                 Ok(job) => Ok(Some(job)),
@@ -895,8 +1147,7 @@ impl Queue {
             at_ms: self.now(),
             raw: Vec::new(),
         };
-        self.inner
-            .db
+        self.db()?
             .insert(keys::quarantine(&key), record::encode_quarantined(&q))?;
         Ok(())
     }
@@ -905,7 +1156,7 @@ impl Queue {
     fn quarantine(&self, key: &[u8], raw: &[u8], err: &RecordError) -> Result<()> {
         let _w = self.lock();
         // Someone may have rewritten it meanwhile; only move what we saw.
-        if self.inner.db.get(key)?.as_deref() == Some(raw) {
+        if self.db()?.get(key)?.as_deref() == Some(raw) {
             self.quarantine_locked(key, raw, err)?;
         }
         Ok(())
@@ -935,7 +1186,7 @@ impl Queue {
             // on corruption), so a scan of the index keys is fine.
             b.remove(&keys::running(id));
             for prefix in [keys::PENDING, keys::FINISHED] {
-                for k in self.inner.db.scan_prefix([prefix]).keys() {
+                for k in self.db()?.scan_prefix([prefix]).keys() {
                     let k = k?;
                     if k.len() == 18 && keys::be_u64(&k[10..]) == Some(id) {
                         b.remove(k);
@@ -943,12 +1194,92 @@ impl Queue {
                 }
             }
         }
-        self.inner.db.apply_batch(b)?;
+        self.apply(b)?;
         Ok(())
     }
+}
 
-    async fn durable(&self) -> Result<()> {
-        let t = self.inner.commit.ticket();
-        self.inner.commit.wait(t).await.map_err(Error::Durability)
+/// A database opened and checked, before it becomes (again) a [`Queue`]'s.
+struct Opened {
+    store: Store,
+    next_id: u64,
+    /// Ids acknowledged but not recovered, when the loss was accepted.
+    lost: Option<(u64, u64)>,
+    /// sled's data file, to fdatasync the open's own writes.
+    sync_file: std::fs::File,
+}
+
+impl Opened {
+    /// `reopening`: our previous handle was just dropped; wait briefly for sled's lock.
+    fn open(path: &Path, accept_lost_writes: bool, reopening: bool) -> Result<Opened> {
+        let path = path.to_path_buf();
+        let acknowledged = disk::read_hwm(&path);
+        let db = store::open_sled(&path, reopening).map_err(|source| match &source {
+            sled::Error::Io(e) if store::is_locked(e) => Error::Locked { path: path.clone() },
+            _ => Error::Open {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        let stored_next = db
+            .get(keys::META_NEXT_ID)?
+            .and_then(|v| keys::be_u64(&v))
+            .unwrap_or(1);
+        let last_id = db
+            .scan_prefix([keys::JOB])
+            .keys()
+            .next_back()
+            .transpose()?
+            .and_then(|k| keys::parse_id(&k))
+            .unwrap_or(0);
+        let recovered = stored_next.max(last_id + 1);
+        let mut lost = None;
+        if let Some(acknowledged) = acknowledged.filter(|&a| a > recovered) {
+            if !accept_lost_writes {
+                return Err(Error::LostWrites {
+                    path,
+                    acknowledged: acknowledged - 1,
+                    recovered: recovered - 1,
+                });
+            }
+            lost = Some((recovered, acknowledged));
+        }
+        match db.get(keys::META_SCHEMA)? {
+            Some(v) => {
+                let found = v
+                    .as_ref()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(u32::MAX);
+                if found > SCHEMA_VERSION {
+                    return Err(Error::NewerSchema {
+                        path,
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+            }
+            None if db.is_empty() => {
+                db.insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+            }
+            None => return Err(Error::NotAQueue { path }),
+        }
+        let data_file = std::fs::File::open(path.join("db")).map_err(|e| Error::Open {
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        let sync_file = data_file.try_clone().map_err(|e| Error::Open {
+            path: path.clone(),
+            source: e.into(),
+        })?;
+        let commit =
+            GroupCommit::start(db.clone(), data_file, path.clone()).map_err(Error::Thread)?;
+        let next_id = lost.map_or(recovered, |(_, acknowledged)| acknowledged);
+        Ok(Opened {
+            store: Store { db, commit },
+            next_id,
+            lost,
+            sync_file,
+        })
     }
 }

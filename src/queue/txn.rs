@@ -80,6 +80,7 @@ impl Queue {
     /// Applies every change in `c` as one atomic write and waits until it is on disk.
     /// If anything in it is refused (a lost lease, a bad key), nothing is written.
     pub async fn commit(&self, c: Commit) -> Result<Committed> {
+        let epoch = self.epoch();
         for j in &c.enqueue {
             check_key(&j.key)?;
         }
@@ -131,11 +132,11 @@ impl Queue {
                 fresh.insert(slot, enqueued.len());
                 enqueued.push(e);
             }
-            self.inner.db.apply_batch(b)?;
+            self.apply(b)?;
             (Committed { enqueued, acked }, woken)
         };
         let (out, woken) = out;
-        self.durable().await?;
+        self.durable_since(epoch).await?;
         for kind in woken {
             self.wake(kind);
         }
@@ -183,7 +184,7 @@ impl Queue {
         touched: &mut HashMap<u64, Job>,
     ) -> Result<Enqueued> {
         let idem = keys::idem(j.kind, &j.key);
-        let existing = match self.inner.db.get(&idem)?.and_then(|v| keys::be_u64(&v)) {
+        let existing = match self.db()?.get(&idem)?.and_then(|v| keys::be_u64(&v)) {
             Some(id) => match touched.get(&id) {
                 Some(job) => Some(job.clone()),
                 None => self.load_locked(id)?,
@@ -241,7 +242,7 @@ impl Queue {
     /// Reads a state value. An unreadable one is quarantined and reads as absent.
     pub fn state(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let key = keys::state(name);
-        match self.inner.db.get(&key)? {
+        match self.db()?.get(&key)? {
             None => Ok(None),
             Some(raw) => match record::decode_state(&raw) {
                 Ok(v) => Ok(Some(v)),
@@ -256,7 +257,7 @@ impl Queue {
     /// Every state value whose name starts with `prefix`, in name order.
     pub fn state_scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         let mut out = Vec::new();
-        for entry in self.inner.db.scan_prefix(keys::state(prefix)) {
+        for entry in self.db()?.scan_prefix(keys::state(prefix)) {
             let (k, raw) = entry?;
             let name = String::from_utf8_lossy(&k[1..]).into_owned();
             match record::decode_state(&raw) {

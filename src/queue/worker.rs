@@ -216,8 +216,8 @@ impl Pools {
 }
 
 /// Leases and runs jobs of `kind` until `shutdown` is cancelled, then waits for the
-/// attempts in flight (the caller bounds that wait). Returns an error only when the
-/// queue itself fails.
+/// attempts in flight (the caller bounds that wait). A queue that refuses writes (a
+/// full disk) does not end the loop: it waits and leases again once it can.
 pub async fn run_workers<H: Handler>(
     queue: Queue,
     kind: JobKind,
@@ -251,6 +251,8 @@ async fn work<H: Handler>(
     let concurrency = settings.concurrency.max(1);
     let mut attempts = JoinSet::new();
     let mut pause = pool.paused.subscribe();
+    // Set while leasing fails, so the outage is logged once.
+    let mut failing: Option<()> = None;
     let outcome = loop {
         if shutdown.is_cancelled() {
             break Ok(());
@@ -270,8 +272,26 @@ async fn work<H: Handler>(
         }
         let free = concurrency - attempts.len();
         let leased = match queue.lease(kind, free).await {
-            Ok(l) => l,
-            Err(e) => break Err(e),
+            Ok(l) => {
+                if failing.take().is_some() {
+                    tracing::info!(kind = %kind, "workers lease jobs again");
+                }
+                l
+            }
+            Err(e) => {
+                // A full disk, a failed write, a deleted database: the queue refuses
+                // writes until it can take them again (`/healthz` says why). Attempts
+                // already running finish; this loop waits and tries again.
+                if failing.replace(()).is_none() {
+                    tracing::warn!(kind = %kind, error = %e, "workers cannot lease jobs; trying again every second");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break Ok(()),
+                    Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+                    _ = tokio::time::sleep(IDLE_RECHECK) => {}
+                }
+                continue;
+            }
         };
         let full = free > 0 && leased.len() == free;
         for l in leased {
@@ -346,7 +366,10 @@ async fn work<H: Handler>(
         let wait = match queue.next_due(kind) {
             Ok(Some(due)) => Duration::from_millis(due.saturating_sub(queue.now())),
             Ok(None) => IDLE_RECHECK,
-            Err(e) => break Err(e),
+            Err(e) => {
+                tracing::debug!(kind = %kind, error = %e, "cannot read when the next job is due");
+                IDLE_RECHECK
+            }
         }
         .min(IDLE_RECHECK);
         tokio::select! {
@@ -374,6 +397,8 @@ pub async fn run_maintenance(queue: Queue, every: Duration, shutdown: Cancellati
                 tracing::info!(swept, reaped, "queue maintenance")
             }
             Ok(_) => {}
+            // A full disk: the queue said so once; maintenance runs again when it can.
+            Err(e) if e.is_unwritable() => tracing::debug!(error = %e, "queue maintenance skipped"),
             Err(e) => tracing::error!(error = %e, "queue maintenance failed"),
         }
     }

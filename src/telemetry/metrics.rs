@@ -13,6 +13,7 @@
 //! | `connector_traffic_reported_bytes_total` | counter | `node`, `direction` | bytes the panel took (`uplink`, `downlink`); a 409 (already had it) adds nothing |
 //! | `connector_traffic_reports_total` | counter | `node`, `outcome` | reports the panel answered: `accepted`, `duplicate` |
 //! | `connector_webhook_deliveries_total` | counter | `relay`, `outcome` | callback attempts: `delivered`, `failed` (retried on the ladder), `dead` (the last rung failed) |
+//! | `connector_queue_writable` | gauge | | 1 while the queue takes writes; 0 on a full disk, after a failed write, or with the database deleted (nothing is acknowledged; `/healthz` says which). Set by the disk probe every second |
 //!
 //! Read from the queue when scraped ([`Scrape`]), so they are right from the first
 //! scrape after a restart:
@@ -104,6 +105,10 @@ fn describe() {
         "connector_webhook_deliveries_total",
         "Callback attempts by relay and outcome (delivered, failed, dead)."
     );
+    describe_gauge!(
+        "connector_queue_writable",
+        "1 while the queue takes writes; 0 on a full disk, a failed write or a deleted database."
+    );
     describe_gauge!("connector_jobs", "Jobs in the queue by kind and state.");
     describe_gauge!(
         "connector_oldest_ready_job_age_seconds",
@@ -177,6 +182,11 @@ pub fn traffic_reported(node: u64, upload: u64, download: u64, duplicate: bool) 
         counter!("connector_traffic_reported_bytes_total", "node" => node, "direction" => "downlink")
             .increment(download);
     }
+}
+
+/// Whether the queue takes writes, as the disk probe last found it.
+pub fn queue_writable(writable: bool) {
+    gauge!("connector_queue_writable").set(if writable { 1.0 } else { 0.0 });
 }
 
 /// One callback attempt to `relay` ended: `delivered`, `failed` or `dead`.

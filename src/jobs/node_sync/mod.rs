@@ -89,10 +89,38 @@ impl Handler for NodeSync {
 impl NodeSync {
     /// One sync of a configured node.
     async fn sync(&self, node_id: u64) -> AttemptResult {
-        let mut st = match state::load(&self.queue, node_id) {
-            Ok(s) => s,
-            Err(e) => return retry(e),
-        };
+        match state::load(&self.queue, node_id) {
+            Ok(st) => self.sync_from(node_id, st).await,
+            Err(e) => retry(e),
+        }
+    }
+
+    /// One sync without the queue, for when it takes no writes (a full disk): the panel
+    /// is read and the files written as usual, from and into `st` (kept in memory by
+    /// the caller). Returns whether the list changed (then the caller applies it).
+    /// Nothing is recorded: once the queue takes writes again, the next sync through it
+    /// compares the panel's list with the last recorded one and enqueues the apply.
+    pub async fn sync_volatile(&self, node_id: u64, st: &mut SyncState) -> Result<bool, String> {
+        let before = st.generation;
+        let result = self.sync_from(node_id, st.clone()).await;
+        if let AttemptResult::Retry { error, .. } = result {
+            return Err(error);
+        }
+        metrics::sync_succeeded(node_id);
+        if let AttemptResult::DoneWith(fx) = result {
+            let key = state::key(node_id);
+            for w in fx.state {
+                if let crate::queue::StateWrite::Put(name, bytes) = w
+                    && name == key
+                {
+                    *st = state::decode(&bytes)?;
+                }
+            }
+        }
+        Ok(st.generation != before)
+    }
+
+    async fn sync_from(&self, node_id: u64, mut st: SyncState) -> AttemptResult {
         let files = NodeFiles::new(&self.config.sync.output_dir, node_id);
         let fetched = match self
             .panel

@@ -72,7 +72,12 @@ pub async fn ingest(
         })
         .await
         .map_err(|e| {
-            tracing::error!(error = %e, "webhook event not stored");
+            if e.is_unwritable() {
+                // The queue says why once, when it stops taking writes (and in /healthz).
+                tracing::debug!(error = %e, "webhook event not stored");
+            } else {
+                tracing::error!(error = %e, "webhook event not stored");
+            }
             Rejected {
                 status: 503,
                 code: "not_stored",

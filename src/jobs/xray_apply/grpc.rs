@@ -265,18 +265,26 @@ pub async fn reconcile(
         to_add.push(core_user(client, xray, node, u)?);
     }
 
-    // Record the adds before making them.
+    // Record the adds before making them. When the queue takes no writes (a full
+    // disk), add anyway: the users are templated (so a later apply can still remove
+    // them) and the panel's list must reach the core.
     if !to_add.is_empty() {
         managed
             .emails
             .extend(to_add.iter().map(|u| u.email.clone()));
-        queue
+        match queue
             .commit(Commit {
                 state: vec![put_managed(node.id, &managed)],
                 ..Commit::default()
             })
             .await
-            .map_err(|e| e.to_string())?;
+        {
+            Ok(_) => {}
+            Err(e) if e.is_unwritable() => {
+                tracing::warn!(node = node.id, error = %e, "adding users without recording them first: the queue takes no writes");
+            }
+            Err(e) => return Err(e.to_string()),
+        }
     }
 
     let mut out = Outcome {

@@ -156,17 +156,33 @@ impl Handler for XrayApply {
             );
             return AttemptResult::Done;
         }
+        match self.run_hook(node_id, &synced).await {
+            Ok(output) => AttemptResult::DoneWith(Effects {
+                state: vec![self.applied(node_id, &synced)],
+                enqueue: Vec::new(),
+                wake: Vec::new(),
+                note: Some(output),
+            }),
+            Err(error) => retry(error),
+        }
+    }
+}
+
+impl XrayApply {
+    /// Runs `APPLY_CMD` for the node's output files; `Ok` holds what it said.
+    async fn run_hook(
+        &self,
+        node_id: u64,
+        synced: &crate::jobs::node_sync::state::SyncState,
+    ) -> Result<String, String> {
         let files = NodeFiles::new(&self.config.sync.output_dir, node_id);
         let argv = hook::substitute(&self.config.apply.argv, node_id, &files.txt, &files.json);
         let timeout = self.config.apply.timeout;
-        let run = match hook::run(&argv, timeout).await {
-            Ok(r) => r,
-            Err(e) => return retry(e.to_string()),
-        };
+        let run = hook::run(&argv, timeout).await.map_err(|e| e.to_string())?;
         if !run.success() {
             let error = run.describe(timeout);
             tracing::warn!(node = node_id, %error, "apply hook failed");
-            return retry(error);
+            return Err(error);
         }
         tracing::info!(
             node = node_id,
@@ -175,12 +191,27 @@ impl Handler for XrayApply {
             output = %run.describe(timeout),
             "applied"
         );
-        AttemptResult::DoneWith(Effects {
-            state: vec![self.applied(node_id, &synced)],
-            enqueue: Vec::new(),
-            wake: Vec::new(),
-            note: Some(run.describe(timeout)),
-        })
+        Ok(run.describe(timeout))
+    }
+
+    /// Applies `synced` to the node without recording anything in the queue: for when
+    /// the queue takes no writes (a full disk). The next apply through the queue, once
+    /// it takes writes again, reconciles and records as usual.
+    pub async fn apply_volatile(
+        &self,
+        node_id: u64,
+        synced: &crate::jobs::node_sync::state::SyncState,
+    ) -> Result<(), String> {
+        let lock = self.lock_for(node_id);
+        let _serial = lock.lock().await;
+        match self.config.apply.mode {
+            ApplyMode::None => Ok(()),
+            ApplyMode::Cmd => self.run_hook(node_id, synced).await.map(|_| ()),
+            ApplyMode::XrayGrpc => match self.reconcile(node_id, synced).await {
+                AttemptResult::Retry { error, .. } => Err(error),
+                _ => Ok(()),
+            },
+        }
     }
 }
 
