@@ -115,7 +115,7 @@ impl Queue {
         Ok(report)
     }
 
-    fn fsck_blocking(&self, repair: bool) -> Result<FsckReport> {
+    pub(super) fn fsck_blocking(&self, repair: bool) -> Result<FsckReport> {
         let _w = self.lock();
         let mut found = Found {
             report: FsckReport::default(),

@@ -43,7 +43,9 @@ mod keys;
 mod kind;
 mod ladder;
 pub mod record;
+mod salvage;
 mod txn;
+mod unwind;
 mod worker;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +60,7 @@ pub use fsck::{FsckProblem, FsckReport};
 pub use kind::JobKind;
 pub use ladder::{KindSettings, OnExhausted, Settings, after_interruption, next_delay};
 pub use record::{Attempt, DeadReason, Job, Outcome, RecordError, Stored};
+pub use salvage::{SalvageError, SalvageReport, salvage};
 pub use txn::{Commit, Committed, Dedupe, NewJob, StateWrite};
 pub use worker::{
     AttemptResult, Condition, Effects, Handler, Pool, PoolStatus, Pools, run_maintenance, run_pool,
@@ -93,7 +96,11 @@ pub enum Error {
     },
     #[error("{path} holds data but no queue layout version: it is not a connector queue")]
     NotAQueue { path: PathBuf },
-    #[error("queue storage error: {0}")]
+    #[error(
+        "the queue database {path} is damaged: the storage engine cannot read it ({detail}). Stop connector, keep a copy of {path}, run `queuectl salvage --to NEW_DIR` (it copies every record that still passes its checksum into a fresh database and reports what was lost), then move {path} aside and NEW_DIR into its place"
+    )]
+    Damaged { path: PathBuf, detail: String },
+    #[error("queue storage error: {0}{hint}", hint = damage_hint(.0))]
     Storage(#[from] sled::Error),
     #[error("queue write was not made durable: {0}")]
     Durability(String),
@@ -114,7 +121,7 @@ pub enum Error {
     #[error("invalid idempotency key: {0}")]
     InvalidKey(&'static str),
     #[error(
-        "the queue database {path} lost acknowledged writes: job ids up to {acknowledged} were acknowledged, but it recovered only up to {recovered} (sled's log was damaged after its last snapshot). Nothing was changed; keep a copy of {path}, then run `queuectl accept-loss` to start with what is left"
+        "the queue database {path} lost acknowledged writes: job ids up to {acknowledged} were acknowledged, but it recovered only up to {recovered} (sled's log was damaged after its last snapshot). Nothing was changed; keep a copy of {path}, then run `queuectl accept-loss` to start with what is left, or `queuectl salvage --to NEW_DIR` to also copy what sled's raw files still hold"
     )]
     LostWrites {
         path: PathBuf,
@@ -128,6 +135,25 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors by which sled says its own files are damaged.
+fn is_damage(e: &sled::Error) -> bool {
+    matches!(
+        e,
+        sled::Error::Corruption { .. }
+            | sled::Error::ReportableBug(_)
+            | sled::Error::Unsupported(_)
+    )
+}
+
+/// What [`Error::Storage`] adds for damage: what to do about it.
+fn damage_hint(e: &sled::Error) -> &'static str {
+    if is_damage(e) {
+        " (the queue database is damaged: stop connector and run `queuectl salvage --to NEW_DIR`)"
+    } else {
+        ""
+    }
+}
 
 /// What `enqueue` did.
 #[derive(Debug, Clone)]
@@ -339,7 +365,35 @@ impl Queue {
     /// ([`Error::LostWrites`]) is opened anyway when `accept_lost_writes`: the loss is
     /// recorded in the quarantine (so `queuectl stats` keeps showing it) and ids are
     /// never reused.
+    ///
+    /// Damage sled reports, or panics on (`unwind.rs`), is [`Error::Damaged`]: it names
+    /// the database and says to run `queuectl salvage`.
     pub fn open_with(
+        path: impl AsRef<Path>,
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+        accept_lost_writes: bool,
+    ) -> Result<(Queue, Recovery)> {
+        let path = path.as_ref().to_path_buf();
+        let opened =
+            unwind::guarded(|| Self::open_unguarded(&path, settings, clock, accept_lost_writes));
+        match opened {
+            Ok(Err(Error::Storage(e) | Error::Open { source: e, .. })) if is_damage(&e) => {
+                Err(Error::Damaged {
+                    path,
+                    detail: e.to_string(),
+                })
+            }
+            Ok(result) => result,
+            Err(panic) => Err(Error::Damaged {
+                path,
+                detail: format!("sled stopped at {panic}"),
+            }),
+        }
+    }
+
+    /// The body of [`Queue::open_with`]; may panic inside sled.
+    fn open_unguarded(
         path: impl AsRef<Path>,
         settings: Settings,
         clock: Arc<dyn Clock>,
