@@ -37,7 +37,6 @@ pub fn run(args: Args, config: &Config, out: &mut Out<'_>) -> Result<(), Failure
     if !from.is_dir() {
         return Err(Failure::NoQueue(from));
     }
-    eprintln!("queuectl: salvaging {} (no daemon running)", from.display());
     let report = match queue::salvage(&from, &args.to, config.queue.clone(), Arc::new(SystemClock))
     {
         Ok(r) => r,
