@@ -715,7 +715,8 @@ impl Ran {
                 .lines()
                 .filter(|l| l.starts_with(&prefix) && !l.starts_with("queuectl: database at "))
                 .collect();
-            if lines.len() != 1 || !lines[0].contains(&db.display().to_string()) {
+            // queuectl names the database on its "database at" line once it is open.
+            if lines.len() != 1 || !self.stderr.contains(&db.display().to_string()) {
                 return Err(format!(
                     "{} failed without one line naming {}: {self}",
                     self.what,

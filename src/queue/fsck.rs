@@ -103,9 +103,15 @@ impl Queue {
     /// table above); with `repair`, fixes what it found and waits until that is on disk.
     pub async fn fsck(&self, repair: bool) -> Result<FsckReport> {
         let q = self.clone();
-        let report = tokio::task::spawn_blocking(move || q.fsck_blocking(repair))
-            .await
-            .map_err(|e| Error::Durability(format!("fsck stopped: {e}")))??;
+        // sled may panic on a damaged page it reads for the first time (`unwind.rs`).
+        let report =
+            tokio::task::spawn_blocking(move || super::unwind::guarded(|| q.fsck_blocking(repair)))
+                .await
+                .map_err(|e| Error::Durability(format!("fsck stopped: {e}")))?
+                .map_err(|panic| Error::Damaged {
+                    path: self.inner.path.clone(),
+                    detail: format!("sled stopped at {panic}"),
+                })??;
         if repair && !report.problems.is_empty() {
             self.durable().await?;
             for kind in JobKind::ALL {
