@@ -934,3 +934,51 @@ fn garbage_at_many_offsets_never_panics_and_salvage_keeps_every_good_record() {
         wrong.join("\n")
     );
 }
+
+/// Where sled silently cuts its log (damage after the last snapshot: `LostWrites`),
+/// `accept-loss` can only start from what sled kept; salvage also reads the raw files
+/// and gets back every job written after the damage. Job 3's every copy is flipped,
+/// so job 3 alone is lost, and reported as such.
+#[tokio::test]
+async fn salvage_gets_back_the_jobs_sled_cut_off_after_damage_in_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = six_jobs_on_disk(dir.path(), false).await;
+    flip_job_3_in_log(&path);
+    let damaged = std::fs::read(path.join("db")).unwrap();
+    let to = dir.path().join("salvaged");
+    let report = connector::queue::salvage(
+        &path,
+        &to,
+        Settings::default(),
+        Arc::new(ManualClock::new(T0)),
+    )
+    .unwrap();
+    assert_eq!(
+        (report.jobs_kept, report.lost, report.high_water_mark),
+        (5, 1, Some(7)),
+        "{report:#?}"
+    );
+    assert_eq!(report.lost_ids.len(), 1, "{report:#?}");
+    assert_eq!((report.lost_ids[0].from, report.lost_ids[0].to), (3, 3));
+    assert!(report.fsck_clean, "{report:#?}");
+    assert!(
+        report.jobs_from_raw_files > 0,
+        "sled cut its log at job 3: what follows comes from the raw files {report:#?}"
+    );
+    assert!(
+        std::fs::read(path.join("db")).unwrap() == damaged,
+        "the damaged database is left as it was"
+    );
+    let (q, _) = open(&to);
+    let jobs = q.list(&ListFilter::default()).unwrap();
+    let ids: Vec<u64> = jobs.iter().map(|j| j.id).collect();
+    assert_eq!(ids, vec![1, 2, 4, 5, 6]);
+    for j in &jobs {
+        assert_eq!(j.payload, marker(j.id));
+    }
+    let next = q
+        .enqueue(JobKind::Webhook, "after-salvage", vec![], None)
+        .await
+        .unwrap();
+    assert_eq!(next.job.id, 7, "ids continue above every acknowledged one");
+}
