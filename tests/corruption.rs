@@ -982,3 +982,48 @@ async fn salvage_gets_back_the_jobs_sled_cut_off_after_damage_in_its_log() {
         .unwrap();
     assert_eq!(next.job.id, 7, "ids continue above every acknowledged one");
 }
+
+/// The state job kinds keep beside their jobs (a node's last list) is salvaged too, from
+/// the raw files when sled reads nothing: here the log's head is zeroed, so sled opens
+/// an empty database.
+#[tokio::test]
+async fn salvage_keeps_state_records_from_the_raw_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue");
+    {
+        let (q, _) = open(&path);
+        for i in 1..=3u64 {
+            q.enqueue(JobKind::Webhook, &format!("evt-{i}"), marker(i), None)
+                .await
+                .unwrap();
+        }
+        q.commit(connector::queue::Commit {
+            state: vec![connector::queue::StateWrite::Put(
+                "node/1/sync".into(),
+                b"STATE-MARKER-1".to_vec(),
+            )],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    zero_log_head(&path);
+    let to = dir.path().join("salvaged");
+    let report = connector::queue::salvage(
+        &path,
+        &to,
+        Settings::default(),
+        Arc::new(ManualClock::new(T0)),
+    )
+    .unwrap();
+    assert_eq!(
+        (report.jobs_kept, report.state_records, report.lost),
+        (3, 1, 0),
+        "{report:#?}"
+    );
+    let (q, _) = open(&to);
+    assert_eq!(
+        q.state("node/1/sync").unwrap().as_deref(),
+        Some(&b"STATE-MARKER-1"[..])
+    );
+}

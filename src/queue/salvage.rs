@@ -141,6 +141,8 @@ struct Haul {
     jobs: BTreeMap<u64, Candidate>,
     /// `s`/`c` key → (position, value).
     other: BTreeMap<Vec<u8>, (u64, Vec<u8>)>,
+    /// `s` keys seen logged with a value whose checksum does not match.
+    bad_state: std::collections::BTreeSet<Vec<u8>>,
     damaged: u64,
 }
 
@@ -255,6 +257,18 @@ pub fn salvage(
         }
     }
     report.lost_ids.extend(range);
+    for k in &found.bad_state {
+        let shown = keys::display(k);
+        let known = report
+            .unreadable
+            .iter()
+            .any(|u| u.starts_with(&format!("{shown}: ")));
+        if !found.other.contains_key(k) && !known {
+            report
+                .unreadable
+                .push(format!("{shown}: no copy in the files passes its checksum"));
+        }
+    }
     // A job found under a good version is not unreadable any more.
     report.unreadable.retain(|k| {
         !(k.starts_with("j/")
@@ -422,11 +436,15 @@ fn scan(bytes: &[u8], base: u64, found: &mut Haul) {
                 None => {}
             },
             // sled's `Link::Set(key, value)`: 0, key length, key, value length, value.
-            0 => {
-                if let Some((key, value)) = logged_set(&at[1..]) {
-                    found.offer_other(key.to_vec(), base + i as u64, value.to_vec());
+            0 => match logged_set(&at[1..]) {
+                Some(Logged::Good(key, value)) => {
+                    found.offer_other(key.to_vec(), base + i as u64, value.to_vec())
                 }
-            }
+                Some(Logged::Damaged(key)) => {
+                    found.bad_state.insert(key.to_vec());
+                }
+                None => {}
+            },
             _ => {}
         }
     }
@@ -456,8 +474,16 @@ fn looks_like_job(at: &[u8]) -> bool {
     }
 }
 
-/// A state or quarantine record logged as `Link::Set`, whose value checks.
-fn logged_set(b: &[u8]) -> Option<(&[u8], &[u8])> {
+/// What [`logged_set`] found.
+enum Logged<'a> {
+    /// A key and its value, which checks.
+    Good(&'a [u8], &'a [u8]),
+    /// A state key whose value is laid out as an envelope but does not check.
+    Damaged(&'a [u8]),
+}
+
+/// A state or quarantine record logged as `Link::Set`.
+fn logged_set(b: &[u8]) -> Option<Logged<'_>> {
     let (klen, n) = sled_varint(b)?;
     let klen = usize::try_from(klen).ok()?;
     if !(2..=super::MAX_KEY_LEN + 10).contains(&klen) {
@@ -465,19 +491,24 @@ fn logged_set(b: &[u8]) -> Option<(&[u8], &[u8])> {
     }
     let key = b.get(n..n + klen)?;
     let rest = &b[n + klen..];
+    let (vlen, m) = sled_varint(rest)?;
+    let value = rest.get(m..m + usize::try_from(vlen).ok()?)?;
     match key[0] {
         keys::STATE => {
-            std::str::from_utf8(&key[1..]).ok()?;
-            let (vlen, m) = sled_varint(rest)?;
-            let value = rest.get(m..m + usize::try_from(vlen).ok()?)?;
-            record::decode_state(value).ok()?;
-            Some((key, value))
+            if !key[1..].iter().all(|c| c.is_ascii_graphic()) {
+                return None;
+            }
+            match record::decode_state(value) {
+                Ok(_) => Some(Logged::Good(key, value)),
+                Err(_) if value.first() == Some(&record::RECORD_VERSION) && value.len() > 5 => {
+                    Some(Logged::Damaged(key))
+                }
+                Err(_) => None,
+            }
         }
         keys::QUARANTINE => {
-            let (vlen, m) = sled_varint(rest)?;
-            let value = rest.get(m..m + usize::try_from(vlen).ok()?)?;
             let q = record::decode_quarantined(value).ok()?;
-            (q.key == key[1..]).then_some((key, value))
+            (q.key == key[1..]).then_some(Logged::Good(key, value))
         }
         _ => None,
     }
