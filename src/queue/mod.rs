@@ -31,6 +31,11 @@
 //! - A record that fails its checksum or does not decode is moved under `c` with the
 //!   reason, its index entries are dropped, and everything else keeps working.
 //!
+//! - Damage to sled's own files that sled reports, or panics on, is
+//!   [`Error::Damaged`], naming the database (`unwind.rs` keeps sled's panics in); the
+//!   way out is `salvage.rs`, which copies every record that still passes its checksum
+//!   into a fresh database.
+//!
 //! sled never leaves this module: callers see [`Queue`], [`Job`] and [`Error`].
 
 mod admin;
