@@ -579,3 +579,451 @@ async fn an_accepted_loss_is_recorded_and_ids_are_not_reused() {
     let (q, _) = open_queue(&path, clock).unwrap();
     assert!(q.get(7).unwrap().is_some());
 }
+
+// ---- garbage anywhere in sled's log: never a panic, and salvage keeps what checks ----
+//
+// sled 0.34.7 panics on some damage instead of returning an error (a segment header
+// overwritten: "tried to serialize Uninitialized" while it writes its snapshot), and it
+// did so in `connector`, `queuectl stats`, `fsck` and `accept-loss` (exit 101). So 64
+// bytes of garbage go at many offsets of a copy of one database — every segment
+// header, and offsets spread over the whole log — and for each copy: the queue opens
+// or refuses with an error naming the database, the real binaries exit with one clear
+// line, and `queuectl salvage` writes a database that opens, checks clean, holds only
+// jobs that were put in, byte for byte, and reports exactly what it could not keep.
+
+/// sled's default segment size (`Config::segment_size`).
+const SEGMENT: u64 = 512 * 1024;
+/// Jobs in the damaged database: enough to fill three of sled's segments.
+const MANY: u64 = 600;
+
+/// Every version of every job the fixture wrote, by id, as encoded on disk.
+type Versions = std::collections::BTreeMap<u64, Vec<Vec<u8>>>;
+
+/// A closed queue of [`MANY`] jobs, node_sync and webhook (webhooks never due, so
+/// `connector --once` leaves them alone; node_sync runs only for configured nodes, and
+/// none are), the node_sync quarter leased and then done or failed; with every version
+/// each job had.
+async fn many_jobs(dir: &Path) -> (PathBuf, Versions) {
+    // One open only: sled snapshots on a reopen, and the damage must land on log records
+    // no snapshot covers (where sled panics).
+    let path = dir.join("queue");
+    let (q, _) = open(&path);
+    let mut versions = Versions::new();
+    let mut keep = |q: &Queue, id: u64| {
+        let job = q.get(id).unwrap().expect("the job just written");
+        versions.entry(id).or_default().push(encode_job(&job));
+    };
+    let far = T0 + 10 * 365 * 24 * 3600 * 1000;
+    for i in 1..=MANY {
+        let (kind, due) = if i % 4 == 0 {
+            (JobKind::NodeSync, None)
+        } else {
+            (JobKind::Webhook, Some(far))
+        };
+        let payload = format!("{i:06}:{}", "p".repeat(400)).into_bytes();
+        let e = q
+            .enqueue(kind, &format!("key-{i}"), payload, due)
+            .await
+            .unwrap();
+        keep(&q, e.job.id);
+    }
+    // node_sync jobs 4, 8, …: lease them, then ack or fail each.
+    let leased = q.lease(JobKind::NodeSync, MANY as usize).await.unwrap();
+    for l in leased {
+        keep(&q, l.job.id);
+        if l.job.id % 8 == 0 {
+            q.ack(l.token()).await.unwrap();
+        } else {
+            q.fail(l.token(), "panel answered 503", None).await.unwrap();
+        }
+        keep(&q, l.job.id);
+    }
+    drop(q);
+    assert!(snapshot_files(&path).is_empty(), "sled wrote a snapshot");
+    (path, versions)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// 64 bytes of deterministic garbage at `offset` of `db`.
+fn garbage_at(db: &Path, offset: u64) {
+    edit_file(db, |b| {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ offset;
+        let end = (offset as usize + 64).min(b.len());
+        for byte in &mut b[offset as usize..end] {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *byte = x as u8;
+        }
+    });
+}
+
+/// Where to damage a log of `len` bytes: each segment's header and the first message
+/// after it, and 40 offsets spread over the whole log.
+fn offsets(len: u64) -> Vec<u64> {
+    let mut at: Vec<u64> = (0..len.div_ceil(SEGMENT))
+        .flat_map(|s| [s * SEGMENT, s * SEGMENT + 20])
+        .collect();
+    at.extend((0..40).map(|i| (len * i / 40 + 1237 * i) % (len - 64)));
+    at.sort();
+    at.dedup();
+    at
+}
+
+/// A binary's run, for the checks below.
+struct Ran {
+    what: String,
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ran {
+    fn new(what: String, out: std::process::Output) -> Ran {
+        Ran {
+            what,
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Not a panic (101, "panicked", a backtrace hint), and a failure is one line that
+    /// starts with the binary's name and names the database.
+    fn clear(&self, name: &str, db: &Path) -> Result<(), String> {
+        let panicked = self.code == Some(101)
+            || self.stderr.contains("panicked")
+            || self.stderr.contains("RUST_BACKTRACE");
+        if panicked {
+            return Err(format!("{} panicked: {self}", self.what));
+        }
+        if self.code != Some(0) {
+            let prefix = format!("{name}: ");
+            let lines: Vec<&str> = self
+                .stderr
+                .lines()
+                .filter(|l| l.starts_with(&prefix) && !l.starts_with("queuectl: database at "))
+                .collect();
+            // queuectl names the database on its "database at" line once it is open.
+            if lines.len() != 1 || !self.stderr.contains(&db.display().to_string()) {
+                return Err(format!(
+                    "{} failed without one line naming {}: {self}",
+                    self.what,
+                    db.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Ran {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+fn run_bin(bin: &str, args: &[&std::ffi::OsStr], data_dir: &Path) -> Ran {
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .env_remove("CONNECTOR_CONFIG")
+        .env("DATA_DIR", data_dir)
+        .env("RUST_LOG", "error")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let what = format!(
+        "{} {}",
+        Path::new(bin).file_name().unwrap().to_string_lossy(),
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ran::new(what, out)
+}
+
+/// Whether `salvaged` is a version the fixture wrote, or (a version left running,
+/// salvaged, then recovered by the next open) that version with the interrupted
+/// attempt added.
+fn was_put_in(salvaged: &[u8], versions: &[Vec<u8>]) -> bool {
+    if versions.iter().any(|v| v == salvaged) {
+        return true;
+    }
+    let Ok(s) = decode_job(salvaged) else {
+        return false;
+    };
+    versions.iter().any(|v| {
+        let v = decode_job(v).unwrap();
+        matches!(v.stored, Stored::Running { .. })
+            && (s.id, s.kind, &s.key, &s.payload, s.created_ms, s.attempts)
+                == (v.id, v.kind, &v.key, &v.payload, v.created_ms, v.attempts)
+            && s.history.len() == v.history.len() + 1
+            && s.history[..v.history.len()] == v.history[..]
+    })
+}
+
+/// One damaged copy through everything. Returns what went wrong.
+fn damaged_copy(base: &Path, versions: &Versions, offset: u64, work: &Path) -> Vec<String> {
+    let mut wrong = Vec::new();
+    let damaged = work.join("damaged");
+    copy_dir(base, &damaged);
+    garbage_at(&damaged.join("db"), offset);
+    // Each run gets its own copy: opening may change sled's files.
+    let copy = |name: &str| {
+        let dir = work.join(name);
+        copy_dir(&damaged, &dir.join("queue"));
+        dir
+    };
+
+    // (a) the library: Ok, or an error naming the database; never a panic.
+    let lib = copy("lib").join("queue");
+    match std::panic::catch_unwind(|| {
+        Queue::open(&lib, Settings::default(), Arc::new(ManualClock::new(T0)))
+    }) {
+        Err(_) => wrong.push("Queue::open panicked".to_string()),
+        Ok(Err(e)) if !e.to_string().contains(&lib.display().to_string()) => wrong.push(format!(
+            "Queue::open: the error does not name the database: {e}"
+        )),
+        Ok(Err(e @ Error::Damaged { .. })) if !e.to_string().contains("queuectl salvage") => wrong
+            .push(format!(
+                "Queue::open: the error does not say what to do: {e}"
+            )),
+        Ok(_) => {}
+    }
+    // … and the real binaries.
+    let stats_dir = copy("stats");
+    let stats = run_bin(
+        env!("CARGO_BIN_EXE_queuectl"),
+        &["stats".as_ref()],
+        &stats_dir,
+    );
+    wrong.extend(stats.clear("queuectl", &stats_dir.join("queue")).err());
+    let daemon_dir = copy("daemon");
+    let once = run_bin(
+        env!("CARGO_BIN_EXE_connector"),
+        &["--once".as_ref()],
+        &daemon_dir,
+    );
+    wrong.extend(once.clear("connector", &daemon_dir.join("queue")).err());
+
+    // (b) salvage.
+    let from = copy("salvage");
+    let out = work.join("out");
+    let to = out.join("queue");
+    let salvage = run_bin(
+        env!("CARGO_BIN_EXE_queuectl"),
+        &[
+            "salvage".as_ref(),
+            "--json".as_ref(),
+            "--to".as_ref(),
+            to.as_os_str(),
+        ],
+        &from,
+    );
+    if salvage.code != Some(0) {
+        wrong.push(format!("salvage failed: {salvage}"));
+        return wrong;
+    }
+    let report: serde_json::Value = match serde_json::from_str(&salvage.stdout) {
+        Ok(v) => v,
+        Err(e) => {
+            wrong.push(format!("salvage --json is not JSON ({e}): {salvage}"));
+            return wrong;
+        }
+    };
+    let fsck = run_bin(
+        env!("CARGO_BIN_EXE_queuectl"),
+        &["fsck".as_ref(), "--json".as_ref()],
+        &out,
+    );
+    if fsck.code != Some(0) {
+        wrong.push(format!(
+            "the salvaged database does not check clean: {fsck}"
+        ));
+    }
+    let salvaged: Vec<(u64, Vec<u8>)> = with_raw_sled(&to, |db| {
+        db.scan_prefix(b"j")
+            .map(|kv| {
+                let (k, v) = kv.unwrap();
+                (u64::from_be_bytes(k[1..9].try_into().unwrap()), v.to_vec())
+            })
+            .collect()
+    });
+    for (id, raw) in &salvaged {
+        match versions.get(id) {
+            Some(vs) if was_put_in(raw, vs) => {}
+            _ => wrong.push(format!("salvage invented job {id}: {:?}", decode_job(raw))),
+        }
+    }
+    let kept = salvaged.len() as u64;
+    let reported = (report["jobs_kept"].as_u64(), report["lost"].as_u64());
+    if reported != (Some(kept), Some(MANY - kept)) {
+        wrong.push(format!(
+            "salvage kept {kept} of {MANY} jobs but reported kept/lost {reported:?}: {salvage}"
+        ));
+    }
+    wrong
+}
+
+#[test]
+fn garbage_at_many_offsets_never_panics_and_salvage_keeps_every_good_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, versions) = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(many_jobs(dir.path()));
+    let len = std::fs::metadata(base.join("db")).unwrap().len();
+    assert!(
+        len > 2 * SEGMENT,
+        "the fixture should fill three segments, its log is {len} bytes"
+    );
+    let offsets = offsets(len);
+    let started = Instant::now();
+    // Most of each copy's time is spent waiting (process starts, fsync): four at once.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&offset) = offsets.get(n) else { break };
+                    let work = dir.path().join(format!("at-{offset}"));
+                    let found = damaged_copy(&base, &versions, offset, &work);
+                    std::fs::remove_dir_all(&work).unwrap();
+                    results.lock().unwrap().push((offset, found));
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap();
+    results.sort();
+    eprintln!(
+        "{} damaged copies in {:?}",
+        offsets.len(),
+        started.elapsed()
+    );
+    let panicked_before = results
+        .iter()
+        .filter(|(_, w)| w.iter().any(|w| w.contains("panicked")))
+        .count();
+    let wrong: Vec<String> = results
+        .iter()
+        .flat_map(|(offset, w)| w.iter().map(move |w| format!("offset {offset}: {w}")))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} damaged copies went wrong ({panicked_before} with a panic):\n{}",
+        results.iter().filter(|(_, w)| !w.is_empty()).count(),
+        offsets.len(),
+        wrong.join("\n")
+    );
+}
+
+/// Where sled silently cuts its log (damage after the last snapshot: `LostWrites`),
+/// `accept-loss` can only start from what sled kept; salvage also reads the raw files
+/// and gets back every job written after the damage. Job 3's every copy is flipped,
+/// so job 3 alone is lost, and reported as such.
+#[tokio::test]
+async fn salvage_gets_back_the_jobs_sled_cut_off_after_damage_in_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = six_jobs_on_disk(dir.path(), false).await;
+    flip_job_3_in_log(&path);
+    let damaged = std::fs::read(path.join("db")).unwrap();
+    let to = dir.path().join("salvaged");
+    let report = connector::queue::salvage(
+        &path,
+        &to,
+        Settings::default(),
+        Arc::new(ManualClock::new(T0)),
+    )
+    .unwrap();
+    assert_eq!(
+        (report.jobs_kept, report.lost, report.high_water_mark),
+        (5, 1, Some(7)),
+        "{report:#?}"
+    );
+    assert_eq!(report.lost_ids.len(), 1, "{report:#?}");
+    assert_eq!((report.lost_ids[0].from, report.lost_ids[0].to), (3, 3));
+    assert!(report.fsck_clean, "{report:#?}");
+    assert!(
+        report.jobs_from_raw_files > 0,
+        "sled cut its log at job 3: what follows comes from the raw files {report:#?}"
+    );
+    assert!(
+        std::fs::read(path.join("db")).unwrap() == damaged,
+        "the damaged database is left as it was"
+    );
+    let (q, _) = open(&to);
+    let jobs = q.list(&ListFilter::default()).unwrap();
+    let ids: Vec<u64> = jobs.iter().map(|j| j.id).collect();
+    assert_eq!(ids, vec![1, 2, 4, 5, 6]);
+    for j in &jobs {
+        assert_eq!(j.payload, marker(j.id));
+    }
+    let next = q
+        .enqueue(JobKind::Webhook, "after-salvage", vec![], None)
+        .await
+        .unwrap();
+    assert_eq!(next.job.id, 7, "ids continue above every acknowledged one");
+}
+
+/// The state job kinds keep beside their jobs (a node's last list) is salvaged too, from
+/// the raw files when sled reads nothing: here the log's head is zeroed, so sled opens
+/// an empty database.
+#[tokio::test]
+async fn salvage_keeps_state_records_from_the_raw_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue");
+    {
+        let (q, _) = open(&path);
+        for i in 1..=3u64 {
+            q.enqueue(JobKind::Webhook, &format!("evt-{i}"), marker(i), None)
+                .await
+                .unwrap();
+        }
+        q.commit(connector::queue::Commit {
+            state: vec![connector::queue::StateWrite::Put(
+                "node/1/sync".into(),
+                b"STATE-MARKER-1".to_vec(),
+            )],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    zero_log_head(&path);
+    let to = dir.path().join("salvaged");
+    let report = connector::queue::salvage(
+        &path,
+        &to,
+        Settings::default(),
+        Arc::new(ManualClock::new(T0)),
+    )
+    .unwrap();
+    assert_eq!(
+        (report.jobs_kept, report.state_records, report.lost),
+        (3, 1, 0),
+        "{report:#?}"
+    );
+    let (q, _) = open(&to);
+    assert_eq!(
+        q.state("node/1/sync").unwrap().as_deref(),
+        Some(&b"STATE-MARKER-1"[..])
+    );
+}

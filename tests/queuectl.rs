@@ -890,6 +890,64 @@ fn a_database_held_by_a_daemon_that_does_not_answer_is_exit_3() {
     assert_eq!(v["totals"]["ready"], 2, "nothing was changed while locked");
 }
 
+/// `salvage` reads the database files itself, so it works only on a stopped queue:
+/// while the daemon runs it refuses (exit 3, whichever socket it is given) and writes
+/// nothing. Stopped, it copies every job of an undamaged queue (the damaged ones are
+/// `tests/corruption.rs`), and never writes into a directory that holds something.
+#[test]
+fn salvage_refuses_a_running_daemon_and_copies_a_stopped_queue() {
+    let fx = Fixture::seeded();
+    let to = fx.dir.path().join("salvaged").join("queue");
+    let to_s = to.to_str().unwrap();
+    let mut daemon = Daemon::start(&fx.config);
+    fx.queuectl(&["salvage", "--to", to_s])
+        .code(3)
+        .one_error_line("salvage works only on a stopped queue; stop connector first");
+    let elsewhere = fx.dir.path().join("nobody-here.sock");
+    fx.queuectl(&[
+        "salvage",
+        "--to",
+        to_s,
+        "--socket",
+        elsewhere.to_str().unwrap(),
+    ])
+    .code(3)
+    .one_error_line("is in use by another process");
+    assert!(!to.exists(), "nothing is written while the daemon runs");
+    assert_eq!(daemon.stop(), Some(0));
+
+    let r = fx.queuectl(&["salvage", "--to", to_s, "--json"]).ok();
+    let v = r.json();
+    assert_eq!(v["jobs_kept"], 10, "{r}");
+    assert_eq!(v["lost"], 0, "{r}");
+    assert_eq!(v["fsck_clean"], true, "{r}");
+    assert_eq!(v["sled"], "opened", "{r}");
+    let human = fx
+        .queuectl(&[
+            "salvage",
+            "--to",
+            fx.dir.path().join("again").to_str().unwrap(),
+        ])
+        .ok()
+        .stdout_has("kept: 10 jobs")
+        .stdout_has("lost: no job ids are missing");
+    assert!(human.stdout.contains("next: "), "{human}");
+
+    fx.queuectl(&["salvage", "--to", to_s])
+        .code(1)
+        .one_error_line("is not empty: give a new directory");
+    let export = |data_dir: &Path| {
+        let mut cmd = bin(env!("CARGO_BIN_EXE_queuectl"));
+        cmd.arg("--data-dir").arg(data_dir).arg("export");
+        run(cmd).ok().stdout
+    };
+    assert_eq!(
+        export(&fx.data_dir()),
+        export(to.parent().unwrap()),
+        "the salvaged queue holds the same jobs"
+    );
+}
+
 /// The real `connector run`, killed on drop if a test fails before stopping it.
 struct Daemon {
     child: Child,

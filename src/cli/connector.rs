@@ -97,17 +97,28 @@ pub fn main() -> ExitCode {
                 crate::say!("connector: {}", report.summary());
                 ExitCode::FAILURE
             }
-            Err(e) => {
-                crate::say!("connector: {e:#}");
-                ExitCode::FAILURE
-            }
+            Err(e) => failed(&e),
         };
     }
     match runtime.block_on(crate::daemon::run_until_signal(config)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            crate::say!("connector: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => failed(&e),
+    }
+}
+
+/// One line on stderr; exit 4 when the queue database is damaged (a restart cannot
+/// help: `queuectl salvage` can), else 1.
+fn failed(e: &anyhow::Error) -> ExitCode {
+    crate::say!("connector: {e:#}");
+    let damaged = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<crate::queue::Error>(),
+            Some(crate::queue::Error::Damaged { .. })
+        )
+    });
+    if damaged {
+        ExitCode::from(super::EXIT_DAMAGED)
+    } else {
+        ExitCode::FAILURE
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! Exit codes (both binaries): 0 success, 1 runtime failure, 2 configuration or usage
 //! error, 3 (`queuectl`) the database is held by another process but no daemon answers
-//! on the admin socket.
+//! on the admin socket, 4 the queue database is damaged so that it cannot be opened
+//! (the one-line error names it and says to run `queuectl salvage`; restarting cannot
+//! help).
 
 pub mod connector;
 pub mod queuectl;
@@ -14,6 +16,8 @@ use crate::config::{self, Config, ConfigError, ProcessEnv};
 
 /// Exit code for a configuration or usage error.
 pub const EXIT_CONFIG: u8 = 2;
+/// Exit code when the queue database is too damaged to open.
+pub const EXIT_DAMAGED: u8 = 4;
 
 /// Finds the config file: `--config`, else `CONNECTOR_CONFIG`, else none.
 pub fn config_path(flag: Option<&Path>) -> Option<PathBuf> {

@@ -104,9 +104,15 @@ impl Queue {
     pub async fn fsck(&self, repair: bool) -> Result<FsckReport> {
         let epoch = self.epoch();
         let q = self.clone();
-        let report = tokio::task::spawn_blocking(move || q.fsck_blocking(repair))
-            .await
-            .map_err(|e| Error::Durability(format!("fsck stopped: {e}")))??;
+        // sled may panic on a damaged page it reads for the first time (`unwind.rs`).
+        let report =
+            tokio::task::spawn_blocking(move || super::unwind::guarded(|| q.fsck_blocking(repair)))
+                .await
+                .map_err(|e| Error::Durability(format!("fsck stopped: {e}")))?
+                .map_err(|panic| Error::Damaged {
+                    path: self.inner.path.clone(),
+                    detail: format!("sled stopped at {panic}"),
+                })??;
         if repair && !report.problems.is_empty() {
             self.durable_since(epoch).await?;
             for kind in JobKind::ALL {
@@ -116,7 +122,7 @@ impl Queue {
         Ok(report)
     }
 
-    fn fsck_blocking(&self, repair: bool) -> Result<FsckReport> {
+    pub(super) fn fsck_blocking(&self, repair: bool) -> Result<FsckReport> {
         let _w = self.lock();
         let mut found = Found {
             report: FsckReport::default(),

@@ -35,6 +35,10 @@
 //!   failed flush, or once the database was deleted underneath us; [`Queue::probe`]
 //!   notices each and takes writes again when it can, reopening sled after a failed
 //!   write (`store.rs`). A write is durable only through the handle it was made on.
+//! - Damage to sled's own files that sled reports, or panics on, is
+//!   [`Error::Damaged`], naming the database (`unwind.rs` keeps sled's panics in); the
+//!   way out is `salvage.rs`, which copies every record that still passes its checksum
+//!   into a fresh database.
 //!
 //! sled never leaves this module: callers see [`Queue`], [`Job`] and [`Error`].
 
@@ -48,8 +52,10 @@ mod keys;
 mod kind;
 mod ladder;
 pub mod record;
+mod salvage;
 mod store;
 mod txn;
+mod unwind;
 mod worker;
 
 use std::path::{Path, PathBuf};
@@ -65,6 +71,7 @@ pub use fsck::{FsckProblem, FsckReport};
 pub use kind::JobKind;
 pub use ladder::{KindSettings, OnExhausted, Settings, after_interruption, next_delay};
 pub use record::{Attempt, DeadReason, Job, Outcome, RecordError, Stored};
+pub use salvage::{SalvageError, SalvageReport, salvage};
 pub use store::{LOW_SPACE, RESERVE_BYTES, RESUME_SPACE, Refusal};
 pub use txn::{Commit, Committed, Dedupe, NewJob, StateWrite};
 pub use worker::{
@@ -102,7 +109,11 @@ pub enum Error {
     },
     #[error("{path} holds data but no queue layout version: it is not a connector queue")]
     NotAQueue { path: PathBuf },
-    #[error("queue storage error: {0}")]
+    #[error(
+        "the queue database {path} is damaged: the storage engine cannot read it ({detail}). Stop connector, keep a copy of {path}, run `queuectl salvage --to NEW_DIR` (it copies every record that still passes its checksum into a fresh database and reports what was lost), then move {path} aside and NEW_DIR into its place"
+    )]
+    Damaged { path: PathBuf, detail: String },
+    #[error("queue storage error: {0}{hint}", hint = damage_hint(.0))]
     Storage(#[from] sled::Error),
     #[error("queue write was not made durable: {0}")]
     Durability(String),
@@ -123,7 +134,7 @@ pub enum Error {
     #[error("invalid idempotency key: {0}")]
     InvalidKey(&'static str),
     #[error(
-        "the queue database {path} lost acknowledged writes: job ids up to {acknowledged} were acknowledged, but it recovered only up to {recovered} (sled's log was damaged after its last snapshot). Nothing was changed; keep a copy of {path}, then run `queuectl accept-loss` to start with what is left"
+        "the queue database {path} lost acknowledged writes: job ids up to {acknowledged} were acknowledged, but it recovered only up to {recovered} (sled's log was damaged after its last snapshot). Nothing was changed; keep a copy of {path}, then run `queuectl accept-loss` to start with what is left, or `queuectl salvage --to NEW_DIR` to also copy what sled's raw files still hold"
     )]
     LostWrites {
         path: PathBuf,
@@ -148,6 +159,25 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors by which sled says its own files are damaged.
+fn is_damage(e: &sled::Error) -> bool {
+    matches!(
+        e,
+        sled::Error::Corruption { .. }
+            | sled::Error::ReportableBug(_)
+            | sled::Error::Unsupported(_)
+    )
+}
+
+/// What [`Error::Storage`] adds for damage: what to do about it.
+fn damage_hint(e: &sled::Error) -> &'static str {
+    if is_damage(e) {
+        " (the queue database is damaged: stop connector and run `queuectl salvage --to NEW_DIR`)"
+    } else {
+        ""
+    }
+}
 
 /// What `enqueue` did.
 #[derive(Debug, Clone)]
@@ -391,7 +421,35 @@ impl Queue {
     /// ([`Error::LostWrites`]) is opened anyway when `accept_lost_writes`: the loss is
     /// recorded in the quarantine (so `queuectl stats` keeps showing it) and ids are
     /// never reused.
+    ///
+    /// Damage sled reports, or panics on (`unwind.rs`), is [`Error::Damaged`]: it names
+    /// the database and says to run `queuectl salvage`.
     pub fn open_with(
+        path: impl AsRef<Path>,
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+        accept_lost_writes: bool,
+    ) -> Result<(Queue, Recovery)> {
+        let path = path.as_ref().to_path_buf();
+        let opened =
+            unwind::guarded(|| Self::open_unguarded(&path, settings, clock, accept_lost_writes));
+        match opened {
+            Ok(Err(Error::Storage(e) | Error::Open { source: e, .. })) if is_damage(&e) => {
+                Err(Error::Damaged {
+                    path,
+                    detail: e.to_string(),
+                })
+            }
+            Ok(result) => result,
+            Err(panic) => Err(Error::Damaged {
+                path,
+                detail: format!("sled stopped at {panic}"),
+            }),
+        }
+    }
+
+    /// The body of [`Queue::open_with`]; may panic inside sled.
+    fn open_unguarded(
         path: impl AsRef<Path>,
         settings: Settings,
         clock: Arc<dyn Clock>,
@@ -1087,7 +1145,17 @@ impl Queue {
         self.inner.epoch.fetch_add(1, Ordering::AcqRel);
         // Joins the old flush thread, whose last flush fails quietly (poisoned).
         drop(slot.take());
-        let opened = Opened::open(&self.inner.path, false, true)?;
+        let path = &self.inner.path;
+        // A reopen reads sled's files again, and damage found there must not panic.
+        let opened = match unwind::guarded(|| Opened::open(path, false, true)) {
+            Ok(opened) => opened?,
+            Err(panic) => {
+                return Err(Error::Damaged {
+                    path: path.clone(),
+                    detail: format!("sled stopped at {panic}"),
+                });
+            }
+        };
         // Ids handed out to writes that never became durable are not reused.
         w.next_id = w.next_id.max(opened.next_id);
         self.status().identity = Identity::of(&self.inner.path).ok();

@@ -437,3 +437,35 @@ pub fn bound_error(text: &str) -> String {
     }
     format!("{}… ({} bytes cut)", &text[..end], text.len() - end)
 }
+
+/// What [`job_at`] found at the head of a byte range.
+#[derive(Debug)]
+pub(crate) enum Found {
+    /// A job envelope whose checksum matches, and its length in bytes.
+    Job(Job, usize),
+    /// Something laid out like a job envelope whose checksum does not match (a damaged
+    /// copy of a job, or garbage that happens to look like one).
+    Damaged,
+}
+
+/// Looks for a job envelope starting at `bytes[0]` when its length is not known (a
+/// salvage reading raw database files): the body is decoded first, which says where
+/// it ends, and then the checksum over exactly that body must match. `None` when the
+/// bytes are not laid out like a job at all. Allocation is bounded: a garbage length
+/// never asks for more than the bytes that follow.
+pub(crate) fn job_at(bytes: &[u8]) -> Option<Found> {
+    if bytes.len() <= HEADER_LEN || bytes[0] != RECORD_VERSION {
+        return None;
+    }
+    let stored = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    let body = &bytes[HEADER_LEN..];
+    let config = bincode_config().with_limit::<{ 64 << 20 }>();
+    let (v, used) = bincode::serde::decode_from_slice::<JobV1, _>(body, config).ok()?;
+    if crc32fast::hash(&body[..used]) != stored {
+        return Some(Found::Damaged);
+    }
+    match from_v1(v) {
+        Ok(job) => Some(Found::Job(job, HEADER_LEN + used)),
+        Err(_) => Some(Found::Damaged),
+    }
+}

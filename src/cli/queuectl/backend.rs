@@ -96,6 +96,23 @@ pub(crate) async fn find(
     }))
 }
 
+/// For commands that must not run beside a daemon (`salvage`): an error when one
+/// answers on the socket.
+pub(crate) async fn refuse_live(
+    config: &Config,
+    socket_flag: Option<PathBuf>,
+) -> Result<(), Failure> {
+    let socket = socket_flag.unwrap_or_else(|| config.admin_socket());
+    match connect(&socket).await {
+        Ok(_) => Err(Failure::Busy(format!(
+            "the connector daemon is running (admin socket {}): salvage works only on a stopped queue; stop connector first",
+            socket.display()
+        ))),
+        Err(NotLive::Refused(e)) => Err(Failure::Other(e)),
+        Err(NotLive::Absent | NotLive::Silent(_)) => Ok(()),
+    }
+}
+
 /// Why no daemon is used.
 enum NotLive {
     /// Nothing listens at the socket path.
@@ -197,6 +214,7 @@ fn open_queue(
             socket: socket.to_path_buf(),
             why: not_live.to_string(),
         }),
+        Err(e @ queue::Error::Damaged { .. }) => Err(Failure::Damaged(e)),
         Err(e) => Err(Failure::Other(e.into())),
     }
 }

@@ -25,6 +25,7 @@
 //! | `traffic.rs` | `traffic` | reads traffic reports: pending and delivered bytes per node |
 //! | `tail.rs` | `tail` | follows job events (daemon only) |
 //! | `fsck.rs` | `fsck [--repair]` | checks every record and index; repairs them |
+//! | `salvage.rs` | `salvage --to DIR` | copies what still passes its checksum out of a damaged database (offline only) |
 //! | `backend.rs` | | finds the daemon or the database; one method per command |
 //! | `relays.rs` | `relays` | reads webhook stats per relay and ref, and the provider files |
 //! | `workers.rs` | `workers`, `pause KIND`, `resume KIND` | the daemon's worker pools (daemon only; in memory, nothing on disk) |
@@ -44,7 +45,8 @@
 //! the daemon's next start would (logged as a warning).
 //!
 //! `tail`, `workers`, `pause` and `resume` need the daemon: events and worker pools
-//! exist only in a running process. `accept-loss` is
+//! exist only in a running process. `salvage` never uses the daemon: it refuses while
+//! one answers, and reads the database files itself. `accept-loss` is
 //! offline by nature: only a database that refuses to open needs it, and then no daemon
 //! can be running; with a daemon answering it lists the losses already accepted.
 //!
@@ -54,8 +56,9 @@
 //! failure (no queue, job not found, wrong state, storage error, a socket we may not
 //! connect to; `fsck`: problems found and not repaired), 2 configuration or usage
 //! error, 3 the database is held by another process but no daemon answers on the
-//! socket (a daemon with another `[admin] socket`, or a hung one). See
-//! `src/cli/mod.rs`.
+//! socket (a daemon with another `[admin] socket`, or a hung one), 4 the database is
+//! damaged so that it cannot be opened (the message says to run `queuectl salvage`).
+//! See `src/cli/mod.rs`.
 
 mod accept_loss;
 mod backend;
@@ -69,6 +72,7 @@ mod list;
 mod purge;
 mod relays;
 mod retry;
+mod salvage;
 mod show;
 mod stats;
 mod tail;
@@ -104,7 +108,7 @@ pub const EXIT_LOCKED: u8 = 3;
         database at {data_dir}/queue itself. One line on stderr says which.",
     after_help = "Exit codes: 0 success, 1 failure (fsck: problems found and not repaired), \
         2 configuration or usage error, 3 the database is held by another process but no \
-        daemon answers on the admin socket."
+        daemon answers on the admin socket, 4 the database is damaged (run `queuectl salvage`)."
 )]
 struct Args {
     /// Configuration file (TOML), as for `connector`; else CONNECTOR_CONFIG. Only
@@ -163,6 +167,11 @@ enum Command {
     /// --repair, rebuild indexes and move unreadable records to quarantine (nothing is
     /// deleted). Exit 1 when problems were found and not repaired.
     Fsck(fsck::Args),
+    /// Copy every record that still passes its checksum out of a damaged database
+    /// into a new database at DIR, and report what was kept and lost (counts by kind
+    /// and state, missing ids). Reads the damaged database and leaves it as it is;
+    /// only while the daemon is stopped.
+    Salvage(salvage::Args),
     /// Webhook callbacks per relay and ref: events by status; delivered, pending, dead.
     Relays(relays::Args),
     /// The daemon's worker pools: running, waiting, paused, stopped or stuck (needs the
@@ -210,6 +219,14 @@ pub fn main() -> ExitCode {
             );
             ExitCode::from(EXIT_LOCKED)
         }
+        Err(Failure::Busy(why)) => {
+            eprintln!("queuectl: {why}");
+            ExitCode::from(EXIT_LOCKED)
+        }
+        Err(Failure::Damaged(e)) => {
+            eprintln!("queuectl: {e}");
+            ExitCode::from(super::EXIT_DAMAGED)
+        }
         Err(Failure::NoQueue(path)) => {
             eprintln!(
                 "queuectl: no queue at {} (wrong --data-dir?)",
@@ -237,6 +254,10 @@ pub(crate) enum Failure {
         /// Why the socket was not used.
         why: String,
     },
+    /// Another process holds the database (exit 3), said in full.
+    Busy(String),
+    /// The database cannot be opened: damaged (exit 4).
+    Damaged(crate::queue::Error),
     /// Nothing at the queue path.
     NoQueue(PathBuf),
     /// The command printed its result and fails (exit 1) without another message.
@@ -256,6 +277,15 @@ async fn run(
     socket: Option<PathBuf>,
     json: bool,
 ) -> Result<(), Failure> {
+    if let Command::Salvage(a) = command {
+        backend::refuse_live(&config, socket).await?;
+        let stdout = io::stdout();
+        let mut w = io::BufWriter::new(stdout.lock());
+        let mut out = Out { json, w: &mut w };
+        let result = salvage::run(a, &config, &mut out);
+        w.flush()?;
+        return result;
+    }
     let need = match command {
         Command::Tail(_) => {
             Need::Daemon("tail needs a running daemon (job events happen only there)")
@@ -286,6 +316,8 @@ async fn run(
         Command::Bans(a) => bans::run(a, b, &mut out).await?,
         Command::Tail(a) => tail::run(a, b, &mut out).await?,
         Command::Fsck(a) => clean = fsck::run(a, b, &mut out).await?,
+        // Handled above, before any queue is opened.
+        Command::Salvage(_) => {}
         Command::Traffic(a) => traffic::run(a, b, &mut out).await?,
         Command::Relays(a) => relays::run(a, b, &mut out).await?,
         Command::Workers(a) => workers::run(a, b, &mut out).await?,
