@@ -75,8 +75,8 @@ pub use salvage::{SalvageError, SalvageReport, salvage};
 pub use store::{LOW_SPACE, RESERVE_BYTES, RESUME_SPACE, Refusal};
 pub use txn::{Commit, Committed, Dedupe, NewJob, StateWrite};
 pub use worker::{
-    AttemptResult, Condition, Effects, Handler, Pool, PoolStatus, Pools, run_maintenance, run_pool,
-    run_workers,
+    AttemptObserver, AttemptResult, Condition, Effects, Handler, NoObserver, Pool, PoolStatus,
+    Pools, run_maintenance, run_pool, run_workers,
 };
 
 use commit::GroupCommit;
