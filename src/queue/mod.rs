@@ -40,7 +40,9 @@
 //!   way out is `salvage.rs`, which copies every record that still passes its checksum
 //!   into a fresh database.
 //!
-//! sled never leaves this module: callers see [`Queue`], [`Job`] and [`Error`].
+//! sled never leaves this crate (`connector-queue`, re-exported by the product as
+//! `connector::queue`): callers see [`Queue`], [`Job`] and [`Error`]. It knows nothing
+//! of the product: the worker reports attempts to an [`AttemptObserver`] it is given.
 
 mod admin;
 mod clock;
