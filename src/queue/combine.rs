@@ -23,6 +23,7 @@ use std::sync::PoisonError;
 
 use tokio::sync::oneshot;
 
+use super::Storage as _;
 use super::record::{self, Job, Stored};
 use super::{
     Enqueued, Error, EventKind, JobKind, LeaseToken, Leased, NewJob, Queue, Result, clock, keys,
@@ -209,7 +210,7 @@ impl Queue {
         let end = keys::pending(kind, now, u64::MAX);
         let mut out = Vec::new();
         for entry in self.db()?.range(start..=end) {
-            let (k, _) = entry?;
+            let (k, _) = entry.storage()?;
             let Some((_, _, id)) = keys::parse_pending(&k) else {
                 b.remove(k);
                 continue;

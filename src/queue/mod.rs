@@ -99,7 +99,7 @@ pub enum Error {
     Open {
         path: PathBuf,
         #[source]
-        source: sled::Error,
+        source: StorageError,
     },
     #[error(
         "the queue database {path} has layout version {found}; this build reads up to {supported}: upgrade connector"
@@ -116,7 +116,7 @@ pub enum Error {
     )]
     Damaged { path: PathBuf, detail: String },
     #[error("queue storage error: {0}{hint}", hint = damage_hint(.0))]
-    Storage(#[from] sled::Error),
+    Storage(#[source] StorageError),
     #[error("queue write was not made durable: {0}")]
     Durability(String),
     #[error("job {0} not found")]
@@ -162,19 +162,47 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Errors by which sled says its own files are damaged.
-fn is_damage(e: &sled::Error) -> bool {
-    matches!(
-        e,
-        sled::Error::Corruption { .. }
-            | sled::Error::ReportableBug(_)
-            | sled::Error::Unsupported(_)
-    )
+/// An error of the storage engine under the queue. Opaque, so the engine stays inside
+/// this crate: callers get its message and its source chain, not its type.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct StorageError(sled::Error);
+
+impl StorageError {
+    /// True when the engine says its own files are damaged.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self.0,
+            sled::Error::Corruption { .. }
+                | sled::Error::ReportableBug(_)
+                | sled::Error::Unsupported(_)
+        )
+    }
+
+    /// The I/O error underneath, if that is what it is.
+    fn io(&self) -> Option<&std::io::Error> {
+        match &self.0 {
+            sled::Error::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Turns the engine's errors into the queue's, for `?` on sled calls. A private trait
+/// rather than `From<sled::Error>`, so sled's type is not part of the public API.
+trait Storage<T> {
+    fn storage(self) -> Result<T>;
+}
+
+impl<T> Storage<T> for std::result::Result<T, sled::Error> {
+    fn storage(self) -> Result<T> {
+        self.map_err(|e| Error::Storage(StorageError(e)))
+    }
 }
 
 /// What [`Error::Storage`] adds for damage: what to do about it.
-fn damage_hint(e: &sled::Error) -> &'static str {
-    if is_damage(e) {
+fn damage_hint(e: &StorageError) -> &'static str {
+    if e.is_damage() {
         " (the queue database is damaged: stop connector and run `queuectl salvage --to NEW_DIR`)"
     } else {
         ""
@@ -436,7 +464,7 @@ impl Queue {
         let opened =
             unwind::guarded(|| Self::open_unguarded(&path, settings, clock, accept_lost_writes));
         match opened {
-            Ok(Err(Error::Storage(e) | Error::Open { source: e, .. })) if is_damage(&e) => {
+            Ok(Err(Error::Storage(e) | Error::Open { source: e, .. })) if e.is_damage() => {
                 Err(Error::Damaged {
                     path,
                     detail: e.to_string(),
@@ -721,7 +749,7 @@ impl Queue {
         let mut rec = Recovery::default();
         let mut b = sled::Batch::default();
         for entry in self.db()?.scan_prefix([keys::RUNNING]) {
-            let (k, v) = entry?;
+            let (k, v) = entry.storage()?;
             let lease_until = keys::be_u64(v.get(1..).unwrap_or_default()).unwrap_or(0);
             if !select(lease_until) {
                 continue;
@@ -805,7 +833,8 @@ impl Queue {
             .scan_prefix([keys::PENDING, kind.code()])
             .keys()
             .next()
-            .transpose()?;
+            .transpose()
+            .storage()?;
         Ok(first
             .and_then(|k| keys::parse_pending(&k))
             .map(|(_, due, _)| due))
@@ -815,7 +844,7 @@ impl Queue {
     pub fn running_count(&self, kind: JobKind) -> Result<usize> {
         let mut n = 0;
         for v in self.db()?.scan_prefix([keys::RUNNING]).values() {
-            if v?.first() == Some(&kind.code()) {
+            if v.storage()?.first() == Some(&kind.code()) {
                 n += 1;
             }
         }
@@ -834,7 +863,7 @@ impl Queue {
     }
 
     pub fn get(&self, id: u64) -> Result<Option<Job>> {
-        match self.db()?.get(keys::job(id))? {
+        match self.db()?.get(keys::job(id)).storage()? {
             None => Ok(None),
             Some(raw) => self.read_job(&keys::job(id), &raw),
         }
@@ -859,7 +888,7 @@ impl Queue {
 
     /// The newest job with this idempotency key, if any.
     pub fn find_key(&self, kind: JobKind, key: &str) -> Result<Option<Job>> {
-        match self.db()?.get(keys::idem(kind, key))? {
+        match self.db()?.get(keys::idem(kind, key)).storage()? {
             Some(v) => match keys::be_u64(&v) {
                 Some(id) => self.get(id),
                 None => Ok(None),
@@ -895,7 +924,7 @@ impl Queue {
         loop {
             let next = if rev { iter.next_back() } else { iter.next() };
             let Some(entry) = next else { return Ok(()) };
-            let (_, v) = entry?;
+            let (_, v) = entry.storage()?;
             let Some(job) = keys::be_u64(&v)
                 .map(|id| self.get(id))
                 .transpose()?
@@ -919,7 +948,7 @@ impl Queue {
             .read()
             .unwrap_or_else(PoisonError::into_inner);
         match store.as_ref() {
-            Some(s) => Ok(f(&s.db)?),
+            Some(s) => Ok(f(&s.db).storage()?),
             None => Err(self.unwritable()),
         }
     }
@@ -982,7 +1011,7 @@ impl Queue {
         match self.with_db(|db| db.apply_batch(b)) {
             Err(Error::Storage(e)) => {
                 // sled refuses every write after a failed one: note it for the probe.
-                if let sled::Error::Io(io) = &e {
+                if let Some(io) = e.io() {
                     let mut st = self.status();
                     st.poisoned = true;
                     st.refusal.get_or_insert(if commit::is_no_space(io) {
@@ -1191,7 +1220,7 @@ impl Queue {
     /// quarantined and reads as absent.
     fn load_locked(&self, id: u64) -> Result<Option<Job>> {
         let key = keys::job(id);
-        match self.db()?.get(key)? {
+        match self.db()?.get(key).storage()? {
             None => Ok(None),
             Some(raw) => match decode_at(&key, &raw) {
                 Ok(job) => Ok(Some(job)),
@@ -1218,7 +1247,8 @@ impl Queue {
             raw: Vec::new(),
         };
         self.db()?
-            .insert(keys::quarantine(&key), record::encode_quarantined(&q))?;
+            .insert(keys::quarantine(&key), record::encode_quarantined(&q))
+            .storage()?;
         Ok(())
     }
 
@@ -1226,7 +1256,7 @@ impl Queue {
     fn quarantine(&self, key: &[u8], raw: &[u8], err: &RecordError) -> Result<()> {
         let _w = self.lock();
         // Someone may have rewritten it meanwhile; only move what we saw.
-        if self.db()?.get(key)?.as_deref() == Some(raw) {
+        if self.db()?.get(key).storage()?.as_deref() == Some(raw) {
             self.quarantine_locked(key, raw, err)?;
         }
         Ok(())
@@ -1257,7 +1287,7 @@ impl Queue {
             b.remove(&keys::running(id));
             for prefix in [keys::PENDING, keys::FINISHED] {
                 for k in self.db()?.scan_prefix([prefix]).keys() {
-                    let k = k?;
+                    let k = k.storage()?;
                     if k.len() == 18 && keys::be_u64(&k[10..]) == Some(id) {
                         b.remove(k);
                     }
@@ -1288,18 +1318,20 @@ impl Opened {
             sled::Error::Io(e) if store::is_locked(e) => Error::Locked { path: path.clone() },
             _ => Error::Open {
                 path: path.clone(),
-                source,
+                source: StorageError(source),
             },
         })?;
         let stored_next = db
-            .get(keys::META_NEXT_ID)?
+            .get(keys::META_NEXT_ID)
+            .storage()?
             .and_then(|v| keys::be_u64(&v))
             .unwrap_or(1);
         let last_id = db
             .scan_prefix([keys::JOB])
             .keys()
             .next_back()
-            .transpose()?
+            .transpose()
+            .storage()?
             .and_then(|k| keys::parse_id(&k))
             .unwrap_or(0);
         let recovered = stored_next.max(last_id + 1);
@@ -1314,7 +1346,7 @@ impl Opened {
             }
             lost = Some((recovered, acknowledged));
         }
-        match db.get(keys::META_SCHEMA)? {
+        match db.get(keys::META_SCHEMA).storage()? {
             Some(v) => {
                 let found = v
                     .as_ref()
@@ -1330,17 +1362,18 @@ impl Opened {
                 }
             }
             None if db.is_empty() => {
-                db.insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                db.insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())
+                    .storage()?;
             }
             None => return Err(Error::NotAQueue { path }),
         }
         let data_file = std::fs::File::open(path.join("db")).map_err(|e| Error::Open {
             path: path.clone(),
-            source: e.into(),
+            source: StorageError(e.into()),
         })?;
         let sync_file = data_file.try_clone().map_err(|e| Error::Open {
             path: path.clone(),
-            source: e.into(),
+            source: StorageError(e.into()),
         })?;
         let commit =
             GroupCommit::start(db.clone(), data_file, path.clone()).map_err(Error::Thread)?;
