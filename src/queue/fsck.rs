@@ -109,7 +109,7 @@ impl Queue {
         let report =
             tokio::task::spawn_blocking(move || super::unwind::guarded(|| q.fsck_blocking(repair)))
                 .await
-                .map_err(|e| Error::Durability(format!("fsck stopped: {e}")))?
+                .map_err(|e| Error::Durability(super::DurabilityError::caused("fsck stopped", e)))?
                 .map_err(|panic| Error::Damaged {
                     path: self.inner.path.clone(),
                     detail: format!("sled stopped at {panic}"),

@@ -118,7 +118,7 @@ pub enum Error {
     #[error("queue storage error: {0}{hint}", hint = damage_hint(.0))]
     Storage(#[source] StorageError),
     #[error("queue write was not made durable: {0}")]
-    Durability(String),
+    Durability(#[source] DurabilityError),
     #[error("job {0} not found")]
     NotFound(u64),
     #[error("job {id} is {state}: cannot {op} it")]
@@ -184,6 +184,65 @@ impl StorageError {
         match &self.0 {
             sled::Error::Io(e) => Some(e),
             _ => None,
+        }
+    }
+}
+
+/// Why a write was not made durable: what failed, and the error underneath when there
+/// is one. One failed flush answers every write that waited for it, so the cause is
+/// shared and the error is `Clone`.
+#[derive(Debug, Clone)]
+pub struct DurabilityError {
+    /// Empty when the source says it all.
+    what: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl std::fmt::Display for DurabilityError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The cause is part of the message too (as in `Error::Open`): logs print only
+        // the top error's message.
+        match &self.source {
+            None => f.write_str(&self.what),
+            Some(e) if self.what.is_empty() => write!(f, "{e}"),
+            Some(e) => write!(f, "{}: {e}", self.what),
+        }
+    }
+}
+
+impl std::error::Error for DurabilityError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl DurabilityError {
+    /// A failure with no error underneath (the queue's own machinery went away).
+    fn new(what: impl Into<String>) -> Self {
+        Self {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// A write of a group failed with `e`, which every write of the group reports.
+    fn shared(e: Error) -> Self {
+        Self {
+            what: String::new(),
+            source: Some(Arc::new(e)),
+        }
+    }
+
+    /// `what` failed because of `source`.
+    fn caused(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            what: what.into(),
+            source: Some(Arc::new(source)),
         }
     }
 }
@@ -315,15 +374,18 @@ impl std::fmt::Display for JobState {
     }
 }
 
+/// A name that is not a [`JobState`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown state `{0}` (expected scheduled, ready, running, done or dead)")]
+pub struct UnknownState(pub String);
+
 impl std::str::FromStr for JobState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, UnknownState> {
         JobState::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown state `{s}` (expected scheduled, ready, running, done or dead)")
-            })
+            .ok_or_else(|| UnknownState(s.to_owned()))
     }
 }
 
@@ -516,7 +578,7 @@ impl Queue {
             opened
                 .sync_file
                 .sync_data()
-                .map_err(|e| Error::Durability(format!("fdatasync: {e}")))?;
+                .map_err(|e| Error::Durability(DurabilityError::caused("fdatasync", e)))?;
             Ok(recovery)
         });
         let recovery = match finished {
@@ -588,9 +650,9 @@ impl Queue {
         }
         match self.submit(combine::Op::Lease { kind, max }).await? {
             combine::Done::Leased(l) => Ok(l),
-            _ => Err(Error::Durability(
-                "write combiner: a reply of the wrong kind".into(),
-            )),
+            _ => Err(Error::Durability(DurabilityError::new(
+                "write combiner: a reply of the wrong kind",
+            ))),
         }
     }
 
@@ -598,9 +660,9 @@ impl Queue {
     pub async fn ack(&self, lease: LeaseToken) -> Result<Job> {
         match self.submit(combine::Op::Ack(lease)).await? {
             combine::Done::Finished(j) => Ok(j),
-            _ => Err(Error::Durability(
-                "write combiner: a reply of the wrong kind".into(),
-            )),
+            _ => Err(Error::Durability(DurabilityError::new(
+                "write combiner: a reply of the wrong kind",
+            ))),
         }
     }
 
@@ -995,7 +1057,9 @@ impl Queue {
                         free: store::free_space(&self.inner.path),
                     }
                 } else {
-                    Refusal::Failed { message: f.message }
+                    Refusal::Failed {
+                        message: f.error.to_string(),
+                    }
                 });
             }
         }
@@ -1047,9 +1111,9 @@ impl Queue {
             match store.as_ref() {
                 Some(s) if self.epoch() == epoch => (s.commit.waiter(), s.commit.ticket()),
                 _ => {
-                    return Err(Error::Durability(
-                        "the database was opened again before this write was flushed".into(),
-                    ));
+                    return Err(Error::Durability(DurabilityError::new(
+                        "the database was opened again before this write was flushed",
+                    )));
                 }
             }
         };

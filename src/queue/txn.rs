@@ -72,9 +72,9 @@ impl Queue {
         check_key(&job.key)?;
         match self.submit(super::combine::Op::Enqueue(job)).await? {
             super::combine::Done::Enqueued(e) => Ok(e),
-            _ => Err(Error::Durability(
-                "write combiner: a reply of the wrong kind".into(),
-            )),
+            _ => Err(Error::Durability(super::DurabilityError::new(
+                "write combiner: a reply of the wrong kind",
+            ))),
         }
     }
 
