@@ -4,7 +4,9 @@
 //!
 //! - [`queue`]: the durable job queue (sled inside, nowhere else). Every unit of work
 //!   is a job in it: idempotency keys, the retry ladder, leases, crash recovery, and
-//!   the operator operations `queuectl` calls.
+//!   the operator operations `queuectl` calls. A crate of its own (`connector-queue`,
+//!   still in `src/queue/`), so it cannot import the product: it reports attempts to
+//!   an observer the daemon passes in. (It still names the four job kinds, `kind.rs`.)
 //! - [`jobs`]: the job kinds, one module each, saying what it reads and writes.
 //! - [`peers`]: clients of the outside world: the panel, the apply hook.
 //! - [`daemon`]: the long-running process: producers, workers, shutdown, `--once`.
@@ -24,5 +26,7 @@ pub mod daemon;
 pub mod demo;
 pub mod jobs;
 pub mod peers;
-pub mod queue;
+/// The queue is its own crate (`src/queue/`, package `connector-queue`) so that it
+/// cannot import the product; it keeps its place at `connector::queue`.
+pub use connector_queue as queue;
 pub mod telemetry;

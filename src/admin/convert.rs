@@ -192,8 +192,9 @@ pub fn status(e: queue::Error) -> Status {
 }
 
 /// Parses a kind or state name from a request.
-pub fn parse<T: std::str::FromStr<Err = String>>(s: &str) -> Result<T, Status> {
-    s.parse().map_err(Status::invalid_argument)
+pub fn parse<T: std::str::FromStr<Err: std::fmt::Display>>(s: &str) -> Result<T, Status> {
+    s.parse()
+        .map_err(|e: T::Err| Status::invalid_argument(e.to_string()))
 }
 
 /// A traffic summary as a message, and back (queuectl renders the summary itself).

@@ -151,11 +151,14 @@ impl Agent {
                 .cloned()
                 .unwrap_or_else(|| queue::Pool::new(kind))
         };
+        let observer: Arc<dyn queue::AttemptObserver> =
+            Arc::new(crate::telemetry::metrics::Attempts);
         if let Some(sync) = &self.sync {
             tasks.spawn(queue::run_pool(
                 self.queue.clone(),
                 pool(JobKind::NodeSync),
                 sync.clone(),
+                observer.clone(),
                 stop.clone(),
             ));
         }
@@ -163,6 +166,7 @@ impl Agent {
             self.queue.clone(),
             pool(JobKind::XrayApply),
             self.apply.clone(),
+            observer.clone(),
             stop.clone(),
         ));
         if let Some(traffic) = &self.traffic {
@@ -170,6 +174,7 @@ impl Agent {
                 self.queue.clone(),
                 pool(JobKind::TrafficReport),
                 traffic.clone(),
+                observer.clone(),
                 stop.clone(),
             ));
         }
@@ -181,7 +186,7 @@ impl Agent {
                 _ = stop.cancelled() => return Ok(()),
                 _ = handler.registry.wait_for_any() => {}
             }
-            queue::run_pool(queue, webhooks, handler, stop).await
+            queue::run_pool(queue, webhooks, handler, observer, stop).await
         });
     }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::Storage as _;
 use super::clock::{Millis, rfc3339};
 use super::record::{self, Attempt, DeadReason, Job, Stored};
 use super::{Error, JobKind, JobState, Queue, Result, keys};
@@ -162,7 +163,7 @@ impl Queue {
         };
         let mut oldest: Option<Millis> = None;
         for k in self.db()?.scan_prefix([keys::PENDING]).keys() {
-            if let Some((code, due, _)) = keys::parse_pending(&k?) {
+            if let Some((code, due, _)) = keys::parse_pending(&k.storage()?) {
                 if due <= now {
                     bump(code, JobState::Ready);
                     oldest = Some(oldest.map_or(due, |o| o.min(due)));
@@ -172,12 +173,12 @@ impl Queue {
             }
         }
         for v in self.db()?.scan_prefix([keys::RUNNING]).values() {
-            if let Some(&code) = v?.first() {
+            if let Some(&code) = v.storage()?.first() {
                 bump(code, JobState::Running);
             }
         }
         for entry in self.db()?.scan_prefix([keys::FINISHED]) {
-            let (k, v) = entry?;
+            let (k, v) = entry.storage()?;
             let (Some((state, _, _)), Some(&code)) = (keys::parse_finished(&k), v.first()) else {
                 continue;
             };
@@ -200,7 +201,7 @@ impl Queue {
         let end = keys::job(u64::MAX);
         let mut out = Vec::new();
         for entry in self.db()?.range(start..=end) {
-            let (k, raw) = entry?;
+            let (k, raw) = entry.storage()?;
             let Some(job) = self.read_job(&k, &raw)? else {
                 continue;
             };
@@ -221,7 +222,7 @@ impl Queue {
     pub fn for_each_job(&self, mut f: impl FnMut(&Job) -> std::io::Result<()>) -> Result<u64> {
         let mut n = 0;
         for entry in self.db()?.scan_prefix([keys::JOB]) {
-            let (k, raw) = entry?;
+            let (k, raw) = entry.storage()?;
             let Some(job) = self.read_job(&k, &raw)? else {
                 continue;
             };
@@ -240,7 +241,7 @@ impl Queue {
     pub fn quarantined(&self) -> Result<Vec<QuarantineView>> {
         let mut out = Vec::new();
         for entry in self.db()?.scan_prefix([keys::QUARANTINE]) {
-            let (k, v) = entry?;
+            let (k, v) = entry.storage()?;
             let original = keys::display(&k[1..]);
             out.push(match record::decode_quarantined(&v) {
                 Ok(q) => QuarantineView {
@@ -328,7 +329,11 @@ impl Queue {
             }
         }
         let idem = keys::idem(job.kind, &job.key);
-        if let Some(holder) = self.db()?.get(&idem)?.and_then(|v| keys::be_u64(&v))
+        if let Some(holder) = self
+            .db()?
+            .get(&idem)
+            .storage()?
+            .and_then(|v| keys::be_u64(&v))
             && holder != job.id
             && self
                 .load_locked(holder)?
@@ -425,7 +430,7 @@ impl Queue {
         let mut n = 0;
         let mut b = sled::Batch::default();
         for entry in self.db()?.range(start..=end) {
-            let (k, _) = entry?;
+            let (k, _) = entry.storage()?;
             let id = keys::parse_finished(&k).map(|(_, _, id)| id);
             if self.delete_finished(&mut b, k, id)? {
                 n += 1;
@@ -448,7 +453,13 @@ impl Queue {
             return Ok(false);
         };
         let idem = keys::idem(job.kind, &job.key);
-        if self.db()?.get(&idem)?.and_then(|v| keys::be_u64(&v)) == Some(job.id) {
+        if self
+            .db()?
+            .get(&idem)
+            .storage()?
+            .and_then(|v| keys::be_u64(&v))
+            == Some(job.id)
+        {
             b.remove(idem);
         }
         b.remove(&keys::job(job.id));
@@ -470,7 +481,7 @@ impl Queue {
         let end = keys::finished(keys::FINISHED_DONE, now.saturating_sub(shortest), u64::MAX);
         let mut expired = Vec::new();
         for entry in self.db()?.range(start..=end) {
-            let (k, v) = entry?;
+            let (k, v) = entry.storage()?;
             let (Some((_, at, id)), Some(kind)) = (
                 keys::parse_finished(&k),
                 v.first().and_then(|&c| JobKind::from_code(c)),
@@ -514,12 +525,12 @@ impl Queue {
     pub fn unfinished_and_dead(&self, kind: JobKind) -> Result<Vec<Job>> {
         let mut ids = Vec::new();
         for k in self.db()?.scan_prefix([keys::PENDING, kind.code()]).keys() {
-            if let Some((_, _, id)) = keys::parse_pending(&k?) {
+            if let Some((_, _, id)) = keys::parse_pending(&k.storage()?) {
                 ids.push(id);
             }
         }
         for entry in self.db()?.scan_prefix([keys::RUNNING]) {
-            let (k, v) = entry?;
+            let (k, v) = entry.storage()?;
             if v.first() == Some(&kind.code())
                 && let Some(id) = keys::parse_id(&k)
             {
@@ -530,7 +541,7 @@ impl Queue {
             .db()?
             .scan_prefix([keys::FINISHED, keys::FINISHED_DEAD])
         {
-            let (k, v) = entry?;
+            let (k, v) = entry.storage()?;
             if v.first() == Some(&kind.code())
                 && let Some((_, _, id)) = keys::parse_finished(&k)
             {
@@ -548,6 +559,6 @@ impl Queue {
 
     /// Bytes the database takes on disk.
     pub fn size_on_disk(&self) -> Result<u64> {
-        Ok(self.db()?.size_on_disk()?)
+        self.db()?.size_on_disk().storage()
     }
 }

@@ -23,10 +23,11 @@ use std::sync::PoisonError;
 
 use tokio::sync::oneshot;
 
+use super::Storage as _;
 use super::record::{self, Job, Stored};
 use super::{
-    Enqueued, Error, EventKind, JobKind, LeaseToken, Leased, NewJob, Queue, Result, clock, keys,
-    succeed,
+    DurabilityError, Enqueued, Error, EventKind, JobKind, LeaseToken, Leased, NewJob, Queue,
+    Result, clock, keys, succeed,
 };
 
 pub(super) enum Op {
@@ -68,7 +69,7 @@ impl Queue {
             tokio::task::spawn_blocking(move || q.combine(rt));
         }
         rx.await
-            .map_err(|_| Error::Durability("the write combiner went away".into()))?
+            .map_err(|_| Error::Durability(DurabilityError::new("the write combiner went away")))?
     }
 
     fn combine(&self, rt: tokio::runtime::Handle) {
@@ -88,14 +89,24 @@ impl Queue {
             let (ops, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
             match self.apply_group(ops) {
                 Err(e) => {
-                    let msg = e.to_string();
+                    // Every write of the group gets the one error; it is not `Clone`, so
+                    // all but an unwritable queue's share it as the cause.
+                    let unwritable = match &e {
+                        Error::Unwritable { path, why } => Some((path.clone(), why.clone())),
+                        _ => None,
+                    };
+                    let shared = match e {
+                        Error::Durability(d) => d,
+                        Error::Unwritable { .. } => DurabilityError::new(e.to_string()),
+                        e => DurabilityError::shared(e),
+                    };
                     for tx in replies {
-                        let e = match &e {
-                            Error::Unwritable { path, why } => Error::Unwritable {
+                        let e = match &unwritable {
+                            Some((path, why)) => Error::Unwritable {
                                 path: path.clone(),
                                 why: why.clone(),
                             },
-                            _ => Error::Durability(msg.clone()),
+                            None => Error::Durability(shared.clone()),
                         };
                         let _ = tx.send(Err(e));
                     }
@@ -104,12 +115,12 @@ impl Queue {
                     let q = self.clone();
                     rt.spawn(async move {
                         let durable = q.durable_since(epoch).await.map_err(|e| match e {
-                            Error::Durability(m) => m,
-                            e => e.to_string(),
+                            Error::Durability(d) => d,
+                            e => DurabilityError::shared(e),
                         });
                         for (r, tx) in results.into_iter().zip(replies) {
                             let r = match (&durable, r) {
-                                (Err(m), _) => Err(Error::Durability(m.clone())),
+                                (Err(d), _) => Err(Error::Durability(d.clone())),
                                 (Ok(()), r) => {
                                     if let Ok(done) = &r {
                                         q.after(done);
@@ -171,7 +182,9 @@ impl Queue {
                             Ok(Done::Enqueued(first)) => {
                                 Ok(Done::Enqueued(self.repeat_in_commit(&mut b, first, j)))
                             }
-                            _ => Err(Error::Durability("combiner: bad slot".into())),
+                            _ => Err(Error::Durability(DurabilityError::new(
+                                "combiner: bad slot",
+                            ))),
                         },
                         None => {
                             let e = self.enqueue_locked(&mut w, &mut b, j, now, &mut touched)?;
@@ -209,7 +222,7 @@ impl Queue {
         let end = keys::pending(kind, now, u64::MAX);
         let mut out = Vec::new();
         for entry in self.db()?.range(start..=end) {
-            let (k, _) = entry?;
+            let (k, _) = entry.storage()?;
             let Some((_, _, id)) = keys::parse_pending(&k) else {
                 b.remove(k);
                 continue;

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use super::DurabilityError;
+
 #[derive(Debug, Clone, Default)]
 struct Progress {
     /// Every ticket up to this one is durable.
@@ -31,7 +33,7 @@ struct Progress {
 /// A failed flush: what it said, and whether the filesystem was full.
 #[derive(Debug, Clone)]
 pub(crate) struct Failure {
-    pub(crate) message: String,
+    pub(crate) error: DurabilityError,
     pub(crate) no_space: bool,
 }
 
@@ -107,14 +109,14 @@ pub(crate) struct Waiter {
 
 impl Waiter {
     /// Waits until the ticket's writes are on disk.
-    pub(crate) async fn wait(&self, ticket: u64) -> Result<(), String> {
+    pub(crate) async fn wait(&self, ticket: u64) -> Result<(), DurabilityError> {
         let mut rx = self.shared.progress.subscribe();
         let p = rx
             .wait_for(|p| p.durable >= ticket || p.failed.is_some())
             .await
-            .map_err(|_| "the flush thread is gone".to_string())?;
+            .map_err(|_| DurabilityError::new("the flush thread is gone"))?;
         match &p.failed {
-            Some(e) if p.durable < ticket => Err(e.message.clone()),
+            Some(e) if p.durable < ticket => Err(e.error.clone()),
             _ => Ok(()),
         }
     }
@@ -179,11 +181,11 @@ fn flusher(db: sled::Db, data_file: File, dir: PathBuf, shared: Arc<Shared>) {
         let flushed = match db.flush() {
             Ok(_) => data_file.sync_data().map_err(|e| Failure {
                 no_space: is_no_space(&e),
-                message: format!("fdatasync: {e}"),
+                error: DurabilityError::caused("fdatasync", e),
             }),
             Err(e) => Err(Failure {
                 no_space: matches!(&e, sled::Error::Io(io) if is_no_space(io)),
-                message: e.to_string(),
+                error: DurabilityError::caused("", e),
             }),
         };
         match flushed {
@@ -197,10 +199,10 @@ fn flusher(db: sled::Db, data_file: File, dir: PathBuf, shared: Arc<Shared>) {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e.message, no_space = e.no_space, "queue flush failed; no write is acknowledged until the database is opened again (the daemon does so once the disk can take writes)");
+                tracing::error!(error = %e.error, no_space = e.no_space, "queue flush failed; no write is acknowledged until the database is opened again (the daemon does so once the disk can take writes)");
                 shared.progress.send_modify(|p| {
                     p.failed = Some(Failure {
-                        message: format!("flush failed: {}", e.message),
+                        error: DurabilityError::caused("flush failed", e.error),
                         no_space: e.no_space,
                     })
                 });

@@ -26,6 +26,7 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
+use super::Storage as _;
 use super::record::{self, Job, Quarantined, Stored};
 use super::{Error, JobKind, Queue, Result, decode_at, keys};
 
@@ -108,7 +109,7 @@ impl Queue {
         let report =
             tokio::task::spawn_blocking(move || super::unwind::guarded(|| q.fsck_blocking(repair)))
                 .await
-                .map_err(|e| Error::Durability(format!("fsck stopped: {e}")))?
+                .map_err(|e| Error::Durability(super::DurabilityError::caused("fsck stopped", e)))?
                 .map_err(|panic| Error::Damaged {
                     path: self.inner.path.clone(),
                     detail: format!("sled stopped at {panic}"),
@@ -149,7 +150,7 @@ impl Queue {
         let mut repointed = BTreeSet::new();
         let mut max_id = 0;
         for entry in db.scan_prefix([keys::JOB]) {
-            let (k, raw) = entry?;
+            let (k, raw) = entry.storage()?;
             found.report.jobs += 1;
             let job = match decode_at(&k, &raw) {
                 Ok(job) => job,
@@ -171,7 +172,7 @@ impl Queue {
             };
             max_id = max_id.max(job.id);
             let (index, value) = index_entry(&job);
-            match db.get(&index)? {
+            match db.get(&index).storage()? {
                 Some(v) if v.as_ref() == value.as_slice() => {}
                 other => {
                     let what = if other.is_some() {
@@ -195,7 +196,7 @@ impl Queue {
             }
             if super::txn::holds_key(&job, now, window) {
                 let idem = keys::idem(job.kind, &job.key);
-                let holder = db.get(&idem)?.and_then(|v| keys::be_u64(&v));
+                let holder = db.get(&idem).storage()?.and_then(|v| keys::be_u64(&v));
                 let held_by_its_key = match holder {
                     Some(id) if id == job.id => true,
                     Some(id) => self.job_has_key(id, job.kind, &job.key)?,
@@ -221,7 +222,8 @@ impl Queue {
         }
         self.check_idem(found, &unreadable, &repointed)?;
         let next = db
-            .get(keys::META_NEXT_ID)?
+            .get(keys::META_NEXT_ID)
+            .storage()?
             .and_then(|v| keys::be_u64(&v))
             .unwrap_or(0);
         let floor = max_id.max(unreadable.last().copied().unwrap_or(0)) + 1;
@@ -249,7 +251,7 @@ impl Queue {
         repointed: &BTreeSet<Vec<u8>>,
     ) -> Result<()> {
         for entry in self.db()?.scan_prefix([keys::IDEM]) {
-            let (k, v) = entry?;
+            let (k, v) = entry.storage()?;
             found.report.idempotency_entries += 1;
             if repointed.contains(k.as_ref()) {
                 continue;
@@ -268,7 +270,10 @@ impl Queue {
             };
             // A job moved to quarantine keeps its key's entry: the record is still there,
             // set aside, and the entry is all that ties the key to it.
-            let quarantined = self.db()?.contains_key(keys::quarantine(&keys::job(id)))?;
+            let quarantined = self
+                .db()?
+                .contains_key(keys::quarantine(&keys::job(id)))
+                .storage()?;
             if quarantined || unreadable.contains(&id) || self.job_has_key(id, kind, key)? {
                 continue;
             }
@@ -286,7 +291,7 @@ impl Queue {
     fn check_index(&self, found: &mut Found, unreadable: &BTreeSet<u64>) -> Result<()> {
         for prefix in [keys::PENDING, keys::RUNNING, keys::FINISHED] {
             for entry in self.db()?.scan_prefix([prefix]) {
-                let (k, v) = entry?;
+                let (k, v) = entry.storage()?;
                 found.report.index_entries += 1;
                 let id = match prefix {
                     keys::PENDING => keys::parse_pending(&k).map(|(_, _, id)| id),
@@ -309,7 +314,7 @@ impl Queue {
                     // Reported with the record; set aside with it.
                     continue;
                 }
-                let job = match self.db()?.get(keys::job(id))? {
+                let job = match self.db()?.get(keys::job(id)).storage()? {
                     None => None,
                     Some(raw) => decode_at(&keys::job(id), &raw).ok(),
                 };
@@ -353,7 +358,7 @@ impl Queue {
     /// State records, the quarantine, and keys of no known kind.
     fn check_rest(&self, found: &mut Found) -> Result<()> {
         for entry in self.db()?.iter() {
-            let (k, v) = entry?;
+            let (k, v) = entry.storage()?;
             match k.first().copied() {
                 Some(keys::JOB | keys::PENDING | keys::RUNNING | keys::FINISHED | keys::IDEM) => {}
                 Some(keys::STATE) => {
@@ -395,7 +400,7 @@ impl Queue {
 
     /// True when job `id` exists, reads, and has this kind and key.
     fn job_has_key(&self, id: u64, kind: JobKind, key: &str) -> Result<bool> {
-        Ok(match self.db()?.get(keys::job(id))? {
+        Ok(match self.db()?.get(keys::job(id)).storage()? {
             Some(raw) => {
                 decode_at(&keys::job(id), &raw).is_ok_and(|j| j.kind == kind && j.key == key)
             }
@@ -408,7 +413,7 @@ impl Queue {
         for fix in fixes {
             match fix {
                 Fix::SetAside { key, reason } => {
-                    let Some(raw) = self.db()?.get(&key)? else {
+                    let Some(raw) = self.db()?.get(&key).storage()? else {
                         continue;
                     };
                     if key.first() == Some(&keys::JOB) {

@@ -40,7 +40,9 @@
 //!   way out is `salvage.rs`, which copies every record that still passes its checksum
 //!   into a fresh database.
 //!
-//! sled never leaves this module: callers see [`Queue`], [`Job`] and [`Error`].
+//! sled never leaves this crate (`connector-queue`, re-exported by the product as
+//! `connector::queue`): callers see [`Queue`], [`Job`] and [`Error`]. It knows nothing
+//! of the product: the worker reports attempts to an [`AttemptObserver`] it is given.
 
 mod admin;
 mod clock;
@@ -75,8 +77,8 @@ pub use salvage::{SalvageError, SalvageReport, salvage};
 pub use store::{LOW_SPACE, RESERVE_BYTES, RESUME_SPACE, Refusal};
 pub use txn::{Commit, Committed, Dedupe, NewJob, StateWrite};
 pub use worker::{
-    AttemptResult, Condition, Effects, Handler, Pool, PoolStatus, Pools, run_maintenance, run_pool,
-    run_workers,
+    AttemptObserver, AttemptResult, Condition, Effects, Handler, NoObserver, Pool, PoolStatus,
+    Pools, run_maintenance, run_pool, run_workers,
 };
 
 use commit::GroupCommit;
@@ -97,7 +99,7 @@ pub enum Error {
     Open {
         path: PathBuf,
         #[source]
-        source: sled::Error,
+        source: StorageError,
     },
     #[error(
         "the queue database {path} has layout version {found}; this build reads up to {supported}: upgrade connector"
@@ -114,9 +116,9 @@ pub enum Error {
     )]
     Damaged { path: PathBuf, detail: String },
     #[error("queue storage error: {0}{hint}", hint = damage_hint(.0))]
-    Storage(#[from] sled::Error),
+    Storage(#[source] StorageError),
     #[error("queue write was not made durable: {0}")]
-    Durability(String),
+    Durability(#[source] DurabilityError),
     #[error("job {0} not found")]
     NotFound(u64),
     #[error("job {id} is {state}: cannot {op} it")]
@@ -160,19 +162,106 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Errors by which sled says its own files are damaged.
-fn is_damage(e: &sled::Error) -> bool {
-    matches!(
-        e,
-        sled::Error::Corruption { .. }
-            | sled::Error::ReportableBug(_)
-            | sled::Error::Unsupported(_)
-    )
+/// An error of the storage engine under the queue. Opaque, so the engine stays inside
+/// this crate: callers get its message and its source chain, not its type.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct StorageError(sled::Error);
+
+impl StorageError {
+    /// True when the engine says its own files are damaged.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self.0,
+            sled::Error::Corruption { .. }
+                | sled::Error::ReportableBug(_)
+                | sled::Error::Unsupported(_)
+        )
+    }
+
+    /// The I/O error underneath, if that is what it is.
+    fn io(&self) -> Option<&std::io::Error> {
+        match &self.0 {
+            sled::Error::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Why a write was not made durable: what failed, and the error underneath when there
+/// is one. One failed flush answers every write that waited for it, so the cause is
+/// shared and the error is `Clone`.
+#[derive(Debug, Clone)]
+pub struct DurabilityError {
+    /// Empty when the source says it all.
+    what: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl std::fmt::Display for DurabilityError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The cause is part of the message too (as in `Error::Open`): logs print only
+        // the top error's message.
+        match &self.source {
+            None => f.write_str(&self.what),
+            Some(e) if self.what.is_empty() => write!(f, "{e}"),
+            Some(e) => write!(f, "{}: {e}", self.what),
+        }
+    }
+}
+
+impl std::error::Error for DurabilityError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl DurabilityError {
+    /// A failure with no error underneath (the queue's own machinery went away).
+    fn new(what: impl Into<String>) -> Self {
+        Self {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// A write of a group failed with `e`, which every write of the group reports.
+    fn shared(e: Error) -> Self {
+        Self {
+            what: String::new(),
+            source: Some(Arc::new(e)),
+        }
+    }
+
+    /// `what` failed because of `source`.
+    fn caused(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            what: what.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+}
+
+/// Turns the engine's errors into the queue's, for `?` on sled calls. A private trait
+/// rather than `From<sled::Error>`, so sled's type is not part of the public API.
+trait Storage<T> {
+    fn storage(self) -> Result<T>;
+}
+
+impl<T> Storage<T> for std::result::Result<T, sled::Error> {
+    fn storage(self) -> Result<T> {
+        self.map_err(|e| Error::Storage(StorageError(e)))
+    }
 }
 
 /// What [`Error::Storage`] adds for damage: what to do about it.
-fn damage_hint(e: &sled::Error) -> &'static str {
-    if is_damage(e) {
+fn damage_hint(e: &StorageError) -> &'static str {
+    if e.is_damage() {
         " (the queue database is damaged: stop connector and run `queuectl salvage --to NEW_DIR`)"
     } else {
         ""
@@ -285,15 +374,18 @@ impl std::fmt::Display for JobState {
     }
 }
 
+/// A name that is not a [`JobState`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown state `{0}` (expected scheduled, ready, running, done or dead)")]
+pub struct UnknownState(pub String);
+
 impl std::str::FromStr for JobState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, UnknownState> {
         JobState::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown state `{s}` (expected scheduled, ready, running, done or dead)")
-            })
+            .ok_or_else(|| UnknownState(s.to_owned()))
     }
 }
 
@@ -434,7 +526,7 @@ impl Queue {
         let opened =
             unwind::guarded(|| Self::open_unguarded(&path, settings, clock, accept_lost_writes));
         match opened {
-            Ok(Err(Error::Storage(e) | Error::Open { source: e, .. })) if is_damage(&e) => {
+            Ok(Err(Error::Storage(e) | Error::Open { source: e, .. })) if e.is_damage() => {
                 Err(Error::Damaged {
                     path,
                     detail: e.to_string(),
@@ -486,7 +578,7 @@ impl Queue {
             opened
                 .sync_file
                 .sync_data()
-                .map_err(|e| Error::Durability(format!("fdatasync: {e}")))?;
+                .map_err(|e| Error::Durability(DurabilityError::caused("fdatasync", e)))?;
             Ok(recovery)
         });
         let recovery = match finished {
@@ -558,9 +650,9 @@ impl Queue {
         }
         match self.submit(combine::Op::Lease { kind, max }).await? {
             combine::Done::Leased(l) => Ok(l),
-            _ => Err(Error::Durability(
-                "write combiner: a reply of the wrong kind".into(),
-            )),
+            _ => Err(Error::Durability(DurabilityError::new(
+                "write combiner: a reply of the wrong kind",
+            ))),
         }
     }
 
@@ -568,9 +660,9 @@ impl Queue {
     pub async fn ack(&self, lease: LeaseToken) -> Result<Job> {
         match self.submit(combine::Op::Ack(lease)).await? {
             combine::Done::Finished(j) => Ok(j),
-            _ => Err(Error::Durability(
-                "write combiner: a reply of the wrong kind".into(),
-            )),
+            _ => Err(Error::Durability(DurabilityError::new(
+                "write combiner: a reply of the wrong kind",
+            ))),
         }
     }
 
@@ -719,7 +811,7 @@ impl Queue {
         let mut rec = Recovery::default();
         let mut b = sled::Batch::default();
         for entry in self.db()?.scan_prefix([keys::RUNNING]) {
-            let (k, v) = entry?;
+            let (k, v) = entry.storage()?;
             let lease_until = keys::be_u64(v.get(1..).unwrap_or_default()).unwrap_or(0);
             if !select(lease_until) {
                 continue;
@@ -803,7 +895,8 @@ impl Queue {
             .scan_prefix([keys::PENDING, kind.code()])
             .keys()
             .next()
-            .transpose()?;
+            .transpose()
+            .storage()?;
         Ok(first
             .and_then(|k| keys::parse_pending(&k))
             .map(|(_, due, _)| due))
@@ -813,7 +906,7 @@ impl Queue {
     pub fn running_count(&self, kind: JobKind) -> Result<usize> {
         let mut n = 0;
         for v in self.db()?.scan_prefix([keys::RUNNING]).values() {
-            if v?.first() == Some(&kind.code()) {
+            if v.storage()?.first() == Some(&kind.code()) {
                 n += 1;
             }
         }
@@ -832,7 +925,7 @@ impl Queue {
     }
 
     pub fn get(&self, id: u64) -> Result<Option<Job>> {
-        match self.db()?.get(keys::job(id))? {
+        match self.db()?.get(keys::job(id)).storage()? {
             None => Ok(None),
             Some(raw) => self.read_job(&keys::job(id), &raw),
         }
@@ -857,7 +950,7 @@ impl Queue {
 
     /// The newest job with this idempotency key, if any.
     pub fn find_key(&self, kind: JobKind, key: &str) -> Result<Option<Job>> {
-        match self.db()?.get(keys::idem(kind, key))? {
+        match self.db()?.get(keys::idem(kind, key)).storage()? {
             Some(v) => match keys::be_u64(&v) {
                 Some(id) => self.get(id),
                 None => Ok(None),
@@ -893,7 +986,7 @@ impl Queue {
         loop {
             let next = if rev { iter.next_back() } else { iter.next() };
             let Some(entry) = next else { return Ok(()) };
-            let (_, v) = entry?;
+            let (_, v) = entry.storage()?;
             let Some(job) = keys::be_u64(&v)
                 .map(|id| self.get(id))
                 .transpose()?
@@ -917,7 +1010,7 @@ impl Queue {
             .read()
             .unwrap_or_else(PoisonError::into_inner);
         match store.as_ref() {
-            Some(s) => Ok(f(&s.db)?),
+            Some(s) => Ok(f(&s.db).storage()?),
             None => Err(self.unwritable()),
         }
     }
@@ -964,7 +1057,9 @@ impl Queue {
                         free: store::free_space(&self.inner.path),
                     }
                 } else {
-                    Refusal::Failed { message: f.message }
+                    Refusal::Failed {
+                        message: f.error.to_string(),
+                    }
                 });
             }
         }
@@ -980,7 +1075,7 @@ impl Queue {
         match self.with_db(|db| db.apply_batch(b)) {
             Err(Error::Storage(e)) => {
                 // sled refuses every write after a failed one: note it for the probe.
-                if let sled::Error::Io(io) = &e {
+                if let Some(io) = e.io() {
                     let mut st = self.status();
                     st.poisoned = true;
                     st.refusal.get_or_insert(if commit::is_no_space(io) {
@@ -1016,9 +1111,9 @@ impl Queue {
             match store.as_ref() {
                 Some(s) if self.epoch() == epoch => (s.commit.waiter(), s.commit.ticket()),
                 _ => {
-                    return Err(Error::Durability(
-                        "the database was opened again before this write was flushed".into(),
-                    ));
+                    return Err(Error::Durability(DurabilityError::new(
+                        "the database was opened again before this write was flushed",
+                    )));
                 }
             }
         };
@@ -1189,7 +1284,7 @@ impl Queue {
     /// quarantined and reads as absent.
     fn load_locked(&self, id: u64) -> Result<Option<Job>> {
         let key = keys::job(id);
-        match self.db()?.get(key)? {
+        match self.db()?.get(key).storage()? {
             None => Ok(None),
             Some(raw) => match decode_at(&key, &raw) {
                 Ok(job) => Ok(Some(job)),
@@ -1216,7 +1311,8 @@ impl Queue {
             raw: Vec::new(),
         };
         self.db()?
-            .insert(keys::quarantine(&key), record::encode_quarantined(&q))?;
+            .insert(keys::quarantine(&key), record::encode_quarantined(&q))
+            .storage()?;
         Ok(())
     }
 
@@ -1224,7 +1320,7 @@ impl Queue {
     fn quarantine(&self, key: &[u8], raw: &[u8], err: &RecordError) -> Result<()> {
         let _w = self.lock();
         // Someone may have rewritten it meanwhile; only move what we saw.
-        if self.db()?.get(key)?.as_deref() == Some(raw) {
+        if self.db()?.get(key).storage()?.as_deref() == Some(raw) {
             self.quarantine_locked(key, raw, err)?;
         }
         Ok(())
@@ -1255,7 +1351,7 @@ impl Queue {
             b.remove(&keys::running(id));
             for prefix in [keys::PENDING, keys::FINISHED] {
                 for k in self.db()?.scan_prefix([prefix]).keys() {
-                    let k = k?;
+                    let k = k.storage()?;
                     if k.len() == 18 && keys::be_u64(&k[10..]) == Some(id) {
                         b.remove(k);
                     }
@@ -1286,18 +1382,20 @@ impl Opened {
             sled::Error::Io(e) if store::is_locked(e) => Error::Locked { path: path.clone() },
             _ => Error::Open {
                 path: path.clone(),
-                source,
+                source: StorageError(source),
             },
         })?;
         let stored_next = db
-            .get(keys::META_NEXT_ID)?
+            .get(keys::META_NEXT_ID)
+            .storage()?
             .and_then(|v| keys::be_u64(&v))
             .unwrap_or(1);
         let last_id = db
             .scan_prefix([keys::JOB])
             .keys()
             .next_back()
-            .transpose()?
+            .transpose()
+            .storage()?
             .and_then(|k| keys::parse_id(&k))
             .unwrap_or(0);
         let recovered = stored_next.max(last_id + 1);
@@ -1312,7 +1410,7 @@ impl Opened {
             }
             lost = Some((recovered, acknowledged));
         }
-        match db.get(keys::META_SCHEMA)? {
+        match db.get(keys::META_SCHEMA).storage()? {
             Some(v) => {
                 let found = v
                     .as_ref()
@@ -1328,17 +1426,18 @@ impl Opened {
                 }
             }
             None if db.is_empty() => {
-                db.insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                db.insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())
+                    .storage()?;
             }
             None => return Err(Error::NotAQueue { path }),
         }
         let data_file = std::fs::File::open(path.join("db")).map_err(|e| Error::Open {
             path: path.clone(),
-            source: e.into(),
+            source: StorageError(e.into()),
         })?;
         let sync_file = data_file.try_clone().map_err(|e| Error::Open {
             path: path.clone(),
-            source: e.into(),
+            source: StorageError(e.into()),
         })?;
         let commit =
             GroupCommit::start(db.clone(), data_file, path.clone()).map_err(Error::Thread)?;

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use super::Storage as _;
 use super::record::{self, Job, Stored};
 use super::{
     Enqueued, Error, EventKind, JobKind, LeaseToken, Millis, Queue, Result, WriteState, clock,
@@ -71,9 +72,9 @@ impl Queue {
         check_key(&job.key)?;
         match self.submit(super::combine::Op::Enqueue(job)).await? {
             super::combine::Done::Enqueued(e) => Ok(e),
-            _ => Err(Error::Durability(
-                "write combiner: a reply of the wrong kind".into(),
-            )),
+            _ => Err(Error::Durability(super::DurabilityError::new(
+                "write combiner: a reply of the wrong kind",
+            ))),
         }
     }
 
@@ -184,7 +185,12 @@ impl Queue {
         touched: &mut HashMap<u64, Job>,
     ) -> Result<Enqueued> {
         let idem = keys::idem(j.kind, &j.key);
-        let existing = match self.db()?.get(&idem)?.and_then(|v| keys::be_u64(&v)) {
+        let existing = match self
+            .db()?
+            .get(&idem)
+            .storage()?
+            .and_then(|v| keys::be_u64(&v))
+        {
             Some(id) => match touched.get(&id) {
                 Some(job) => Some(job.clone()),
                 None => self.load_locked(id)?,
@@ -242,7 +248,7 @@ impl Queue {
     /// Reads a state value. An unreadable one is quarantined and reads as absent.
     pub fn state(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let key = keys::state(name);
-        match self.db()?.get(&key)? {
+        match self.db()?.get(&key).storage()? {
             None => Ok(None),
             Some(raw) => match record::decode_state(&raw) {
                 Ok(v) => Ok(Some(v)),
@@ -258,7 +264,7 @@ impl Queue {
     pub fn state_scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         let mut out = Vec::new();
         for entry in self.db()?.scan_prefix(keys::state(prefix)) {
-            let (k, raw) = entry?;
+            let (k, raw) = entry.storage()?;
             let name = String::from_utf8_lossy(&k[1..]).into_owned();
             match record::decode_state(&raw) {
                 Ok(v) => out.push((name, v)),

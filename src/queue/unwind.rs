@@ -28,22 +28,27 @@ thread_local! {
 
 static HOOK: Once = Once::new();
 
+/// A panic caught by [`guarded`]: its message and where sled raised it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Panicked(String);
+
 /// Runs `f`; a panic inside it comes back as `Err` with its message and where sled
 /// raised it (`sled-0.34.7/src/serialization.rs:662: tried to serialize Uninitialized`).
 ///
 /// What `f` touched may be left half-done: callers only use this around work whose
 /// results they throw away on error (opening a database, reading it for a salvage).
-pub(crate) fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+pub(crate) fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, Panicked> {
     install_hook();
     GUARDED.with(|g| g.set(g.get() + 1));
     let result = panic::catch_unwind(AssertUnwindSafe(f));
     GUARDED.with(|g| g.set(g.get().saturating_sub(1)));
     result.map_err(|payload| {
         let message = message(payload.as_ref());
-        match LOCATION.with(|l| l.borrow_mut().take()) {
+        Panicked(match LOCATION.with(|l| l.borrow_mut().take()) {
             Some(at) => format!("{at}: {message}"),
             None => message,
-        }
+        })
     })
 }
 
@@ -98,8 +103,8 @@ mod tests {
 
     #[test]
     fn a_panic_becomes_its_message() {
-        let r: Result<(), String> = guarded(|| panic!("tried to serialize {}", "Uninitialized"));
-        let e = r.unwrap_err();
+        let r: Result<(), Panicked> = guarded(|| panic!("tried to serialize {}", "Uninitialized"));
+        let e = r.unwrap_err().to_string();
         assert!(e.ends_with("tried to serialize Uninitialized"), "{e}");
         assert!(e.contains("unwind.rs:"), "{e}");
         assert_eq!(guarded(|| 7), Ok(7));

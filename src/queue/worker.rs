@@ -4,8 +4,9 @@
 //! Each loop reports to its [`Pool`]: when it last turned (a loop that stops turning
 //! is stuck), whether it is running, and whether an operator paused it (`queuectl
 //! pause KIND`: it leases nothing until resumed; attempts in flight finish). The
-//! daemon's `/healthz` reads the pools; every attempt's outcome goes to the metrics
-//! (`crate::telemetry::metrics`).
+//! daemon's `/healthz` reads the pools; every recorded attempt is reported to the
+//! [`AttemptObserver`] the caller passes in (the daemon's metrics), so the queue
+//! itself knows nothing of how it is measured.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -18,7 +19,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{Commit, Error, Job, JobKind, NewJob, Queue, Result, StateWrite, Stored};
-use crate::telemetry::metrics;
 
 /// How one attempt ended, as the job's handler reports it.
 #[derive(Debug, Clone)]
@@ -56,6 +56,30 @@ pub struct Effects {
 pub trait Handler: Send + Sync + 'static {
     fn run(&self, job: Job) -> impl Future<Output = AttemptResult> + Send;
 }
+
+/// Told about every attempt whose result the queue recorded. The daemon passes one
+/// that feeds its metrics; the default methods do nothing.
+pub trait AttemptObserver: Send + Sync + 'static {
+    /// One attempt of `kind` was recorded with `outcome` (`done`, `failed`,
+    /// `deferred`) after running for `took`.
+    fn attempt(&self, kind: JobKind, outcome: &'static str, took: Duration) {
+        let _ = (kind, outcome, took);
+    }
+    /// A job of `kind` succeeded, `latency` after it was created.
+    fn finished(&self, kind: JobKind, latency: Duration) {
+        let _ = (kind, latency);
+    }
+    /// A job of `kind` failed its last rung and went dead.
+    fn exhausted(&self, kind: JobKind) {
+        let _ = kind;
+    }
+}
+
+/// An [`AttemptObserver`] that ignores everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoObserver;
+
+impl AttemptObserver for NoObserver {}
 
 /// Longest the loop sleeps before looking at the queue again, even when nothing woke it
 /// (a clock that jumped, a job enqueued by another handle).
@@ -224,18 +248,27 @@ pub async fn run_workers<H: Handler>(
     handler: Arc<H>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    run_pool(queue, Pool::new(kind), handler, shutdown).await
+    run_pool(
+        queue,
+        Pool::new(kind),
+        handler,
+        Arc::new(NoObserver),
+        shutdown,
+    )
+    .await
 }
 
-/// [`run_workers`], reporting to `pool` (and obeying its pause).
+/// [`run_workers`], reporting to `pool` (and obeying its pause) and telling `observer`
+/// about every recorded attempt.
 pub async fn run_pool<H: Handler>(
     queue: Queue,
     pool: Arc<Pool>,
     handler: Arc<H>,
+    observer: Arc<dyn AttemptObserver>,
     shutdown: CancellationToken,
 ) -> Result<()> {
     pool.set_state(RUNNING);
-    let outcome = work(&queue, &pool, handler, &shutdown).await;
+    let outcome = work(&queue, &pool, handler, observer, &shutdown).await;
     pool.set_state(STOPPED);
     outcome
 }
@@ -244,6 +277,7 @@ async fn work<H: Handler>(
     queue: &Queue,
     pool: &Pool,
     handler: Arc<H>,
+    observer: Arc<dyn AttemptObserver>,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let kind = pool.kind;
@@ -296,7 +330,7 @@ async fn work<H: Handler>(
         let full = free > 0 && leased.len() == free;
         for l in leased {
             let token = l.token();
-            let (queue, handler) = (queue.clone(), handler.clone());
+            let (queue, handler, observer) = (queue.clone(), handler.clone(), observer.clone());
             let limit = settings.lease_timeout;
             let created_ms = l.job.created_ms;
             attempts.spawn(async move {
@@ -333,7 +367,7 @@ async fn work<H: Handler>(
                         tracing::warn!(kind = %kind, job = token.id, attempt = token.attempt, %error, "attempt failed");
                         queue.fail(token, &error, retry_after).await.map(|job| {
                             if matches!(job.stored, Stored::Dead { .. }) {
-                                metrics::exhausted(kind);
+                                observer.exhausted(kind);
                             }
                         })
                     }
@@ -344,10 +378,10 @@ async fn work<H: Handler>(
                 };
                 match recorded {
                     Ok(()) => {
-                        metrics::attempt(kind, outcome, took);
+                        observer.attempt(kind, outcome, took);
                         if outcome == "done" {
                             let waited = queue.now().saturating_sub(created_ms);
-                            metrics::finished(kind, Duration::from_millis(waited));
+                            observer.finished(kind, Duration::from_millis(waited));
                         }
                     }
                     Err(e @ Error::LeaseLost { .. }) => tracing::warn!(kind = %kind, error = %e),

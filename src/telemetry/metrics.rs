@@ -38,7 +38,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::queue::JobKind;
+use crate::queue::{AttemptObserver, JobKind};
 
 /// Histogram buckets for durations, in seconds: from a quick local call to the
 /// webhook ladder's last rung (30 min) and a day-long outage.
@@ -162,6 +162,23 @@ pub fn finished(kind: JobKind, latency: Duration) {
 /// A job failed its last rung and went dead.
 pub fn exhausted(kind: JobKind) {
     counter!("connector_ladder_exhausted_total", "kind" => kind.as_str()).increment(1);
+}
+
+/// What the worker pools report their attempts to: the three events above. The queue
+/// defines the trait so it need not know how it is measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Attempts;
+
+impl AttemptObserver for Attempts {
+    fn attempt(&self, kind: JobKind, outcome: &'static str, took: Duration) {
+        attempt(kind, outcome, took);
+    }
+    fn finished(&self, kind: JobKind, latency: Duration) {
+        finished(kind, latency);
+    }
+    fn exhausted(&self, kind: JobKind) {
+        exhausted(kind);
+    }
 }
 
 /// The node's sync read a usable answer from the panel.
