@@ -9,6 +9,8 @@
 //! - [`peers`]: clients of the outside world: the panel, the apply hook.
 //! - [`daemon`]: the long-running process: producers, workers, shutdown, `--once`.
 //! - [`config`]: the configuration file and environment, validated into typed settings.
+//! - [`redact`]: what is never shown (secrets, URLs' credentials); imports nothing of
+//!   the crate, so every layer may use it.
 //! - [`telemetry`]: logging (`RUST_LOG`, `--log-format text|json`).
 //! - [`admin`]: the daemon's admin API (gRPC over a Unix socket) that `queuectl` uses
 //!   while the daemon runs, and the operations it shares with an offline `queuectl`.
@@ -25,4 +27,5 @@ pub mod demo;
 pub mod jobs;
 pub mod peers;
 pub mod queue;
+pub mod redact;
 pub mod telemetry;

@@ -14,9 +14,28 @@ pub mod traffic_report;
 pub mod webhook;
 pub mod xray_apply;
 
+use crate::queue::{Dedupe, JobKind, NewJob};
+
 /// The key of a node's job (the same for every kind that works per node).
 pub fn node_key(node_id: u64) -> String {
     format!("node-{node_id}")
+}
+
+/// The `xray_apply` job for a node's synced list of `generation`. Here rather than in
+/// `xray_apply` because `node_sync` enqueues it, and `xray_apply` reads `node_sync`'s
+/// state: kinds depend on each other one way only.
+pub fn apply_job(node_id: u64, generation: u64) -> NewJob {
+    NewJob {
+        kind: JobKind::XrayApply,
+        key: node_key(node_id),
+        payload: NodePayload {
+            node_id,
+            generation: Some(generation),
+        }
+        .encode(),
+        not_before: None,
+        dedupe: Dedupe::Replace,
+    }
 }
 
 /// The payload of per-node jobs.

@@ -217,7 +217,7 @@ impl NodeSync {
         };
         if self.config.apply.mode != ApplyMode::None {
             fx.enqueue
-                .push(crate::jobs::xray_apply::job(node_id, st.generation));
+                .push(crate::jobs::apply_job(node_id, st.generation));
         }
         AttemptResult::DoneWith(fx)
     }

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use tokio::sync::Semaphore;
 
-use crate::config;
+use super::WebhookSettings;
 
 /// Longest a `Retry-After` may push an attempt (a relay asking for a week is capped).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
@@ -56,7 +56,7 @@ pub enum DeliveryError {
     Redirect {
         relay: String,
         status: reqwest::StatusCode,
-        /// The `Location`, masked ([`crate::config::redact_url`]), or a note.
+        /// The `Location`, masked ([`crate::redact::redact_url`]), or a note.
         location: String,
     },
     #[error("relay {relay} did not answer within {}", humantime::format_duration(*.timeout))]
@@ -92,7 +92,7 @@ pub struct RelayClient {
 }
 
 impl RelayClient {
-    pub fn new(cfg: &config::Webhook) -> Result<RelayClient, ClientError> {
+    pub fn new(cfg: &WebhookSettings) -> Result<RelayClient, ClientError> {
         let mut b = reqwest::Client::builder()
             .connect_timeout(cfg.timeout)
             .timeout(cfg.timeout)
@@ -223,7 +223,7 @@ fn shown_location(url: &url::Url, headers: &HeaderMap) -> String {
         None => "(no Location header)".into(),
         Some(Err(_)) => "(a Location that is not text)".into(),
         Some(Ok(text)) => match url.join(text.trim()) {
-            Ok(to) => crate::config::redact_url(&to),
+            Ok(to) => crate::redact::redact_url(&to),
             Err(_) => "(a Location that is not a URL)".into(),
         },
     }

@@ -37,6 +37,34 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use serde::Deserialize;
 
+/// `[webhook]`: where relays are registered and how callbacks are sent.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// `{id}.json` per relay (SPEC §3).
+    pub providers_dir: PathBuf,
+    /// Extra CA certificates (PEM) trusted for `callback_url`, beside the system's.
+    pub ca_file: Option<PathBuf>,
+    /// One callback request, connect to last byte.
+    pub timeout: Duration,
+    /// Callbacks in flight to one relay at once (all relays together: the webhook
+    /// kind's `queue.kinds.webhook.concurrency`).
+    pub per_relay_concurrency: usize,
+    /// How often `providers_dir` is checked for changed files (SIGHUP reloads at once).
+    pub reload_interval: Duration,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        WebhookSettings {
+            providers_dir: PathBuf::from("./providers"),
+            ca_file: None,
+            timeout: Duration::from_secs(5),
+            per_relay_concurrency: 8,
+            reload_interval: Duration::from_secs(2),
+        }
+    }
+}
+
 /// Longest relay id: it names a file and goes into state keys.
 pub const MAX_ID_LEN: usize = 64;
 
@@ -100,9 +128,9 @@ impl fmt::Debug for SigningKey {
 }
 
 /// A URL fit for logs and `queuectl`: its password, query values and fragment masked
-/// (relays put tokens there). The one rule for every URL shown: [`crate::config::redact_url`].
+/// (relays put tokens there). The one rule for every URL shown: [`crate::redact::redact_url`].
 pub fn redacted(url: &url::Url) -> String {
-    crate::config::redact_url(url)
+    crate::redact::redact_url(url)
 }
 
 /// A provider file that could not be used: its path, the field at fault, and why.
@@ -218,11 +246,11 @@ pub fn load_file(path: &Path) -> Result<Option<Provider>, ProviderError> {
                 let message = e.into_inner().to_string();
                 if at == "." {
                     err("webhook", message)
-                } else if crate::config::is_secret_key(&at) {
+                } else if crate::redact::is_secret_key(&at) {
                     // serde quotes the value it got: never a secret's or a URL's.
                     err(
                         &format!("webhook.{at}"),
-                        crate::config::without_value(&message),
+                        crate::redact::without_value(&message),
                     )
                 } else {
                     err(&format!("webhook.{at}"), message)

@@ -7,8 +7,40 @@ use base64::Engine;
 use prost::Message;
 use uuid::Uuid;
 
+use super::Flavor;
 use super::wire;
-use crate::config::{Flavor, Protocol};
+
+/// The protocol of an inbound: what kind of account each of its users gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Vless,
+    Vmess,
+    Trojan,
+    Shadowsocks,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Vless => "vless",
+            Protocol::Vmess => "vmess",
+            Protocol::Trojan => "trojan",
+            Protocol::Shadowsocks => "shadowsocks",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "vless" => Ok(Protocol::Vless),
+            "vmess" => Ok(Protocol::Vmess),
+            "trojan" => Ok(Protocol::Trojan),
+            "shadowsocks" => Ok(Protocol::Shadowsocks),
+            other => Err(format!(
+                "`{other}` is not a protocol (expected vless, vmess, trojan or shadowsocks)"
+            )),
+        }
+    }
+}
 
 /// Shadowsocks ciphers the API accepts per user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
