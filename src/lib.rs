@@ -29,3 +29,24 @@ pub mod peers;
 pub mod queue;
 pub mod redact;
 pub mod telemetry;
+
+/// The module graph stays acyclic (`scripts/deps.sh` prints it and fails on a cycle):
+/// here so that every `cargo test` run checks it.
+#[cfg(test)]
+mod deps {
+    #[test]
+    fn no_cycle_between_modules() {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let out = std::process::Command::new("sh")
+            .arg(format!("{dir}/scripts/deps.sh"))
+            .arg(format!("{dir}/src"))
+            .output()
+            .expect("sh runs");
+        assert!(
+            out.status.success(),
+            "module dependency cycle:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
