@@ -327,10 +327,10 @@ fn finish(cfg: &mut Config, pending: Pending, env: &dyn Env) -> Result<(), Confi
         .var("XRAY_INBOUND_TAG")
         .unwrap_or_else(|| "node-{node_id}".into());
     let proto_default = match env.var("XRAY_PROTOCOL") {
-        Some(p) => Protocol::parse(&p).map_err(|reason| ConfigError {
+        Some(p) => Protocol::parse(&p).map_err(|e| ConfigError {
             file: None,
             key: "XRAY_PROTOCOL".into(),
-            reason,
+            reason: e.to_string(),
         })?,
         None => Protocol::Vless,
     };

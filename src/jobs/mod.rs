@@ -53,7 +53,21 @@ impl NodePayload {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("bad job payload: {e}"))
+    pub fn decode(bytes: &[u8]) -> Result<Self, PayloadError> {
+        serde_json::from_slice(bytes).map_err(|source| PayloadError {
+            what: "job",
+            source,
+        })
     }
+}
+
+/// A job's payload that does not decode: written by another build, or damaged. The
+/// attempt fails with it (the queue keeps the job for an operator to see).
+#[derive(Debug, thiserror::Error)]
+#[error("bad {what} payload: {source}")]
+pub struct PayloadError {
+    /// What the payload is of (`job`, `traffic report`, `webhook job`).
+    pub what: &'static str,
+    #[source]
+    pub source: serde_json::Error,
 }

@@ -95,14 +95,20 @@ pub enum PanelError {
     },
     #[error("no answer from the panel within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
-    #[error("cannot connect to the panel at {url}: {reason}")]
-    Connect { url: String, reason: String },
-    #[error("the panel connection failed: {0}")]
-    Transport(String),
+    #[error("cannot connect to the panel at {url}: {}", root_cause(source))]
+    Connect {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the panel connection failed: {}", root_cause(.0))]
+    Transport(#[source] reqwest::Error),
     #[error("the panel's answer is larger than {} MiB", MAX_BODY / 1024 / 1024)]
     TooLarge,
-    #[error("cannot build the HTTP client: {0}")]
-    Client(String),
+    #[error("cannot build the HTTP client: no internal API key configured")]
+    NoKey,
+    #[error("cannot build the HTTP client: {}", super::chain(.0))]
+    Client(#[source] reqwest::Error),
 }
 
 impl PanelError {
@@ -116,10 +122,7 @@ impl PanelError {
 
 impl Panel {
     pub fn new(cfg: &PanelSettings) -> Result<Panel, PanelError> {
-        let key = cfg
-            .internal_api_key
-            .clone()
-            .ok_or_else(|| PanelError::Client("no internal API key configured".into()))?;
+        let key = cfg.internal_api_key.clone().ok_or(PanelError::NoKey)?;
         let client = reqwest::Client::builder()
             .connect_timeout(cfg.timeout)
             .timeout(cfg.timeout)
@@ -127,7 +130,7 @@ impl Panel {
             // Following a redirect would send the internal key to wherever it points.
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| PanelError::Client(super::chain(&e)))?;
+            .map_err(PanelError::Client)?;
         Ok(Panel {
             client,
             base_url: cfg.base_url.clone(),
@@ -213,10 +216,10 @@ impl Panel {
         } else if e.is_connect() {
             PanelError::Connect {
                 url: ShownUrl(url).to_string(),
-                reason: root_cause(&e),
+                source: e,
             }
         } else {
-            PanelError::Transport(root_cause(&e))
+            PanelError::Transport(e)
         }
     }
 }

@@ -72,7 +72,7 @@ impl Handler for NodeSync {
     async fn run(&self, job: Job) -> AttemptResult {
         let node_id = match NodePayload::decode(&job.payload) {
             Ok(p) => p.node_id,
-            Err(e) => return retry(e),
+            Err(e) => return retry(e.to_string()),
         };
         if self.config.node(node_id).is_none() {
             tracing::warn!(node = node_id, "node is no longer configured; sync dropped");

@@ -118,7 +118,7 @@ impl Handler for XrayApply {
     async fn run(&self, job: Job) -> AttemptResult {
         let node_id = match NodePayload::decode(&job.payload) {
             Ok(p) => p.node_id,
-            Err(e) => return retry(e),
+            Err(e) => return retry(e.to_string()),
         };
         let lock = self.lock_for(node_id);
         let _serial = lock.lock().await;

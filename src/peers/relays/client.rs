@@ -34,9 +34,18 @@ pub enum ClientError {
         source: std::io::Error,
     },
     #[error("webhook.ca_file: {path} holds no usable PEM certificate: {reason}")]
-    BadCa { path: String, reason: String },
-    #[error("cannot build the webhook HTTP client: {0}")]
-    Build(String),
+    BadCa { path: String, reason: &'static str },
+    #[error(
+        "webhook.ca_file: {path} holds no usable PEM certificate: {}",
+        crate::peers::chain(source)
+    )]
+    BadPem {
+        path: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("cannot build the webhook HTTP client: {}", crate::peers::chain(.0))]
+    Build(#[source] reqwest::Error),
 }
 
 /// Why one callback was not delivered. Every one of them is a failed attempt.
@@ -61,10 +70,21 @@ pub enum DeliveryError {
     },
     #[error("relay {relay} did not answer within {}", humantime::format_duration(*.timeout))]
     Timeout { relay: String, timeout: Duration },
-    #[error("cannot connect to relay {relay}: {reason}")]
-    Connect { relay: String, reason: String },
-    #[error("the connection to relay {relay} failed: {reason}")]
-    Transport { relay: String, reason: String },
+    #[error("cannot connect to relay {relay}: {}", crate::peers::chain(source))]
+    Connect {
+        relay: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error(
+        "the connection to relay {relay} failed: {}",
+        crate::peers::chain(source)
+    )]
+    Transport {
+        relay: String,
+        #[source]
+        source: reqwest::Error,
+    },
 }
 
 impl DeliveryError {
@@ -106,22 +126,21 @@ impl RelayClient {
                 path: shown.clone(),
                 source,
             })?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ClientError::BadCa {
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| {
+                ClientError::BadPem {
                     path: shown.clone(),
-                    reason: crate::peers::chain(&e),
-                })?;
+                    source,
+                }
+            })?;
             if certs.is_empty() {
                 return Err(ClientError::BadCa {
                     path: shown,
-                    reason: "no `BEGIN CERTIFICATE` block".into(),
+                    reason: "no `BEGIN CERTIFICATE` block",
                 });
             }
             b = b.tls_certs_merge(certs);
         }
-        let http = b
-            .build()
-            .map_err(|e| ClientError::Build(crate::peers::chain(&e)))?;
+        let http = b.build().map_err(ClientError::Build)?;
         Ok(RelayClient {
             http,
             timeout: cfg.timeout,
@@ -204,15 +223,9 @@ impl RelayClient {
                 timeout: self.timeout,
             }
         } else if e.is_connect() {
-            DeliveryError::Connect {
-                relay,
-                reason: crate::peers::chain(&e),
-            }
+            DeliveryError::Connect { relay, source: e }
         } else {
-            DeliveryError::Transport {
-                relay,
-                reason: crate::peers::chain(&e),
-            }
+            DeliveryError::Transport { relay, source: e }
         }
     }
 }
