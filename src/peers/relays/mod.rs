@@ -211,7 +211,7 @@ pub fn load_file(path: &Path) -> Result<Option<Provider>, ProviderError> {
         .file_stem()
         .and_then(|s| s.to_str())
         .ok_or_else(|| err("(file)", "the file name is not UTF-8".into()))?;
-    let text = read_capped(path).map_err(|r| err("(file)", r))?;
+    let text = read_capped(path).map_err(|e| err("(file)", e.to_string()))?;
     let raw: RawProvider = serde_json::from_slice(&text)
         .map_err(|e| err("(json)", format!("not a JSON object: {e}")))?;
     let id = match raw.id {
@@ -289,41 +289,52 @@ pub fn load_file(path: &Path) -> Result<Option<Provider>, ProviderError> {
     }))
 }
 
+/// Why a provider file could not be read; shown after its path and `(file)`.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("is a symbolic link to {}, which does not exist", .0.display())]
+    DanglingLink(PathBuf),
+    #[error("cannot read: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("is a directory, not a provider file")]
+    Directory,
+    #[error("is not a regular file")]
+    NotAFile,
+    #[error("is larger than {MAX_FILE_BYTES} bytes (1 MiB): not a provider file")]
+    TooLarge,
+}
+
 /// Reads a provider file: a regular file (a symlink to one is fine) of at most
 /// [`MAX_FILE_BYTES`]. Says what it is otherwise (a directory, a dangling link, a FIFO
 /// that would block the reload).
-fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
+fn read_capped(path: &Path) -> Result<Vec<u8>, ReadError> {
     use std::io::Read;
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(match std::fs::read_link(path) {
-                Ok(target) => format!(
-                    "is a symbolic link to {}, which does not exist",
-                    target.display()
-                ),
-                Err(_) => format!("cannot read: {e}"),
+                Ok(target) => ReadError::DanglingLink(target),
+                Err(_) => ReadError::Io(e),
             });
         }
-        Err(e) => return Err(format!("cannot read: {e}")),
+        Err(e) => return Err(ReadError::Io(e)),
     };
     if meta.is_dir() {
-        return Err("is a directory, not a provider file".into());
+        return Err(ReadError::Directory);
     }
     if !meta.is_file() {
-        return Err("is not a regular file".into());
+        return Err(ReadError::NotAFile);
     }
-    let too_big = || format!("is larger than {MAX_FILE_BYTES} bytes (1 MiB): not a provider file");
     if meta.len() > MAX_FILE_BYTES {
-        return Err(too_big());
+        return Err(ReadError::TooLarge);
     }
     let mut text = Vec::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut text))
-        .map_err(|e| format!("cannot read: {e}"))?;
+        .map_err(ReadError::Io)?;
     // It may have grown since the metadata was read.
     if text.len() as u64 > MAX_FILE_BYTES {
-        return Err(too_big());
+        return Err(ReadError::TooLarge);
     }
     Ok(text)
 }
