@@ -6,11 +6,13 @@
 //!   is a job in it: idempotency keys, the retry ladder, leases, crash recovery, and
 //!   the operator operations `queuectl` calls. A crate of its own (`connector-queue`,
 //!   still in `src/queue/`), so it cannot import the product: it reports attempts to
-//!   an observer the daemon passes in. (It still names the four job kinds, `kind.rs`.)
+//!   an observer the daemon passes in.
 //! - [`jobs`]: the job kinds, one module each, saying what it reads and writes.
 //! - [`peers`]: clients of the outside world: the panel, the apply hook.
 //! - [`daemon`]: the long-running process: producers, workers, shutdown, `--once`.
 //! - [`config`]: the configuration file and environment, validated into typed settings.
+//! - [`redact`]: what is never shown (secrets, URLs' credentials); imports nothing of
+//!   the crate, so every layer may use it.
 //! - [`telemetry`]: logging (`RUST_LOG`, `--log-format text|json`).
 //! - [`admin`]: the daemon's admin API (gRPC over a Unix socket) that `queuectl` uses
 //!   while the daemon runs, and the operations it shares with an offline `queuectl`.
@@ -29,4 +31,26 @@ pub mod peers;
 /// The queue is its own crate (`src/queue/`, package `connector-queue`) so that it
 /// cannot import the product; it keeps its place at `connector::queue`.
 pub use connector_queue as queue;
+pub mod redact;
 pub mod telemetry;
+
+/// The module graph stays acyclic (`scripts/deps.sh` prints it and fails on a cycle):
+/// here so that every `cargo test` run checks it.
+#[cfg(test)]
+mod deps {
+    #[test]
+    fn no_cycle_between_modules() {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let out = std::process::Command::new("sh")
+            .arg(format!("{dir}/scripts/deps.sh"))
+            .arg(format!("{dir}/src"))
+            .output()
+            .expect("sh runs");
+        assert!(
+            out.status.success(),
+            "module dependency cycle:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -55,12 +55,30 @@ fn attempt(a: &Attempt) -> pb::Attempt {
     }
 }
 
-impl TryFrom<pb::Job> for Job {
-    type Error = String;
+/// Why a job from the socket cannot be read (a `queuectl` and a daemon of different
+/// versions).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The queue's words for a kind it does not know.
+    #[error("{0}")]
+    Kind(String),
+    #[error("job {id}: unknown dead reason `{reason}`")]
+    DeadReason { id: u64, reason: String },
+    #[error("job {id} came without a state")]
+    NoState { id: u64 },
+    #[error("job {id}: an attempt without an outcome")]
+    NoOutcome { id: u64 },
+}
 
-    fn try_from(j: pb::Job) -> Result<Self, String> {
+impl TryFrom<pb::Job> for Job {
+    type Error = WireError;
+
+    fn try_from(j: pb::Job) -> Result<Self, WireError> {
         use pb::job::Stored as S;
-        let kind: JobKind = j.kind.parse()?;
+        let kind: JobKind = j
+            .kind
+            .parse()
+            .map_err(|e: <JobKind as std::str::FromStr>::Err| WireError::Kind(e.to_string()))?;
         let stored = match j.stored {
             Some(S::Pending(p)) => Stored::Pending { due_ms: p.due_ms },
             Some(S::Running(r)) => Stored::Running {
@@ -73,10 +91,15 @@ impl TryFrom<pb::Job> for Job {
                 reason: match d.reason.as_str() {
                     "exhausted" => DeadReason::Exhausted,
                     "cancelled" => DeadReason::Cancelled,
-                    other => return Err(format!("job {}: unknown dead reason `{other}`", j.id)),
+                    other => {
+                        return Err(WireError::DeadReason {
+                            id: j.id,
+                            reason: other.to_string(),
+                        });
+                    }
                 },
             },
-            None => return Err(format!("job {} came without a state", j.id)),
+            None => return Err(WireError::NoState { id: j.id }),
         };
         let history = j
             .history
@@ -88,7 +111,7 @@ impl TryFrom<pb::Job> for Job {
                     Some(O::Failed(error)) => Outcome::Failed { error },
                     Some(O::LeaseExpired(_)) => Outcome::LeaseExpired,
                     Some(O::Interrupted(reason)) => Outcome::Interrupted { reason },
-                    None => return Err(format!("job {}: an attempt without an outcome", j.id)),
+                    None => return Err(WireError::NoOutcome { id: j.id }),
                 };
                 Ok(Attempt {
                     number: a.number,
@@ -98,7 +121,7 @@ impl TryFrom<pb::Job> for Job {
                     note: a.note,
                 })
             })
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<_, WireError>>()?;
         Ok(Job {
             id: j.id,
             kind,

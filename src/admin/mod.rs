@@ -48,6 +48,3 @@ pub mod pb {
 
 pub use ops::Ctx;
 pub use server::{ServeError, Server};
-
-/// The admin socket's file name under `data_dir`, unless `[admin] socket` says otherwise.
-pub const SOCKET_NAME: &str = "admin.sock";

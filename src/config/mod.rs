@@ -6,12 +6,10 @@
 //! - `raw.rs`: the file's shape (serde), unknown keys refused.
 //! - `env.rs`: the environment variables and how each maps onto a key.
 //! - `render.rs`: `connector check-config`'s output, secrets masked.
-//! - `shown_url.rs`: how a URL is shown anywhere (password, query values masked).
 
 mod env;
 mod raw;
 mod render;
-mod shown_url;
 mod webhook;
 
 use std::collections::BTreeMap;
@@ -23,8 +21,14 @@ use crate::queue;
 
 pub use env::ENV_VARS;
 pub use render::render;
-pub use shown_url::{ShownUrl, redact_url};
-pub use webhook::{Http, Webhook};
+// What is never shown, and the peers' own settings and vocabulary, are defined where
+// they are used (config may import the peers; they must not import config).
+pub use crate::peers::panel::PanelSettings as Panel;
+pub use crate::peers::relays::WebhookSettings as Webhook;
+pub use crate::peers::xray::Flavor;
+pub use crate::peers::xray::account::Protocol;
+pub use crate::redact::{Secret, ShownUrl, is_secret_key, redact_url, without_value};
+pub use webhook::Http;
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -77,6 +81,9 @@ impl Default for Config {
     }
 }
 
+/// The admin socket's file name under `data_dir`, unless `[admin] socket` says otherwise.
+const ADMIN_SOCKET_NAME: &str = "admin.sock";
+
 impl Config {
     /// Where the queue database lives.
     pub fn queue_path(&self) -> PathBuf {
@@ -87,72 +94,11 @@ impl Config {
     pub fn admin_socket(&self) -> PathBuf {
         self.admin_socket
             .clone()
-            .unwrap_or_else(|| self.data_dir.join(crate::admin::SOCKET_NAME))
+            .unwrap_or_else(|| self.data_dir.join(ADMIN_SOCKET_NAME))
     }
 
     pub fn node(&self, id: u64) -> Option<&Node> {
         self.nodes.iter().find(|n| n.id == id)
-    }
-}
-
-/// A secret (API key, token): never printed. `Debug` and `Display` show `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-
-    /// The secret itself, for the one place that must send it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-#[derive(Clone)]
-pub struct Panel {
-    /// `http(s)://[user[:password]@]host[:port][/path]`, no trailing slash, no query or
-    /// fragment: request paths are appended to it. Shown only through [`ShownUrl`].
-    pub base_url: String,
-    pub internal_api_key: Option<Secret>,
-    /// Where the key was read from, when it came from a file.
-    pub internal_api_key_file: Option<PathBuf>,
-    pub timeout: Duration,
-}
-
-/// By hand: the base URL may carry a password.
-impl fmt::Debug for Panel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Panel")
-            .field("base_url", &ShownUrl(&self.base_url).to_string())
-            .field("internal_api_key", &self.internal_api_key)
-            .field("internal_api_key_file", &self.internal_api_key_file)
-            .field("timeout", &self.timeout)
-            .finish()
-    }
-}
-
-impl Default for Panel {
-    fn default() -> Self {
-        Panel {
-            base_url: "http://127.0.0.1:3000".into(),
-            internal_api_key: None,
-            internal_api_key_file: None,
-            timeout: Duration::from_secs(10),
-        }
     }
 }
 
@@ -216,12 +162,6 @@ impl Default for Apply {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flavor {
-    Xray,
-    V2ray,
-}
-
 #[derive(Debug, Clone)]
 pub struct Xray {
     pub api: String,
@@ -244,37 +184,6 @@ impl Default for Xray {
             email_template: "{uuid}".into(),
             timeout: Duration::from_secs(10),
             concurrency: 32,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    Vless,
-    Vmess,
-    Trojan,
-    Shadowsocks,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Vless => "vless",
-            Protocol::Vmess => "vmess",
-            Protocol::Trojan => "trojan",
-            Protocol::Shadowsocks => "shadowsocks",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "vless" => Ok(Protocol::Vless),
-            "vmess" => Ok(Protocol::Vmess),
-            "trojan" => Ok(Protocol::Trojan),
-            "shadowsocks" => Ok(Protocol::Shadowsocks),
-            other => Err(format!(
-                "`{other}` is not a protocol (expected vless, vmess, trojan or shadowsocks)"
-            )),
         }
     }
 }
@@ -418,10 +327,10 @@ fn finish(cfg: &mut Config, pending: Pending, env: &dyn Env) -> Result<(), Confi
         .var("XRAY_INBOUND_TAG")
         .unwrap_or_else(|| "node-{node_id}".into());
     let proto_default = match env.var("XRAY_PROTOCOL") {
-        Some(p) => Protocol::parse(&p).map_err(|reason| ConfigError {
+        Some(p) => Protocol::parse(&p).map_err(|e| ConfigError {
             file: None,
             key: "XRAY_PROTOCOL".into(),
-            reason,
+            reason: e.to_string(),
         })?,
         None => Protocol::Vless,
     };
@@ -608,35 +517,6 @@ fn header_safe(s: &str) -> Result<(), String> {
     } else {
         Err("holds a character that cannot be sent in an HTTP header (only printable ASCII; the value is not shown)".into())
     }
-}
-
-/// Whether a key (dotted path or variable name) holds a secret, or may (a URL's
-/// password or query): its value never appears in an error.
-pub fn is_secret_key(key: &str) -> bool {
-    let last = key
-        .rsplit('.')
-        .next()
-        .unwrap_or(key)
-        .trim_end_matches(|c: char| c == ']' || c.is_ascii_digit() || c == '[')
-        .to_ascii_lowercase();
-    ["key", "token", "secret", "password", "url"]
-        .iter()
-        .any(|w| last.contains(w))
-}
-
-/// A serde error message fit for a secret-bearing key: `invalid type: integer
-/// `12345`, expected a string` becomes `has the wrong type or value (not shown: this
-/// key holds a secret); expected a string`. Unknown-field messages name only keys and
-/// are kept.
-pub fn without_value(message: &str) -> String {
-    if message.starts_with("unknown field") || message.starts_with("missing field") {
-        return message.to_string();
-    }
-    let expected = message
-        .rfind(", expected ")
-        .map(|i| format!("; {}", &message[i + 2..]))
-        .unwrap_or_default();
-    format!("has the wrong type or value (not shown: this key holds a secret){expected}")
 }
 
 /// Checks that `data_dir` can hold the queue, and with `create` creates it: a

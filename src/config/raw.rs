@@ -361,13 +361,15 @@ fn apply_raw(
 
     for (i, n) in raw.nodes.into_iter().enumerate() {
         let protocol = match n.protocol {
-            Some(p) => Some(Protocol::parse(&p).map_err(|r| (format!("nodes[{i}].protocol"), r))?),
+            Some(p) => Some(
+                Protocol::parse(&p).map_err(|e| (format!("nodes[{i}].protocol"), e.to_string()))?,
+            ),
             None => None,
         };
         let cipher = match n.cipher {
             Some(c) => Some(
                 crate::peers::xray::account::Cipher::parse(&c)
-                    .map_err(|r| (format!("nodes[{i}].cipher"), r))?,
+                    .map_err(|e| (format!("nodes[{i}].cipher"), e.to_string()))?,
             ),
             None => None,
         };

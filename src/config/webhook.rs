@@ -9,35 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::Secret;
-
-/// `[webhook]`: where relays are registered and how callbacks are sent.
-#[derive(Debug, Clone)]
-pub struct Webhook {
-    /// `{id}.json` per relay (SPEC §3).
-    pub providers_dir: PathBuf,
-    /// Extra CA certificates (PEM) trusted for `callback_url`, beside the system's.
-    pub ca_file: Option<PathBuf>,
-    /// One callback request, connect to last byte.
-    pub timeout: Duration,
-    /// Callbacks in flight to one relay at once (all relays together: the webhook
-    /// kind's `queue.kinds.webhook.concurrency`).
-    pub per_relay_concurrency: usize,
-    /// How often `providers_dir` is checked for changed files (SIGHUP reloads at once).
-    pub reload_interval: Duration,
-}
-
-impl Default for Webhook {
-    fn default() -> Self {
-        Webhook {
-            providers_dir: PathBuf::from("./providers"),
-            ca_file: None,
-            timeout: Duration::from_secs(5),
-            per_relay_concurrency: 8,
-            reload_interval: Duration::from_secs(2),
-        }
-    }
-}
+use super::{Secret, Webhook};
 
 /// `[http]`: the local listener (`POST /v1/webhooks/connect`).
 #[derive(Debug, Clone)]

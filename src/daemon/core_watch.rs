@@ -26,6 +26,7 @@ use crate::config::{Config, Node};
 use crate::jobs::node_key;
 use crate::jobs::node_sync::state;
 use crate::jobs::xray_apply::{self, XrayApply, grpc};
+use crate::peers::xray::email::email_for;
 use crate::peers::xray::{Added, XrayClient};
 use crate::queue::{JobKind, JobState, Queue};
 
@@ -171,7 +172,7 @@ async fn lost_users(
     let Some((user, email)) = synced
         .users
         .iter()
-        .map(|u| (u, grpc::email_for(&xray.email_template, node.id, u.uuid)))
+        .map(|u| (u, email_for(&xray.email_template, node.id, u.uuid)))
         .find(|(_, email)| managed.emails.contains(email))
     else {
         return Ok(false);

@@ -837,7 +837,7 @@ async fn traffic_settled(
 fn user_counters(stats: &[(String, i64)]) -> BTreeMap<String, [u64; 2]> {
     let mut out: BTreeMap<String, [u64; 2]> = BTreeMap::new();
     for (name, value) in stats {
-        if let Some((email, dir)) = crate::jobs::traffic_report::collect::parse_counter(name) {
+        if let Some((email, dir)) = crate::peers::xray::email::parse_counter(name) {
             out.entry(email.to_ascii_lowercase()).or_default()[dir] =
                 u64::try_from(*value).unwrap_or(0);
         }

@@ -14,9 +14,28 @@ pub mod traffic_report;
 pub mod webhook;
 pub mod xray_apply;
 
+use crate::queue::{Dedupe, JobKind, NewJob};
+
 /// The key of a node's job (the same for every kind that works per node).
 pub fn node_key(node_id: u64) -> String {
     format!("node-{node_id}")
+}
+
+/// The `xray_apply` job for a node's synced list of `generation`. Here rather than in
+/// `xray_apply` because `node_sync` enqueues it, and `xray_apply` reads `node_sync`'s
+/// state: kinds depend on each other one way only.
+pub fn apply_job(node_id: u64, generation: u64) -> NewJob {
+    NewJob {
+        kind: JobKind::XrayApply,
+        key: node_key(node_id),
+        payload: NodePayload {
+            node_id,
+            generation: Some(generation),
+        }
+        .encode(),
+        not_before: None,
+        dedupe: Dedupe::Replace,
+    }
 }
 
 /// The payload of per-node jobs.
@@ -34,7 +53,21 @@ impl NodePayload {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("bad job payload: {e}"))
+    pub fn decode(bytes: &[u8]) -> Result<Self, PayloadError> {
+        serde_json::from_slice(bytes).map_err(|source| PayloadError {
+            what: "job",
+            source,
+        })
     }
+}
+
+/// A job's payload that does not decode: written by another build, or damaged. The
+/// attempt fails with it (the queue keeps the job for an operator to see).
+#[derive(Debug, thiserror::Error)]
+#[error("bad {what} payload: {source}")]
+pub struct PayloadError {
+    /// What the payload is of (`job`, `traffic report`, `webhook job`).
+    pub what: &'static str,
+    #[source]
+    pub source: serde_json::Error,
 }

@@ -1,9 +1,15 @@
 //! The outside world the agent talks to. Each peer is a client with typed errors that
 //! say what went wrong in words an operator can act on, and never carry a secret.
 //!
+//! Peers import neither `config` nor `jobs`: each takes its own settings type
+//! ([`panel::PanelSettings`], [`relays::WebhookSettings`]), which `config` fills in and
+//! re-exports, and owns its vocabulary (the Xray flavour, protocols, ciphers, email
+//! shape and counter names in [`xray`]), which `config` and the job kinds import.
+//!
 //! - [`panel`]: the panel's internal API (allowed users; traffic reports later).
 //! - [`hook`]: the operator's `APPLY_CMD`.
-//! - [`xray`]: an Xray or V2Ray core's gRPC API.
+//! - [`xray`]: an Xray or V2Ray core's gRPC API, and the names the agent gives things in
+//!   a core ([`xray::email`]).
 //! - [`relays`]: relays' provider files and the client their callbacks go out through.
 
 pub mod hook;

@@ -7,15 +7,52 @@
 //! attempt whose error names the status and where it pointed (masked). URLs in errors
 //! are shown masked ([`ShownUrl`]): a base URL may carry a password.
 
+use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::header::{ETAG, HeaderMap, HeaderValue, IF_NONE_MATCH, LOCATION, RETRY_AFTER};
 
-use crate::config::{self, Secret, ShownUrl};
+use crate::redact::{Secret, ShownUrl, redact_url};
 
 /// Largest body accepted (a 100,000-user list is about 4 MB).
 pub const MAX_BODY: usize = 64 * 1024 * 1024;
+
+/// `[panel]`: where the panel is and how it is called (filled in by `config`).
+#[derive(Clone)]
+pub struct PanelSettings {
+    /// `http(s)://[user[:password]@]host[:port][/path]`, no trailing slash, no query or
+    /// fragment: request paths are appended to it. Shown only through [`ShownUrl`].
+    pub base_url: String,
+    pub internal_api_key: Option<Secret>,
+    /// Where the key was read from, when it came from a file.
+    pub internal_api_key_file: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+/// By hand: the base URL may carry a password.
+impl fmt::Debug for PanelSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Panel")
+            .field("base_url", &ShownUrl(&self.base_url).to_string())
+            .field("internal_api_key", &self.internal_api_key)
+            .field("internal_api_key_file", &self.internal_api_key_file)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl Default for PanelSettings {
+    fn default() -> Self {
+        PanelSettings {
+            base_url: "http://127.0.0.1:3000".into(),
+            internal_api_key: None,
+            internal_api_key_file: None,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// A panel client. Cheap to clone (connections are pooled and shared).
 #[derive(Clone)]
@@ -58,14 +95,20 @@ pub enum PanelError {
     },
     #[error("no answer from the panel within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
-    #[error("cannot connect to the panel at {url}: {reason}")]
-    Connect { url: String, reason: String },
-    #[error("the panel connection failed: {0}")]
-    Transport(String),
+    #[error("cannot connect to the panel at {url}: {}", root_cause(source))]
+    Connect {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the panel connection failed: {}", root_cause(.0))]
+    Transport(#[source] reqwest::Error),
     #[error("the panel's answer is larger than {} MiB", MAX_BODY / 1024 / 1024)]
     TooLarge,
-    #[error("cannot build the HTTP client: {0}")]
-    Client(String),
+    #[error("cannot build the HTTP client: no internal API key configured")]
+    NoKey,
+    #[error("cannot build the HTTP client: {}", super::chain(.0))]
+    Client(#[source] reqwest::Error),
 }
 
 impl PanelError {
@@ -78,11 +121,8 @@ impl PanelError {
 }
 
 impl Panel {
-    pub fn new(cfg: &config::Panel) -> Result<Panel, PanelError> {
-        let key = cfg
-            .internal_api_key
-            .clone()
-            .ok_or_else(|| PanelError::Client("no internal API key configured".into()))?;
+    pub fn new(cfg: &PanelSettings) -> Result<Panel, PanelError> {
+        let key = cfg.internal_api_key.clone().ok_or(PanelError::NoKey)?;
         let client = reqwest::Client::builder()
             .connect_timeout(cfg.timeout)
             .timeout(cfg.timeout)
@@ -90,7 +130,7 @@ impl Panel {
             // Following a redirect would send the internal key to wherever it points.
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| PanelError::Client(super::chain(&e)))?;
+            .map_err(PanelError::Client)?;
         Ok(Panel {
             client,
             base_url: cfg.base_url.clone(),
@@ -176,10 +216,10 @@ impl Panel {
         } else if e.is_connect() {
             PanelError::Connect {
                 url: ShownUrl(url).to_string(),
-                reason: root_cause(&e),
+                source: e,
             }
         } else {
-            PanelError::Transport(root_cause(&e))
+            PanelError::Transport(e)
         }
     }
 }
@@ -214,7 +254,7 @@ fn shown_location(url: &str, headers: &HeaderMap) -> String {
         return "(a Location that is not text)".into();
     };
     match url::Url::parse(url).and_then(|base| base.join(text.trim())) {
-        Ok(to) => config::redact_url(&to),
+        Ok(to) => redact_url(&to),
         Err(_) => "(a Location that is not a URL)".into(),
     }
 }

@@ -341,7 +341,7 @@ pub(crate) fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 /// A job from a reply, for rendering.
 pub(crate) fn job(j: crate::admin::pb::Job) -> anyhow::Result<crate::queue::Job> {
-    j.try_into().map_err(|e: String| {
+    j.try_into().map_err(|e: crate::admin::convert::WireError| {
         anyhow::anyhow!("the answer holds a job this queuectl cannot read: {e}")
     })
 }

@@ -72,7 +72,7 @@ impl Handler for NodeSync {
     async fn run(&self, job: Job) -> AttemptResult {
         let node_id = match NodePayload::decode(&job.payload) {
             Ok(p) => p.node_id,
-            Err(e) => return retry(e),
+            Err(e) => return retry(e.to_string()),
         };
         if self.config.node(node_id).is_none() {
             tracing::warn!(node = node_id, "node is no longer configured; sync dropped");
@@ -217,7 +217,7 @@ impl NodeSync {
         };
         if self.config.apply.mode != ApplyMode::None {
             fx.enqueue
-                .push(crate::jobs::xray_apply::job(node_id, st.generation));
+                .push(crate::jobs::apply_job(node_id, st.generation));
         }
         AttemptResult::DoneWith(fx)
     }

@@ -32,7 +32,7 @@ use uuid::Uuid;
 use super::state::{self, CoreMark, Pair};
 use super::{Item, Report};
 use crate::config::Config;
-use crate::jobs::xray_apply::grpc::EmailShape;
+use crate::peers::xray::email::{EmailShape, parse_counter};
 use crate::peers::xray::{SysStats, XrayClient};
 use crate::queue::{Commit, Dedupe, JobKind, NewJob, Queue, rfc3339};
 
@@ -300,50 +300,5 @@ impl Collector {
         self.shapes
             .iter()
             .find_map(|s| s.uuid_of(email).map(|u| (s.node_id, u)))
-    }
-}
-
-/// `user>>>{email}>>>traffic>>>uplink` → (email, 0); `…downlink` → (email, 1).
-pub fn parse_counter(name: &str) -> Option<(&str, usize)> {
-    let rest = name.strip_prefix("user>>>")?;
-    if let Some(email) = rest.strip_suffix(">>>traffic>>>uplink") {
-        Some((email, 0))
-    } else {
-        rest.strip_suffix(">>>traffic>>>downlink")
-            .map(|email| (email, 1))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counters_parse() {
-        assert_eq!(
-            parse_counter("user>>>a@x>>>traffic>>>uplink"),
-            Some(("a@x", 0))
-        );
-        assert_eq!(
-            parse_counter("user>>>a@x>>>traffic>>>downlink"),
-            Some(("a@x", 1))
-        );
-        assert_eq!(parse_counter("inbound>>>api>>>traffic>>>uplink"), None);
-        assert_eq!(parse_counter("user>>>a@x>>>online"), None);
-    }
-
-    #[test]
-    fn emails_attribute_to_their_node() {
-        let u = "9b2c8f4e-1f7a-4c1e-9d2a-0f5b6c7d8e9f";
-        let one = EmailShape::new("{node_id}:{uuid}", 1).unwrap();
-        let two = EmailShape::new("{node_id}:{uuid}", 2).unwrap();
-        assert!(one.uuid_of(&format!("1:{u}")).is_some());
-        assert_eq!(one.uuid_of(&format!("2:{u}")), None);
-        assert!(two.uuid_of(&format!("2:{}", u.to_uppercase())).is_some());
-        let plain = EmailShape::new("{uuid}", 5).unwrap();
-        assert!(plain.uuid_of(u).is_some());
-        assert_eq!(plain.uuid_of("admin@example.com"), None);
-        assert_eq!(plain.uuid_of(&format!("{u}x")), None);
-        assert!(EmailShape::new("no-uuid", 1).is_none());
     }
 }

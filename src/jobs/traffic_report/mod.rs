@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::jobs::PayloadError;
 use crate::peers::panel::{Panel, Reported};
 use crate::queue::{AttemptResult, Effects, Handler, Job, JobKind, JobState, Queue};
 use crate::telemetry::metrics;
@@ -75,8 +76,11 @@ impl Report {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Report, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("bad traffic report payload: {e}"))
+    pub fn decode(bytes: &[u8]) -> Result<Report, PayloadError> {
+        serde_json::from_slice(bytes).map_err(|source| PayloadError {
+            what: "traffic report",
+            source,
+        })
     }
 }
 
@@ -104,9 +108,9 @@ impl Handler for TrafficReport {
     async fn run(&self, job: Job) -> AttemptResult {
         let report = match Report::decode(&job.payload) {
             Ok(r) => r,
-            Err(error) => {
+            Err(e) => {
                 return AttemptResult::Retry {
-                    error,
+                    error: e.to_string(),
                     retry_after: None,
                 };
             }

@@ -133,8 +133,11 @@ impl Payload {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Payload, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("bad webhook job payload: {e}"))
+    pub fn decode(bytes: &[u8]) -> Result<Payload, crate::jobs::PayloadError> {
+        serde_json::from_slice(bytes).map_err(|source| crate::jobs::PayloadError {
+            what: "webhook job",
+            source,
+        })
     }
 
     /// The exact bytes POSTed to the relay: `event`, `status`, `relay_id`, `ref`

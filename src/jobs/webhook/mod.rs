@@ -167,7 +167,7 @@ impl Handler for Webhook {
     async fn run(&self, job: Job) -> AttemptResult {
         let p = match Payload::decode(&job.payload) {
             Ok(p) => p,
-            Err(e) => return retry(e),
+            Err(e) => return retry(e.to_string()),
         };
         let Some(provider) = self.registry.get(&p.relay_id) else {
             return self.failed(

@@ -56,7 +56,7 @@ pub fn put(node_id: u64, bans: &Bans) -> StateWrite {
 pub fn user_bytes(counters: &[(String, i64)]) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for (name, value) in counters {
-        if let Some((email, _)) = crate::jobs::traffic_report::collect::parse_counter(name) {
+        if let Some((email, _)) = crate::peers::xray::email::parse_counter(name) {
             *out.entry(email.to_lowercase()).or_default() += u64::try_from(*value).unwrap_or(0);
         }
     }

@@ -26,11 +26,11 @@ use std::collections::BTreeSet;
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 use crate::config::{Node, Xray};
 use crate::jobs::node_sync::userlist::User;
 use crate::peers::xray::account::{self, InboundKind};
+use crate::peers::xray::email::{email_for, is_templated};
 use crate::peers::xray::{Added, Removed, XrayClient, XrayError};
 use crate::queue::{Commit, Millis, Queue, StateWrite};
 
@@ -72,56 +72,6 @@ pub fn put_managed(node_id: u64, m: &Managed) -> StateWrite {
     let mut bytes = vec![MANAGED_VERSION];
     bytes.extend(bincode::serde::encode_to_vec(m, bincode::config::standard()).unwrap_or_default());
     StateWrite::Put(managed_key(node_id), bytes)
-}
-
-/// The email of `uuid` on `node` under `template`.
-pub fn email_for(template: &str, node_id: u64, uuid: Uuid) -> String {
-    template
-        .replace("{node_id}", &node_id.to_string())
-        .replace("{uuid}", &uuid.hyphenated().to_string())
-        .to_lowercase()
-}
-
-/// The shape of one node's emails: `email_template` with the node id filled in, around
-/// a UUID. Emails are compared in lower case, as the agent adds them. Built once and
-/// reused where every counter or user of a core is matched (traffic collection).
-#[derive(Debug, Clone)]
-pub struct EmailShape {
-    pub node_id: u64,
-    prefix: String,
-    suffix: String,
-}
-
-impl EmailShape {
-    /// `None` when the template has no `{uuid}`.
-    pub fn new(template: &str, node_id: u64) -> Option<EmailShape> {
-        let t = template
-            .replace("{node_id}", &node_id.to_string())
-            .to_lowercase();
-        let (prefix, suffix) = t.split_once("{uuid}")?;
-        Some(EmailShape {
-            node_id,
-            prefix: prefix.to_string(),
-            suffix: suffix.to_string(),
-        })
-    }
-
-    /// The UUID in `email`, when it has this shape.
-    pub fn uuid_of(&self, email: &str) -> Option<Uuid> {
-        let e = email.to_lowercase();
-        let middle = e
-            .strip_prefix(self.prefix.as_str())?
-            .strip_suffix(self.suffix.as_str())?;
-        if middle.len() != 36 {
-            return None;
-        }
-        Uuid::try_parse(middle).ok()
-    }
-}
-
-/// True when `email` has the template's shape for this node (a user the agent manages).
-pub fn is_templated(template: &str, node_id: u64, email: &str) -> bool {
-    EmailShape::new(template, node_id).is_some_and(|s| s.uuid_of(email).is_some())
 }
 
 /// What one reconcile did.
@@ -382,21 +332,4 @@ pub async fn reconcile(
         out.describe(),
         failures[0]
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn template_shapes() {
-        let id = Uuid::parse_str("6f1c1f8e-59f6-4c6e-9d1a-0b4f7a3c2d10").unwrap();
-        assert_eq!(email_for("{uuid}", 3, id), id.to_string());
-        assert_eq!(email_for("{node_id}:{uuid}", 3, id), format!("3:{id}"));
-        assert!(is_templated("{uuid}", 3, &id.to_string().to_uppercase()));
-        assert!(is_templated("{node_id}:{uuid}", 3, &format!("3:{id}")));
-        assert!(!is_templated("{node_id}:{uuid}", 3, &format!("4:{id}")));
-        assert!(!is_templated("{uuid}", 3, "admin@example.com"));
-        assert!(!is_templated("{uuid}", 3, &format!("{id}x")));
-    }
 }

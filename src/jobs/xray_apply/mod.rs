@@ -22,31 +22,18 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::config::{ApplyMode, Config};
+use crate::jobs::NodePayload;
 use crate::jobs::node_sync::files::NodeFiles;
-use crate::jobs::{NodePayload, node_key};
 use crate::peers::hook;
 use crate::peers::xray::XrayClient;
 
 pub mod bans;
 pub mod grpc;
-use crate::queue::{
-    AttemptResult, Dedupe, Effects, Handler, Job, JobKind, Millis, NewJob, Queue, StateWrite,
-};
+use crate::queue::{AttemptResult, Effects, Handler, Job, Millis, Queue, StateWrite};
 
-/// The apply job for a node's synced list of `generation`.
-pub fn job(node_id: u64, generation: u64) -> NewJob {
-    NewJob {
-        kind: JobKind::XrayApply,
-        key: node_key(node_id),
-        payload: NodePayload {
-            node_id,
-            generation: Some(generation),
-        }
-        .encode(),
-        not_before: None,
-        dedupe: Dedupe::Replace,
-    }
-}
+/// The apply job for a node's synced list of `generation` (defined in [`crate::jobs`],
+/// where node_sync, which enqueues it, can reach it without depending on this kind).
+pub use super::apply_job as job;
 
 /// What was last applied to a node (state `node/{id}/applied`, JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,7 +118,7 @@ impl Handler for XrayApply {
     async fn run(&self, job: Job) -> AttemptResult {
         let node_id = match NodePayload::decode(&job.payload) {
             Ok(p) => p.node_id,
-            Err(e) => return retry(e),
+            Err(e) => return retry(e.to_string()),
         };
         let lock = self.lock_for(node_id);
         let _serial = lock.lock().await;

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use tokio::sync::Semaphore;
 
-use crate::config;
+use super::WebhookSettings;
 
 /// Longest a `Retry-After` may push an attempt (a relay asking for a week is capped).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
@@ -34,9 +34,18 @@ pub enum ClientError {
         source: std::io::Error,
     },
     #[error("webhook.ca_file: {path} holds no usable PEM certificate: {reason}")]
-    BadCa { path: String, reason: String },
-    #[error("cannot build the webhook HTTP client: {0}")]
-    Build(String),
+    BadCa { path: String, reason: &'static str },
+    #[error(
+        "webhook.ca_file: {path} holds no usable PEM certificate: {}",
+        crate::peers::chain(source)
+    )]
+    BadPem {
+        path: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("cannot build the webhook HTTP client: {}", crate::peers::chain(.0))]
+    Build(#[source] reqwest::Error),
 }
 
 /// Why one callback was not delivered. Every one of them is a failed attempt.
@@ -56,15 +65,26 @@ pub enum DeliveryError {
     Redirect {
         relay: String,
         status: reqwest::StatusCode,
-        /// The `Location`, masked ([`crate::config::redact_url`]), or a note.
+        /// The `Location`, masked ([`crate::redact::redact_url`]), or a note.
         location: String,
     },
     #[error("relay {relay} did not answer within {}", humantime::format_duration(*.timeout))]
     Timeout { relay: String, timeout: Duration },
-    #[error("cannot connect to relay {relay}: {reason}")]
-    Connect { relay: String, reason: String },
-    #[error("the connection to relay {relay} failed: {reason}")]
-    Transport { relay: String, reason: String },
+    #[error("cannot connect to relay {relay}: {}", crate::peers::chain(source))]
+    Connect {
+        relay: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error(
+        "the connection to relay {relay} failed: {}",
+        crate::peers::chain(source)
+    )]
+    Transport {
+        relay: String,
+        #[source]
+        source: reqwest::Error,
+    },
 }
 
 impl DeliveryError {
@@ -92,7 +112,7 @@ pub struct RelayClient {
 }
 
 impl RelayClient {
-    pub fn new(cfg: &config::Webhook) -> Result<RelayClient, ClientError> {
+    pub fn new(cfg: &WebhookSettings) -> Result<RelayClient, ClientError> {
         let mut b = reqwest::Client::builder()
             .connect_timeout(cfg.timeout)
             .timeout(cfg.timeout)
@@ -106,22 +126,21 @@ impl RelayClient {
                 path: shown.clone(),
                 source,
             })?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ClientError::BadCa {
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| {
+                ClientError::BadPem {
                     path: shown.clone(),
-                    reason: crate::peers::chain(&e),
-                })?;
+                    source,
+                }
+            })?;
             if certs.is_empty() {
                 return Err(ClientError::BadCa {
                     path: shown,
-                    reason: "no `BEGIN CERTIFICATE` block".into(),
+                    reason: "no `BEGIN CERTIFICATE` block",
                 });
             }
             b = b.tls_certs_merge(certs);
         }
-        let http = b
-            .build()
-            .map_err(|e| ClientError::Build(crate::peers::chain(&e)))?;
+        let http = b.build().map_err(ClientError::Build)?;
         Ok(RelayClient {
             http,
             timeout: cfg.timeout,
@@ -204,15 +223,9 @@ impl RelayClient {
                 timeout: self.timeout,
             }
         } else if e.is_connect() {
-            DeliveryError::Connect {
-                relay,
-                reason: crate::peers::chain(&e),
-            }
+            DeliveryError::Connect { relay, source: e }
         } else {
-            DeliveryError::Transport {
-                relay,
-                reason: crate::peers::chain(&e),
-            }
+            DeliveryError::Transport { relay, source: e }
         }
     }
 }
@@ -223,7 +236,7 @@ fn shown_location(url: &url::Url, headers: &HeaderMap) -> String {
         None => "(no Location header)".into(),
         Some(Err(_)) => "(a Location that is not text)".into(),
         Some(Ok(text)) => match url.join(text.trim()) {
-            Ok(to) => crate::config::redact_url(&to),
+            Ok(to) => crate::redact::redact_url(&to),
             Err(_) => "(a Location that is not a URL)".into(),
         },
     }

@@ -37,6 +37,34 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use serde::Deserialize;
 
+/// `[webhook]`: where relays are registered and how callbacks are sent.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// `{id}.json` per relay (SPEC §3).
+    pub providers_dir: PathBuf,
+    /// Extra CA certificates (PEM) trusted for `callback_url`, beside the system's.
+    pub ca_file: Option<PathBuf>,
+    /// One callback request, connect to last byte.
+    pub timeout: Duration,
+    /// Callbacks in flight to one relay at once (all relays together: the webhook
+    /// kind's `queue.kinds.webhook.concurrency`).
+    pub per_relay_concurrency: usize,
+    /// How often `providers_dir` is checked for changed files (SIGHUP reloads at once).
+    pub reload_interval: Duration,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        WebhookSettings {
+            providers_dir: PathBuf::from("./providers"),
+            ca_file: None,
+            timeout: Duration::from_secs(5),
+            per_relay_concurrency: 8,
+            reload_interval: Duration::from_secs(2),
+        }
+    }
+}
+
 /// Longest relay id: it names a file and goes into state keys.
 pub const MAX_ID_LEN: usize = 64;
 
@@ -100,9 +128,9 @@ impl fmt::Debug for SigningKey {
 }
 
 /// A URL fit for logs and `queuectl`: its password, query values and fragment masked
-/// (relays put tokens there). The one rule for every URL shown: [`crate::config::redact_url`].
+/// (relays put tokens there). The one rule for every URL shown: [`crate::redact::redact_url`].
 pub fn redacted(url: &url::Url) -> String {
-    crate::config::redact_url(url)
+    crate::redact::redact_url(url)
 }
 
 /// A provider file that could not be used: its path, the field at fault, and why.
@@ -183,7 +211,7 @@ pub fn load_file(path: &Path) -> Result<Option<Provider>, ProviderError> {
         .file_stem()
         .and_then(|s| s.to_str())
         .ok_or_else(|| err("(file)", "the file name is not UTF-8".into()))?;
-    let text = read_capped(path).map_err(|r| err("(file)", r))?;
+    let text = read_capped(path).map_err(|e| err("(file)", e.to_string()))?;
     let raw: RawProvider = serde_json::from_slice(&text)
         .map_err(|e| err("(json)", format!("not a JSON object: {e}")))?;
     let id = match raw.id {
@@ -218,11 +246,11 @@ pub fn load_file(path: &Path) -> Result<Option<Provider>, ProviderError> {
                 let message = e.into_inner().to_string();
                 if at == "." {
                     err("webhook", message)
-                } else if crate::config::is_secret_key(&at) {
+                } else if crate::redact::is_secret_key(&at) {
                     // serde quotes the value it got: never a secret's or a URL's.
                     err(
                         &format!("webhook.{at}"),
-                        crate::config::without_value(&message),
+                        crate::redact::without_value(&message),
                     )
                 } else {
                     err(&format!("webhook.{at}"), message)
@@ -261,41 +289,52 @@ pub fn load_file(path: &Path) -> Result<Option<Provider>, ProviderError> {
     }))
 }
 
+/// Why a provider file could not be read; shown after its path and `(file)`.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("is a symbolic link to {}, which does not exist", .0.display())]
+    DanglingLink(PathBuf),
+    #[error("cannot read: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("is a directory, not a provider file")]
+    Directory,
+    #[error("is not a regular file")]
+    NotAFile,
+    #[error("is larger than {MAX_FILE_BYTES} bytes (1 MiB): not a provider file")]
+    TooLarge,
+}
+
 /// Reads a provider file: a regular file (a symlink to one is fine) of at most
 /// [`MAX_FILE_BYTES`]. Says what it is otherwise (a directory, a dangling link, a FIFO
 /// that would block the reload).
-fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
+fn read_capped(path: &Path) -> Result<Vec<u8>, ReadError> {
     use std::io::Read;
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(match std::fs::read_link(path) {
-                Ok(target) => format!(
-                    "is a symbolic link to {}, which does not exist",
-                    target.display()
-                ),
-                Err(_) => format!("cannot read: {e}"),
+                Ok(target) => ReadError::DanglingLink(target),
+                Err(_) => ReadError::Io(e),
             });
         }
-        Err(e) => return Err(format!("cannot read: {e}")),
+        Err(e) => return Err(ReadError::Io(e)),
     };
     if meta.is_dir() {
-        return Err("is a directory, not a provider file".into());
+        return Err(ReadError::Directory);
     }
     if !meta.is_file() {
-        return Err("is not a regular file".into());
+        return Err(ReadError::NotAFile);
     }
-    let too_big = || format!("is larger than {MAX_FILE_BYTES} bytes (1 MiB): not a provider file");
     if meta.len() > MAX_FILE_BYTES {
-        return Err(too_big());
+        return Err(ReadError::TooLarge);
     }
     let mut text = Vec::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut text))
-        .map_err(|e| format!("cannot read: {e}"))?;
+        .map_err(ReadError::Io)?;
     // It may have grown since the metadata was read.
     if text.len() as u64 > MAX_FILE_BYTES {
-        return Err(too_big());
+        return Err(ReadError::TooLarge);
     }
     Ok(text)
 }

@@ -7,8 +7,55 @@ use base64::Engine;
 use prost::Message;
 use uuid::Uuid;
 
+use super::Flavor;
 use super::wire;
-use crate::config::{Flavor, Protocol};
+
+/// A name the core's API has no account for, or an account it must not be sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccountError {
+    #[error("`{0}` is not a protocol (expected vless, vmess, trojan or shadowsocks)")]
+    UnknownProtocol(String),
+    #[error(
+        "`{0}` is not a cipher the API can add users with (aes-128-gcm, aes-256-gcm, chacha20-poly1305, xchacha20-poly1305, 2022-blake3-aes-128-gcm)"
+    )]
+    UnknownCipher(String),
+    #[error("refusing to send an empty email: the core could never remove that user")]
+    EmptyEmail,
+    #[error(
+        "V2Ray's shadowsocks inbound is single-user (\"proxy is not a UserManager\") and it has no Shadowsocks 2022: users cannot be added over its API"
+    )]
+    V2rayShadowsocks,
+}
+
+/// The protocol of an inbound: what kind of account each of its users gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Vless,
+    Vmess,
+    Trojan,
+    Shadowsocks,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Vless => "vless",
+            Protocol::Vmess => "vmess",
+            Protocol::Trojan => "trojan",
+            Protocol::Shadowsocks => "shadowsocks",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, AccountError> {
+        match s {
+            "vless" => Ok(Protocol::Vless),
+            "vmess" => Ok(Protocol::Vmess),
+            "trojan" => Ok(Protocol::Trojan),
+            "shadowsocks" => Ok(Protocol::Shadowsocks),
+            other => Err(AccountError::UnknownProtocol(other.to_string())),
+        }
+    }
+}
 
 /// Shadowsocks ciphers the API accepts per user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,18 +69,14 @@ pub enum Cipher {
 }
 
 impl Cipher {
-    pub fn parse(s: &str) -> Result<Cipher, String> {
+    pub fn parse(s: &str) -> Result<Cipher, AccountError> {
         Ok(match s {
             "aes-128-gcm" => Cipher::Aes128Gcm,
             "aes-256-gcm" => Cipher::Aes256Gcm,
             "chacha20-poly1305" | "chacha20-ietf-poly1305" => Cipher::Chacha20Poly1305,
             "xchacha20-poly1305" | "xchacha20-ietf-poly1305" => Cipher::Xchacha20Poly1305,
             "2022-blake3-aes-128-gcm" => Cipher::Blake3Aes128Gcm,
-            other => {
-                return Err(format!(
-                    "`{other}` is not a cipher the API can add users with (aes-128-gcm, aes-256-gcm, chacha20-poly1305, xchacha20-poly1305, 2022-blake3-aes-128-gcm)"
-                ));
-            }
+            other => return Err(AccountError::UnknownCipher(other.to_string())),
         })
     }
 
@@ -142,11 +185,9 @@ pub fn user(
     email: String,
     flow: Option<&str>,
     level: u32,
-) -> Result<CoreUser, String> {
+) -> Result<CoreUser, AccountError> {
     if email.trim().is_empty() {
-        return Err(
-            "refusing to send an empty email: the core could never remove that user".into(),
-        );
+        return Err(AccountError::EmptyEmail);
     }
     let id = uuid.hyphenated().to_string();
     let p = prefix(flavor);
@@ -175,7 +216,7 @@ pub fn user(
         ),
         Protocol::Shadowsocks => {
             if flavor == Flavor::V2ray {
-                return Err("V2Ray's shadowsocks inbound is single-user (\"proxy is not a UserManager\") and it has no Shadowsocks 2022: users cannot be added over its API".into());
+                return Err(AccountError::V2rayShadowsocks);
             }
             match kind.cipher.unwrap_or(Cipher::Aes128Gcm) {
                 Cipher::Blake3Aes128Gcm => (

@@ -10,6 +10,7 @@
 //! UUIDs, non-empty emails), and the caller checks the inbound's protocol first.
 
 pub mod account;
+pub mod email;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -20,8 +21,14 @@ use tonic::Code;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::config::Flavor;
 use account::CoreUser;
+
+/// Which core: V2Ray lacks some of Xray's API (listing inbounds and their users).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Xray,
+    V2ray,
+}
 
 /// Largest answer accepted from a core.
 pub const MAX_DECODE: usize = 64 * 1024 * 1024;

@@ -1,3 +1,7 @@
+//! What the agent never shows, in one place every layer may use (it imports nothing of
+//! the crate): secrets ([`Secret`]), URLs ([`redact_url`], [`ShownUrl`]) and the values
+//! of secret-bearing keys in error messages ([`is_secret_key`], [`without_value`]).
+//!
 //! URLs as they may be shown: in logs, errors, `check-config`, `queuectl`. Operators put
 //! credentials in URLs (`http://admin:pass@panel/`, `?token=…`), so every place that
 //! prints a URL prints it through [`redact_url`] or [`ShownUrl`]: the userinfo password
@@ -50,6 +54,62 @@ impl fmt::Display for ShownUrl<'_> {
             Err(_) => f.write_str("(not a valid URL)"),
         }
     }
+}
+
+/// A secret (API key, token): never printed. `Debug` and `Display` show `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Whether a key (dotted path or variable name) holds a secret, or may (a URL's
+/// password or query): its value never appears in an error.
+pub fn is_secret_key(key: &str) -> bool {
+    let last = key
+        .rsplit('.')
+        .next()
+        .unwrap_or(key)
+        .trim_end_matches(|c: char| c == ']' || c.is_ascii_digit() || c == '[')
+        .to_ascii_lowercase();
+    ["key", "token", "secret", "password", "url"]
+        .iter()
+        .any(|w| last.contains(w))
+}
+
+/// A serde error message fit for a secret-bearing key: `invalid type: integer
+/// `12345`, expected a string` becomes `has the wrong type or value (not shown: this
+/// key holds a secret); expected a string`. Unknown-field messages name only keys and
+/// are kept.
+pub fn without_value(message: &str) -> String {
+    if message.starts_with("unknown field") || message.starts_with("missing field") {
+        return message.to_string();
+    }
+    let expected = message
+        .rfind(", expected ")
+        .map(|i| format!("; {}", &message[i + 2..]))
+        .unwrap_or_default();
+    format!("has the wrong type or value (not shown: this key holds a secret){expected}")
 }
 
 #[cfg(test)]
