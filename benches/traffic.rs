@@ -20,7 +20,7 @@
 //! `CONNECTOR_XRAY_PYTHON`). Prints its numbers; no criterion, because a sample needs
 //! a core loaded with users and traffic, which takes seconds to build.
 
-#[path = "../tests/support/cores.rs"]
+#[path = "../tests/it/support/cores.rs"]
 mod cores;
 
 use std::alloc::{GlobalAlloc, Layout, System};

@@ -18,12 +18,15 @@
 //! `scripts/install-peers.sh`, `CONNECTOR_XRAY_PYTHON`). Prints its numbers; no
 //! criterion, because each sample needs a fresh core.
 
-#[path = "../tests/support/agent.rs"]
+#[path = "../tests/it/support/agent.rs"]
 mod agent;
-#[path = "../tests/support/cores.rs"]
+#[path = "../tests/it/support/cores.rs"]
 mod cores;
-#[path = "../tests/support/panel.rs"]
+#[path = "../tests/it/support/panel.rs"]
 mod panel;
+#[path = "../tests/it/support/wait.rs"]
+#[allow(dead_code)]
+mod wait;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -24,6 +24,11 @@
 //! Reproduce a run with `CONNECTOR_CRASH_SEED=<seed printed>`; `CONNECTOR_CRASH_KILLS`
 //! sets the number of kills (default 24).
 
+// The integration tests' waiting helpers (this binary is not part of `tests/it`).
+#[path = "it/support/wait.rs"]
+#[allow(dead_code)]
+mod wait;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -80,25 +85,11 @@ fn settings() -> Settings {
 
 /// sled's global thread pool can hold the database file, and with it sled's lock, for
 /// a moment after the last handle is dropped (its tasks own a clone of the file); the
-/// parent's checks and the next child open right after a close. Nothing signals when
-/// the pool lets go, so such an open retries briefly.
-fn when_unlocked<T, E>(
-    mut open: impl FnMut() -> Result<T, E>,
-    locked: impl Fn(&E) -> bool,
-) -> Result<T, E> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match open() {
-            Err(e) if locked(&e) && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            other => return other,
-        }
-    }
-}
-
+/// parent's checks and the next child open right after a close, so they wait for the
+/// lock.
 fn open_queue(path: &Path) -> Result<(Queue, connector::queue::Recovery), connector::queue::Error> {
-    when_unlocked(
+    wait::when_unlocked(
+        path,
         || Queue::open(path, settings(), Arc::new(SystemClock)),
         |e| matches!(e, connector::queue::Error::Locked { .. }),
     )
@@ -682,11 +673,8 @@ struct RawSnapshot {
 /// that every job record has exactly the index entry its state calls for (SPEC: a job
 /// is never in two states), and every idempotency entry points at a job with that key.
 fn raw_snapshot(db_path: &Path) -> Result<RawSnapshot, String> {
-    let db = when_unlocked(
-        || sled::open(db_path),
-        |e| e.to_string().contains("could not acquire lock"),
-    )
-    .map_err(|e| format!("raw sled open: {e}; {}", listing(db_path)))?;
+    let db = wait::when_unlocked(db_path, || sled::open(db_path), wait::sled_locked)
+        .map_err(|e| format!("raw sled open: {e}; {}", listing(db_path)))?;
     let mut expected_index: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut actual_index: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut jobs: BTreeMap<u64, Job> = BTreeMap::new();

@@ -1,4 +1,14 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests: the simulators of the agent's peers (a
+//! panel, an HTTPS relay, an HTTP capture, real proxy cores), the agent driven as a
+//! child process, `/metrics` parsing, and waiting (`wait`).
+
+pub mod agent;
+pub mod capture;
+pub mod cores;
+pub mod metrics;
+pub mod panel;
+pub mod receiver;
+pub mod wait;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -22,14 +22,12 @@
 //!   lines, not the agent: it keeps syncing, and SIGTERM still exits 0.
 //!
 //! Webhook deliveries and traffic bytes are checked where those jobs run against their
-//! real peers: `tests/webhook.rs` and `tests/traffic_report.rs`.
+//! real peers: `tests/it/webhook.rs` and `tests/it/traffic_report.rs`.
 
-#[path = "support/agent.rs"]
-mod agent;
-#[path = "support/metrics.rs"]
-mod metrics;
-#[path = "support/panel.rs"]
-mod panel;
+use crate::support::agent;
+use crate::support::metrics;
+use crate::support::panel;
+use crate::support::wait;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -356,14 +354,10 @@ fn queuectl_stats_within(rig: &Rig, limit: Duration) -> Result<serde_json::Value
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("queuectl stats did not answer within {limit:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if wait::wait_exit(&mut child, limit).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("queuectl stats did not answer within {limit:?}"));
     }
     let out = child.wait_with_output().unwrap();
     if !out.status.success() {
@@ -676,7 +670,7 @@ fn a_closed_log_pipe_loses_lines_not_the_agent() {
     // Nothing more is read: the line list is complete as it is.
     lines.lock().1 = true;
     rig.daemon = Some(agent::Daemon {
-        child,
+        child: wait::Reaped(child),
         lines: std::sync::Arc::new(lines),
     });
 

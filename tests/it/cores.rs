@@ -11,8 +11,7 @@
 //!
 //! Missing peers skip these tests loudly, except under `CI=true`, where they fail.
 
-#[path = "support/cores.rs"]
-mod cores;
+use crate::support::cores;
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};

@@ -1,9 +1,6 @@
 //! Configuration: the example file is the defaults, and bad values name file, key, reason.
 
-#[path = "support/agent.rs"]
-mod agent;
-#[path = "support/panel.rs"]
-mod panel;
+use crate::support::agent;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

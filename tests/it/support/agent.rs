@@ -5,14 +5,8 @@
 //! `sh` hook logging every run (`cmd` mode, the default), or a real core's gRPC API
 //! (`xray-grpc` mode: [`Opts::xray`]).
 //!
-//! Include it next to the panel, at the crate root:
-//!
-//! ```ignore
-//! #[path = "support/panel.rs"]
-//! mod panel;
-//! #[path = "support/agent.rs"]
-//! mod agent;
-//! ```
+//! `support::agent` in the tests; a bench includes it by path next to the panel and
+//! `wait.rs` (it uses `super::panel` and `super::wait`).
 //!
 //! Nothing here waits by sleeping. A test waits for an event — a JSON log line on the
 //! agent's stderr, a request reaching the panel, a marker file the hook writes — each
@@ -26,13 +20,14 @@ use std::fmt;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
-use crate::panel::{Panel, Request};
+use super::panel::{Panel, Request};
+use super::wait::{self, Reaped};
 /// The key the agent sends and the panel accepts (unless a test rotates it).
 pub const TOKEN: &str = "s3cret-internal-key";
 /// Deadline for any one awaited event. Generous: only a hang should ever reach it.
@@ -299,13 +294,15 @@ impl Rig {
     /// Waits until `path` exists (a marker the hook writes).
     #[track_caller]
     pub fn wait_file(&self, path: &Path) {
-        let deadline = Instant::now() + WAIT;
-        while !path.exists() {
-            if Instant::now() > deadline {
-                self.fail(&format!("{} never appeared", path.display()));
-            }
-            // Polling a condition, not a pause: the hook signals only through files.
-            std::thread::sleep(Duration::from_millis(10));
+        // Polling a condition, not a pause: the hook signals only through files.
+        self.wait_until(&format!("{} to appear", path.display()), || path.exists());
+    }
+
+    /// Waits until `done` is true, at most `WAIT`; fails the test naming `what`.
+    #[track_caller]
+    pub fn wait_until(&self, what: &str, done: impl FnMut() -> bool) {
+        if let Err(e) = wait::wait_until(WAIT, what, done) {
+            self.fail(&e);
         }
     }
 
@@ -342,16 +339,10 @@ impl Rig {
 
     #[track_caller]
     pub fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + WAIT;
-        let code = loop {
-            let d = self.daemon.as_mut().expect("the agent is running");
-            if let Some(status) = d.child.try_wait().unwrap() {
-                break status.code();
-            }
-            if Instant::now() > deadline {
-                self.fail("the agent did not exit");
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let d = self.daemon.as_mut().expect("the agent is running");
+        let code = match wait::wait_exit(&mut d.child, WAIT) {
+            Ok(status) => status.code(),
+            Err(_) => self.fail("the agent did not exit"),
         };
         let d = self.daemon.take().unwrap();
         // The reader thread ends at EOF; take everything it read.
@@ -475,10 +466,8 @@ impl Rig {
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        if let Some(d) = self.daemon.as_mut() {
-            let _ = d.child.kill();
-            let _ = d.child.wait();
-        }
+        // The agent first (its `Reaped` child is killed as it drops), then its hook.
+        drop(self.daemon.take());
         self.kill_blocked_hook();
     }
 }
@@ -603,7 +592,8 @@ impl Lines {
 }
 
 pub struct Daemon {
-    pub child: Child,
+    /// Killed and reaped when the daemon is dropped: a failed test leaves no agent.
+    pub child: Reaped,
     pub lines: Arc<Lines>,
 }
 
@@ -616,7 +606,10 @@ impl Daemon {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let lines = Lines::read_from(child.stderr.take().unwrap());
-        Daemon { child, lines }
+        Daemon {
+            child: Reaped(child),
+            lines,
+        }
     }
 
     /// As [`Daemon::spawn`], but the lines are the child's stdout (`queuectl tail`);
@@ -629,7 +622,10 @@ impl Daemon {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let lines = Lines::read_from(child.stdout.take().unwrap());
-        Daemon { child, lines }
+        Daemon {
+            child: Reaped(child),
+            lines,
+        }
     }
 }
 
@@ -655,20 +651,13 @@ impl Run {
     pub fn of(cmd: Command) -> Run {
         let shown = format!("{cmd:?}");
         let mut d = Daemon::spawn(cmd);
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(status) = d.child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = d.child.kill();
-                let _ = d.child.wait();
-                panic!(
-                    "{shown} did not exit within {WAIT:?}; its stderr:\n{}",
-                    d.lines.text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let status = match wait::wait_exit(&mut d.child, WAIT) {
+            Ok(status) => status,
+            // Killed as `d` drops.
+            Err(_) => panic!(
+                "{shown} did not exit within {WAIT:?}; its stderr:\n{}",
+                d.lines.text()
+            ),
         };
         d.lines.wait_closed(WAIT);
         Run {

@@ -4,8 +4,7 @@
 //! core fails the test), and without one, where it must say how to get one and still
 //! run the sync and callback steps.
 
-#[path = "support/cores.rs"]
-mod cores;
+use crate::support::{cores, wait};
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -41,19 +40,12 @@ fn demo(python: &std::ffi::OsStr) -> (Option<i32>, String) {
         let _ = stderr.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        // Waiting for a child process to exit; it says nothing else.
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // Waiting for a child process to exit; it says nothing else.
+    let status = wait::wait_exit(&mut child, RUN_TIMEOUT).ok();
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let text = format!(
         "{}\n--- stderr:\n{}",
         out.join().unwrap(),

@@ -3,7 +3,7 @@
 //! config, a real *client* core (a second Xray) that carries traffic to them as a given
 //! user, and a local HTTP target that the traffic reaches.
 //!
-//! Include it with `#[path = "support/cores.rs"] mod cores;`. Install the peers with
+//! `support::cores` in the tests (a bench includes it by path). Install the peers with
 //! `scripts/install-peers.sh` (CI does, through `scripts/test.sh`); start every test with
 //! [`require_peer`], which skips loudly on a developer machine without them and fails
 //! under `CI=true`.
@@ -122,7 +122,7 @@ pub fn peer(flavor: Flavor) -> Result<Peer, String> {
 
 /// `Some(peer)` when `flavor` is installed. When it is not: under `CI=true` this
 /// panics (CI installs the peers, so a missing one is a broken set-up, never a pass);
-/// elsewhere it prints a loud `SKIPPED` line to stderr and returns `None`, and the test
+/// elsewhere it prints a loud `SKIPPED` line ([`skipped`]) and returns `None`, and the test
 /// returns early:
 ///
 /// ```ignore
@@ -142,12 +142,26 @@ pub fn require_peer(flavor: Flavor) -> Option<Peer> {
                      (scripts/test.sh runs scripts/install-peers.sh first)"
                 );
             }
-            eprintln!(
-                "\n!!!!! SKIPPED: {test}: {why} (run scripts/install-peers.sh as root) !!!!!\n"
+            skipped(
+                &test,
+                &format!("{why} (run scripts/install-peers.sh as root)"),
             );
             None
         }
     }
+}
+
+/// Says that `test` was skipped and why, where a passing `cargo test` run shows it.
+///
+/// libtest captures `eprintln!` and prints it only for a failing test, so a skipped test
+/// would pass in silence: this writes to the process's stderr itself, which libtest does
+/// not capture, and the line shows among the `test … ok` lines.
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n!!!!! SKIPPED {test}: {why} !!!!!\n"
+    );
 }
 
 fn find_xray() -> Result<Peer, String> {

@@ -23,29 +23,17 @@ use connector::queue::{
     Stored,
 };
 
+use crate::support::wait;
+
 /// 2026-01-01T00:00:00Z.
 const T0: u64 = 1_767_225_600_000;
 
 /// sled's global thread pool can hold the database file, and with it sled's lock, for
-/// a moment after the last handle is dropped (its tasks own a clone of the file).
-/// Nothing signals when that ends, so an open right after a close retries briefly.
-fn when_unlocked<T, E>(
-    mut open: impl FnMut() -> Result<T, E>,
-    locked: impl Fn(&E) -> bool,
-) -> Result<T, E> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match open() {
-            Err(e) if locked(&e) && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            other => return other,
-        }
-    }
-}
-
+/// a moment after the last handle is dropped (its tasks own a clone of the file): an
+/// open right after a close waits for the lock.
 fn open_queue(path: &Path, clock: Arc<ManualClock>) -> Result<(Queue, Recovery), Error> {
-    when_unlocked(
+    wait::when_unlocked(
+        path,
         || Queue::open(path, Settings::default(), clock.clone()),
         |e| matches!(e, Error::Locked { .. }),
     )
@@ -65,11 +53,8 @@ fn job_key(id: u64) -> [u8; 9] {
 
 /// Opens the closed database with sled directly and lets `f` change it.
 fn with_raw_sled<T>(path: &Path, f: impl FnOnce(&sled::Db) -> T) -> T {
-    let db = when_unlocked(
-        || sled::open(path),
-        |e| e.to_string().contains("could not acquire lock"),
-    )
-    .expect("raw sled open");
+    let db =
+        wait::when_unlocked(path, || sled::open(path), wait::sled_locked).expect("raw sled open");
     let out = f(&db);
     db.flush().expect("raw sled flush");
     out
@@ -556,7 +541,8 @@ async fn an_accepted_loss_is_recorded_and_ids_are_not_reused() {
         Err(e) => panic!("expected LostWrites, got {e}"),
         Ok(_) => panic!("a queue that lost jobs opened silently"),
     }
-    let (q, _) = when_unlocked(
+    let (q, _) = wait::when_unlocked(
+        &path,
         || Queue::open_with(&path, Settings::default(), clock.clone(), true),
         |e| matches!(e, Error::Locked { .. }),
     )

@@ -24,14 +24,10 @@
 //! is for an event (a log line, a request reaching the panel, the ledger reaching the
 //! core's counters) with a deadline only a hang reaches.
 
-#[path = "support/agent.rs"]
-mod agent;
-#[path = "support/cores.rs"]
-mod cores;
-#[path = "support/metrics.rs"]
-mod metrics;
-#[path = "support/panel.rs"]
-mod panel;
+use crate::support::agent;
+use crate::support::cores;
+use crate::support::metrics;
+use crate::support::panel;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

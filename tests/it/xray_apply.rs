@@ -30,12 +30,9 @@
 //!
 //! The agent runs with `sync.interval = 200ms`.
 
-#[path = "support/agent.rs"]
-mod agent;
-#[path = "support/cores.rs"]
-mod cores;
-#[path = "support/panel.rs"]
-mod panel;
+use crate::support::agent;
+use crate::support::cores;
+use crate::support::panel;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

@@ -2,14 +2,16 @@
 //! and `/metrics` parsed with a Prometheus text parser (plus a check of every sample
 //! line's shape and HELP, since the parser is lenient).
 //!
-//! Include it with `#[path = "support/metrics.rs"] mod metrics;`.
+//! `support::metrics` in the tests.
 
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_parse::{Scrape, Value};
+
+use super::wait;
 
 /// `GET http://addr/path`: status and body.
 pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -105,15 +107,14 @@ pub fn wait_for(
     what: &str,
     pred: impl Fn(&Metrics) -> bool,
 ) -> Metrics {
-    let deadline = Instant::now() + timeout;
-    loop {
+    let mut last = String::new();
+    let found = wait::wait_for(timeout, what, || {
         let m = Metrics::read(addr);
         if pred(&m) {
-            return m;
+            return Some(m);
         }
-        if Instant::now() > deadline {
-            panic!("the metrics never showed {what}:\n{}", m.text);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        last = m.text;
+        None
+    });
+    found.unwrap_or_else(|_| panic!("the metrics never showed {what}:\n{last}"))
 }

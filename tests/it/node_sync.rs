@@ -11,14 +11,10 @@
 //! The agent runs with `sync.interval = 200ms`, so "no rewrite, no hook" is checked
 //! after the panel has answered several more syncs, not after a pause.
 
-#[path = "support/agent.rs"]
-mod agent;
-#[path = "support/capture.rs"]
-mod capture;
-#[path = "support/cores.rs"]
-mod cores;
-#[path = "support/panel.rs"]
-mod panel;
+use crate::support::agent;
+use crate::support::capture;
+use crate::support::cores;
+use crate::support::panel;
 
 use std::process::Command;
 use std::sync::Arc;

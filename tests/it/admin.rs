@@ -10,12 +10,11 @@
 //!   the agent runs its jobs afterwards.
 //!
 //! Queues are prepared and damaged in a child process (this test binary run again as
-//! [`child`]): a process that has exited holds no sled lock (see `tests/queuectl.rs`).
+//! [`child`]): a process that has exited holds no sled lock (see `tests/it/queuectl.rs`).
 
-#[path = "support/agent.rs"]
-mod agent;
-#[path = "support/panel.rs"]
-mod panel;
+use crate::support::agent;
+use crate::support::panel;
+use crate::support::wait;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -23,7 +22,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use agent::{Daemon, Lines, Opts, Rig, WAIT};
 use connector::jobs::node_sync::state::{self as sync_state, Held, SyncState};
@@ -159,30 +157,14 @@ fn stop(d: &mut Daemon) -> Option<i32> {
             .unwrap()
             .success()
     );
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = d.child.try_wait().unwrap() {
-            return status.code();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not stop:\n{}",
-            d.lines.text()
-        );
-        std::thread::sleep(Duration::from_millis(10));
+    match wait::wait_exit(&mut d.child, WAIT) {
+        Ok(status) => status.code(),
+        Err(_) => panic!("the daemon did not stop:\n{}", d.lines.text()),
     }
 }
 
-impl Drop for Guard {
-    fn drop(&mut self) {
-        for d in &mut self.0 {
-            let _ = d.child.kill();
-            let _ = d.child.wait();
-        }
-    }
-}
-
-/// Kills the daemons it holds when a test fails before stopping them.
+/// Kills the daemons it holds when a test fails before stopping them (each daemon's
+/// child is `Reaped`).
 struct Guard(Vec<Daemon>);
 
 // ---- the child process ----
@@ -194,9 +176,15 @@ const RESULT: &str = "result: ";
 /// Runs [`child`] with `what` on the queue of `config`; returns what it printed.
 fn in_child(what: &str, config: &Path) -> Value {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["child", "--exact", "--nocapture", "--test-threads", "1"])
-        .env(CHILD_ENV, what)
-        .env(CONFIG_ENV, config);
+    cmd.args([
+        "admin::child",
+        "--exact",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ])
+    .env(CHILD_ENV, what)
+    .env(CONFIG_ENV, config);
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -230,29 +218,21 @@ fn child() {
 }
 
 fn open(path: &Path, config: &connector::config::Config) -> Queue {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match Queue::open(path, config.queue.clone(), Arc::new(SystemClock)) {
-            Ok((q, _)) => return q,
-            // sled's threads may hold the lock of a just-dropped handle a moment longer.
-            Err(connector::queue::Error::Locked { .. }) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Err(e) => panic!("{e}"),
-        }
+    // sled's threads may hold the lock of a just-dropped handle a moment longer.
+    match wait::when_unlocked(
+        path,
+        || Queue::open(path, config.queue.clone(), Arc::new(SystemClock)),
+        |e| matches!(e, connector::queue::Error::Locked { .. }),
+    ) {
+        Ok((q, _)) => q,
+        Err(e) => panic!("{e}"),
     }
 }
 
 fn raw_sled(path: &Path) -> sled::Db {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match sled::open(path) {
-            Ok(db) => return db,
-            Err(e) if Instant::now() < deadline && e.to_string().contains("lock") => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Err(e) => panic!("{e}"),
-        }
+    match wait::when_unlocked(path, || sled::open(path), wait::sled_locked) {
+        Ok(db) => db,
+        Err(e) => panic!("{e}"),
     }
 }
 
@@ -733,15 +713,8 @@ fn tail_shows_jobs_as_they_move() {
     };
     // tail is following once it shows an event (node 1's syncs fail on the panel's
     // 404 every interval): only then does the list that causes the apply appear.
-    let deadline = Instant::now() + WAIT;
-    while events(&tail).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "tail showed nothing: {}",
-            rig.report()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait::wait_until(WAIT, "tail to show an event", || !events(&tail).is_empty())
+        .unwrap_or_else(|e| panic!("{e}: {}", rig.report()));
 
     let users = agent::uuids(3);
     rig.panel.set(1, Answer::list(&users));
@@ -749,23 +722,14 @@ fn tail_shows_jobs_as_they_move() {
     rig.wait_applied(from, 1, 1);
 
     // The apply the new list caused: enqueued, leased (attempt 1), done, in order.
-    let deadline = Instant::now() + WAIT;
-    let apply_events = loop {
+    let apply_events = wait::wait_for(WAIT, "tail to show an xray_apply done", || {
         let apply: Vec<Value> = events(&tail)
             .into_iter()
             .filter(|e| e["kind"] == "xray_apply")
             .collect();
-        if apply.iter().any(|e| e["event"] == "done") {
-            break apply;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tail never showed an xray_apply done: {:#?}\n{}",
-            events(&tail),
-            rig.report()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        apply.iter().any(|e| e["event"] == "done").then_some(apply)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:#?}\n{}", events(&tail), rig.report()));
     let id = apply_events[0]["id"].clone();
     let names: Vec<&str> = apply_events
         .iter()

@@ -11,16 +11,11 @@
 //! Nothing waits by sleeping: a test waits for a job event, a request reaching the
 //! receiver, or a log line, each with a deadline that only a hang reaches.
 
-#[path = "support/agent.rs"]
-mod agent;
-#[path = "support/capture.rs"]
-mod capture;
-#[path = "support/metrics.rs"]
-mod metrics;
-#[path = "support/panel.rs"]
-mod panel;
-#[path = "support/receiver.rs"]
-mod receiver;
+use crate::support::agent;
+use crate::support::capture;
+use crate::support::metrics;
+use crate::support::receiver;
+use crate::support::wait;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -598,16 +593,10 @@ impl Rig {
 
     fn wait_exit(&mut self) -> Option<i32> {
         let mut d = self.daemon.take().expect("the agent is running");
-        let deadline = std::time::Instant::now() + WAIT;
-        let code = loop {
-            if let Some(s) = d.child.try_wait().unwrap() {
-                break s.code();
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = d.child.kill();
-                panic!("the agent did not exit:\n{}", d.lines.text());
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let code = match wait::wait_exit(&mut d.child, WAIT) {
+            Ok(s) => s.code(),
+            // Killed as `d` drops.
+            Err(_) => panic!("the agent did not exit:\n{}", d.lines.text()),
         };
         d.lines.wait_closed(WAIT);
         self.past.push(d.lines.text());
@@ -678,10 +667,8 @@ impl Rig {
 impl Drop for Rig {
     fn drop(&mut self) {
         self.receiver.release();
-        if let Some(d) = self.daemon.as_mut() {
-            let _ = d.child.kill();
-            let _ = d.child.wait();
-        }
+        // Its `Reaped` child is killed as it drops.
+        drop(self.daemon.take());
     }
 }
 

@@ -20,8 +20,7 @@
 //! Synchronisation is by events with deadlines: a download is "flowing" when its byte
 //! count grows after the operation.
 
-#[path = "support/cores.rs"]
-mod cores;
+use crate::support::cores;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

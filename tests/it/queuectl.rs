@@ -25,6 +25,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use connector::queue::{Clock, JobKind, JobState, Queue};
 use serde_json::Value;
 
+use crate::support::wait::Reaped;
+
 // ---- running binaries ----
 
 /// What one run of a binary did; on a failed expectation it prints all of it.
@@ -224,7 +226,7 @@ impl Fixture {
     fn prepare(&self, what: &Prepare) -> BTreeMap<String, u64> {
         let mut cmd = bin(std::env::current_exe().unwrap());
         cmd.args([
-            "prepare_child",
+            "queuectl::prepare_child",
             "--exact",
             "--nocapture",
             "--test-threads=1",
@@ -848,7 +850,7 @@ fn quarantined_records_show_in_stats_and_list() {
 // ---- errors ----
 
 /// A running daemon answers on its admin socket, so queuectl works while it runs
-/// (`tests/admin.rs` compares every command with its offline output). Exit 3 is left
+/// (`tests/it/admin.rs` compares every command with its offline output). Exit 3 is left
 /// for a database held by a process that does not answer there: here, a daemon looked
 /// for at the wrong socket.
 #[test]
@@ -893,7 +895,7 @@ fn a_database_held_by_a_daemon_that_does_not_answer_is_exit_3() {
 /// `salvage` reads the database files itself, so it works only on a stopped queue:
 /// while the daemon runs it refuses (exit 3, whichever socket it is given) and writes
 /// nothing. Stopped, it copies every job of an undamaged queue (the damaged ones are
-/// `tests/corruption.rs`), and never writes into a directory that holds something.
+/// `tests/it/corruption.rs`), and never writes into a directory that holds something.
 #[test]
 fn salvage_refuses_a_running_daemon_and_copies_a_stopped_queue() {
     let fx = Fixture::seeded();
@@ -950,7 +952,7 @@ fn salvage_refuses_a_running_daemon_and_copies_a_stopped_queue() {
 
 /// The real `connector run`, killed on drop if a test fails before stopping it.
 struct Daemon {
-    child: Child,
+    child: Reaped,
     /// stderr lines, read on a thread so the daemon never blocks on a full pipe.
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
@@ -976,7 +978,7 @@ impl Daemon {
             }
         });
         let mut d = Daemon {
-            child,
+            child: Reaped(child),
             lines,
             seen: Vec::new(),
         };
@@ -1015,15 +1017,6 @@ impl Daemon {
         assert_eq!(kill.code, Some(0), "{kill}");
         let status = self.child.wait().unwrap();
         status.code()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 

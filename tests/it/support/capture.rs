@@ -2,7 +2,7 @@
 //! its method and path, and answers each `200` with a fixed body: the "another host" a
 //! redirect points at, to prove that nothing (no request, no key) ever reaches it.
 //!
-//! Include it with `#[path = "support/capture.rs"] mod capture;`. It runs on its own
+//! `support::capture` in the tests. It runs on its own
 //! tokio runtime, like the panel; waiting is on a condition variable, never a sleep.
 
 // Each test file uses a different part of this module.

@@ -7,7 +7,7 @@
 //! by hand from the README's rules (without bincode) and check the README's annotated
 //! example. So a change to the format, intended or not, fails here.
 //!
-//! `UPDATE_FIXTURES=1 cargo test --test schema` rewrites the fixtures and the manifest
+//! `UPDATE_FIXTURES=1 cargo test --test it schema::` rewrites the fixtures and the manifest
 //! from the values below. Do that only while a version is unreleased: a released
 //! version's fixtures never change; a new layout gets `fixtures/v2/` and a decode arm
 //! that reads v1 (see the README, "Versions").

@@ -8,18 +8,15 @@
 //! Nothing waits by sleeping: each step waits for an answer, a log line, a file, a
 //! request reaching a server, with a deadline only a hang reaches.
 
-#[path = "support/agent.rs"]
-mod agent;
-#[path = "support/panel.rs"]
-mod panel;
-#[path = "support/receiver.rs"]
-mod receiver;
+use crate::support::agent;
+use crate::support::panel;
+use crate::support::receiver;
+use crate::support::{cores, wait};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use agent::{Opts, Rig, WAIT};
 use panel::Answer;
@@ -83,18 +80,6 @@ fn writable_gauge(addr: SocketAddr) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Waits until `f` is true, or fails naming `what`.
-#[track_caller]
-fn wait_until(rig: &Rig, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !f() {
-        if Instant::now() > deadline {
-            rig.fail(&format!("timed out waiting for {what}"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// True when the test may mount; false (after saying SKIPPED) when it cannot and is
 /// not in CI. In CI it must.
 fn can_mount(test: &str) -> bool {
@@ -105,7 +90,7 @@ fn can_mount(test: &str) -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{test} needs root (it mounts a tmpfs) and CI=true: run the tests as root");
     }
-    eprintln!("SKIPPED {test}: needs root to mount a tmpfs");
+    cores::skipped(test, "needs root to mount a tmpfs");
     false
 }
 
@@ -259,10 +244,10 @@ fn a_full_disk_refuses_writes_keeps_syncing_survives_a_restart_and_resumes() {
     // and the hook.
     let second = agent::uuids(5);
     rig.panel.set(1, Answer::list(&second));
-    wait_until(&rig, "the new list in the output files", || {
+    rig.wait_until("the new list in the output files", || {
         rig.files(1).check(1, &second).is_ok()
     });
-    wait_until(&rig, "the hook to apply the new list", || {
+    rig.wait_until("the hook to apply the new list", || {
         rig.hook_runs("ok").last().is_some_and(|h| {
             rig.seen_by_hook(h.n) == agent::sorted(second.clone()).join("\n") + "\n"
         })
@@ -274,9 +259,7 @@ fn a_full_disk_refuses_writes_keeps_syncing_survives_a_restart_and_resumes() {
     assert_eq!(rig.stop(), Some(0), "the agent did not stop cleanly");
     rig.start();
     let addr = rig.http_addr();
-    wait_until(&rig, "/healthz 503 after the restart", || {
-        healthz(addr).0 == 503
-    });
+    rig.wait_until("/healthz 503 after the restart", || healthz(addr).0 == 503);
     assert!(
         !rig.exited(),
         "the agent exited after a restart on a full disk"
@@ -285,17 +268,17 @@ fn a_full_disk_refuses_writes_keeps_syncing_survives_a_restart_and_resumes() {
     assert_eq!(status, 503, "an event was acknowledged on a full disk");
     let third = agent::uuids(2);
     rig.panel.set(1, Answer::list(&third));
-    wait_until(&rig, "node sync after a restart on a full disk", || {
+    rig.wait_until("node sync after a restart on a full disk", || {
         rig.files(1).check(1, &third).is_ok()
     });
 
     // Space comes back: writes resume by themselves.
     std::fs::remove_file(data.join("filler-2")).unwrap();
     std::fs::remove_file(data.join("filler-1")).unwrap();
-    wait_until(&rig, "/healthz 200 once space is freed", || {
+    rig.wait_until("/healthz 200 once space is freed", || {
         healthz(addr).0 == 200
     });
-    wait_until(&rig, "connector_queue_writable 1", || {
+    rig.wait_until("connector_queue_writable 1", || {
         writable_gauge(addr) == Some(1.0)
     });
     let (status, _, body) = http(addr, "POST", "/v1/webhooks/connect", &event("evt-after"));
@@ -303,7 +286,7 @@ fn a_full_disk_refuses_writes_keeps_syncing_survives_a_restart_and_resumes() {
     acked.push("evt-after".into());
 
     // Every acknowledged event is delivered: none was lost.
-    wait_until(&rig, "every acknowledged event at the relay", || {
+    rig.wait_until("every acknowledged event at the relay", || {
         let got = delivered_ids(&receiver);
         acked.iter().all(|id| got.contains(id))
     });
@@ -424,15 +407,16 @@ async fn a_failed_write_loses_nothing_acknowledged_and_the_queue_reopens_when_sp
     assert!(after.job.id > *acked.last().unwrap(), "an id was reused");
     drop(q);
     // The write combiner's tasks drop their clones of the queue a moment later.
-    let deadline = Instant::now() + WAIT;
-    let (q, _) = loop {
-        match open() {
-            Err(connector::queue::Error::Locked { .. }) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            r => break r.unwrap(),
-        }
-    };
+    let (q, _) = tokio::task::spawn_blocking(move || {
+        wait::when_unlocked(
+            &path,
+            || Queue::open(&path, Settings::default(), std::sync::Arc::new(SystemClock)),
+            |e| matches!(e, connector::queue::Error::Locked { .. }),
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
     for id in acked.iter().chain([&after.job.id]) {
         assert!(
             q.get(*id).unwrap().is_some(),

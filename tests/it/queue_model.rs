@@ -27,6 +27,8 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
 
+use crate::support::wait;
+
 /// Virtual start time: 2026-01-01T00:00:00Z.
 const T0: u64 = 1_767_225_600_000;
 const SEC: u64 = 1000;
@@ -625,36 +627,6 @@ fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
 
-/// sled lets go of its file lock when the last of its background tasks drops the file,
-/// which can be a moment after the last handle is dropped (spacejam/sled#1234): an
-/// immediate reopen then fails with `Error::Locked`. Wait for the release the way sled's
-/// own tests do, with a blocking `flock` on the same file — an event, not a sleep — under
-/// a watchdog, so that a handle that is never released fails the test instead of hanging.
-fn wait_for_lock_release(path: &Path) -> Result<(), TestCaseError> {
-    let db = path.join("db");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let locked = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&db)
-            .and_then(|f| f.lock());
-        // Dropping the file (at the end of `and_then`'s closure) released the lock again.
-        let _ = tx.send(locked);
-    });
-    match rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(TestCaseError::fail(format!(
-            "locking {}: {e}",
-            path.display()
-        ))),
-        Err(_) => Err(TestCaseError::fail(format!(
-            "sled still holds the lock on {} 10 s after the last queue handle was dropped",
-            path.display()
-        ))),
-    }
-}
-
 impl Harness {
     fn open() -> Result<Self, TestCaseError> {
         let dir = tempdir();
@@ -685,9 +657,14 @@ impl Harness {
     fn reopen(&mut self) -> Result<(), TestCaseError> {
         // Close: drop the only handle (the flush thread is joined, a last flush made).
         drop(self.queue.take());
-        wait_for_lock_release(&self.path)?;
+        // sled lets go of its file lock when the last of its background tasks drops the
+        // file, a moment after the last handle is dropped (spacejam/sled#1234).
         let (queue, rec) = storage(
-            Queue::open(&self.path, settings(), self.clock.clone()),
+            wait::when_unlocked(
+                &self.path,
+                || Queue::open(&self.path, settings(), self.clock.clone()),
+                |e| matches!(e, Error::Locked { .. }),
+            ),
             "reopen",
         )?;
         self.queue = Some(queue);
