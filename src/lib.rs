@@ -6,7 +6,7 @@
 //!   is a job in it: idempotency keys, the retry ladder, leases, crash recovery, and
 //!   the operator operations `queuectl` calls. A crate of its own (`connector-queue`,
 //!   still in `src/queue/`), so it cannot import the product: it reports attempts to
-//!   an observer the daemon passes in.
+//!   an observer the daemon passes in. (It still names the four job kinds, `kind.rs`.)
 //! - [`jobs`]: the job kinds, one module each, saying what it reads and writes.
 //! - [`peers`]: clients of the outside world: the panel, the apply hook.
 //! - [`daemon`]: the long-running process: producers, workers, shutdown, `--once`.
