@@ -5,8 +5,10 @@
 //! not deleted underneath the daemon: `queue` then says `read-only` and `problems`
 //! names the path and the cause), and every worker pool this daemon
 //! runs is running, not paused by an operator, not stopped, and not stuck
-//! ([`Pool::condition`](crate::queue::Pool::condition)). The webhook pool waiting for
-//! its first provider file is healthy: there is nothing to deliver to.
+//! ([`Pool::condition`](crate::queue::Pool::condition)), and no task of the daemon
+//! ended before it was stopping (`supervise.rs`: a producer, a watcher, the listener…).
+//! The webhook pool waiting for its first provider file is healthy: there is nothing to
+//! deliver to.
 
 use std::sync::Arc;
 
@@ -22,6 +24,8 @@ pub struct Health {
     /// The configured nodes' ids.
     pub nodes: Vec<u64>,
     pub pools: Arc<Pools>,
+    /// The daemon's tasks that ended before it was stopping.
+    pub tasks: Arc<super::supervise::Ended>,
 }
 
 /// The answer of `/healthz` (its JSON body).
@@ -72,6 +76,7 @@ impl Health {
             workers.insert(pool.kind().as_str(), c.state.to_string());
             problems.extend(c.problem);
         }
+        problems.extend(self.tasks.problems());
         Report {
             status: if problems.is_empty() {
                 "ok"

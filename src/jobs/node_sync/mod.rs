@@ -22,6 +22,7 @@
 //! `sync.confirm_after`.
 
 pub mod files;
+pub mod schedule;
 pub mod state;
 pub mod userlist;
 

@@ -26,6 +26,7 @@
 //! write as its ack. So after an outage a node's backlog drains in order, at once.
 
 pub mod collect;
+pub mod collector;
 pub mod state;
 pub mod summary;
 

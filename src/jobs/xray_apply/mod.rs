@@ -28,6 +28,7 @@ use crate::peers::hook;
 use crate::peers::xray::XrayClient;
 
 pub mod bans;
+pub mod core_watch;
 pub mod grpc;
 use crate::queue::{
     AttemptResult, Dedupe, Effects, Handler, Job, JobKind, Millis, NewJob, Queue, StateWrite,
