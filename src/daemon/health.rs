@@ -118,11 +118,20 @@ impl Health {
             .map(|(node, _)| node)
             .collect();
         for &node in &self.nodes {
-            let allowed = sync_state::load(q, node)
-                .ok()
-                .filter(|st| st.generation > 0)
-                .map(|st| st.users.len());
-            let applied = load_applied(q, node).map(|a| a.users);
+            let allowed = match sync_state::load(q, node) {
+                Ok(st) => (st.generation > 0).then_some(st.users.len()),
+                Err(e) => {
+                    tracing::warn!(node, error = %e, "users allowed not shown");
+                    None
+                }
+            };
+            let applied = match load_applied(q, node) {
+                Ok(a) => a.map(|a| a.users),
+                Err(e) => {
+                    tracing::warn!(node, error = %e, "users applied not shown");
+                    None
+                }
+            };
             s.nodes.push((node, allowed, applied, held.contains(&node)));
         }
         for pool in self.pools.iter() {

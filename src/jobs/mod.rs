@@ -10,6 +10,7 @@
 //! | `webhook` | [`webhook`] | the job's event, the provider registry | POSTs to the relay; state `webhook/delivered/{job}`, `webhook/totals/{relay}` |
 
 pub mod node_sync;
+pub mod state;
 pub mod traffic_report;
 pub mod webhook;
 pub mod xray_apply;

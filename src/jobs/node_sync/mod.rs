@@ -114,7 +114,7 @@ impl NodeSync {
                 if let crate::queue::StateWrite::Put(name, bytes) = w
                     && name == key
                 {
-                    *st = state::decode(&bytes)?;
+                    *st = state::decode(node_id, &bytes)?;
                 }
             }
         }

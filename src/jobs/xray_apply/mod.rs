@@ -23,6 +23,7 @@ use tokio::sync::Mutex;
 
 use crate::config::{ApplyMode, Config};
 use crate::jobs::node_sync::files::NodeFiles;
+use crate::jobs::state::{self, StateError};
 use crate::jobs::{NodePayload, node_key};
 use crate::peers::hook;
 use crate::peers::xray::XrayClient;
@@ -49,7 +50,8 @@ pub fn job(node_id: u64, generation: u64) -> NewJob {
     }
 }
 
-/// What was last applied to a node (state `node/{id}/applied`, JSON).
+/// What was last applied to a node (state `node/{id}/applied`: the kinds' state codec;
+/// JSON before it, still read).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
     pub generation: u64,
@@ -58,12 +60,12 @@ pub struct Applied {
 }
 
 pub fn applied_key(node_id: u64) -> String {
-    format!("node/{node_id}/applied")
+    state::node_key(node_id, "applied")
 }
 
-pub fn load_applied(queue: &Queue, node_id: u64) -> Option<Applied> {
-    let bytes = queue.state(&applied_key(node_id)).ok()??;
-    serde_json::from_slice(&bytes).ok()
+/// What was last applied to the node; `None` before its first apply.
+pub fn load_applied(queue: &Queue, node_id: u64) -> Result<Option<Applied>, StateError> {
+    state::load(queue, &applied_key(node_id))
 }
 
 /// Runs xray_apply attempts.
@@ -149,7 +151,12 @@ impl Handler for XrayApply {
             // Level-triggered: reconciled every time, the core may have changed.
             ApplyMode::XrayGrpc => return self.reconcile(node_id, &synced).await,
         }
-        if load_applied(&self.queue, node_id).is_some_and(|a| a.generation >= synced.generation) {
+        let applied = load_applied(&self.queue, node_id).unwrap_or_else(|e| {
+            // Applying again is always safe: the record is rewritten after it.
+            tracing::warn!(node = node_id, error = %e, "applying the list again");
+            None
+        });
+        if applied.is_some_and(|a| a.generation >= synced.generation) {
             tracing::debug!(
                 node = node_id,
                 generation = synced.generation,
@@ -228,10 +235,7 @@ impl XrayApply {
             users: synced.users.len(),
             at: self.queue.now(),
         };
-        StateWrite::Put(
-            applied_key(node_id),
-            serde_json::to_vec(&applied).unwrap_or_default(),
-        )
+        state::put(applied_key(node_id), &applied)
     }
 
     async fn reconcile(
