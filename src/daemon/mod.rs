@@ -1,6 +1,8 @@
-//! The daemon: owns the queue for the life of the process; runs the producers (a sync
-//! per node every `sync.interval`), a worker pool per job kind, and queue housekeeping;
-//! stops cleanly on SIGTERM/SIGINT.
+//! The daemon: owns the queue for the life of the process; builds the peers and the job
+//! kinds, and runs the kinds' producers and watchers (`jobs/<kind>/`), a worker pool
+//! per job kind, the HTTP listener, the disk probe and queue housekeeping, each a named
+//! task of one [`Supervisor`](supervise::Supervisor) (`supervise.rs`: a task that dies
+//! is logged and named on `/healthz`); stops cleanly on SIGTERM/SIGINT.
 //!
 //! Shutdown: intake stops at once (producers end, workers lease nothing more); attempts
 //! already running get `shutdown_timeout` to finish; whatever still runs after that is

@@ -1,6 +1,8 @@
 //! `node_sync`: fetch one node's allowed users from the panel, write them to disk, and
 //! when they changed, enqueue an `xray_apply`.
 //!
+//! Produced by [`schedule`]: a sync per node every `sync.interval`.
+//!
 //! Reads: the panel (`peers::panel`), state `node/{id}/sync`.
 //! Writes: `{output_dir}/node-{id}/allowed-uuids.{txt,json}` (atomically), state
 //! `node/{id}/sync`, and enqueues `xray_apply` for the node (coalescing).

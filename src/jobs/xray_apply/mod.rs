@@ -7,9 +7,12 @@
 //! - `xray-grpc`: reconcile the inbound with the list over the core's gRPC API
 //!   ([`grpc`]).
 //!
+//! Produced by `node_sync` (a changed list) and, in `xray-grpc` mode, by [`core_watch`]
+//! (the core restarted or lost users; it also checks the watched [`bans`]).
+//!
 //! Reads: state `node/{id}/sync`, the output files (through the hook), the core.
-//! Writes: state `node/{id}/applied` (and `node/{id}/managed` in `xray-grpc` mode); the
-//! core's users.
+//! Writes: state `node/{id}/applied` (and `node/{id}/managed`, `node/{id}/bans` in
+//! `xray-grpc` mode); the core's users.
 //!
 //! Pending applies of a node coalesce (one pending job per node takes the newest
 //! generation), and attempts for one node never overlap: a per-node lock serialises
