@@ -1,7 +1,7 @@
 //! The daemon: owns the queue for the life of the process; builds the peers and the job
 //! kinds, and runs the kinds' producers and watchers (`jobs/<kind>/`), a worker pool
 //! per job kind, the HTTP listener, the disk probe and queue housekeeping, each a named
-//! task of one [`Supervisor`](supervise::Supervisor) (`supervise.rs`: a task that dies
+//! task of one `Supervisor` (`supervise.rs`: a task that dies
 //! is logged and named on `/healthz`); stops cleanly on SIGTERM/SIGINT.
 //!
 //! Shutdown: intake stops at once (producers end, workers lease nothing more); attempts
