@@ -360,8 +360,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut early = None;
     loop {
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
             Some(exit) = tasks.next() => {
+                // `stop` is cancelled with `shutdown`: a task may see it first. That is
+                // no early end, but a worker's failure is still the daemon's.
+                if stop.is_cancelled() {
+                    if exit.stage == Stage::Worker && exit.failure.is_some() {
+                        early = Some(exit);
+                    }
+                    break;
+                }
                 tasks.ended_early(&exit);
                 if exit.stage == Stage::Worker {
                     early = Some(exit);
