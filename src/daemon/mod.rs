@@ -313,7 +313,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tasks.spawn_unit(
             "node_sync without the queue",
             Stage::Service,
-            disk::sync_while_unwritable(
+            node_sync::without_queue::run(
                 agent.queue.clone(),
                 sync,
                 agent.apply.clone(),

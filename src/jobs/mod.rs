@@ -8,7 +8,7 @@
 //!
 //! | kind | module | produced by | reads | writes |
 //! |---|---|---|---|---|
-//! | `node_sync` | [`node_sync`] | `schedule.rs` (every `sync.interval`) | the panel | `{output_dir}/node-{id}/*`, state `node/{id}/sync`, enqueues `xray_apply` |
+//! | `node_sync` | [`node_sync`] | `schedule.rs` (every `sync.interval`; `without_queue.rs` while the queue takes no writes) | the panel | `{output_dir}/node-{id}/*`, state `node/{id}/sync`, enqueues `xray_apply` |
 //! | `xray_apply` | [`xray_apply`] | `node_sync`; `core_watch.rs` (a core restart, lost users) | state `node/{id}/sync`, the output files, the core | runs the hook or the core's API; state `node/{id}/applied`, `node/{id}/managed`, `node/{id}/bans` |
 //! | `traffic_report` | [`traffic_report`] | `collector.rs` (every `traffic.interval`) | the core's counters (collection); its own jobs | state `traffic/*`, enqueues `traffic_report`; the panel's report endpoint |
 //! | `webhook` | [`webhook`] | the HTTP listener (`daemon::http`) | the job's event, the provider registry | POSTs to the relay; state `webhook/delivered/{job}`, `webhook/totals/{relay}` |

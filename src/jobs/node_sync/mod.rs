@@ -1,7 +1,8 @@
 //! `node_sync`: fetch one node's allowed users from the panel, write them to disk, and
 //! when they changed, enqueue an `xray_apply`.
 //!
-//! Produced by [`schedule`]: a sync per node every `sync.interval`.
+//! Produced by [`schedule`]: a sync per node every `sync.interval`. While the queue takes
+//! no writes, [`without_queue`] syncs and applies outside it.
 //!
 //! Reads: the panel (`peers::panel`), state `node/{id}/sync`.
 //! Writes: `{output_dir}/node-{id}/allowed-uuids.{txt,json}` (atomically), state
@@ -27,6 +28,7 @@ pub mod files;
 pub mod schedule;
 pub mod state;
 pub mod userlist;
+pub mod without_queue;
 
 use std::sync::Arc;
 
