@@ -81,6 +81,7 @@ fn main() {
                 queue: queue.clone(),
                 nodes: (1..=8).collect(),
                 pools: Arc::new(Pools::new(JobKind::ALL)),
+                tasks: Default::default(),
             };
             g.bench_function(BenchmarkId::new("stats", jobs), |b| {
                 b.iter(|| black_box(queue.stats().expect("stats")))

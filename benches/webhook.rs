@@ -167,6 +167,7 @@ async fn ingestion(receiver: &receiver::Receiver, total: usize) -> f64 {
             queue: s.queue.clone(),
             nodes: Vec::new(),
             pools: Arc::new(Pools::default()),
+            tasks: Default::default(),
         }),
     });
     let limits = Limits::new(&connector::config::Http::default(), Duration::from_secs(30));

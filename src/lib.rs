@@ -7,9 +7,15 @@
 //!   the operator operations `queuectl` calls. A crate of its own (`connector-queue`,
 //!   still in `src/queue/`), so it cannot import the product: it reports attempts to
 //!   an observer the daemon passes in. (It still names the four job kinds, `kind.rs`.)
-//! - [`jobs`]: the job kinds, one module each, saying what it reads and writes.
+//! - [`jobs`]: the job kinds, one folder each: what produces its jobs (the sync
+//!   schedule, the traffic collector), its handler, its state records and their keys,
+//!   and its watchers (the core watcher), saying what it reads and writes; and the one
+//!   codec of their state records (`jobs::state`).
 //! - [`peers`]: clients of the outside world: the panel, the apply hook.
-//! - [`daemon`]: the long-running process: producers, workers, shutdown, `--once`.
+//! - [`daemon`]: the long-running process: opens the queue, builds the peers and job
+//!   kinds, runs their producers, watchers and worker pools under one supervisor that
+//!   names each task (and `/healthz` a task that died), the HTTP listener, the disk
+//!   probe, shutdown, `--once`.
 //! - [`config`]: the configuration file and environment, validated into typed settings.
 //! - [`redact`]: what is never shown (secrets, URLs' credentials); imports nothing of
 //!   the crate, so every layer may use it.

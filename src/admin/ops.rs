@@ -204,17 +204,9 @@ pub async fn confirm(ctx: Ctx, req: pb::ConfirmRequest) -> Result<pb::ConfirmRep
 
 pub fn bans(ctx: Ctx, _: pb::BansRequest) -> Result<pb::BansReply> {
     let mut out = Vec::new();
-    for (name, bytes) in ctx.queue.state_scan("node/").map_err(status)? {
-        let Some(node_id) = name
-            .strip_prefix("node/")
-            .and_then(|r| r.strip_suffix("/bans"))
-            .and_then(|id| id.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        let Ok(b) = serde_json::from_slice::<bans::Bans>(&bytes) else {
-            continue;
-        };
+    // A record that does not read is an error naming its key, not a node left out.
+    let all = bans::all(&ctx.queue).map_err(|e| Status::internal(e.to_string()))?;
+    for (node_id, b) in all {
         out.extend(b.into_iter().map(|(user, ban)| pb::Ban {
             node_id,
             user,

@@ -14,8 +14,10 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
 use tokio::sync::{broadcast, mpsc};
-use tokio::task::JoinHandle;
+
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -24,7 +26,7 @@ use super::ops::{self, Ctx};
 use super::{convert, pb};
 
 /// How long a stop waits for calls in flight (an export, a repair) before cutting them.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -43,18 +45,22 @@ pub enum ServeError {
     },
 }
 
-/// The admin API being served. [`Server::stop`] ends it and removes the socket.
+/// The admin API's socket. The serving itself is a future ([`Serving`]) the daemon runs
+/// as one of its supervised tasks; [`Server::stop`] makes it end, [`Server::close`]
+/// removes the socket once it has.
 pub struct Server {
     path: PathBuf,
     /// (device, inode) of the socket this daemon bound: only that file is removed.
     ino: (u64, u64),
     stop: CancellationToken,
-    task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
+/// Serves the admin API until [`Server::stop`].
+pub type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+
 impl Server {
-    /// Binds the socket at `path` and serves `ctx` until [`Server::stop`].
-    pub fn start(ctx: Ctx, path: &Path) -> Result<Server, ServeError> {
+    /// Binds the socket at `path`; the returned future serves `ctx` until [`Server::stop`].
+    pub fn start(ctx: Ctx, path: &Path) -> Result<(Server, Serving), ServeError> {
         let listener = bind(path)?;
         let ino = std::fs::symlink_metadata(path)
             .map(|m| (m.dev(), m.ino()))
@@ -68,7 +74,7 @@ impl Server {
             ctx,
             stop: stop.clone(),
         };
-        let task = tokio::spawn(
+        let serving = Box::pin(
             tonic::transport::Server::builder()
                 .add_service(pb::admin_server::AdminServer::new(service))
                 .serve_with_incoming_shutdown(
@@ -77,32 +83,28 @@ impl Server {
                 ),
         );
         tracing::info!(socket = %path.display(), "admin socket open (queuectl works while the daemon runs)");
-        Ok(Server {
-            path: path.to_path_buf(),
-            ino,
-            stop,
-            task,
-        })
+        Ok((
+            Server {
+                path: path.to_path_buf(),
+                ino,
+                stop,
+            },
+            serving,
+        ))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Stops serving (open `tail` streams end, calls in flight get [`STOP_GRACE`]) and
-    /// removes the socket.
-    pub async fn stop(self) {
+    /// Stops serving: open `tail` streams end; calls in flight get [`STOP_GRACE`] from
+    /// the daemon before they are cut.
+    pub fn stop(&self) {
         self.stop.cancel();
-        let mut task = self.task;
-        match tokio::time::timeout(STOP_GRACE, &mut task).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the admin server ended with an error"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "the admin server task failed"),
-            Err(_) => {
-                tracing::warn!("admin calls still running at shutdown were cut");
-                task.abort();
-            }
-        }
+    }
+
+    /// Removes the socket, once serving has ended.
+    pub fn close(self) {
         let ours =
             std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.ino);
         if ours && let Err(e) = std::fs::remove_file(&self.path) {

@@ -5,8 +5,10 @@
 //! not deleted underneath the daemon: `queue` then says `read-only` and `problems`
 //! names the path and the cause), and every worker pool this daemon
 //! runs is running, not paused by an operator, not stopped, and not stuck
-//! ([`Pool::condition`](crate::queue::Pool::condition)). The webhook pool waiting for
-//! its first provider file is healthy: there is nothing to deliver to.
+//! ([`Pool::condition`](crate::queue::Pool::condition)), and no task of the daemon
+//! ended before it was stopping (`supervise.rs`: a producer, a watcher, the listener…).
+//! The webhook pool waiting for its first provider file is healthy: there is nothing to
+//! deliver to.
 
 use std::sync::Arc;
 
@@ -22,6 +24,8 @@ pub struct Health {
     /// The configured nodes' ids.
     pub nodes: Vec<u64>,
     pub pools: Arc<Pools>,
+    /// The daemon's tasks that ended before it was stopping.
+    pub tasks: Arc<super::supervise::Ended>,
 }
 
 /// The answer of `/healthz` (its JSON body).
@@ -72,6 +76,7 @@ impl Health {
             workers.insert(pool.kind().as_str(), c.state.to_string());
             problems.extend(c.problem);
         }
+        problems.extend(self.tasks.problems());
         Report {
             status: if problems.is_empty() {
                 "ok"
@@ -113,11 +118,20 @@ impl Health {
             .map(|(node, _)| node)
             .collect();
         for &node in &self.nodes {
-            let allowed = sync_state::load(q, node)
-                .ok()
-                .filter(|st| st.generation > 0)
-                .map(|st| st.users.len());
-            let applied = load_applied(q, node).map(|a| a.users);
+            let allowed = match sync_state::load(q, node) {
+                Ok(st) => (st.generation > 0).then_some(st.users.len()),
+                Err(e) => {
+                    tracing::warn!(node, error = %e, "users allowed not shown");
+                    None
+                }
+            };
+            let applied = match load_applied(q, node) {
+                Ok(a) => a.map(|a| a.users),
+                Err(e) => {
+                    tracing::warn!(node, error = %e, "users applied not shown");
+                    None
+                }
+            };
             s.nodes.push((node, allowed, applied, held.contains(&node)));
         }
         for pool in self.pools.iter() {

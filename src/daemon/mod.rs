@@ -1,6 +1,8 @@
-//! The daemon: owns the queue for the life of the process; runs the producers (a sync
-//! per node every `sync.interval`), a worker pool per job kind, and queue housekeeping;
-//! stops cleanly on SIGTERM/SIGINT.
+//! The daemon: owns the queue for the life of the process; builds the peers and the job
+//! kinds, and runs the kinds' producers and watchers (`jobs/<kind>/`), a worker pool
+//! per job kind, the HTTP listener, the disk probe and queue housekeeping, each a named
+//! task of one `Supervisor` (`supervise.rs`: a task that dies
+//! is logged and named on `/healthz`); stops cleanly on SIGTERM/SIGINT.
 //!
 //! Shutdown: intake stops at once (producers end, workers lease nothing more); attempts
 //! already running get `shutdown_timeout` to finish; whatever still runs after that is
@@ -12,29 +14,30 @@
 //!
 //! `--once` ([`run_once`]): one sync per node, the applies those syncs cause, then exit.
 
-mod core_watch;
 mod disk;
 pub mod health;
 pub mod http;
 pub mod listener;
 mod once;
+pub mod supervise;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::jobs::node_sync::{self, NodeSync};
-use crate::jobs::traffic_report::{Collector, TrafficReport};
+use crate::jobs::traffic_report::{self, Collector, TrafficReport};
 use crate::jobs::webhook::{self, Webhook};
-use crate::jobs::xray_apply::XrayApply;
+use crate::jobs::xray_apply::{XrayApply, core_watch};
 use crate::peers::panel::Panel;
 use crate::peers::relays::{Registry, client::RelayClient};
 use crate::peers::xray::XrayClient;
-use crate::queue::{self, DeadReason, JobKind, JobState, Pools, Queue, Stored, SystemClock};
+use crate::queue::{self, JobKind, Pools, Queue, SystemClock};
+
+use supervise::{Stage, Supervisor};
 
 pub use once::{OnceReport, run_once};
 
@@ -143,8 +146,8 @@ impl Agent {
         })
     }
 
-    /// Starts a worker pool for every kind this agent runs.
-    pub fn spawn_workers(&self, tasks: &mut JoinSet<queue::Result<()>>, stop: &CancellationToken) {
+    /// Starts a worker pool for every kind this agent runs, named `{kind} workers`.
+    pub fn spawn_workers(&self, tasks: &mut Supervisor, stop: &CancellationToken) {
         let pool = |kind| {
             self.pools
                 .get(kind)
@@ -153,67 +156,62 @@ impl Agent {
         };
         let observer: Arc<dyn queue::AttemptObserver> =
             Arc::new(crate::telemetry::metrics::Attempts);
+        let name = |kind: JobKind| format!("{} workers", kind.as_str());
         if let Some(sync) = &self.sync {
-            tasks.spawn(queue::run_pool(
+            let run = queue::run_pool(
                 self.queue.clone(),
                 pool(JobKind::NodeSync),
                 sync.clone(),
                 observer.clone(),
                 stop.clone(),
-            ));
+            );
+            tasks.spawn(name(JobKind::NodeSync), Stage::Worker, async move {
+                Ok(run.await?)
+            });
         }
-        tasks.spawn(queue::run_pool(
+        let run = queue::run_pool(
             self.queue.clone(),
             pool(JobKind::XrayApply),
             self.apply.clone(),
             observer.clone(),
             stop.clone(),
-        ));
+        );
+        tasks.spawn(name(JobKind::XrayApply), Stage::Worker, async move {
+            Ok(run.await?)
+        });
         if let Some(traffic) = &self.traffic {
-            tasks.spawn(queue::run_pool(
+            let run = queue::run_pool(
                 self.queue.clone(),
                 pool(JobKind::TrafficReport),
                 traffic.clone(),
                 observer.clone(),
                 stop.clone(),
-            ));
+            );
+            tasks.spawn(name(JobKind::TrafficReport), Stage::Worker, async move {
+                Ok(run.await?)
+            });
         }
         // A node without relays leaves webhook jobs alone rather than failing them.
         let (queue, handler, stop) = (self.queue.clone(), self.webhook.clone(), stop.clone());
         let webhooks = pool(JobKind::Webhook);
-        tasks.spawn(async move {
+        tasks.spawn(name(JobKind::Webhook), Stage::Worker, async move {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 _ = handler.registry.wait_for_any() => {}
             }
-            queue::run_pool(queue, webhooks, handler, observer, stop).await
+            Ok(queue::run_pool(queue, webhooks, handler, observer, stop).await?)
         });
     }
 
-    /// Waits for the worker pools to drain, at most `shutdown_timeout`.
-    pub async fn drain(&self, mut tasks: JoinSet<queue::Result<()>>) -> anyhow::Result<()> {
+    /// Waits for the worker pools to drain, at most `shutdown_timeout`, then flushes.
+    pub async fn drain(&self, tasks: &mut Supervisor) -> anyhow::Result<()> {
         let limit = self.config.shutdown_timeout;
-        let mut failure = None;
-        let drained = tokio::time::timeout(limit, async {
-            while let Some(r) = tasks.join_next().await {
-                match r {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => failure = Some(anyhow::Error::new(e)),
-                    Err(e) if e.is_panic() => {
-                        failure = Some(anyhow::anyhow!("a worker panicked: {e}"))
-                    }
-                    Err(_) => {}
-                }
-            }
-        })
-        .await;
-        if drained.is_err() {
+        let (failed, timed_out) = tasks.join_stage(Stage::Worker, Some(limit)).await;
+        if timed_out {
             tracing::warn!(
                 timeout = %humantime::format_duration(limit),
                 "attempts still running at the shutdown timeout were stopped; they run again at the next start"
             );
-            tasks.abort_all();
-            while tasks.join_next().await.is_some() {}
         }
         match self.queue.flush().await {
             Ok(()) => {}
@@ -223,8 +221,12 @@ impl Agent {
             }
             Err(e) => return Err(e.into()),
         }
-        match failure {
-            Some(e) => Err(e),
+        match failed.into_iter().last() {
+            Some(e) => Err(anyhow::anyhow!(
+                "{} failed: {}",
+                e.name,
+                e.failure.unwrap_or_default()
+            )),
             None => Ok(()),
         }
     }
@@ -238,8 +240,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // the queue and the admin socket need (`listener::connection_limit`).
     let fd_limit = listener::raise_fd_limit();
     let agent = Agent::open(config)?;
+    let mut tasks = Supervisor::new();
     // For the daemon's whole life, so `queuectl` works until the queue is flushed.
-    let admin = crate::admin::Server::start(
+    let (admin, serving) = crate::admin::Server::start(
         crate::admin::Ctx {
             queue: agent.queue.clone(),
             config: agent.config.clone(),
@@ -247,60 +250,84 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         },
         &agent.config.admin_socket(),
     )?;
+    tasks.spawn(
+        "admin server",
+        Stage::Admin,
+        async move { Ok(serving.await?) },
+    );
     let stop = shutdown.child_token();
     // Bound first: a listener that cannot start stops the daemon before it takes work.
     let listener = match agent.config.http.listen {
         Some(addr) => Some(http::bind(addr).await?),
         None => None,
     };
-    let mut tasks = JoinSet::new();
     agent.spawn_workers(&mut tasks, &stop);
-    let maintenance = tokio::spawn(queue::run_maintenance(
-        agent.queue.clone(),
-        MAINTENANCE_EVERY,
-        stop.clone(),
-    ));
-    let producer = tokio::spawn(produce_syncs(
-        agent.queue.clone(),
-        agent.config.clone(),
-        stop.clone(),
-    ));
-    let collecting = agent.collector.clone().map(|c| {
-        tokio::spawn(collect_traffic(
-            c,
-            agent.config.traffic.interval,
-            stop.clone(),
-        ))
-    });
-    let watcher = agent.apply.core.clone().map(|core| {
-        tokio::spawn(core_watch::watch(
-            agent.queue.clone(),
-            core,
-            agent.apply.clone(),
-            agent.config.clone(),
-            stop.clone(),
-        ))
-    });
-    let reloader = tokio::spawn(
+    tasks.spawn_unit(
+        "queue maintenance",
+        Stage::Service,
+        queue::run_maintenance(agent.queue.clone(), MAINTENANCE_EVERY, stop.clone()),
+    );
+    if agent.sync.is_some() {
+        tasks.spawn_unit(
+            "node_sync schedule",
+            Stage::Service,
+            node_sync::schedule::run(agent.queue.clone(), agent.config.clone(), stop.clone()),
+        );
+    }
+    if let Some(c) = agent.collector.clone() {
+        tasks.spawn_unit(
+            "traffic_report collector",
+            Stage::Service,
+            traffic_report::collector::run(c, agent.config.traffic.interval, stop.clone()),
+        );
+    }
+    if let Some(core) = agent.apply.core.clone() {
+        tasks.spawn_unit(
+            "xray_apply core watcher",
+            Stage::Service,
+            core_watch::watch(
+                agent.queue.clone(),
+                core,
+                agent.apply.clone(),
+                agent.config.clone(),
+                stop.clone(),
+            ),
+        );
+    }
+    tasks.spawn_unit(
+        "webhook provider watcher",
+        Stage::Service,
         agent
             .webhook
             .registry
             .clone()
             .watch(agent.config.webhook.reload_interval, stop.clone()),
     );
-    let folder = tokio::spawn(webhook::stats::run_fold(agent.queue.clone(), stop.clone()));
+    tasks.spawn_unit(
+        "webhook stats fold",
+        Stage::Service,
+        webhook::stats::run_fold(agent.queue.clone(), stop.clone()),
+    );
     // A full disk or a deleted database: probed, reported, and synced around.
-    let disk_watch = tokio::spawn(disk::watch(agent.queue.clone(), stop.clone()));
-    let fallback = agent.sync.clone().map(|sync| {
-        tokio::spawn(disk::sync_while_unwritable(
-            agent.queue.clone(),
-            sync,
-            agent.apply.clone(),
-            agent.config.clone(),
-            stop.clone(),
-        ))
-    });
-    let server = listener.map(|l| {
+    tasks.spawn_unit(
+        "disk probe",
+        Stage::Service,
+        disk::watch(agent.queue.clone(), stop.clone()),
+    );
+    if let Some(sync) = agent.sync.clone() {
+        tasks.spawn_unit(
+            "node_sync without the queue",
+            Stage::Service,
+            crate::jobs::xray_apply::without_queue::run(
+                agent.queue.clone(),
+                sync,
+                agent.apply.clone(),
+                agent.config.clone(),
+                stop.clone(),
+            ),
+        );
+    }
+    if let Some(l) = listener {
         let state = Arc::new(http::HttpState {
             queue: agent.queue.clone(),
             registry: agent.webhook.registry.clone(),
@@ -310,6 +337,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 queue: agent.queue.clone(),
                 nodes: agent.config.nodes.iter().map(|n| n.id).collect(),
                 pools: agent.pools.clone(),
+                tasks: tasks.ended(),
             }),
         });
         let addr = l.local_addr().ok();
@@ -321,50 +349,69 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         // A non-loopback listen without a token is one of config.warnings, logged at start.
         let mut limits = listener::Limits::new(&agent.config.http, agent.config.shutdown_timeout);
         limits.max_connections = listener::connection_limit(limits.max_connections, fd_limit);
-        tokio::spawn(listener::serve(
-            l,
-            http::router(state),
-            limits,
-            stop.clone(),
-        ))
-    });
+        tasks.spawn_unit(
+            "http listener",
+            Stage::Intake,
+            listener::serve(l, http::router(state), limits, stop.clone()),
+        );
+    }
     if agent.apply.core.is_some() {
         // Level-triggered: whatever happened while the agent was down, reconcile now.
         core_watch::apply_all(&agent.queue, &agent.config, "start").await;
     }
-    // A worker pool ends early only if it panicked: a queue that takes no writes (a full
-    // disk) makes it wait, not end (`disk.rs`).
-    let early = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        Some(r) = tasks.join_next() => Some(r),
-    };
+    // A task that ends before the shutdown is logged and named on `/healthz`. A worker
+    // pool ends early only if it panicked or the queue failed (a queue that takes no
+    // writes, a full disk, makes it wait, not end: `disk.rs`): then the daemon stops.
+    let mut early = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some(exit) = tasks.next() => {
+                // `stop` is cancelled with `shutdown`: a task may see it first. That is
+                // no early end, but a worker's failure is still the daemon's.
+                if stop.is_cancelled() {
+                    if exit.stage == Stage::Worker && exit.failure.is_some() {
+                        early = Some(exit);
+                    }
+                    break;
+                }
+                tasks.ended_early(&exit);
+                if exit.stage == Stage::Worker {
+                    early = Some(exit);
+                    break;
+                }
+            }
+        }
+    }
     stop.cancel();
     tracing::info!("stopping: no new work; waiting for running attempts");
-    if let Some(s) = server {
-        // Intake first: once this returns, no event is being accepted.
-        // It answers the requests in progress first (at most shutdown_timeout).
-        let _ = s.await;
+    // Intake first: once it has ended, no event is being accepted. The listener answers
+    // the requests in progress first (at most shutdown_timeout).
+    tasks.join_stage(Stage::Intake, None).await;
+    tasks.join_stage(Stage::Service, None).await;
+    let drained = agent.drain(&mut tasks).await;
+    admin.stop();
+    let (failed, cut) = tasks
+        .join_stage(Stage::Admin, Some(crate::admin::server::STOP_GRACE))
+        .await;
+    if cut {
+        tracing::warn!("admin calls still running at shutdown were cut");
     }
-    let _ = producer.await;
-    let _ = maintenance.await;
-    if let Some(c) = collecting {
-        let _ = c.await;
+    for e in failed {
+        tracing::warn!(
+            error = e.failure.unwrap_or_default(),
+            "the admin server ended with an error"
+        );
     }
-    let _ = reloader.await;
-    let _ = folder.await;
-    let _ = disk_watch.await;
-    if let Some(f) = fallback {
-        let _ = f.await;
-    }
-    if let Some(w) = watcher {
-        let _ = w.await;
-    }
-    let drained = agent.drain(tasks).await;
-    admin.stop().await;
-    match early {
-        Some(Ok(Err(e))) => return Err(anyhow::Error::new(e).context("the queue failed")),
-        Some(Err(e)) => return Err(anyhow::anyhow!("a worker pool ended: {e}")),
-        _ => {}
+    admin.close();
+    if let Some(e) = early {
+        return Err(anyhow::anyhow!(
+            "{} ended: {}",
+            e.name,
+            e.failure
+                .unwrap_or_else(|| "before the daemon was stopping".into())
+        ));
     }
     drained?;
     if let Err(e) = webhook::stats::fold(&agent.queue).await {
@@ -372,130 +419,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     tracing::info!("queue flushed; stopped");
     Ok(())
-}
-
-/// Makes a sync due for every node every `sync.interval`. Each node has one sync job
-/// at a time ([`Dedupe::Live`](crate::queue::Dedupe)):
-///
-/// - none, or the last one is done: a new one;
-/// - one waiting on its ladder after a failure: due now — a panel that recovers is
-///   read again within one interval, as SPEC promises, not after the ladder's minutes
-///   (the ladder still spaces retries shorter than the interval);
-/// - one that went dead on its ladder (the panel has been failing for a while): that
-///   same job again, so an outage leaves one dead job per node — visible in `queuectl`,
-///   its history showing the failures — not a new dead job every few intervals.
-async fn produce_syncs(queue: Queue, config: Arc<Config>, stop: CancellationToken) {
-    if config.nodes.is_empty() {
-        return;
-    }
-    let mut tick = tokio::time::interval(config.sync.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        for node in &config.nodes {
-            match make_sync_due(&queue, node.id).await {
-                Ok(()) => {}
-                // A full disk: said once by the queue; the sync goes on without it.
-                Err(e) if e.is_unwritable() => {
-                    tracing::debug!(node = node.id, error = %e, "cannot schedule a sync")
-                }
-                Err(e) => tracing::error!(node = node.id, error = %e, "cannot schedule a sync"),
-            }
-        }
-    }
-}
-
-/// Collects traffic every `interval` (the first one a full interval after the start,
-/// so a restarted agent does not read twice in a row). A collection that is running
-/// when the agent stops finishes first: it is one read and one commit.
-async fn collect_traffic(
-    collector: Arc<tokio::sync::Mutex<Collector>>,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let started = std::time::Instant::now();
-        match collector.lock().await.collect().await {
-            Ok(c) => {
-                if failing {
-                    tracing::info!("traffic collection works again");
-                }
-                failing = false;
-                for r in &c.reports {
-                    tracing::info!(
-                        job = r.job_id,
-                        node = r.node_id,
-                        report_id = %r.report_id,
-                        items = r.items,
-                        upload = r.upload,
-                        download = r.download,
-                        "traffic collected"
-                    );
-                }
-                tracing::debug!(
-                    counters = c.counters,
-                    reports = c.reports.len(),
-                    restarted = c.restarted,
-                    foreign = c.foreign,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "traffic collection"
-                );
-                if c.restarted {
-                    tracing::warn!(
-                        "the core restarted since the last collection: counting from zero (bytes it counted after that collection and before the restart are lost with it)"
-                    );
-                }
-            }
-            Err(e) => {
-                // Once per outage at warn level; the rest at debug.
-                if failing {
-                    tracing::debug!(error = %e, "traffic collection failed");
-                } else {
-                    tracing::warn!(error = %e, "traffic collection failed; the next interval reads again (nothing is lost: counters are not reset)");
-                }
-                failing = true;
-            }
-        }
-    }
-}
-
-async fn make_sync_due(queue: &Queue, node_id: u64) -> queue::Result<()> {
-    let revive = match queue.find_key(JobKind::NodeSync, &crate::jobs::node_key(node_id))? {
-        Some(job) => match (job.state(queue.now()), &job.stored) {
-            (JobState::Scheduled, _) => Some(job.id),
-            (
-                JobState::Dead,
-                Stored::Dead {
-                    reason: DeadReason::Exhausted,
-                    ..
-                },
-            ) => Some(job.id),
-            (JobState::Ready | JobState::Running, _) => return Ok(()),
-            _ => None,
-        },
-        None => None,
-    };
-    match revive {
-        // It may have been leased meanwhile; then it runs now anyway.
-        Some(id) => match queue.retry(id).await {
-            Ok(_) | Err(queue::Error::InvalidState { .. }) => Ok(()),
-            Err(e) => Err(e),
-        },
-        None => queue
-            .enqueue_with(node_sync::job(node_id))
-            .await
-            .map(|_| ()),
-    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.

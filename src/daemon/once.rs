@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 
 use tokio::sync::broadcast::error::RecvError;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::Agent;
@@ -111,7 +110,7 @@ pub async fn run_once(config: Config) -> anyhow::Result<OnceReport> {
         }
     }
     let stop = CancellationToken::new();
-    let mut tasks = JoinSet::new();
+    let mut tasks = super::Supervisor::new();
     agent.spawn_workers(&mut tasks, &stop);
     loop {
         let ids: Vec<u64> = tracked.keys().copied().collect();
@@ -128,7 +127,7 @@ pub async fn run_once(config: Config) -> anyhow::Result<OnceReport> {
             if kind == JobKind::NodeSync && result.is_ok() && agent.apply.core.is_some() {
                 // xray-grpc: every node is reconciled, changed or not; the core may
                 // have lost users, or its inbound may not be what the config says.
-                super::core_watch::apply_now(&queue, node)
+                crate::jobs::xray_apply::core_watch::apply_now(&queue, node)
                     .await
                     .map_err(anyhow::Error::msg)?;
             }
@@ -167,14 +166,16 @@ pub async fn run_once(config: Config) -> anyhow::Result<OnceReport> {
                 Ok(_) | Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => break,
             },
-            Some(r) = tasks.join_next() => {
+            Some(exit) = tasks.next() => {
                 // A worker pool ended early: the queue failed.
-                r??;
+                if let Some(why) = exit.failure {
+                    anyhow::bail!("{} failed: {why}", exit.name);
+                }
             }
         }
     }
     stop.cancel();
-    agent.drain(tasks).await?;
+    agent.drain(&mut tasks).await?;
     Ok(report)
 }
 

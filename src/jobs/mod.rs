@@ -2,14 +2,19 @@
 //! write; the queue knows them only as a [`JobKind`](crate::queue::JobKind) and opaque
 //! payload bytes (JSON here, so `queuectl` can show them).
 //!
-//! | kind | module | reads | writes |
-//! |---|---|---|---|
-//! | `node_sync` | [`node_sync`] | the panel | `{output_dir}/node-{id}/*`, state `node/{id}/sync`, enqueues `xray_apply` |
-//! | `xray_apply` | [`xray_apply`] | state `node/{id}/sync`, the output files | runs the hook; state `node/{id}/applied` |
-//! | `traffic_report` | [`traffic_report`] | the core's counters (collection); its own jobs | state `traffic/*`, enqueues `traffic_report`; the panel's report endpoint |
-//! | `webhook` | [`webhook`] | the job's event, the provider registry | POSTs to the relay; state `webhook/delivered/{job}`, `webhook/totals/{relay}` |
+//! A kind's folder holds what produces its jobs, its handler, its state records (keys
+//! declared once there, encoded with [`state`]) and its watchers; the daemon only
+//! builds and spawns them.
+//!
+//! | kind | module | produced by | reads | writes |
+//! |---|---|---|---|---|
+//! | `node_sync` | [`node_sync`] | `schedule.rs` (every `sync.interval`; `xray_apply/without_queue.rs` while the queue takes no writes) | the panel | `{output_dir}/node-{id}/*`, state `node/{id}/sync`, enqueues `xray_apply` |
+//! | `xray_apply` | [`xray_apply`] | `node_sync`; `core_watch.rs` (a core restart, lost users) | state `node/{id}/sync`, the output files, the core | runs the hook or the core's API; state `node/{id}/applied`, `node/{id}/managed`, `node/{id}/bans` |
+//! | `traffic_report` | [`traffic_report`] | `collector.rs` (every `traffic.interval`) | the core's counters (collection); its own jobs | state `traffic/*`, enqueues `traffic_report`; the panel's report endpoint |
+//! | `webhook` | [`webhook`] | the HTTP listener (`daemon::http`) | the job's event, the provider registry | POSTs to the relay; state `webhook/delivered/{job}`, `webhook/totals/{relay}` |
 
 pub mod node_sync;
+pub mod state;
 pub mod traffic_report;
 pub mod webhook;
 pub mod xray_apply;

@@ -177,6 +177,39 @@ fn metrics_parse_and_move_when_jobs_move() {
     assert_eq!(rig.stop(), Some(0));
 }
 
+/// A long-running task of the daemon that dies (here: made to panic through the test
+/// hook) is logged with its name and named on `/healthz`, which answers 503; the rest of
+/// the daemon goes on, and stops cleanly.
+#[test]
+fn healthz_turns_503_naming_a_task_that_died() {
+    let mut rig = Rig::new(Opts::default());
+    let users = agent::uuids(2);
+    rig.panel.set(1, Answer::list(&users));
+    rig.start_with(|cmd| {
+        cmd.env(
+            connector::daemon::supervise::PANIC_TASK_ENV,
+            "webhook stats fold",
+        );
+    });
+    let addr = rig.http_addr();
+    let (_, line) = rig.wait_log(0, "the task's end", |v| v["task"] == "webhook stats fold");
+    assert_eq!(line["level"], "ERROR", "{line}");
+    let (status, v) = healthz(addr);
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["status"], "unhealthy");
+    let problems = v["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{v}");
+    let problem = problems[0].as_str().unwrap();
+    assert!(
+        problem.contains("webhook stats fold") && problem.contains("panicked"),
+        "{v}"
+    );
+    // The pools and the other tasks were not touched.
+    assert_eq!(v["workers"]["node_sync"], "running");
+    rig.wait_applied(0, 1, 1);
+    assert_eq!(rig.stop(), Some(0));
+}
+
 #[test]
 fn healthz_turns_503_naming_a_paused_pool() {
     let mut rig = Rig::new(Opts::default());

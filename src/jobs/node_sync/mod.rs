@@ -1,6 +1,10 @@
 //! `node_sync`: fetch one node's allowed users from the panel, write them to disk, and
 //! when they changed, enqueue an `xray_apply`.
 //!
+//! Produced by [`schedule`]: a sync per node every `sync.interval`. While the queue takes
+//! no writes, `xray_apply::without_queue` syncs (through [`NodeSync::sync_volatile`])
+//! and applies outside it.
+//!
 //! Reads: the panel (`peers::panel`), state `node/{id}/sync`.
 //! Writes: `{output_dir}/node-{id}/allowed-uuids.{txt,json}` (atomically), state
 //! `node/{id}/sync`, and enqueues `xray_apply` for the node (coalescing).
@@ -22,6 +26,7 @@
 //! `sync.confirm_after`.
 
 pub mod files;
+pub mod schedule;
 pub mod state;
 pub mod userlist;
 
@@ -113,7 +118,7 @@ impl NodeSync {
                 if let crate::queue::StateWrite::Put(name, bytes) = w
                     && name == key
                 {
-                    *st = state::decode(&bytes)?;
+                    *st = state::decode(node_id, &bytes)?;
                 }
             }
         }

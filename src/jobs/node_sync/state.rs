@@ -2,15 +2,17 @@
 //! `node/{id}/sync`: the last good list (it stays in force whatever the panel answers
 //! next), its ETag and generation, and a sync held by the removal guard.
 //!
-//! Encoding: one version byte (1), then bincode 2 (standard config) of [`SyncState`].
-//! Documented in `queue-schema/README.md`.
+//! Encoding: the kinds' state codec (`jobs::state`) of [`SyncState`]. Documented in
+//! `queue-schema/README.md`.
 
 use serde::{Deserialize, Serialize};
 
 use super::userlist::User;
+use crate::jobs::state as codec;
 use crate::queue::{self, Millis, Queue, StateWrite};
 
-const VERSION: u8 = 1;
+/// The record's name under `node/{id}/`.
+const RECORD: &str = "sync";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncState {
@@ -40,52 +42,38 @@ pub struct Held {
 }
 
 pub fn key(node_id: u64) -> String {
-    format!("node/{node_id}/sync")
+    codec::node_key(node_id, RECORD)
 }
 
+/// The node's state; before its first sync, the empty state (generation 0).
 pub fn load(queue: &Queue, node_id: u64) -> Result<SyncState, String> {
-    match queue.state(&key(node_id)).map_err(|e| e.to_string())? {
-        None => Ok(SyncState::default()),
-        Some(bytes) => decode(&bytes),
+    match codec::load(queue, &key(node_id)) {
+        Ok(found) => Ok(found.unwrap_or_default()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
-pub fn decode(bytes: &[u8]) -> Result<SyncState, String> {
-    match bytes.split_first() {
-        Some((&VERSION, body)) => {
-            bincode::serde::decode_from_slice(body, bincode::config::standard())
-                .map(|(s, _)| s)
-                .map_err(|e| format!("node sync state does not decode: {e}"))
-        }
-        Some((v, _)) => Err(format!(
-            "node sync state has version {v}; this build reads version {VERSION}"
-        )),
-        None => Err("node sync state is empty".into()),
-    }
+/// Reads back the record `put` wrote for `node_id`.
+pub fn decode(node_id: u64, bytes: &[u8]) -> Result<SyncState, String> {
+    codec::decode(&key(node_id), bytes).map_err(|e| e.to_string())
 }
 
 pub fn put(node_id: u64, state: &SyncState) -> StateWrite {
-    let mut bytes = vec![VERSION];
-    // Plain data always encodes.
-    bytes.extend(
-        bincode::serde::encode_to_vec(state, bincode::config::standard()).unwrap_or_default(),
-    );
-    StateWrite::Put(key(node_id), bytes)
+    codec::put(key(node_id), state)
 }
 
-/// Every node with a held sync: (node id, hold).
+/// Every node with a held sync: (node id, hold). A node whose record does not read is
+/// logged with its key and left out (its own sync fails on it, naming it too).
 pub fn held(queue: &Queue) -> queue::Result<Vec<(u64, Held)>> {
     let mut out = Vec::new();
-    for (name, bytes) in queue.state_scan("node/")? {
-        let Some(id) = name
-            .strip_prefix("node/")
-            .and_then(|r| r.strip_suffix("/sync"))
-            .and_then(|id| id.parse().ok())
-        else {
+    for (name, bytes) in queue.state_scan(codec::NODE_PREFIX)? {
+        let Some(id) = codec::node_of(&name, RECORD) else {
             continue;
         };
-        if let Ok(SyncState { held: Some(h), .. }) = decode(&bytes) {
-            out.push((id, h));
+        match codec::decode::<SyncState>(&name, &bytes) {
+            Ok(SyncState { held: Some(h), .. }) => out.push((id, h)),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "a node's sync state does not read"),
         }
     }
     Ok(out)

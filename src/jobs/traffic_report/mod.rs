@@ -2,7 +2,8 @@
 //!
 //! Two halves:
 //!
-//! - **Collection** ([`collect`]), every `traffic.interval`, outside the queue's workers:
+//! - **Collection** ([`collect`], run by [`collector`]), every `traffic.interval`,
+//!   outside the queue's workers:
 //!   reads the core's per-user counters without resetting them, takes deltas against
 //!   the persisted baseline, and commits the new baseline together with the reports
 //!   that carry those deltas — one atomic write, so a crash anywhere either loses the
@@ -26,6 +27,7 @@
 //! write as its ack. So after an outage a node's backlog drains in order, at once.
 
 pub mod collect;
+pub mod collector;
 pub mod state;
 pub mod summary;
 

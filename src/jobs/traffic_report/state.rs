@@ -1,16 +1,19 @@
 //! What collection keeps in the queue's state area, written in the same batch as the
 //! reports it produces. Formats (also in `queue-schema/README.md`):
 //!
-//! - `traffic/core`: version `1`, then bincode 2 (standard) of [`CoreMark`]: the core
+//! - `traffic/core`: the kinds' state codec (`jobs::state`) of [`CoreMark`]: the core
 //!   process as last read (uptime and allocation counters, to tell a restart), when, and
 //!   the next report sequence number.
 //! - `traffic/base/{email}`: version `1`, then the user's uplink and downlink counter
 //!   values at the last collection, each a u64 little-endian (17 bytes). Absent = 0.
+//!   Not the codec's form: one record per user (100k on a large node), fixed-width, and
+//!   already on disk in this form.
 
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::jobs::state as codec;
 use crate::peers::xray::SysStats;
 use crate::queue::{Millis, Queue, StateWrite};
 
@@ -32,25 +35,11 @@ pub struct CoreMark {
 pub type Pair = [u64; 2];
 
 pub fn put_core(mark: &CoreMark) -> StateWrite {
-    let mut bytes = vec![VERSION];
-    bytes.extend(
-        bincode::serde::encode_to_vec(mark, bincode::config::standard()).unwrap_or_default(),
-    );
-    StateWrite::Put(CORE.into(), bytes)
+    codec::put(CORE.into(), mark)
 }
 
 pub fn load_core(queue: &Queue) -> Result<Option<CoreMark>, String> {
-    let Some(bytes) = queue.state(CORE).map_err(|e| e.to_string())? else {
-        return Ok(None);
-    };
-    match bytes.split_first() {
-        Some((&VERSION, body)) => {
-            bincode::serde::decode_from_slice(body, bincode::config::standard())
-                .map(|(m, _)| Some(m))
-                .map_err(|e| format!("state {CORE} does not decode: {e}"))
-        }
-        _ => Err(format!("state {CORE} has an unknown version")),
-    }
+    codec::load(queue, CORE).map_err(|e| e.to_string())
 }
 
 pub fn put_base(email: &str, pair: Pair) -> StateWrite {

@@ -20,7 +20,7 @@
 //! - **events** of a status = delivered + pending + dead callbacks of that status.
 //!   Purging dead jobs forgets their events.
 //!
-//! Both records are a version byte (1), then bincode 2 (standard) of the struct;
+//! Both records are the kinds' state codec (`jobs::state`: a version byte, then bincode 2) of the struct;
 //! documented in `queue-schema/README.md`.
 
 use std::collections::BTreeMap;
@@ -28,12 +28,16 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::event::{Payload, Status};
+use crate::jobs::state::{decode, encode};
 use crate::peers::relays::{self, Providers};
 use crate::queue::{self, Commit, JobKind, JobState, Millis, Queue, StateWrite, rfc3339};
 
-const VERSION: u8 = 1;
 const DELIVERED_PREFIX: &str = "webhook/delivered/";
 const TOTALS_PREFIX: &str = "webhook/totals/";
+
+fn totals_key(relay: &str) -> String {
+    format!("{TOTALS_PREFIX}{relay}")
+}
 
 /// One delivered callback, until [`fold`] adds it to its relay's totals.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,27 +60,6 @@ fn index(s: Status) -> usize {
         Status::Success => 0,
         Status::Cancelled => 1,
         Status::Error => 2,
-    }
-}
-
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    let mut bytes = vec![VERSION];
-    // Plain data always encodes.
-    bytes.extend(bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap_or_default());
-    bytes
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, String> {
-    match bytes.split_first() {
-        Some((&VERSION, body)) => {
-            bincode::serde::decode_from_slice(body, bincode::config::standard())
-                .map(|(v, _)| v)
-                .map_err(|e| format!("{what} does not decode: {e}"))
-        }
-        Some((v, _)) => Err(format!(
-            "{what} has version {v}; this build reads version {VERSION}"
-        )),
-        None => Err(format!("{what} is empty")),
     }
 }
 
@@ -104,7 +87,7 @@ pub async fn fold(queue: &Queue) -> queue::Result<usize> {
     let mut writes = Vec::with_capacity(records.len() + 4);
     for (name, bytes) in &records {
         writes.push(StateWrite::Delete(name.clone()));
-        let r: DeliveredRecord = match decode("a delivered-callback record", bytes) {
+        let r: DeliveredRecord = match decode(name, bytes) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(record = %name, error = %e, "webhook stats: record dropped");
@@ -120,10 +103,7 @@ pub async fn fold(queue: &Queue) -> queue::Result<usize> {
         }
     }
     for (relay, t) in &totals {
-        writes.push(StateWrite::Put(
-            format!("{TOTALS_PREFIX}{relay}"),
-            encode(t),
-        ));
+        writes.push(StateWrite::Put(totals_key(relay), encode(t)));
     }
     queue
         .commit(Commit {
@@ -140,8 +120,8 @@ fn add(t: &mut Totals, r: &DeliveredRecord) {
 }
 
 fn load_totals(queue: &Queue, relay: &str) -> queue::Result<Totals> {
-    Ok(match queue.state(&format!("{TOTALS_PREFIX}{relay}"))? {
-        Some(bytes) => decode("webhook totals", &bytes).unwrap_or_else(|e| {
+    Ok(match queue.state(&totals_key(relay))? {
+        Some(bytes) => decode(&totals_key(relay), &bytes).unwrap_or_else(|e| {
             tracing::error!(relay, error = %e, "webhook totals unreadable; counting from zero");
             Totals::default()
         }),
@@ -220,13 +200,17 @@ pub fn report(queue: &Queue, providers: Option<&Providers>) -> queue::Result<Rep
     let mut totals: BTreeMap<String, Totals> = BTreeMap::new();
     for (name, bytes) in queue.state_scan(TOTALS_PREFIX)? {
         let relay = name[TOTALS_PREFIX.len()..].to_string();
-        if let Ok(t) = decode::<Totals>("webhook totals", &bytes) {
-            totals.insert(relay, t);
+        match decode::<Totals>(&name, &bytes) {
+            Ok(t) => {
+                totals.insert(relay, t);
+            }
+            Err(e) => tracing::warn!(error = %e, "webhook stats: totals left out"),
         }
     }
-    for (_, bytes) in queue.state_scan(DELIVERED_PREFIX)? {
-        if let Ok(r) = decode::<DeliveredRecord>("a delivered-callback record", &bytes) {
-            add(totals.entry(r.relay_id.clone()).or_default(), &r);
+    for (name, bytes) in queue.state_scan(DELIVERED_PREFIX)? {
+        match decode::<DeliveredRecord>(&name, &bytes) {
+            Ok(r) => add(totals.entry(r.relay_id.clone()).or_default(), &r),
+            Err(e) => tracing::warn!(error = %e, "webhook stats: record left out"),
         }
     }
     for (relay, t) in &totals {

@@ -3,15 +3,20 @@
 //! removal the agent watches the removed user's traffic counters: if they still grow,
 //! the ban has not bitten yet, and an operator is told (a warning, and `queuectl bans`).
 //!
-//! State `node/{id}/bans` (JSON): email → [`Ban`]. Entries older than [`WATCH_FOR`] are
-//! dropped; a user the panel allows again leaves the list.
+//! State `node/{id}/bans`: the kinds' state codec (`jobs::state`) of email → [`Ban`]
+//! (JSON before it, still read). Entries older than [`WATCH_FOR`] are dropped; a user
+//! the panel allows again leaves the list.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::jobs::state::{self as codec, StateError};
 use crate::queue::{Millis, Queue, StateWrite, rfc3339};
+
+/// The record's name under `node/{id}/`.
+const RECORD: &str = "bans";
 
 /// How long a removed user is watched.
 pub const WATCH_FOR: Duration = Duration::from_secs(15 * 60);
@@ -36,20 +41,33 @@ impl Ban {
 pub type Bans = BTreeMap<String, Ban>;
 
 pub fn key(node_id: u64) -> String {
-    format!("node/{node_id}/bans")
+    codec::node_key(node_id, RECORD)
 }
 
-pub fn load(queue: &Queue, node_id: u64) -> Bans {
-    queue
-        .state(&key(node_id))
-        .ok()
-        .flatten()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+/// The node's watched bans; none when it has no record.
+pub fn load(queue: &Queue, node_id: u64) -> Result<Bans, StateError> {
+    Ok(codec::load(queue, &key(node_id))?.unwrap_or_default())
+}
+
+/// Every node's watched bans, by node.
+pub fn all(queue: &Queue) -> Result<Vec<(u64, Bans)>, StateError> {
+    let scan = queue
+        .state_scan(codec::NODE_PREFIX)
+        .map_err(|source| StateError::Read {
+            key: codec::NODE_PREFIX.to_string(),
+            source,
+        })?;
+    let mut out = Vec::new();
+    for (name, bytes) in scan {
+        if let Some(node_id) = codec::node_of(&name, RECORD) {
+            out.push((node_id, codec::decode(&name, &bytes)?));
+        }
+    }
+    Ok(out)
 }
 
 pub fn put(node_id: u64, bans: &Bans) -> StateWrite {
-    StateWrite::Put(key(node_id), serde_json::to_vec(bans).unwrap_or_default())
+    codec::put(key(node_id), bans)
 }
 
 /// uplink + downlink per user email, from `user>>>{email}>>>traffic>>>…` counters.
@@ -116,6 +134,28 @@ pub fn warn(node_id: u64, email: &str, ban: &Ban) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_json_form_written_before_the_codec_still_reads() {
+        let json =
+            br#"{"a@x":{"removed_at":1,"bytes_at_removal":2,"bytes_since":3,"last_checked":4}}"#;
+        let bans: Bans = codec::decode("node/1/bans", json).unwrap();
+        let ban = &bans["a@x"];
+        assert_eq!(
+            (
+                ban.removed_at,
+                ban.bytes_at_removal,
+                ban.bytes_since,
+                ban.last_checked
+            ),
+            (1, 2, 3, 4)
+        );
+        let StateWrite::Put(name, bytes) = put(1, &bans) else {
+            panic!("a put");
+        };
+        assert_eq!(name, "node/1/bans");
+        assert_eq!(codec::decode::<Bans>(&name, &bytes).unwrap(), bans);
+    }
 
     #[test]
     fn counters_and_checks() {

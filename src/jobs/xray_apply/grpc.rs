@@ -29,12 +29,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Node, Xray};
 use crate::jobs::node_sync::userlist::User;
+use crate::jobs::state as codec;
 use crate::peers::xray::account::{self, InboundKind};
 use crate::peers::xray::email::{email_for, is_templated};
 use crate::peers::xray::{Added, Removed, XrayClient, XrayError};
 use crate::queue::{Commit, Millis, Queue, StateWrite};
-
-const MANAGED_VERSION: u8 = 1;
 
 /// What the agent knows it put into a node's inbound (state `node/{id}/managed`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,32 +45,19 @@ pub struct Managed {
 }
 
 pub fn managed_key(node_id: u64) -> String {
-    format!("node/{node_id}/managed")
+    codec::node_key(node_id, "managed")
 }
 
+/// The node's managed users; none before the first apply in this mode.
 pub fn load_managed(queue: &Queue, node_id: u64) -> Result<Managed, String> {
-    let Some(bytes) = queue
-        .state(&managed_key(node_id))
-        .map_err(|e| e.to_string())?
-    else {
-        return Ok(Managed::default());
-    };
-    match bytes.split_first() {
-        Some((&MANAGED_VERSION, body)) => {
-            bincode::serde::decode_from_slice(body, bincode::config::standard())
-                .map(|(m, _)| m)
-                .map_err(|e| format!("node {node_id}'s managed-user record does not decode: {e}"))
-        }
-        _ => Err(format!(
-            "node {node_id}'s managed-user record has an unknown version"
-        )),
+    match codec::load(queue, &managed_key(node_id)) {
+        Ok(found) => Ok(found.unwrap_or_default()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
 pub fn put_managed(node_id: u64, m: &Managed) -> StateWrite {
-    let mut bytes = vec![MANAGED_VERSION];
-    bytes.extend(bincode::serde::encode_to_vec(m, bincode::config::standard()).unwrap_or_default());
-    StateWrite::Put(managed_key(node_id), bytes)
+    codec::put(managed_key(node_id), m)
 }
 
 /// What one reconcile did.
@@ -289,7 +275,11 @@ pub async fn reconcile(
     managed.core_boot_ms = Some(boot);
     out.managed = managed;
     // Watch the users just removed: established connections keep flowing.
-    let mut bans = super::bans::load(queue, node.id);
+    // Only a watch list: one that does not read is started again, said with its key.
+    let mut bans = super::bans::load(queue, node.id).unwrap_or_else(|e| {
+        tracing::warn!(node = node.id, error = %e, "watched bans lost; watching from now");
+        super::bans::Bans::new()
+    });
     bans.retain(|email, _| !desired.contains_key(email));
     let removed: Vec<&String> = to_remove
         .iter()

@@ -7,9 +7,12 @@
 //! - `xray-grpc`: reconcile the inbound with the list over the core's gRPC API
 //!   ([`grpc`]).
 //!
+//! Produced by `node_sync` (a changed list) and, in `xray-grpc` mode, by [`core_watch`]
+//! (the core restarted or lost users; it also checks the watched [`bans`]).
+//!
 //! Reads: state `node/{id}/sync`, the output files (through the hook), the core.
-//! Writes: state `node/{id}/applied` (and `node/{id}/managed` in `xray-grpc` mode); the
-//! core's users.
+//! Writes: state `node/{id}/applied` (and `node/{id}/managed`, `node/{id}/bans` in
+//! `xray-grpc` mode); the core's users.
 //!
 //! Pending applies of a node coalesce (one pending job per node takes the newest
 //! generation), and attempts for one node never overlap: a per-node lock serialises
@@ -24,18 +27,22 @@ use tokio::sync::Mutex;
 use crate::config::{ApplyMode, Config};
 use crate::jobs::NodePayload;
 use crate::jobs::node_sync::files::NodeFiles;
+use crate::jobs::state::{self, StateError};
 use crate::peers::hook;
 use crate::peers::xray::XrayClient;
 
 pub mod bans;
+pub mod core_watch;
 pub mod grpc;
+pub mod without_queue;
 use crate::queue::{AttemptResult, Effects, Handler, Job, Millis, Queue, StateWrite};
 
 /// The apply job for a node's synced list of `generation` (defined in [`crate::jobs`],
 /// where node_sync, which enqueues it, can reach it without depending on this kind).
 pub use super::apply_job as job;
 
-/// What was last applied to a node (state `node/{id}/applied`, JSON).
+/// What was last applied to a node (state `node/{id}/applied`: the kinds' state codec;
+/// JSON before it, still read).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
     pub generation: u64,
@@ -44,12 +51,12 @@ pub struct Applied {
 }
 
 pub fn applied_key(node_id: u64) -> String {
-    format!("node/{node_id}/applied")
+    state::node_key(node_id, "applied")
 }
 
-pub fn load_applied(queue: &Queue, node_id: u64) -> Option<Applied> {
-    let bytes = queue.state(&applied_key(node_id)).ok()??;
-    serde_json::from_slice(&bytes).ok()
+/// What was last applied to the node; `None` before its first apply.
+pub fn load_applied(queue: &Queue, node_id: u64) -> Result<Option<Applied>, StateError> {
+    state::load(queue, &applied_key(node_id))
 }
 
 /// Runs xray_apply attempts.
@@ -135,7 +142,12 @@ impl Handler for XrayApply {
             // Level-triggered: reconciled every time, the core may have changed.
             ApplyMode::XrayGrpc => return self.reconcile(node_id, &synced).await,
         }
-        if load_applied(&self.queue, node_id).is_some_and(|a| a.generation >= synced.generation) {
+        let applied = load_applied(&self.queue, node_id).unwrap_or_else(|e| {
+            // Applying again is always safe: the record is rewritten after it.
+            tracing::warn!(node = node_id, error = %e, "applying the list again");
+            None
+        });
+        if applied.is_some_and(|a| a.generation >= synced.generation) {
             tracing::debug!(
                 node = node_id,
                 generation = synced.generation,
@@ -214,10 +226,7 @@ impl XrayApply {
             users: synced.users.len(),
             at: self.queue.now(),
         };
-        StateWrite::Put(
-            applied_key(node_id),
-            serde_json::to_vec(&applied).unwrap_or_default(),
-        )
+        state::put(applied_key(node_id), &applied)
     }
 
     async fn reconcile(

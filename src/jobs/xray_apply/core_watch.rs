@@ -202,7 +202,13 @@ async fn check_bans(queue: &Queue, core: &XrayClient, apply: &XrayApply, config:
         .nodes
         .iter()
         .map(|n| n.id)
-        .filter(|id| !xray_apply::bans::load(queue, *id).is_empty())
+        .filter(|id| match xray_apply::bans::load(queue, *id) {
+            Ok(bans) => !bans.is_empty(),
+            Err(e) => {
+                tracing::warn!(node = id, error = %e, "cannot check the node's bans");
+                false
+            }
+        })
         .collect();
     if watched.is_empty() {
         return;
@@ -217,7 +223,13 @@ async fn check_bans(queue: &Queue, core: &XrayClient, apply: &XrayApply, config:
     for node in watched {
         let lock = apply.lock_for(node);
         let _serial = lock.lock().await;
-        let mut bans = xray_apply::bans::load(queue, node);
+        let mut bans = match xray_apply::bans::load(queue, node) {
+            Ok(bans) => bans,
+            Err(e) => {
+                tracing::warn!(node, error = %e, "cannot check the node's bans");
+                continue;
+            }
+        };
         let checked = xray_apply::bans::check(&mut bans, &bytes, queue.now());
         for (email, ban) in &checked.newly {
             xray_apply::bans::warn(node, email, ban);
