@@ -27,6 +27,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::jobs;
 use crate::jobs::node_sync::{self, NodeSync};
 use crate::jobs::traffic_report::{Collector, TrafficReport};
 use crate::jobs::webhook::{self, Webhook};
@@ -34,7 +35,7 @@ use crate::jobs::xray_apply::XrayApply;
 use crate::peers::panel::Panel;
 use crate::peers::relays::{Registry, client::RelayClient};
 use crate::peers::xray::XrayClient;
-use crate::queue::{self, DeadReason, JobKind, JobState, Pools, Queue, Stored, SystemClock};
+use crate::queue::{self, DeadReason, JobState, Pools, Queue, Stored, SystemClock};
 
 pub use once::{OnceReport, run_once};
 
@@ -125,10 +126,10 @@ impl Agent {
             "connector started"
         );
         let kinds = [
-            sync.as_ref().map(|_| JobKind::NodeSync),
-            Some(JobKind::XrayApply),
-            traffic.as_ref().map(|_| JobKind::TrafficReport),
-            Some(JobKind::Webhook),
+            sync.as_ref().map(|_| jobs::NODE_SYNC),
+            Some(jobs::XRAY_APPLY),
+            traffic.as_ref().map(|_| jobs::TRAFFIC_REPORT),
+            Some(jobs::WEBHOOK),
         ];
         let pools = Arc::new(Pools::new(kinds.into_iter().flatten()));
         Ok(Agent {
@@ -156,7 +157,7 @@ impl Agent {
         if let Some(sync) = &self.sync {
             tasks.spawn(queue::run_pool(
                 self.queue.clone(),
-                pool(JobKind::NodeSync),
+                pool(jobs::NODE_SYNC),
                 sync.clone(),
                 observer.clone(),
                 stop.clone(),
@@ -164,7 +165,7 @@ impl Agent {
         }
         tasks.spawn(queue::run_pool(
             self.queue.clone(),
-            pool(JobKind::XrayApply),
+            pool(jobs::XRAY_APPLY),
             self.apply.clone(),
             observer.clone(),
             stop.clone(),
@@ -172,7 +173,7 @@ impl Agent {
         if let Some(traffic) = &self.traffic {
             tasks.spawn(queue::run_pool(
                 self.queue.clone(),
-                pool(JobKind::TrafficReport),
+                pool(jobs::TRAFFIC_REPORT),
                 traffic.clone(),
                 observer.clone(),
                 stop.clone(),
@@ -180,7 +181,7 @@ impl Agent {
         }
         // A node without relays leaves webhook jobs alone rather than failing them.
         let (queue, handler, stop) = (self.queue.clone(), self.webhook.clone(), stop.clone());
-        let webhooks = pool(JobKind::Webhook);
+        let webhooks = pool(jobs::WEBHOOK);
         tasks.spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
@@ -470,7 +471,7 @@ async fn collect_traffic(
 }
 
 async fn make_sync_due(queue: &Queue, node_id: u64) -> queue::Result<()> {
-    let revive = match queue.find_key(JobKind::NodeSync, &crate::jobs::node_key(node_id))? {
+    let revive = match queue.find_key(jobs::NODE_SYNC, &crate::jobs::node_key(node_id))? {
         Some(job) => match (job.state(queue.now()), &job.stored) {
             (JobState::Scheduled, _) => Some(job.id),
             (

@@ -28,8 +28,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::event::{Payload, Status};
+use crate::jobs;
 use crate::peers::relays::{self, Providers};
-use crate::queue::{self, Commit, JobKind, JobState, Millis, Queue, StateWrite, rfc3339};
+use crate::queue::{self, Commit, JobState, Millis, Queue, StateWrite, rfc3339};
 
 const VERSION: u8 = 1;
 const DELIVERED_PREFIX: &str = "webhook/delivered/";
@@ -246,7 +247,7 @@ pub fn report(queue: &Queue, providers: Option<&Providers>) -> queue::Result<Rep
         }
     }
     let now = queue.now();
-    for job in queue.unfinished_and_dead(JobKind::Webhook)? {
+    for job in queue.unfinished_and_dead(jobs::WEBHOOK)? {
         let Ok(p) = Payload::decode(&job.payload) else {
             continue;
         };

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::config::{ApplyMode, Config};
+use crate::jobs;
 use crate::jobs::node_sync::files::NodeFiles;
 use crate::jobs::{NodePayload, node_key};
 use crate::peers::hook;
@@ -30,13 +31,13 @@ use crate::peers::xray::XrayClient;
 pub mod bans;
 pub mod grpc;
 use crate::queue::{
-    AttemptResult, Dedupe, Effects, Handler, Job, JobKind, Millis, NewJob, Queue, StateWrite,
+    AttemptResult, Dedupe, Effects, Handler, Job, Millis, NewJob, Queue, StateWrite,
 };
 
 /// The apply job for a node's synced list of `generation`.
 pub fn job(node_id: u64, generation: u64) -> NewJob {
     NewJob {
-        kind: JobKind::XrayApply,
+        kind: jobs::XRAY_APPLY,
         key: node_key(node_id),
         payload: NodePayload {
             node_id,
