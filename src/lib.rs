@@ -5,9 +5,11 @@
 //! - [`queue`]: the durable job queue (sled inside, nowhere else). Every unit of work
 //!   is a job in it: idempotency keys, the retry ladder, leases, crash recovery, and
 //!   the operator operations `queuectl` calls. A crate of its own (`connector-queue`,
-//!   still in `src/queue/`), so it cannot import the product: it reports attempts to
-//!   an observer the daemon passes in. (It still names the four job kinds, `kind.rs`.)
-//! - [`jobs`]: the job kinds, one module each, saying what it reads and writes.
+//!   still in `src/queue/`), so it cannot import the product: job kinds are data it is
+//!   given (code, name, ladder, concurrency), and it reports attempts to an observer
+//!   the daemon passes in.
+//! - [`jobs`]: the job kinds, one module each, saying what it reads and writes; the
+//!   kinds themselves (codes, names) and their default settings are in `jobs/mod.rs`.
 //! - [`peers`]: clients of the outside world: the panel, the apply hook.
 //! - [`daemon`]: the long-running process: producers, workers, shutdown, `--once`.
 //! - [`config`]: the configuration file and environment, validated into typed settings.
