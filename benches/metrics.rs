@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use connector::daemon::health::Health;
-use connector::queue::{Commit, Dedupe, JobKind, NewJob, Pools, Queue, Settings, SystemClock};
+use connector::jobs;
+use connector::queue::{Commit, Dedupe, NewJob, Pools, Queue, SystemClock};
 use connector::telemetry::metrics;
 use criterion::{BenchmarkId, Criterion};
 use tempfile::TempDir;
@@ -38,7 +39,7 @@ fn build(rt: &tokio::runtime::Runtime, jobs: usize) -> (TempDir, Queue) {
     let dir = TempDir::new().expect("temp dir");
     let (queue, _) = Queue::open(
         dir.path().join("queue"),
-        Settings::default(),
+        jobs::settings(),
         Arc::new(SystemClock),
     )
     .expect("open queue");
@@ -47,7 +48,7 @@ fn build(rt: &tokio::runtime::Runtime, jobs: usize) -> (TempDir, Queue) {
         for start in (0..jobs).step_by(BUILD_COMMIT) {
             let enqueue = (start..(start + BUILD_COMMIT).min(jobs))
                 .map(|i| NewJob {
-                    kind: JobKind::ALL[i % JobKind::ALL.len()],
+                    kind: jobs::ALL[i % jobs::ALL.len()],
                     key: format!("bench/{i:09}"),
                     payload: vec![b'x'; 128],
                     not_before: (i % 2 == 1).then_some(later),
@@ -80,7 +81,7 @@ fn main() {
             let health = Health {
                 queue: queue.clone(),
                 nodes: (1..=8).collect(),
-                pools: Arc::new(Pools::new(JobKind::ALL)),
+                pools: Arc::new(Pools::new(jobs::ALL)),
                 tasks: Default::default(),
             };
             g.bench_function(BenchmarkId::new("stats", jobs), |b| {
@@ -108,13 +109,7 @@ fn main() {
             b.iter(|| counter.fetch_add(black_box(1), Ordering::Relaxed))
         });
         g.bench_function("attempt", |b| {
-            b.iter(|| {
-                metrics::attempt(
-                    JobKind::Webhook,
-                    "done",
-                    black_box(Duration::from_millis(3)),
-                )
-            })
+            b.iter(|| metrics::attempt(jobs::WEBHOOK, "done", black_box(Duration::from_millis(3))))
         });
         g.finish();
     }

@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use connector::jobs;
 use connector::queue::{
     AttemptResult, Commit, Dedupe, Error, Handler, Job, JobKind, JobState, NewJob, Queue, Recovery,
     Settings, Stored, SystemClock, record, run_workers,
@@ -41,7 +42,7 @@ use tempfile::TempDir;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
-const KIND: JobKind = JobKind::Webhook;
+const KIND: JobKind = jobs::WEBHOOK;
 const PAYLOAD_LEN: usize = 128;
 const RECOVERY_JOBS: u64 = 1_000_000;
 const LEFT_RUNNING: usize = 1_000;
@@ -71,7 +72,7 @@ fn runtime() -> Runtime {
 }
 
 fn settings() -> Settings {
-    let mut s = Settings::default();
+    let mut s = jobs::settings();
     let k = s.kind_mut(KIND);
     // The worker-pool round trip runs 64 attempts at once.
     k.concurrency = 64;

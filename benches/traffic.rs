@@ -29,11 +29,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use connector::config::{Config, Node, Protocol as NodeProtocol, Xray};
+use connector::jobs;
 use connector::jobs::node_sync::userlist;
 use connector::jobs::traffic_report::Collector;
 use connector::jobs::xray_apply::grpc;
 use connector::peers::xray::XrayClient;
-use connector::queue::{Queue, Settings, SystemClock};
+use connector::queue::{Queue, SystemClock};
 use cores::{Core, Flavor, Inbound, Protocol, ServerConfig, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
@@ -154,7 +155,7 @@ fn bench(rt: &tokio::runtime::Runtime, n: usize) {
     let setup = tempfile::tempdir().expect("a temporary directory");
     let (q, _) = Queue::open(
         setup.path().join("queue"),
-        Settings::default(),
+        jobs::settings(),
         Arc::new(SystemClock),
     )
     .expect("a queue");
@@ -195,7 +196,7 @@ fn bench(rt: &tokio::runtime::Runtime, n: usize) {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let (queue, _) = Queue::open(
             dir.path().join("queue"),
-            Settings::default(),
+            jobs::settings(),
             Arc::new(SystemClock),
         )
         .expect("a queue");

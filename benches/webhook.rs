@@ -20,10 +20,11 @@ use connector::config::Webhook as WebhookConfig;
 use connector::daemon::health::Health;
 use connector::daemon::http::{self, HttpState};
 use connector::daemon::listener::{self, Limits};
+use connector::jobs;
 use connector::jobs::webhook::{self, Webhook};
 use connector::peers::relays::client::RelayClient;
 use connector::peers::relays::{Provider, Registry, SigningKey};
-use connector::queue::{JobKind, JobState, Pools, Queue, Settings, SystemClock, run_workers};
+use connector::queue::{JobState, Pools, Queue, SystemClock, run_workers};
 use futures_util::future::join_all;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -54,7 +55,7 @@ fn setup(receiver: &receiver::Receiver, per_relay: usize) -> Setup {
     std::fs::write(&ca, &receiver.ca_pem).unwrap();
     let (queue, _) = Queue::open(
         dir.path().join("queue"),
-        Settings::default(),
+        jobs::settings(),
         Arc::new(SystemClock),
     )
     .unwrap();
@@ -99,13 +100,13 @@ async fn delivery(receiver: &receiver::Receiver, n: usize, per_relay: usize) -> 
     let start = Instant::now();
     let workers = tokio::spawn(run_workers(
         s.queue.clone(),
-        JobKind::Webhook,
+        jobs::WEBHOOK,
         handler,
         stop.clone(),
     ));
     let mut events = s.queue.subscribe();
     loop {
-        let done = s.queue.stats().unwrap().jobs[&JobKind::Webhook][&JobState::Done];
+        let done = s.queue.stats().unwrap().jobs[&jobs::WEBHOOK][&JobState::Done];
         if done as usize >= n {
             break;
         }
@@ -206,7 +207,7 @@ async fn ingestion(receiver: &receiver::Receiver, total: usize) -> f64 {
     let rate = total as f64 / start.elapsed().as_secs_f64();
     stop.cancel();
     let _ = server.await;
-    let stored = s.queue.stats().unwrap().jobs[&JobKind::Webhook][&JobState::Ready];
+    let stored = s.queue.stats().unwrap().jobs[&jobs::WEBHOOK][&JobState::Ready];
     assert_eq!(stored as usize, total, "every 202 is a stored job");
     rate
 }
@@ -223,7 +224,7 @@ fn main() {
         .build()
         .unwrap();
     let receiver = receiver::Receiver::start();
-    let worker_concurrency = Settings::default().kind(JobKind::Webhook).concurrency;
+    let worker_concurrency = jobs::settings().kind(jobs::WEBHOOK).concurrency;
     rt.block_on(async {
         // Warm-up: connections, TLS sessions, page cache.
         baseline(&receiver, n.min(100), 8).await;

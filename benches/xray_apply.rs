@@ -32,10 +32,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use connector::config::{Node, Protocol as NodeProtocol, Xray};
+use connector::jobs;
 use connector::jobs::node_sync::userlist;
 use connector::jobs::xray_apply::grpc;
 use connector::peers::xray::{Added, Removed, XrayClient};
-use connector::queue::{Queue, Settings, SystemClock};
+use connector::queue::{Queue, SystemClock};
 use cores::{Client, Core, Flavor, Inbound, Protocol, ServerConfig, Target, User};
 use uuid::Uuid;
 
@@ -127,7 +128,7 @@ fn apply(rt: &tokio::runtime::Runtime) {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let (queue, _) = Queue::open(
             dir.path().join("queue"),
-            Settings::default(),
+            jobs::settings(),
             Arc::new(SystemClock),
         )
         .expect("a queue");

@@ -5,12 +5,14 @@
 //! - [`queue`]: the durable job queue (sled inside, nowhere else). Every unit of work
 //!   is a job in it: idempotency keys, the retry ladder, leases, crash recovery, and
 //!   the operator operations `queuectl` calls. A crate of its own (`connector-queue`,
-//!   still in `src/queue/`), so it cannot import the product: it reports attempts to
-//!   an observer the daemon passes in. (It still names the four job kinds, `kind.rs`.)
+//!   still in `src/queue/`), so it cannot import the product: job kinds are data it is
+//!   given (code, name, ladder, concurrency), and it reports attempts to an observer
+//!   the daemon passes in.
 //! - [`jobs`]: the job kinds, one folder each: what produces its jobs (the sync
 //!   schedule, the traffic collector), its handler, its state records and their keys,
 //!   and its watchers (the core watcher), saying what it reads and writes; and the one
-//!   codec of their state records (`jobs::state`).
+//!   codec of their state records (`jobs::state`). `jobs/mod.rs` declares the kinds
+//!   themselves (on-disk codes, names) and their default settings.
 //! - [`peers`]: clients of the outside world: the panel, the apply hook.
 //! - [`daemon`]: the long-running process: opens the queue, builds the peers and job
 //!   kinds, runs their producers, watchers and worker pools under one supervisor that

@@ -38,6 +38,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use connector::jobs;
 use connector::queue::record::{HISTORY_LIMIT, decode_job};
 use connector::queue::{
     AttemptResult, Handler, Job, JobKind, JobState, ListFilter, OnExhausted, Outcome, Queue,
@@ -59,7 +60,7 @@ const DEFAULT_KILLS: u32 = 24;
 /// A kill lands this long after the child was started (uniformly, in ms).
 const KILL_DELAY_MS: std::ops::RangeInclusive<u64> = 20..=400;
 /// The kinds the child uses; both get the short ladder below.
-const KINDS: [JobKind; 2] = [JobKind::TrafficReport, JobKind::Webhook];
+const KINDS: [JobKind; 2] = [jobs::TRAFFIC_REPORT, jobs::WEBHOOK];
 const PRODUCERS: u64 = 4;
 const ENQUEUES_PER_PRODUCER: u64 = 40;
 /// Keys shared by every producer and run: enqueueing one that exists is a duplicate.
@@ -69,7 +70,7 @@ const FAIL_PROBABILITY: f64 = 0.3;
 const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
 
 fn settings() -> Settings {
-    let mut s = Settings::default();
+    let mut s = jobs::settings();
     for kind in KINDS {
         let k = s.kind_mut(kind);
         k.ladder = vec![Duration::ZERO, Duration::from_millis(50)];
@@ -431,7 +432,7 @@ async fn torn_snapshot_write() -> Result<usize, String> {
         // Two opens: the second finds the first one's writes in the log and snapshots.
         let (q, _) = open_queue(&db_path).map_err(|e| format!("open: {e}"))?;
         for i in 0..n / 2 {
-            q.enqueue(JobKind::Webhook, &format!("torn-{round}-{i}"), vec![], None)
+            q.enqueue(jobs::WEBHOOK, &format!("torn-{round}-{i}"), vec![], None)
                 .await
                 .map_err(|e| format!("enqueue: {e}"))?;
         }
@@ -623,7 +624,7 @@ impl Logs {
                 return Err(bad("ack.log", line));
             };
             logs.acks.push(Ack {
-                kind: kind.parse().map_err(|_| bad("ack.log", line))?,
+                kind: jobs::kind_named(kind).map_err(|_| bad("ack.log", line))?,
                 key: key.to_owned(),
                 id: id.parse().map_err(|_| bad("ack.log", line))?,
             });
@@ -686,7 +687,7 @@ fn raw_snapshot(db_path: &Path) -> Result<RawSnapshot, String> {
         match k.first() {
             Some(b'j') => {
                 let id = u64::from_be_bytes(k[1..].try_into().map_err(|_| "bad j key")?);
-                let job = decode_job(&v)
+                let job = decode_job(&v, &jobs::ALL)
                     .map_err(|e| format!("job {id} does not decode after the crash: {e}"))?;
                 if job.id != id {
                     return Err(format!("record under j/{id} says it is job {}", job.id));

@@ -75,10 +75,7 @@ impl TryFrom<pb::Job> for Job {
 
     fn try_from(j: pb::Job) -> Result<Self, WireError> {
         use pb::job::Stored as S;
-        let kind: JobKind = j
-            .kind
-            .parse()
-            .map_err(|e: <JobKind as std::str::FromStr>::Err| WireError::Kind(e.to_string()))?;
+        let kind: JobKind = crate::jobs::kind_named(&j.kind).map_err(WireError::Kind)?;
         let stored = match j.stored {
             Some(S::Pending(p)) => Stored::Pending { due_ms: p.due_ms },
             Some(S::Running(r)) => Stored::Running {
@@ -214,7 +211,12 @@ pub fn status(e: queue::Error) -> Status {
     }
 }
 
-/// Parses a kind or state name from a request.
+/// Parses a kind name from a request.
+pub fn parse_kind(s: &str) -> Result<JobKind, Status> {
+    crate::jobs::kind_named(s).map_err(Status::invalid_argument)
+}
+
+/// Parses a state name from a request.
 pub fn parse<T: std::str::FromStr<Err: std::fmt::Display>>(s: &str) -> Result<T, Status> {
     s.parse()
         .map_err(|e: T::Err| Status::invalid_argument(e.to_string()))

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tonic::Status;
 
-use super::convert::{parse, status};
+use super::convert::{parse, parse_kind, status};
 use super::pb;
 use crate::config::Config;
 use crate::jobs::node_sync::state as sync_state;
@@ -78,7 +78,7 @@ fn quarantine(q: &Queue) -> Result<Vec<pb::QuarantineRecord>> {
 pub fn list(ctx: Ctx, req: pb::ListRequest) -> Result<Vec<pb::Job>> {
     let filter = ListFilter {
         state: req.state.as_deref().map(parse).transpose()?,
-        kind: req.kind.as_deref().map(parse).transpose()?,
+        kind: req.kind.as_deref().map(parse_kind).transpose()?,
         after_id: req.after_id,
         limit: usize::try_from(req.limit).unwrap_or(usize::MAX),
     };
@@ -125,7 +125,7 @@ pub async fn retry(ctx: Ctx, req: pb::JobId) -> Result<pb::Job> {
 }
 
 pub async fn retry_dead(ctx: Ctx, req: pb::RetryDeadRequest) -> Result<pb::RetryDeadReply> {
-    let kind: Option<JobKind> = req.kind.as_deref().map(parse).transpose()?;
+    let kind: Option<JobKind> = req.kind.as_deref().map(parse_kind).transpose()?;
     let q = &ctx.queue;
     let retried = q.retry_dead(kind).await.map_err(status)?;
     let stats = q.stats().map_err(status)?;
@@ -266,7 +266,7 @@ pub fn workers(ctx: Ctx, _: pb::WorkersRequest) -> Result<pb::WorkersReply> {
 }
 
 pub async fn pause(ctx: Ctx, req: pb::PauseRequest) -> Result<pb::WorkersReply> {
-    let kind: JobKind = parse(&req.kind)?;
+    let kind: JobKind = parse_kind(&req.kind)?;
     let pool = pools(&ctx)?.get(kind).ok_or_else(|| {
         Status::failed_precondition(format!("this daemon runs no {kind} workers"))
     })?;

@@ -17,6 +17,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::jobs;
 use crate::queue;
 
 pub use env::ENV_VARS;
@@ -58,10 +59,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        let mut queue = queue::Settings::default();
+        let mut queue = jobs::settings();
         // A node's syncs use one live job per node, not idempotency keys, so done ones
         // are only history: an hour of it, not a day of one job per interval.
-        queue.kind_mut(queue::JobKind::NodeSync).keep_done = Some(Duration::from_secs(3600));
+        queue.kind_mut(jobs::NODE_SYNC).keep_done = Some(Duration::from_secs(3600));
         Config {
             file: None,
             data_dir: PathBuf::from("./data"),

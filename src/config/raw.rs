@@ -401,7 +401,7 @@ fn apply_raw(
     }
     for (name, k) in raw.queue.kinds {
         let prefix = format!("queue.kinds.{name}");
-        let kind: JobKind = name.parse().map_err(|e| (prefix.clone(), e))?;
+        let kind: JobKind = crate::jobs::kind_named(&name).map_err(|e| (prefix.clone(), e))?;
         let s = cfg.queue.kind_mut(kind);
         if let Some(ladder) = k.ladder {
             if ladder.is_empty() {

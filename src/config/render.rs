@@ -3,7 +3,8 @@
 use std::fmt::Write;
 
 use super::{Config, Flavor};
-use crate::queue::{JobKind, OnExhausted};
+use crate::jobs;
+use crate::queue::OnExhausted;
 
 fn q(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
@@ -116,7 +117,7 @@ fn render_into(cfg: &Config, o: &mut String) -> std::fmt::Result {
         "\n[queue]\ndedupe_window = {}",
         d(cfg.queue.dedupe_window)
     )?;
-    for kind in JobKind::ALL {
+    for kind in jobs::ALL {
         let k = cfg.queue.kind(kind);
         let ladder: Vec<String> = k.ladder.iter().map(|r| d(*r)).collect();
         writeln!(

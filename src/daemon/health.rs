@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::jobs;
 use crate::jobs::node_sync::state as sync_state;
 use crate::jobs::xray_apply::load_applied;
-use crate::queue::{JobKind, JobState, Pools, Queue};
+use crate::queue::{JobState, Pools, Queue};
 use crate::telemetry::metrics::Scrape;
 
 pub struct Health {
@@ -55,7 +56,7 @@ impl Health {
 
     pub fn check(&self) -> Report {
         let mut problems = Vec::new();
-        let mut queue = match self.queue.next_due(JobKind::NodeSync) {
+        let mut queue = match self.queue.next_due(jobs::NODE_SYNC) {
             Ok(_) => "ok".to_string(),
             Err(e) => {
                 let why = format!("cannot read the queue database: {e}");

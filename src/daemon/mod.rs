@@ -28,6 +28,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::jobs;
 use crate::jobs::node_sync::{self, NodeSync};
 use crate::jobs::traffic_report::{self, Collector, TrafficReport};
 use crate::jobs::webhook::{self, Webhook};
@@ -35,7 +36,7 @@ use crate::jobs::xray_apply::{XrayApply, core_watch};
 use crate::peers::panel::Panel;
 use crate::peers::relays::{Registry, client::RelayClient};
 use crate::peers::xray::XrayClient;
-use crate::queue::{self, JobKind, Pools, Queue, SystemClock};
+use crate::queue::{self, Pools, Queue, SystemClock};
 
 use supervise::{Stage, Supervisor};
 
@@ -128,10 +129,10 @@ impl Agent {
             "connector started"
         );
         let kinds = [
-            sync.as_ref().map(|_| JobKind::NodeSync),
-            Some(JobKind::XrayApply),
-            traffic.as_ref().map(|_| JobKind::TrafficReport),
-            Some(JobKind::Webhook),
+            sync.as_ref().map(|_| jobs::NODE_SYNC),
+            Some(jobs::XRAY_APPLY),
+            traffic.as_ref().map(|_| jobs::TRAFFIC_REPORT),
+            Some(jobs::WEBHOOK),
         ];
         let pools = Arc::new(Pools::new(kinds.into_iter().flatten()));
         Ok(Agent {
@@ -156,45 +157,45 @@ impl Agent {
         };
         let observer: Arc<dyn queue::AttemptObserver> =
             Arc::new(crate::telemetry::metrics::Attempts);
-        let name = |kind: JobKind| format!("{} workers", kind.as_str());
+        let name = |kind: queue::JobKind| format!("{} workers", kind.as_str());
         if let Some(sync) = &self.sync {
             let run = queue::run_pool(
                 self.queue.clone(),
-                pool(JobKind::NodeSync),
+                pool(jobs::NODE_SYNC),
                 sync.clone(),
                 observer.clone(),
                 stop.clone(),
             );
-            tasks.spawn(name(JobKind::NodeSync), Stage::Worker, async move {
+            tasks.spawn(name(jobs::NODE_SYNC), Stage::Worker, async move {
                 Ok(run.await?)
             });
         }
         let run = queue::run_pool(
             self.queue.clone(),
-            pool(JobKind::XrayApply),
+            pool(jobs::XRAY_APPLY),
             self.apply.clone(),
             observer.clone(),
             stop.clone(),
         );
-        tasks.spawn(name(JobKind::XrayApply), Stage::Worker, async move {
+        tasks.spawn(name(jobs::XRAY_APPLY), Stage::Worker, async move {
             Ok(run.await?)
         });
         if let Some(traffic) = &self.traffic {
             let run = queue::run_pool(
                 self.queue.clone(),
-                pool(JobKind::TrafficReport),
+                pool(jobs::TRAFFIC_REPORT),
                 traffic.clone(),
                 observer.clone(),
                 stop.clone(),
             );
-            tasks.spawn(name(JobKind::TrafficReport), Stage::Worker, async move {
+            tasks.spawn(name(jobs::TRAFFIC_REPORT), Stage::Worker, async move {
                 Ok(run.await?)
             });
         }
         // A node without relays leaves webhook jobs alone rather than failing them.
         let (queue, handler, stop) = (self.queue.clone(), self.webhook.clone(), stop.clone());
-        let webhooks = pool(JobKind::Webhook);
-        tasks.spawn(name(JobKind::Webhook), Stage::Worker, async move {
+        let webhooks = pool(jobs::WEBHOOK);
+        tasks.spawn(name(jobs::WEBHOOK), Stage::Worker, async move {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 _ = handler.registry.wait_for_any() => {}

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Agent;
 use crate::config::Config;
+use crate::jobs;
 use crate::jobs::{node_key, node_sync};
 use crate::queue::{Job, JobKind, JobState, Outcome, Queue, Stored};
 
@@ -32,15 +33,15 @@ impl OnceReport {
             .results
             .iter()
             .filter_map(|((node, kind), r)| {
-                r.as_ref().err().map(|e| match kind {
-                    JobKind::Webhook => format!("webhook job {node}: {e}"),
+                r.as_ref().err().map(|e| match *kind {
+                    jobs::WEBHOOK => format!("webhook job {node}: {e}"),
                     _ => format!("node {node} {kind}: {e}"),
                 })
             })
             .collect();
         let count = |kind| self.results.keys().filter(|(_, k)| *k == kind).count();
-        let (syncs, applies) = (count(JobKind::NodeSync), count(JobKind::XrayApply));
-        let (reports, webhooks) = (count(JobKind::TrafficReport), count(JobKind::Webhook));
+        let (syncs, applies) = (count(jobs::NODE_SYNC), count(jobs::XRAY_APPLY));
+        let (reports, webhooks) = (count(jobs::TRAFFIC_REPORT), count(jobs::WEBHOOK));
         if failed.is_empty() {
             format!(
                 "once: {syncs} node(s) synced, {applies} apply(ies) run, traffic reported for {reports} node(s), {webhooks} callback(s) delivered, all succeeded"
@@ -80,12 +81,12 @@ pub async fn run_once(config: Config) -> anyhow::Result<OnceReport> {
         tracing::error!(error = %e, "traffic collection failed");
         report
             .results
-            .insert((0, JobKind::TrafficReport), Err(e.to_string()));
+            .insert((0, jobs::TRAFFIC_REPORT), Err(e.to_string()));
     }
     if agent.traffic.is_some() {
         // Every report waiting, oldest first (ids grow with creation).
         let pending = queue.list(&crate::queue::ListFilter {
-            kind: Some(JobKind::TrafficReport),
+            kind: Some(jobs::TRAFFIC_REPORT),
             ..Default::default()
         })?;
         for job in pending {
@@ -103,7 +104,7 @@ pub async fn run_once(config: Config) -> anyhow::Result<OnceReport> {
     // no webhook worker runs).
     if !agent.webhook.registry.snapshot().by_id.is_empty() {
         let now = queue.now();
-        for job in queue.unfinished_and_dead(JobKind::Webhook)? {
+        for job in queue.unfinished_and_dead(jobs::WEBHOOK)? {
             if job.state(now) == JobState::Ready {
                 track(&mut tracked, &job, job.id);
             }
@@ -124,16 +125,16 @@ pub async fn run_once(config: Config) -> anyhow::Result<OnceReport> {
             };
             let (node, kind) = (t.node, t.kind);
             tracked.remove(&id);
-            if kind == JobKind::NodeSync && result.is_ok() && agent.apply.core.is_some() {
+            if kind == jobs::NODE_SYNC && result.is_ok() && agent.apply.core.is_some() {
                 // xray-grpc: every node is reconciled, changed or not; the core may
                 // have lost users, or its inbound may not be what the config says.
                 crate::jobs::xray_apply::core_watch::apply_now(&queue, node)
                     .await
                     .map_err(anyhow::Error::msg)?;
             }
-            if kind == JobKind::NodeSync
+            if kind == jobs::NODE_SYNC
                 && result.is_ok()
-                && let Some(apply) = queue.find_key(JobKind::XrayApply, &node_key(node))?
+                && let Some(apply) = queue.find_key(jobs::XRAY_APPLY, &node_key(node))?
                 && matches!(
                     apply.state(queue.now()),
                     JobState::Ready | JobState::Scheduled | JobState::Running
@@ -142,7 +143,7 @@ pub async fn run_once(config: Config) -> anyhow::Result<OnceReport> {
                 let apply = due_now(&queue, apply).await?;
                 track(&mut tracked, &apply, node);
             }
-            if kind == JobKind::TrafficReport && result.is_err() {
+            if kind == jobs::TRAFFIC_REPORT && result.is_err() {
                 // A node's newer reports wait for this one (oldest first): not sent.
                 let blocked: Vec<u64> = tracked
                     .iter()

@@ -1,5 +1,6 @@
 //! The job kinds. Each module says what one job does, what it reads, and what it may
-//! write; the queue knows them only as a [`JobKind`](crate::queue::JobKind) and opaque
+//! write; the queue knows them only as the [`JobKind`](crate::queue::JobKind)s declared here
+//! (code and name; [`settings`] gives it their ladders and concurrency) and opaque
 //! payload bytes (JSON here, so `queuectl` can show them).
 //!
 //! A kind's folder holds what produces its jobs, its handler, its state records (keys
@@ -21,6 +22,66 @@ pub mod xray_apply;
 
 use crate::queue::{Dedupe, JobKind, NewJob};
 
+use std::time::Duration;
+
+use crate::queue::{KindSettings, OnExhausted, Settings};
+
+// The codes are part of the on-disk key layout (`queue-schema/`): never reuse or
+// renumber one.
+/// Fetch one node's allowed-UUID list from the panel.
+pub const NODE_SYNC: JobKind = JobKind::new(1, "node_sync");
+/// Make one node's Xray/V2Ray inbound users equal the synced list.
+pub const XRAY_APPLY: JobKind = JobKind::new(2, "xray_apply");
+/// Deliver one batch of per-user traffic deltas to the panel.
+pub const TRAFFIC_REPORT: JobKind = JobKind::new(3, "traffic_report");
+/// Deliver one ProxyCast Connect callback to a relay.
+pub const WEBHOOK: JobKind = JobKind::new(4, "webhook");
+
+/// Every kind the product runs, by code.
+pub const ALL: [JobKind; 4] = [NODE_SYNC, XRAY_APPLY, TRAFFIC_REPORT, WEBHOOK];
+
+/// The kind named `name` (config, `queuectl`).
+pub fn kind_named(name: &str) -> Result<JobKind, String> {
+    ALL.into_iter().find(|k| k.as_str() == name).ok_or_else(|| {
+        format!(
+            "unknown job kind `{name}` (expected node_sync, xray_apply, traffic_report or webhook)"
+        )
+    })
+}
+
+/// SPEC §2 defaults: `0s, 1m, 5m, 30m`; `dead` for webhook and node_sync,
+/// `repeat-last` for traffic_report and xray_apply.
+pub fn default_settings(kind: JobKind) -> KindSettings {
+    let ladder = vec![
+        Duration::ZERO,
+        Duration::from_secs(60),
+        Duration::from_secs(5 * 60),
+        Duration::from_secs(30 * 60),
+    ];
+    let (on_exhausted, concurrency, lease) = match kind {
+        XRAY_APPLY => (OnExhausted::RepeatLast, 2, 600),
+        TRAFFIC_REPORT => (OnExhausted::RepeatLast, 2, 120),
+        WEBHOOK => (OnExhausted::Dead, 32, 60),
+        // node_sync, and any kind not listed.
+        _ => (OnExhausted::Dead, 4, 120),
+    };
+    KindSettings {
+        ladder,
+        on_exhausted,
+        concurrency,
+        lease_timeout: Duration::from_secs(lease),
+        keep_done: None,
+    }
+}
+
+/// The queue's settings with every kind at its defaults and a one-day dedupe window.
+pub fn settings() -> Settings {
+    Settings::new(
+        Duration::from_secs(24 * 3600),
+        ALL.map(|k| (k, default_settings(k))),
+    )
+}
+
 /// The key of a node's job (the same for every kind that works per node).
 pub fn node_key(node_id: u64) -> String {
     format!("node-{node_id}")
@@ -31,7 +92,7 @@ pub fn node_key(node_id: u64) -> String {
 /// state: kinds depend on each other one way only.
 pub fn apply_job(node_id: u64, generation: u64) -> NewJob {
     NewJob {
-        kind: JobKind::XrayApply,
+        kind: XRAY_APPLY,
         key: node_key(node_id),
         payload: NodePayload {
             node_id,

@@ -145,14 +145,14 @@ impl Queue {
     pub fn stats(&self) -> Result<Stats> {
         let now = self.now();
         let mut stats = Stats::default();
-        for kind in JobKind::ALL {
+        for &kind in self.inner.settings.kinds() {
             let m = stats.jobs.entry(kind).or_default();
             for state in JobState::ALL {
                 m.insert(state, 0);
             }
         }
         let mut bump = |code: u8, state: JobState| {
-            if let Some(kind) = JobKind::from_code(code) {
+            if let Some(kind) = self.inner.settings.by_code(code) {
                 *stats
                     .jobs
                     .entry(kind)
@@ -242,7 +242,7 @@ impl Queue {
         let mut out = Vec::new();
         for entry in self.db()?.scan_prefix([keys::QUARANTINE]) {
             let (k, v) = entry.storage()?;
-            let original = keys::display(&k[1..]);
+            let original = keys::display(&k[1..], self.inner.settings.kinds());
             out.push(match record::decode_quarantined(&v) {
                 Ok(q) => QuarantineView {
                     key: original,
@@ -301,7 +301,7 @@ impl Queue {
             }
         }
         self.durable_since(epoch).await?;
-        for kind in JobKind::ALL {
+        for &kind in self.inner.settings.kinds() {
             self.wake(kind);
         }
         for job in &retried {
@@ -476,7 +476,15 @@ impl Queue {
                 .unwrap_or(settings.dedupe_window)
                 .as_millis() as u64
         };
-        let shortest = JobKind::ALL.into_iter().map(keep).min().unwrap_or(0);
+        let shortest = self
+            .inner
+            .settings
+            .kinds()
+            .iter()
+            .copied()
+            .map(keep)
+            .min()
+            .unwrap_or(0);
         let start = keys::finished(keys::FINISHED_DONE, 0, 0);
         let end = keys::finished(keys::FINISHED_DONE, now.saturating_sub(shortest), u64::MAX);
         let mut expired = Vec::new();
@@ -484,7 +492,7 @@ impl Queue {
             let (k, v) = entry.storage()?;
             let (Some((_, at, id)), Some(kind)) = (
                 keys::parse_finished(&k),
-                v.first().and_then(|&c| JobKind::from_code(c)),
+                v.first().and_then(|&c| self.inner.settings.by_code(c)),
             ) else {
                 continue;
             };

@@ -84,13 +84,14 @@ enum Fix {
 struct Found {
     report: FsckReport,
     fixes: Vec<Fix>,
+    kinds: Vec<JobKind>,
 }
 
 impl Found {
     fn problem(&mut self, key: &[u8], problem: String, fix_text: &str, fix: Fix) {
         let repairable = !matches!(fix, Fix::Leave);
         self.report.problems.push(FsckProblem {
-            key: keys::display(key),
+            key: keys::display(key, &self.kinds),
             problem,
             fix: fix_text.to_string(),
             repairable,
@@ -116,7 +117,7 @@ impl Queue {
                 })??;
         if repair && !report.problems.is_empty() {
             self.durable_since(epoch).await?;
-            for kind in JobKind::ALL {
+            for &kind in self.inner.settings.kinds() {
                 self.wake(kind);
             }
         }
@@ -128,6 +129,7 @@ impl Queue {
         let mut found = Found {
             report: FsckReport::default(),
             fixes: Vec::new(),
+            kinds: self.inner.settings.kinds().to_vec(),
         };
         let unreadable = self.check_jobs(&mut found)?;
         self.check_index(&mut found, &unreadable)?;
@@ -152,7 +154,7 @@ impl Queue {
         for entry in db.scan_prefix([keys::JOB]) {
             let (k, raw) = entry.storage()?;
             found.report.jobs += 1;
-            let job = match decode_at(&k, &raw) {
+            let job = match decode_at(&k, &raw, self.inner.settings.kinds()) {
                 Ok(job) => job,
                 Err(e) => {
                     if let Some(id) = keys::parse_id(&k) {
@@ -186,7 +188,7 @@ impl Queue {
                             "job {} is {}, but its index entry {} {what}{}",
                             job.id,
                             stored_name(&job.stored),
-                            keys::display(&index),
+                            keys::display(&index, self.inner.settings.kinds()),
                             consequence(&job.stored)
                         ),
                         "write the index entry",
@@ -208,7 +210,7 @@ impl Queue {
                         format!(
                             "job {} holds its idempotency key, but {} does not point at a job of that key: a duplicate could be enqueued",
                             job.id,
-                            keys::display(&idem)
+                            keys::display(&idem, self.inner.settings.kinds())
                         ),
                         "point the idempotency entry at this job",
                         Fix::Put {
@@ -256,7 +258,7 @@ impl Queue {
             if repointed.contains(k.as_ref()) {
                 continue;
             }
-            let kind = k.get(1).and_then(|&c| JobKind::from_code(c));
+            let kind = k.get(1).and_then(|&c| self.inner.settings.by_code(c));
             let key = k.get(2..).and_then(|b| std::str::from_utf8(b).ok());
             let id = keys::be_u64(&v).filter(|_| v.len() == 8);
             let (Some(kind), Some(key), Some(id)) = (kind, key, id) else {
@@ -316,7 +318,7 @@ impl Queue {
                 }
                 let job = match self.db()?.get(keys::job(id)).storage()? {
                     None => None,
-                    Some(raw) => decode_at(&keys::job(id), &raw).ok(),
+                    Some(raw) => decode_at(&keys::job(id), &raw, self.inner.settings.kinds()).ok(),
                 };
                 let Some(job) = job else {
                     found.problem(
@@ -401,9 +403,8 @@ impl Queue {
     /// True when job `id` exists, reads, and has this kind and key.
     fn job_has_key(&self, id: u64, kind: JobKind, key: &str) -> Result<bool> {
         Ok(match self.db()?.get(keys::job(id)).storage()? {
-            Some(raw) => {
-                decode_at(&keys::job(id), &raw).is_ok_and(|j| j.kind == kind && j.key == key)
-            }
+            Some(raw) => decode_at(&keys::job(id), &raw, self.inner.settings.kinds())
+                .is_ok_and(|j| j.kind == kind && j.key == key),
             None => false,
         })
     }
@@ -421,7 +422,7 @@ impl Queue {
                         self.quarantine_locked(&key, &raw, &reason)?;
                         continue;
                     }
-                    tracing::warn!(key = %keys::display(&key), %reason, "fsck: record moved to quarantine");
+                    tracing::warn!(key = %keys::display(&key, self.inner.settings.kinds()), %reason, "fsck: record moved to quarantine");
                     let q = Quarantined {
                         key: key.clone(),
                         reason,

@@ -3,7 +3,7 @@
 //! `queue-schema/README.md`.
 
 use super::clock::Millis;
-use super::kind::JobKind;
+use super::kind::{self, JobKind};
 
 /// `m` + name: metadata (`m/schema` → u32 BE, `m/next_id` → u64 BE).
 pub const META_SCHEMA: &[u8] = b"m/schema";
@@ -118,8 +118,9 @@ pub fn parse_id(key: &[u8]) -> Option<u64> {
 /// A readable rendering of a key for error messages: `j/42`, `s/node/1/sync`,
 /// `p/webhook/1767225600000/42`, `f/dead/1767225600000/42`, `k/webhook/evt-a`,
 /// printable text as it is, else hex.
-pub fn display(key: &[u8]) -> String {
-    let kind = |code: u8| JobKind::from_code(code).map_or(format!("kind{code}"), |k| k.to_string());
+pub fn display(key: &[u8], kinds: &[JobKind]) -> String {
+    let kind =
+        |code: u8| kind::by_code(kinds, code).map_or(format!("kind{code}"), |k| k.to_string());
     match key.first() {
         Some(&JOB) | Some(&RUNNING) if key.len() == 9 => {
             format!("{}/{}", key[0] as char, parse_id(key).unwrap_or_default())
@@ -140,7 +141,7 @@ pub fn display(key: &[u8]) -> String {
             kind(key[1]),
             String::from_utf8_lossy(&key[2..]).escape_default()
         ),
-        Some(&QUARANTINE) => format!("c/{}", display(&key[1..])),
+        Some(&QUARANTINE) => format!("c/{}", display(&key[1..], kinds)),
         Some(&STATE) => format!("s/{}", String::from_utf8_lossy(&key[1..])),
         _ => match std::str::from_utf8(key) {
             Ok(text) if text.chars().all(|c| c.is_ascii_graphic()) => text.to_owned(),

@@ -1,73 +1,53 @@
-//! The four kinds of job the product runs. The set is closed: each kind has a one-byte
-//! code that is part of the on-disk key layout (see `queue-schema/`), so codes are never
-//! reused or renumbered.
+//! A kind of job, as the queue knows it: a one-byte code and a name, given by the
+//! product. The code is part of the on-disk key layout (see `queue-schema/`), so the
+//! product never reuses or renumbers one; the name is what config, logs and `queuectl`
+//! show. The queue holds no list of kinds of its own: it is given one in
+//! [`Settings`](crate::Settings), and a record whose code is not in it is unreadable
+//! ([`RecordError::UnknownKind`](crate::RecordError::UnknownKind)).
 
 use std::fmt;
-use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Serialize, Serializer};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobKind {
-    /// Fetch one node's allowed-UUID list from the panel.
-    NodeSync,
-    /// Make one node's Xray/V2Ray inbound users equal the synced list.
-    XrayApply,
-    /// Deliver one batch of per-user traffic deltas to the panel.
-    TrafficReport,
-    /// Deliver one ProxyCast Connect callback to a relay.
-    Webhook,
+/// Ordered by code (then name, which is unique per code in any one list).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobKind {
+    code: u8,
+    name: &'static str,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 4] = [
-        JobKind::NodeSync,
-        JobKind::XrayApply,
-        JobKind::TrafficReport,
-        JobKind::Webhook,
-    ];
-
-    /// The on-disk code. Stable forever.
-    pub fn code(self) -> u8 {
-        match self {
-            JobKind::NodeSync => 1,
-            JobKind::XrayApply => 2,
-            JobKind::TrafficReport => 3,
-            JobKind::Webhook => 4,
-        }
+    pub const fn new(code: u8, name: &'static str) -> JobKind {
+        JobKind { code, name }
     }
 
-    pub fn from_code(code: u8) -> Option<JobKind> {
-        JobKind::ALL.into_iter().find(|k| k.code() == code)
+    /// The on-disk code. Stable forever.
+    pub const fn code(self) -> u8 {
+        self.code
     }
 
     /// The name used in config (`[queue.kinds.NAME]`), logs and `queuectl`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::NodeSync => "node_sync",
-            JobKind::XrayApply => "xray_apply",
-            JobKind::TrafficReport => "traffic_report",
-            JobKind::Webhook => "webhook",
-        }
+    pub const fn as_str(self) -> &'static str {
+        self.name
     }
+}
+
+/// The kind with this code among `kinds`.
+pub fn by_code(kinds: &[JobKind], code: u8) -> Option<JobKind> {
+    kinds.iter().copied().find(|k| k.code == code)
 }
 
 impl fmt::Display for JobKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(self.name)
     }
 }
 
-impl FromStr for JobKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        JobKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown job kind `{s}` (expected node_sync, xray_apply, traffic_report or webhook)")
-            })
+/// As its name, which is what JSON views and `queuectl --json` show. Reading a name back
+/// needs the list of kinds, so there is no `Deserialize`: see
+/// [`Settings::named`](crate::Settings::named).
+impl Serialize for JobKind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name)
     }
 }

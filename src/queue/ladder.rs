@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::kind::JobKind;
+use super::kind::{self, JobKind};
 
 /// What happens when a job has failed on every rung of its ladder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,32 +30,6 @@ pub struct KindSettings {
     /// How long done jobs of this kind are kept; `None`: the dedupe window. Shorter than
     /// the window, it shortens how long a done job holds its idempotency key.
     pub keep_done: Option<Duration>,
-}
-
-impl KindSettings {
-    /// SPEC §2 defaults: `0s, 1m, 5m, 30m`; `dead` for webhook and node_sync,
-    /// `repeat-last` for traffic_report and xray_apply.
-    pub fn default_for(kind: JobKind) -> Self {
-        let ladder = vec![
-            Duration::ZERO,
-            Duration::from_secs(60),
-            Duration::from_secs(5 * 60),
-            Duration::from_secs(30 * 60),
-        ];
-        let (on_exhausted, concurrency, lease) = match kind {
-            JobKind::NodeSync => (OnExhausted::Dead, 4, 120),
-            JobKind::XrayApply => (OnExhausted::RepeatLast, 2, 600),
-            JobKind::TrafficReport => (OnExhausted::RepeatLast, 2, 120),
-            JobKind::Webhook => (OnExhausted::Dead, 32, 60),
-        };
-        Self {
-            ladder,
-            on_exhausted,
-            concurrency,
-            lease_timeout: Duration::from_secs(lease),
-            keep_done: None,
-        }
-    }
 }
 
 /// The delay before the next attempt of a job that has now used `attempts` attempts,
@@ -89,29 +63,70 @@ pub fn after_interruption(settings: &KindSettings, attempts: u32) -> Option<Dura
     }
 }
 
-/// The queue's settings, per kind.
+/// The queue's settings: the kinds of job it runs, and how each is retried and run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// How long a done job keeps its idempotency key.
     pub dedupe_window: Duration,
-    kinds: [KindSettings; 4],
+    kinds: Vec<JobKind>,
+    /// `per_kind[i]` is for `kinds[i]`.
+    per_kind: Vec<KindSettings>,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            dedupe_window: Duration::from_secs(24 * 3600),
-            kinds: JobKind::ALL.map(KindSettings::default_for),
-        }
-    }
-}
+/// What a kind the queue was not given runs with: no rungs, so a failed job goes dead
+/// at once instead of retrying on settings nobody chose.
+static UNGIVEN: KindSettings = KindSettings {
+    ladder: Vec::new(),
+    on_exhausted: OnExhausted::Dead,
+    concurrency: 1,
+    lease_timeout: Duration::from_secs(60),
+    keep_done: None,
+};
 
 impl Settings {
-    pub fn kind(&self, kind: JobKind) -> &KindSettings {
-        &self.kinds[kind.code() as usize - 1]
+    /// The queue runs exactly these kinds; a record of any other code is unreadable.
+    pub fn new(
+        dedupe_window: Duration,
+        kinds: impl IntoIterator<Item = (JobKind, KindSettings)>,
+    ) -> Self {
+        let (kinds, per_kind) = kinds.into_iter().unzip();
+        Self {
+            dedupe_window,
+            kinds,
+            per_kind,
+        }
     }
 
+    /// The kinds, in the order given.
+    pub fn kinds(&self) -> &[JobKind] {
+        &self.kinds
+    }
+
+    pub fn by_code(&self, code: u8) -> Option<JobKind> {
+        kind::by_code(&self.kinds, code)
+    }
+
+    pub fn named(&self, name: &str) -> Option<JobKind> {
+        self.kinds.iter().copied().find(|k| k.as_str() == name)
+    }
+
+    pub fn kind(&self, kind: JobKind) -> &KindSettings {
+        match self.kinds.iter().position(|&k| k == kind) {
+            Some(i) => &self.per_kind[i],
+            None => &UNGIVEN,
+        }
+    }
+
+    /// A kind not given yet is added, with the settings of an ungiven kind.
     pub fn kind_mut(&mut self, kind: JobKind) -> &mut KindSettings {
-        &mut self.kinds[kind.code() as usize - 1]
+        let i = match self.kinds.iter().position(|&k| k == kind) {
+            Some(i) => i,
+            None => {
+                self.kinds.push(kind);
+                self.per_kind.push(UNGIVEN.clone());
+                self.kinds.len() - 1
+            }
+        };
+        &mut self.per_kind[i]
     }
 }

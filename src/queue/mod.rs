@@ -42,7 +42,10 @@
 //!
 //! sled never leaves this crate (`connector-queue`, re-exported by the product as
 //! `connector::queue`): callers see [`Queue`], [`Job`] and [`Error`]. It knows nothing
-//! of the product: the worker reports attempts to an [`AttemptObserver`] it is given.
+//! of the product: job kinds are data it is given ([`JobKind`]: code and name, and per
+//! kind a ladder and concurrency in [`Settings`]); a record of a code it was not given
+//! is unreadable ([`RecordError::UnknownKind`]); the worker reports attempts to an
+//! [`AttemptObserver`] it is given.
 
 mod admin;
 mod clock;
@@ -280,12 +283,12 @@ pub struct Enqueued {
 }
 
 /// Decodes the job stored under `key`, which must be that job's own key.
-fn decode_at(key: &[u8], raw: &[u8]) -> Result<Job, RecordError> {
-    let job = record::decode_job(raw)?;
+fn decode_at(key: &[u8], raw: &[u8], kinds: &[JobKind]) -> Result<Job, RecordError> {
+    let job = record::decode_job(raw, kinds)?;
     if keys::parse_id(key) != Some(job.id) {
         return Err(RecordError::Body(format!(
             "record under {} says it is job {}",
-            keys::display(key),
+            keys::display(key, kinds),
             job.id
         )));
     }
@@ -784,7 +787,7 @@ impl Queue {
         };
         if n > 0 {
             self.durable_since(epoch).await?;
-            for kind in JobKind::ALL {
+            for &kind in self.inner.settings.kinds() {
                 self.wake(kind);
             }
         }
@@ -934,7 +937,7 @@ impl Queue {
     /// Decodes a job found under `key`, quarantining it (and reading `None`) when it is
     /// unreadable or says it is another job (a misdirected write is not trusted).
     fn read_job(&self, key: &[u8], raw: &[u8]) -> Result<Option<Job>> {
-        match decode_at(key, raw) {
+        match decode_at(key, raw, self.inner.settings.kinds()) {
             Ok(job) => Ok(Some(job)),
             Err(e) => {
                 self.quarantine(key, raw, &e)?;
@@ -1286,7 +1289,7 @@ impl Queue {
         let key = keys::job(id);
         match self.db()?.get(key).storage()? {
             None => Ok(None),
-            Some(raw) => match decode_at(&key, &raw) {
+            Some(raw) => match decode_at(&key, &raw, self.inner.settings.kinds()) {
                 Ok(job) => Ok(Some(job)),
                 Err(e) => {
                     self.quarantine_locked(&key, &raw, &e)?;
@@ -1330,7 +1333,7 @@ impl Queue {
     /// index entries go with it. The caller holds the write lock.
     fn quarantine_locked(&self, key: &[u8], raw: &[u8], err: &dyn std::fmt::Display) -> Result<()> {
         tracing::error!(
-            key = %keys::display(key),
+            key = %keys::display(key, self.inner.settings.kinds()),
             error = %err,
             "unreadable queue record moved to quarantine; the rest of the queue keeps working (see `queuectl stats`)"
         );

@@ -18,7 +18,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::clock::Millis;
-use super::kind::JobKind;
+use super::kind::{self, JobKind};
 
 /// The newest record version this build reads and the one it writes.
 pub const RECORD_VERSION: u8 = 1;
@@ -268,8 +268,8 @@ fn to_v1(job: &Job) -> JobV1 {
     }
 }
 
-fn from_v1(v: JobV1) -> Result<Job, RecordError> {
-    let kind = JobKind::from_code(v.kind).ok_or(RecordError::UnknownKind(v.kind))?;
+fn from_v1(v: JobV1, kinds: &[JobKind]) -> Result<Job, RecordError> {
+    let kind = kind::by_code(kinds, v.kind).ok_or(RecordError::UnknownKind(v.kind))?;
     let stored = match v.state {
         StateV1::Pending { due_ms } => Stored::Pending { due_ms },
         StateV1::Running {
@@ -371,10 +371,11 @@ pub fn encode_job(job: &Job) -> Vec<u8> {
     seal(&to_v1(job))
 }
 
-pub fn decode_job(bytes: &[u8]) -> Result<Job, RecordError> {
+/// `kinds`: the kinds the queue was given; a job of any other code is `UnknownKind`.
+pub fn decode_job(bytes: &[u8], kinds: &[JobKind]) -> Result<Job, RecordError> {
     let (version, body) = open(bytes)?;
     match version {
-        1 => from_v1(decode_body::<JobV1>(body)?),
+        1 => from_v1(decode_body::<JobV1>(body)?, kinds),
         // `open` refuses anything newer than RECORD_VERSION.
         other => Err(RecordError::NewerVersion {
             found: other,
@@ -453,7 +454,7 @@ pub(crate) enum Found {
 /// it ends, and then the checksum over exactly that body must match. `None` when the
 /// bytes are not laid out like a job at all. Allocation is bounded: a garbage length
 /// never asks for more than the bytes that follow.
-pub(crate) fn job_at(bytes: &[u8]) -> Option<Found> {
+pub(crate) fn job_at(bytes: &[u8], kinds: &[JobKind]) -> Option<Found> {
     if bytes.len() <= HEADER_LEN || bytes[0] != RECORD_VERSION {
         return None;
     }
@@ -464,7 +465,7 @@ pub(crate) fn job_at(bytes: &[u8]) -> Option<Found> {
     if crc32fast::hash(&body[..used]) != stored {
         return Some(Found::Damaged);
     }
-    match from_v1(v) {
+    match from_v1(v, kinds) {
         Ok(job) => Some(Found::Job(job, HEADER_LEN + used)),
         Err(_) => Some(Found::Damaged),
     }

@@ -196,10 +196,11 @@ pub fn salvage(
         scanned_bytes: files.iter().map(|(_, b)| b.len() as u64).sum(),
         ..SalvageReport::default()
     };
+    let kinds = settings.kinds().to_vec();
     let mut found = Haul::default();
     let mut at = 0u64;
     for (_, bytes) in &files {
-        scan(bytes, at, &mut found);
+        scan(bytes, at, &mut found, &kinds);
         at += bytes.len() as u64;
     }
     report.damaged_copies = found.damaged;
@@ -221,7 +222,7 @@ pub fn salvage(
         }
         std::fs::write(&dest, bytes).map_err(read_err(&dest))?;
     }
-    report.sled = match read_with_sled(scratch.path(), at, &mut found, &mut report) {
+    report.sled = match read_with_sled(scratch.path(), at, &mut found, &mut report, &kinds) {
         Ok(next) => {
             sled_next_id = next;
             "opened".to_string()
@@ -258,7 +259,7 @@ pub fn salvage(
     }
     report.lost_ids.extend(range);
     for k in &found.bad_state {
-        let shown = keys::display(k);
+        let shown = keys::display(k, &kinds);
         let known = report
             .unreadable
             .iter()
@@ -421,20 +422,22 @@ fn sled_varint(b: &[u8]) -> Option<(u64, usize)> {
 
 /// Every job envelope, and every `s`/`c` record sled logged as a single update, in
 /// `bytes`; `base` is where `bytes` starts among all files scanned.
-fn scan(bytes: &[u8], base: u64, found: &mut Haul) {
+fn scan(bytes: &[u8], base: u64, found: &mut Haul, kinds: &[JobKind]) {
     for i in 0..bytes.len() {
         let at = &bytes[i..];
         match at[0] {
-            record::RECORD_VERSION if looks_like_job(at) => match record::job_at(at) {
-                Some(Found::Job(job, len)) => found.offer(Candidate {
-                    raw: at[..len].to_vec(),
-                    job,
-                    at: base + i as u64,
-                    from_sled: false,
-                }),
-                Some(Found::Damaged) => found.damaged += 1,
-                None => {}
-            },
+            record::RECORD_VERSION if looks_like_job(at, kinds) => {
+                match record::job_at(at, kinds) {
+                    Some(Found::Job(job, len)) => found.offer(Candidate {
+                        raw: at[..len].to_vec(),
+                        job,
+                        at: base + i as u64,
+                        from_sled: false,
+                    }),
+                    Some(Found::Damaged) => found.damaged += 1,
+                    None => {}
+                }
+            }
             // sled's `Link::Set(key, value)`: 0, key length, key, value length, value.
             0 => match logged_set(&at[1..]) {
                 Some(Logged::Good(key, value)) => {
@@ -452,7 +455,7 @@ fn scan(bytes: &[u8], base: u64, found: &mut Haul) {
 
 /// A cheap look at what would be a `JobV1` body before decoding it: an id, a known
 /// kind code, then a key length no longer than the queue allows.
-fn looks_like_job(at: &[u8]) -> bool {
+fn looks_like_job(at: &[u8], kinds: &[JobKind]) -> bool {
     let Some(body) = at.get(5..) else {
         return false;
     };
@@ -462,7 +465,7 @@ fn looks_like_job(at: &[u8]) -> bool {
     let Some(&kind) = body.get(id_len) else {
         return false;
     };
-    if JobKind::from_code(kind).is_none() {
+    if super::kind::by_code(kinds, kind).is_none() {
         return false;
     }
     match body.get(id_len + 1) {
@@ -522,6 +525,7 @@ fn read_with_sled(
     at: u64,
     found: &mut Haul,
     report: &mut SalvageReport,
+    kinds: &[JobKind],
 ) -> Result<Option<u64>, String> {
     let db = match unwind::guarded(|| sled::Config::new().path(dir).open()) {
         Ok(Ok(db)) => db,
@@ -545,7 +549,7 @@ fn read_with_sled(
         };
         report.sled_keys += 1;
         match k.first() {
-            Some(&keys::JOB) => match super::decode_at(&k, &v) {
+            Some(&keys::JOB) => match super::decode_at(&k, &v, kinds) {
                 Ok(job) => found.offer(Candidate {
                     raw: v.to_vec(),
                     job,
@@ -554,24 +558,24 @@ fn read_with_sled(
                 }),
                 Err(e) => report
                     .unreadable
-                    .push(format!("{}: {e}", keys::display(&k))),
+                    .push(format!("{}: {e}", keys::display(&k, kinds))),
             },
             Some(&keys::STATE) => match record::decode_state(&v) {
                 Ok(_) => found.offer_other(k.to_vec(), at, v.to_vec()),
                 Err(e) => report
                     .unreadable
-                    .push(format!("{}: {e}", keys::display(&k))),
+                    .push(format!("{}: {e}", keys::display(&k, kinds))),
             },
             Some(&keys::QUARANTINE) => match record::decode_quarantined(&v) {
                 Ok(_) => found.offer_other(k.to_vec(), at, v.to_vec()),
                 Err(e) => report
                     .unreadable
-                    .push(format!("{}: {e}", keys::display(&k))),
+                    .push(format!("{}: {e}", keys::display(&k, kinds))),
             },
             Some(&(keys::PENDING | keys::RUNNING | keys::FINISHED | keys::IDEM)) => {}
             _ if k.as_ref() == keys::META_NEXT_ID => next_id = keys::be_u64(&v),
             _ if k.as_ref() == keys::META_SCHEMA => {}
-            _ => report.unknown_keys.push(keys::display(&k)),
+            _ => report.unknown_keys.push(keys::display(&k, kinds)),
         }
     }
     // Dropping a database sled could not fully read may panic again; it is a scratch

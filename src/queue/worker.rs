@@ -445,7 +445,7 @@ mod tests {
     #[test]
     fn a_pool_reads_as_healthz_shows_it() {
         let lease = Duration::from_secs(120);
-        let pool = Pool::new(JobKind::XrayApply);
+        let pool = Pool::new(JobKind::new(2, "xray_apply"));
         let c = pool.condition(lease);
         assert_eq!((c.state, c.problem), ("waiting", None));
 

@@ -24,11 +24,12 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use agent::{Daemon, Lines, Opts, Rig, WAIT};
+use connector::jobs;
 use connector::jobs::node_sync::state::{self as sync_state, Held, SyncState};
 use connector::jobs::node_sync::userlist::User;
 use connector::jobs::xray_apply::bans::{self, Ban};
 use connector::queue::record::decode_job;
-use connector::queue::{Commit, JobKind, ListFilter, Queue, Stored, SystemClock};
+use connector::queue::{Commit, ListFilter, Queue, Stored, SystemClock};
 use panel::Answer;
 use serde_json::Value;
 
@@ -264,13 +265,13 @@ fn rich(path: &Path, config: &connector::config::Config) -> Value {
         let q = open(path, config);
         let later = Some(q.now() + 24 * 3600 * 1000);
         for (kind, key, payload, due) in [
-            (JobKind::NodeSync, "n-dead-1", &b"{\"node\":1}"[..], None),
-            (JobKind::NodeSync, "n-dead-2", b"{\"node\":2}", None),
-            (JobKind::NodeSync, "n-sched", b"{\"node\":3}", later),
-            (JobKind::NodeSync, "n-done", b"{\"node\":4}", None),
-            (JobKind::XrayApply, "a-sched", b"{\"node\":1}", later),
-            (JobKind::Webhook, "w-sched", b"\x00\x01binary", later),
-            (JobKind::Webhook, "w-corrupt", b"{\"n\":1}", None),
+            (jobs::NODE_SYNC, "n-dead-1", &b"{\"node\":1}"[..], None),
+            (jobs::NODE_SYNC, "n-dead-2", b"{\"node\":2}", None),
+            (jobs::NODE_SYNC, "n-sched", b"{\"node\":3}", later),
+            (jobs::NODE_SYNC, "n-done", b"{\"node\":4}", None),
+            (jobs::XRAY_APPLY, "a-sched", b"{\"node\":1}", later),
+            (jobs::WEBHOOK, "w-sched", b"\x00\x01binary", later),
+            (jobs::WEBHOOK, "w-corrupt", b"{\"n\":1}", None),
         ] {
             let e = q.enqueue(kind, key, payload.to_vec(), due).await.unwrap();
             ids.insert(key.to_string(), e.job.id);
@@ -286,7 +287,7 @@ fn rich(path: &Path, config: &connector::config::Config) -> Value {
                 q.fail(token, &format!("{key}: HTTP 503"), None)
                     .await
                     .unwrap();
-                if kind == JobKind::Webhook {
+                if kind == jobs::WEBHOOK {
                     // webhook's ladder has more rungs: cancel makes it dead at once.
                     q.cancel(e.job.id).await.unwrap();
                 }
@@ -355,16 +356,16 @@ fn damage(path: &Path) -> Value {
     let mut jobs = Vec::new();
     for entry in db.scan_prefix(b"j") {
         let (_, raw) = entry.unwrap();
-        jobs.push(decode_job(&raw).unwrap());
+        jobs.push(decode_job(&raw, &jobs::ALL).unwrap());
     }
     let apply = jobs
         .iter()
-        .find(|j| j.kind == JobKind::XrayApply)
+        .find(|j| j.kind == jobs::XRAY_APPLY)
         .expect("an xray_apply job");
     let sync = jobs
         .iter()
         .rev()
-        .find(|j| j.kind == JobKind::NodeSync && j.key == connector::jobs::node_key(2))
+        .find(|j| j.kind == jobs::NODE_SYNC && j.key == connector::jobs::node_key(2))
         .expect("a sync job of node 2");
     let mut raw = db.get(job_key(apply.id)).unwrap().unwrap().to_vec();
     *raw.last_mut().unwrap() ^= 0xff;
@@ -372,7 +373,7 @@ fn damage(path: &Path) -> Value {
     // The index layout is in queue-schema/README.md.
     let index = match sync.stored {
         Stored::Pending { due_ms } => {
-            let mut k = vec![b'p', JobKind::NodeSync.code()];
+            let mut k = vec![b'p', jobs::NODE_SYNC.code()];
             k.extend_from_slice(&due_ms.to_be_bytes());
             k.extend_from_slice(&sync.id.to_be_bytes());
             k

@@ -2,15 +2,16 @@
 
 use std::sync::Arc;
 
+use connector::jobs;
 use connector::queue::{
-    Commit, Dedupe, Error, EventKind, JobKind, JobState, ManualClock, NewJob, Settings, StateWrite,
+    Commit, Dedupe, Error, EventKind, JobState, ManualClock, NewJob, StateWrite,
 };
 
 use crate::support::{T0, open_manual};
 
 fn job(key: &str, payload: &[u8], dedupe: Dedupe) -> NewJob {
     NewJob {
-        kind: JobKind::XrayApply,
+        kind: jobs::XRAY_APPLY,
         key: key.into(),
         payload: payload.to_vec(),
         not_before: None,
@@ -22,7 +23,7 @@ fn job(key: &str, payload: &[u8], dedupe: Dedupe) -> NewJob {
 async fn live_dedupe_allows_one_live_job_per_key_whatever_the_window() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(T0));
-    let q = open_manual(dir.path(), Settings::default(), &clock);
+    let q = open_manual(dir.path(), jobs::settings(), &clock);
     let a = q
         .enqueue_with(job("sync:1", b"", Dedupe::Live))
         .await
@@ -34,7 +35,7 @@ async fn live_dedupe_allows_one_live_job_per_key_whatever_the_window() {
             .unwrap()
             .duplicate
     );
-    let l = q.lease(JobKind::XrayApply, 1).await.unwrap();
+    let l = q.lease(jobs::XRAY_APPLY, 1).await.unwrap();
     assert!(
         q.enqueue_with(job("sync:1", b"", Dedupe::Live))
             .await
@@ -49,7 +50,7 @@ async fn live_dedupe_allows_one_live_job_per_key_whatever_the_window() {
     assert!(!b.duplicate, "done jobs do not block a Live key");
     assert_ne!(a.job.id, b.job.id);
     // The default (Window) mode still holds the key while the done job is in its window.
-    let l = q.lease(JobKind::XrayApply, 1).await.unwrap();
+    let l = q.lease(jobs::XRAY_APPLY, 1).await.unwrap();
     q.ack(l[0].token()).await.unwrap();
     assert!(
         q.enqueue_with(job("sync:1", b"", Dedupe::Window))
@@ -63,7 +64,7 @@ async fn live_dedupe_allows_one_live_job_per_key_whatever_the_window() {
 async fn replace_coalesces_pending_and_follows_a_running_job() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(T0));
-    let q = open_manual(dir.path(), Settings::default(), &clock);
+    let q = open_manual(dir.path(), jobs::settings(), &clock);
     let mut events = q.subscribe();
     let first = q
         .enqueue_with(job("apply:1", b"v1", Dedupe::Replace))
@@ -77,7 +78,7 @@ async fn replace_coalesces_pending_and_follows_a_running_job() {
     assert_eq!(second.job.id, first.job.id);
     assert_eq!(events.recv().await.unwrap().what, EventKind::Enqueued);
     assert_eq!(events.recv().await.unwrap().what, EventKind::Replaced);
-    let l = q.lease(JobKind::XrayApply, 5).await.unwrap();
+    let l = q.lease(jobs::XRAY_APPLY, 5).await.unwrap();
     assert_eq!(l.len(), 1);
     assert_eq!(l[0].job.payload, b"v2");
     let third = q
@@ -97,11 +98,11 @@ async fn replace_coalesces_pending_and_follows_a_running_job() {
 async fn a_commit_is_all_or_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(T0));
-    let q = open_manual(dir.path(), Settings::default(), &clock);
-    q.enqueue(JobKind::NodeSync, "sync:1", vec![], None)
+    let q = open_manual(dir.path(), jobs::settings(), &clock);
+    q.enqueue(jobs::NODE_SYNC, "sync:1", vec![], None)
         .await
         .unwrap();
-    let l = q.lease(JobKind::NodeSync, 1).await.unwrap();
+    let l = q.lease(jobs::NODE_SYNC, 1).await.unwrap();
     let token = l[0].token();
     let c = q
         .commit(Commit {
@@ -130,10 +131,10 @@ async fn a_commit_is_all_or_nothing() {
         .unwrap_err();
     assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
     assert_eq!(q.state("node/1/synced").unwrap().unwrap(), b"list-1");
-    assert!(q.find_key(JobKind::XrayApply, "apply:2").unwrap().is_none());
+    assert!(q.find_key(jobs::XRAY_APPLY, "apply:2").unwrap().is_none());
     // State survives a reopen.
     drop(q);
-    let q = open_manual(dir.path(), Settings::default(), &clock);
+    let q = open_manual(dir.path(), jobs::settings(), &clock);
     assert_eq!(
         q.state_scan("node/").unwrap(),
         [("node/1/synced".to_string(), b"list-1".to_vec())]
@@ -149,7 +150,7 @@ async fn concurrent_replace_lease_and_ack_keep_records_and_indexes_in_step() {
     let dir = tempfile::tempdir().unwrap();
     let (q, _) = connector::queue::Queue::open(
         dir.path().join("queue"),
-        Settings::default(),
+        jobs::settings(),
         Arc::new(SystemClock),
     )
     .unwrap();
@@ -169,7 +170,7 @@ async fn concurrent_replace_lease_and_ack_keep_records_and_indexes_in_step() {
         let q = q.clone();
         tasks.spawn(async move {
             for _ in 0..300 {
-                for l in q.lease(JobKind::XrayApply, 2).await.unwrap() {
+                for l in q.lease(jobs::XRAY_APPLY, 2).await.unwrap() {
                     q.ack(l.token()).await.unwrap();
                 }
             }
@@ -180,7 +181,7 @@ async fn concurrent_replace_lease_and_ack_keep_records_and_indexes_in_step() {
     }
     // Drain what is left.
     loop {
-        let l = q.lease(JobKind::XrayApply, 16).await.unwrap();
+        let l = q.lease(jobs::XRAY_APPLY, 16).await.unwrap();
         if l.is_empty() {
             break;
         }
@@ -214,7 +215,7 @@ async fn concurrent_replace_lease_and_ack_keep_records_and_indexes_in_step() {
 async fn defer_uses_no_rung_and_a_commit_wakes_the_job_that_waited() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(T0));
-    let q = open_manual(dir.path(), Settings::default(), &clock);
+    let q = open_manual(dir.path(), jobs::settings(), &clock);
     let older = q
         .enqueue_with(job("r/1", b"", Dedupe::Window))
         .await
@@ -225,7 +226,7 @@ async fn defer_uses_no_rung_and_a_commit_wakes_the_job_that_waited() {
         .await
         .unwrap()
         .job;
-    let leased = q.lease(JobKind::XrayApply, 2).await.unwrap();
+    let leased = q.lease(jobs::XRAY_APPLY, 2).await.unwrap();
     assert_eq!(leased.len(), 2);
     let (lo, ln) = (leased[0].token(), leased[1].token());
     assert_eq!(ln.id, newer.id);
@@ -249,6 +250,6 @@ async fn defer_uses_no_rung_and_a_commit_wakes_the_job_that_waited() {
         JobState::Done
     );
     // Its next lease is its first attempt.
-    let again = q.lease(JobKind::XrayApply, 1).await.unwrap();
+    let again = q.lease(jobs::XRAY_APPLY, 1).await.unwrap();
     assert_eq!(again[0].token().attempt, 1);
 }

@@ -11,7 +11,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use connector::config::{self, ConfigError};
-use connector::queue::{JobKind, OnExhausted, Settings};
+use connector::jobs;
+use connector::queue::OnExhausted;
 
 fn no_env() -> BTreeMap<String, String> {
     BTreeMap::new()
@@ -47,20 +48,20 @@ fn example_file_equals_the_defaults() {
 
 #[test]
 fn spec_defaults() {
-    let s = Settings::default();
+    let s = jobs::settings();
     assert_eq!(s.dedupe_window, Duration::from_secs(24 * 3600));
-    for kind in JobKind::ALL {
+    for kind in jobs::ALL {
         let secs: Vec<u64> = s.kind(kind).ladder.iter().map(|d| d.as_secs()).collect();
         assert_eq!(secs, [0, 60, 300, 1800], "{kind}");
     }
-    assert_eq!(s.kind(JobKind::Webhook).on_exhausted, OnExhausted::Dead);
-    assert_eq!(s.kind(JobKind::NodeSync).on_exhausted, OnExhausted::Dead);
+    assert_eq!(s.kind(jobs::WEBHOOK).on_exhausted, OnExhausted::Dead);
+    assert_eq!(s.kind(jobs::NODE_SYNC).on_exhausted, OnExhausted::Dead);
     assert_eq!(
-        s.kind(JobKind::TrafficReport).on_exhausted,
+        s.kind(jobs::TRAFFIC_REPORT).on_exhausted,
         OnExhausted::RepeatLast
     );
     assert_eq!(
-        s.kind(JobKind::XrayApply).on_exhausted,
+        s.kind(jobs::XRAY_APPLY).on_exhausted,
         OnExhausted::RepeatLast
     );
 }
@@ -71,7 +72,7 @@ fn ladder_and_policy_from_file() {
         "[queue]\ndedupe_window = \"1h\"\n[queue.kinds.webhook]\nladder = [\"0s\", \"1h30m\"]\non_exhausted = \"repeat-last\"\n",
     )
     .unwrap();
-    let k = cfg.queue.kind(JobKind::Webhook);
+    let k = cfg.queue.kind(jobs::WEBHOOK);
     assert_eq!(k.ladder, [Duration::ZERO, Duration::from_secs(5400)]);
     assert_eq!(k.on_exhausted, OnExhausted::RepeatLast);
     assert_eq!(cfg.queue.dedupe_window, Duration::from_secs(3600));

@@ -17,10 +17,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use connector::jobs;
 use connector::queue::record::{RecordError, decode_job, decode_quarantined, encode_job};
 use connector::queue::{
-    Error, JobKind, JobState, ListFilter, ManualClock, Queue, Recovery, SCHEMA_VERSION, Settings,
-    Stored,
+    Error, JobState, ListFilter, ManualClock, Queue, Recovery, SCHEMA_VERSION, Stored,
 };
 
 use crate::support::wait;
@@ -34,7 +34,7 @@ const T0: u64 = 1_767_225_600_000;
 fn open_queue(path: &Path, clock: Arc<ManualClock>) -> Result<(Queue, Recovery), Error> {
     wait::when_unlocked(
         path,
-        || Queue::open(path, Settings::default(), clock.clone()),
+        || Queue::open(path, jobs::settings(), clock.clone()),
         |e| matches!(e, Error::Locked { .. }),
     )
 }
@@ -68,7 +68,7 @@ async fn six_jobs(dir: &Path, leave_running: Option<u64>) -> PathBuf {
     for i in 1..=6u64 {
         let e = q
             .enqueue(
-                JobKind::Webhook,
+                jobs::WEBHOOK,
                 &format!("evt-{i}"),
                 format!("{{\"n\":{i}}}").into_bytes(),
                 None,
@@ -79,7 +79,7 @@ async fn six_jobs(dir: &Path, leave_running: Option<u64>) -> PathBuf {
     }
     // Lease all six: ack 6, fail the others back to pending (webhook ladder: the next
     // rung is 1 min), except the one to leave running.
-    let leased = q.lease(JobKind::Webhook, 6).await.unwrap();
+    let leased = q.lease(jobs::WEBHOOK, 6).await.unwrap();
     assert_eq!(leased.len(), 6);
     for l in leased {
         match l.job.id {
@@ -111,7 +111,7 @@ async fn rest_keeps_working(q: &Queue, clock: &ManualClock, damaged: u64) {
 
     // The pending ones are due after their 1-minute rung: lease and ack them all.
     clock.advance(Duration::from_secs(120));
-    let leased = q.lease(JobKind::Webhook, 10).await.unwrap();
+    let leased = q.lease(jobs::WEBHOOK, 10).await.unwrap();
     let mut leased_ids: Vec<u64> = leased.iter().map(|l| l.job.id).collect();
     leased_ids.sort();
     let pending: Vec<u64> = expected.iter().copied().filter(|id| *id != 6).collect();
@@ -218,7 +218,7 @@ async fn a_newer_record_version_is_refused_never_misread() {
         with_raw_sled(&path, |db| db.get(job_key(3)).unwrap().unwrap().to_vec())
     };
     assert_eq!(
-        decode_job(&to_v2(probe)).unwrap_err(),
+        decode_job(&to_v2(probe), &jobs::ALL).unwrap_err(),
         RecordError::NewerVersion {
             found: 2,
             supported: 1
@@ -288,7 +288,7 @@ async fn a_record_filed_under_another_id_is_quarantined() {
     let dir = tempfile::tempdir().unwrap();
     let path = six_jobs(dir.path(), None).await;
     with_raw_sled(&path, |db| {
-        let mut job = decode_job(&db.get(job_key(3)).unwrap().unwrap()).unwrap();
+        let mut job = decode_job(&db.get(job_key(3)).unwrap().unwrap(), &jobs::ALL).unwrap();
         job.id = 4;
         db.insert(job_key(3), encode_job(&job)).unwrap();
     });
@@ -338,7 +338,7 @@ async fn a_newer_schema_is_refused_and_left_alone() {
             db.get("m/schema").unwrap().unwrap().as_ref(),
             &2u32.to_be_bytes()
         );
-        let job = decode_job(&db.get(job_key(6)).unwrap().unwrap()).unwrap();
+        let job = decode_job(&db.get(job_key(6)).unwrap().unwrap(), &jobs::ALL).unwrap();
         assert!(matches!(job.stored, Stored::Done { .. }));
     });
 }
@@ -364,7 +364,7 @@ async fn six_jobs_on_disk(dir: &Path, snapshot: bool) -> PathBuf {
     let path = dir.join("queue");
     let (q, _) = open(&path);
     for i in 1..=6u64 {
-        q.enqueue(JobKind::Webhook, &format!("evt-{i}"), marker(i), None)
+        q.enqueue(jobs::WEBHOOK, &format!("evt-{i}"), marker(i), None)
             .await
             .unwrap();
     }
@@ -543,7 +543,7 @@ async fn an_accepted_loss_is_recorded_and_ids_are_not_reused() {
     }
     let (q, _) = wait::when_unlocked(
         &path,
-        || Queue::open_with(&path, Settings::default(), clock.clone(), true),
+        || Queue::open_with(&path, jobs::settings(), clock.clone(), true),
         |e| matches!(e, Error::Locked { .. }),
     )
     .unwrap();
@@ -556,7 +556,7 @@ async fn an_accepted_loss_is_recorded_and_ids_are_not_reused() {
     assert_eq!(lost.len(), 1, "{lost:?}");
     assert!(lost[0].reason.contains("..=6"), "{}", lost[0].reason);
     let next = q
-        .enqueue(JobKind::Webhook, "after-the-loss", vec![], None)
+        .enqueue(jobs::WEBHOOK, "after-the-loss", vec![], None)
         .await
         .unwrap();
     assert_eq!(next.job.id, 7, "ids of lost jobs are not reused");
@@ -602,9 +602,9 @@ async fn many_jobs(dir: &Path) -> (PathBuf, Versions) {
     let far = T0 + 10 * 365 * 24 * 3600 * 1000;
     for i in 1..=MANY {
         let (kind, due) = if i % 4 == 0 {
-            (JobKind::NodeSync, None)
+            (jobs::NODE_SYNC, None)
         } else {
-            (JobKind::Webhook, Some(far))
+            (jobs::WEBHOOK, Some(far))
         };
         let payload = format!("{i:06}:{}", "p".repeat(400)).into_bytes();
         let e = q
@@ -614,7 +614,7 @@ async fn many_jobs(dir: &Path) -> (PathBuf, Versions) {
         keep(&q, e.job.id);
     }
     // node_sync jobs 4, 8, …: lease them, then ack or fail each.
-    let leased = q.lease(JobKind::NodeSync, MANY as usize).await.unwrap();
+    let leased = q.lease(jobs::NODE_SYNC, MANY as usize).await.unwrap();
     for l in leased {
         keep(&q, l.job.id);
         if l.job.id % 8 == 0 {
@@ -751,11 +751,11 @@ fn was_put_in(salvaged: &[u8], versions: &[Vec<u8>]) -> bool {
     if versions.iter().any(|v| v == salvaged) {
         return true;
     }
-    let Ok(s) = decode_job(salvaged) else {
+    let Ok(s) = decode_job(salvaged, &jobs::ALL) else {
         return false;
     };
     versions.iter().any(|v| {
-        let v = decode_job(v).unwrap();
+        let v = decode_job(v, &jobs::ALL).unwrap();
         matches!(v.stored, Stored::Running { .. })
             && (s.id, s.kind, &s.key, &s.payload, s.created_ms, s.attempts)
                 == (v.id, v.kind, &v.key, &v.payload, v.created_ms, v.attempts)
@@ -780,7 +780,7 @@ fn damaged_copy(base: &Path, versions: &Versions, offset: u64, work: &Path) -> V
     // (a) the library: Ok, or an error naming the database; never a panic.
     let lib = copy("lib").join("queue");
     match std::panic::catch_unwind(|| {
-        Queue::open(&lib, Settings::default(), Arc::new(ManualClock::new(T0)))
+        Queue::open(&lib, jobs::settings(), Arc::new(ManualClock::new(T0)))
     }) {
         Err(_) => wrong.push("Queue::open panicked".to_string()),
         Ok(Err(e)) if !e.to_string().contains(&lib.display().to_string()) => wrong.push(format!(
@@ -854,7 +854,10 @@ fn damaged_copy(base: &Path, versions: &Versions, offset: u64, work: &Path) -> V
     for (id, raw) in &salvaged {
         match versions.get(id) {
             Some(vs) if was_put_in(raw, vs) => {}
-            _ => wrong.push(format!("salvage invented job {id}: {:?}", decode_job(raw))),
+            _ => wrong.push(format!(
+                "salvage invented job {id}: {:?}",
+                decode_job(raw, &jobs::ALL)
+            )),
         }
     }
     let kept = salvaged.len() as u64;
@@ -932,13 +935,9 @@ async fn salvage_gets_back_the_jobs_sled_cut_off_after_damage_in_its_log() {
     flip_job_3_in_log(&path);
     let damaged = std::fs::read(path.join("db")).unwrap();
     let to = dir.path().join("salvaged");
-    let report = connector::queue::salvage(
-        &path,
-        &to,
-        Settings::default(),
-        Arc::new(ManualClock::new(T0)),
-    )
-    .unwrap();
+    let report =
+        connector::queue::salvage(&path, &to, jobs::settings(), Arc::new(ManualClock::new(T0)))
+            .unwrap();
     assert_eq!(
         (report.jobs_kept, report.lost, report.high_water_mark),
         (5, 1, Some(7)),
@@ -963,7 +962,7 @@ async fn salvage_gets_back_the_jobs_sled_cut_off_after_damage_in_its_log() {
         assert_eq!(j.payload, marker(j.id));
     }
     let next = q
-        .enqueue(JobKind::Webhook, "after-salvage", vec![], None)
+        .enqueue(jobs::WEBHOOK, "after-salvage", vec![], None)
         .await
         .unwrap();
     assert_eq!(next.job.id, 7, "ids continue above every acknowledged one");
@@ -979,7 +978,7 @@ async fn salvage_keeps_state_records_from_the_raw_files() {
     {
         let (q, _) = open(&path);
         for i in 1..=3u64 {
-            q.enqueue(JobKind::Webhook, &format!("evt-{i}"), marker(i), None)
+            q.enqueue(jobs::WEBHOOK, &format!("evt-{i}"), marker(i), None)
                 .await
                 .unwrap();
         }
@@ -995,13 +994,9 @@ async fn salvage_keeps_state_records_from_the_raw_files() {
     }
     zero_log_head(&path);
     let to = dir.path().join("salvaged");
-    let report = connector::queue::salvage(
-        &path,
-        &to,
-        Settings::default(),
-        Arc::new(ManualClock::new(T0)),
-    )
-    .unwrap();
+    let report =
+        connector::queue::salvage(&path, &to, jobs::settings(), Arc::new(ManualClock::new(T0)))
+            .unwrap();
     assert_eq!(
         (report.jobs_kept, report.state_records, report.lost),
         (3, 1, 0),

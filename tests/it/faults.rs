@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use agent::{Opts, Rig, WAIT};
+use connector::jobs;
 use panel::Answer;
 use receiver::Receiver;
 use serde_json::{Value, json};
@@ -342,7 +343,7 @@ fn a_deleted_queue_stops_acknowledging_and_says_so() {
 /// opens the database again once space returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_write_loses_nothing_acknowledged_and_the_queue_reopens_when_space_returns() {
-    use connector::queue::{JobKind, Queue, Settings, SystemClock};
+    use connector::queue::{Queue, SystemClock};
     if !can_mount(
         "a_failed_write_loses_nothing_acknowledged_and_the_queue_reopens_when_space_returns",
     ) {
@@ -352,7 +353,7 @@ async fn a_failed_write_loses_nothing_acknowledged_and_the_queue_reopens_when_sp
     let data = dir.path().join("data");
     let _tmpfs = Tmpfs::mount(&data, "8m");
     let path = data.join("queue");
-    let open = || Queue::open(&path, Settings::default(), std::sync::Arc::new(SystemClock));
+    let open = || Queue::open(&path, jobs::settings(), std::sync::Arc::new(SystemClock));
     let (q, _) = open().unwrap();
     assert!(q.writability().writable());
     fill(&data.join("filler"), u64::MAX);
@@ -360,7 +361,7 @@ async fn a_failed_write_loses_nothing_acknowledged_and_the_queue_reopens_when_sp
     let mut refused = None;
     for i in 0..200_000 {
         match q
-            .enqueue(JobKind::Webhook, &format!("k{i}"), vec![7; 300], None)
+            .enqueue(jobs::WEBHOOK, &format!("k{i}"), vec![7; 300], None)
             .await
         {
             Ok(e) => acked.push(e.job.id),
@@ -382,7 +383,7 @@ async fn a_failed_write_loses_nothing_acknowledged_and_the_queue_reopens_when_sp
     assert!(w.problem.unwrap().contains("ENOSPC"));
     // Refused at once from now on, and every acknowledged job still reads.
     assert!(
-        q.enqueue(JobKind::Webhook, "again", vec![], None)
+        q.enqueue(jobs::WEBHOOK, "again", vec![], None)
             .await
             .is_err()
     );
@@ -401,7 +402,7 @@ async fn a_failed_write_loses_nothing_acknowledged_and_the_queue_reopens_when_sp
         assert!(q.get(*id).unwrap().is_some(), "job {id} lost by the reopen");
     }
     let after = q
-        .enqueue(JobKind::Webhook, "after", vec![1], None)
+        .enqueue(jobs::WEBHOOK, "after", vec![1], None)
         .await
         .unwrap();
     assert!(after.job.id > *acked.last().unwrap(), "an id was reused");
@@ -410,7 +411,13 @@ async fn a_failed_write_loses_nothing_acknowledged_and_the_queue_reopens_when_sp
     let (q, _) = tokio::task::spawn_blocking(move || {
         wait::when_unlocked(
             &path,
-            || Queue::open(&path, Settings::default(), std::sync::Arc::new(SystemClock)),
+            || {
+                Queue::open(
+                    &path,
+                    connector::jobs::settings(),
+                    std::sync::Arc::new(SystemClock),
+                )
+            },
             |e| matches!(e, connector::queue::Error::Locked { .. }),
         )
     })

@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use connector::queue::{JobKind, JobState, ManualClock, Settings, Stored};
+use connector::jobs;
+use connector::queue::{JobState, ManualClock, Stored};
 
 use crate::support::{T0, minutes, open_manual};
 
@@ -10,14 +11,14 @@ use crate::support::{T0, minutes, open_manual};
 async fn webhook_ladder_then_dead_then_retry() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(T0));
-    let q = open_manual(dir.path(), Settings::default(), &clock);
+    let q = open_manual(dir.path(), jobs::settings(), &clock);
     let e = q
-        .enqueue(JobKind::Webhook, "evt-1", b"{}".to_vec(), None)
+        .enqueue(jobs::WEBHOOK, "evt-1", b"{}".to_vec(), None)
         .await
         .unwrap();
     assert!(!e.duplicate);
     let again = q
-        .enqueue(JobKind::Webhook, "evt-1", b"{}".to_vec(), None)
+        .enqueue(jobs::WEBHOOK, "evt-1", b"{}".to_vec(), None)
         .await
         .unwrap();
     assert!(again.duplicate);
@@ -25,7 +26,7 @@ async fn webhook_ladder_then_dead_then_retry() {
 
     let expected_gaps = [1, 5, 30];
     for (i, gap) in expected_gaps.iter().enumerate() {
-        let leased = q.lease(JobKind::Webhook, 10).await.unwrap();
+        let leased = q.lease(jobs::WEBHOOK, 10).await.unwrap();
         assert_eq!(leased.len(), 1, "attempt {}", i + 1);
         let job = q.fail(leased[0].token(), "503", None).await.unwrap();
         assert_eq!(
@@ -35,19 +36,19 @@ async fn webhook_ladder_then_dead_then_retry() {
             }
         );
         assert!(
-            q.lease(JobKind::Webhook, 10).await.unwrap().is_empty(),
+            q.lease(jobs::WEBHOOK, 10).await.unwrap().is_empty(),
             "not due yet"
         );
         clock.advance(minutes(*gap));
     }
-    let leased = q.lease(JobKind::Webhook, 10).await.unwrap();
+    let leased = q.lease(jobs::WEBHOOK, 10).await.unwrap();
     let job = q.fail(leased[0].token(), "503", None).await.unwrap();
     assert_eq!(job.state(clock_now(&clock)), JobState::Dead);
     assert_eq!(job.attempts, 4);
     assert_eq!(job.history.len(), 4);
 
     q.retry(job.id).await.unwrap();
-    let leased = q.lease(JobKind::Webhook, 10).await.unwrap();
+    let leased = q.lease(jobs::WEBHOOK, 10).await.unwrap();
     let job = q.ack(leased[0].token()).await.unwrap();
     assert_eq!(job.state(clock_now(&clock)), JobState::Done);
     let s = q.stats().unwrap();
@@ -64,18 +65,18 @@ async fn running_job_is_ready_after_reopen_and_attempt_counts() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(T0));
     {
-        let q = open_manual(dir.path(), Settings::default(), &clock);
-        q.enqueue(JobKind::TrafficReport, "r1", vec![1, 2, 3], None)
+        let q = open_manual(dir.path(), jobs::settings(), &clock);
+        q.enqueue(jobs::TRAFFIC_REPORT, "r1", vec![1, 2, 3], None)
             .await
             .unwrap();
-        let l = q.lease(JobKind::TrafficReport, 1).await.unwrap();
+        let l = q.lease(jobs::TRAFFIC_REPORT, 1).await.unwrap();
         assert_eq!(l.len(), 1);
     }
     let (q, rec) =
-        connector::queue::Queue::open(dir.path().join("queue"), Settings::default(), clock.clone())
+        connector::queue::Queue::open(dir.path().join("queue"), jobs::settings(), clock.clone())
             .unwrap();
     assert_eq!(rec.interrupted, 1);
-    let l = q.lease(JobKind::TrafficReport, 1).await.unwrap();
+    let l = q.lease(jobs::TRAFFIC_REPORT, 1).await.unwrap();
     assert_eq!(l.len(), 1);
     assert_eq!(l[0].job.attempts, 2);
     assert_eq!(l[0].job.payload, vec![1, 2, 3]);
@@ -85,10 +86,10 @@ async fn running_job_is_ready_after_reopen_and_attempt_counts() {
 async fn done_jobs_are_kept_per_kind_then_swept() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(T0));
-    let mut settings = Settings::default();
-    settings.kind_mut(JobKind::NodeSync).keep_done = Some(minutes(60));
+    let mut settings = jobs::settings();
+    settings.kind_mut(jobs::NODE_SYNC).keep_done = Some(minutes(60));
     let q = open_manual(dir.path(), settings, &clock);
-    for kind in [JobKind::NodeSync, JobKind::Webhook] {
+    for kind in [jobs::NODE_SYNC, jobs::WEBHOOK] {
         q.enqueue(kind, "k", vec![], None).await.unwrap();
         let l = q.lease(kind, 1).await.unwrap();
         q.ack(l[0].token()).await.unwrap();
@@ -97,8 +98,8 @@ async fn done_jobs_are_kept_per_kind_then_swept() {
     assert_eq!(q.maintain().await.unwrap().0, 0);
     clock.advance(minutes(1));
     assert_eq!(q.maintain().await.unwrap().0, 1, "node_sync after its hour");
-    assert!(q.find_key(JobKind::NodeSync, "k").unwrap().is_none());
-    assert!(q.find_key(JobKind::Webhook, "k").unwrap().is_some());
+    assert!(q.find_key(jobs::NODE_SYNC, "k").unwrap().is_none());
+    assert!(q.find_key(jobs::WEBHOOK, "k").unwrap().is_some());
     clock.advance(minutes(23 * 60));
     assert_eq!(
         q.maintain().await.unwrap().0,

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use connector::jobs;
 use connector::queue::record::HISTORY_LIMIT;
 use connector::queue::{
     Attempt, DeadReason, Error, Job, JobKind, JobState, LeaseToken, ListFilter, ManualClock,
@@ -48,25 +49,25 @@ struct Plan {
 
 const PLANS: [Plan; 4] = [
     Plan {
-        kind: JobKind::NodeSync,
+        kind: jobs::NODE_SYNC,
         ladder_s: &[0, 10, 50],
         on_exhausted: OnExhausted::Dead,
         lease_s: 30,
     },
     Plan {
-        kind: JobKind::TrafficReport,
+        kind: jobs::TRAFFIC_REPORT,
         ladder_s: &[0, 10, 50],
         on_exhausted: OnExhausted::RepeatLast,
         lease_s: 20,
     },
     Plan {
-        kind: JobKind::Webhook,
+        kind: jobs::WEBHOOK,
         ladder_s: &[5, 20],
         on_exhausted: OnExhausted::Dead,
         lease_s: 15,
     },
     Plan {
-        kind: JobKind::XrayApply,
+        kind: jobs::XRAY_APPLY,
         ladder_s: &[2],
         on_exhausted: OnExhausted::RepeatLast,
         lease_s: 10,
@@ -81,7 +82,7 @@ fn plan(kind: JobKind) -> &'static Plan {
 }
 
 fn settings() -> Settings {
-    let mut s = Settings::default();
+    let mut s = jobs::settings();
     s.dedupe_window = Duration::from_millis(WINDOW_MS);
     for p in &PLANS {
         let k = s.kind_mut(p.kind);
@@ -848,7 +849,7 @@ impl Harness {
 
         // ...and by index: the counts, the pending order and the running set.
         let stats = storage(q.stats(), "stats")?;
-        let mut counts: BTreeMap<JobKind, BTreeMap<JobState, u64>> = JobKind::ALL
+        let mut counts: BTreeMap<JobKind, BTreeMap<JobState, u64>> = jobs::ALL
             .into_iter()
             .map(|k| (k, JobState::ALL.into_iter().map(|s| (s, 0)).collect()))
             .collect();
@@ -871,7 +872,7 @@ impl Harness {
             })
             .min();
         prop_assert_eq!(stats.oldest_ready_ms, oldest_ready, "oldest ready");
-        for kind in JobKind::ALL {
+        for kind in jobs::ALL {
             let of_kind = || m.jobs.values().filter(move |j| j.kind == kind);
             let next_due = of_kind()
                 .filter_map(|j| match j.stored {
@@ -955,7 +956,7 @@ async fn retry_is_not_blocked_by_a_done_job_past_the_dedupe_window() {
     let dir = tempdir();
     let clock = Arc::new(ManualClock::new(T0));
     let (q, _) = Queue::open(dir.path().join("queue"), settings(), clock.clone()).unwrap();
-    let kind = JobKind::NodeSync;
+    let kind = jobs::NODE_SYNC;
     let old = q.enqueue(kind, "k", Vec::new(), None).await.unwrap().job;
     q.cancel(old.id).await.unwrap();
     let new = q.enqueue(kind, "k", Vec::new(), None).await.unwrap();

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use connector::jobs;
 use connector::queue::{Clock, JobKind, JobState, Queue};
 use serde_json::Value;
 
@@ -341,49 +342,40 @@ async fn jobs(q: &Queue, clock: &ShiftedClock) -> BTreeMap<String, u64> {
     let mut ids = BTreeMap::new();
     let mut put = |key: &str, id: u64| ids.insert(key.to_string(), id);
     clock.set_back(Duration::from_secs(10 * 24 * 3600));
-    put(
-        "old-1",
-        dead(q, JobKind::Webhook, "old-1", "HTTP 503").await,
-    );
-    put(
-        "old-2",
-        dead(q, JobKind::Webhook, "old-2", "HTTP 503").await,
-    );
+    put("old-1", dead(q, jobs::WEBHOOK, "old-1", "HTTP 503").await);
+    put("old-2", dead(q, jobs::WEBHOOK, "old-2", "HTTP 503").await);
     clock.set_back(Duration::ZERO);
     put(
         "evt-a",
-        dead(q, JobKind::Webhook, "evt-a", "connection refused").await,
+        dead(q, jobs::WEBHOOK, "evt-a", "connection refused").await,
     );
-    put(
-        "evt-b",
-        dead(q, JobKind::Webhook, "evt-b", "HTTP 500").await,
-    );
-    put("evt-c", enqueue(q, JobKind::Webhook, "evt-c", None).await);
+    put("evt-b", dead(q, jobs::WEBHOOK, "evt-b", "HTTP 500").await);
+    put("evt-c", enqueue(q, jobs::WEBHOOK, "evt-c", None).await);
     put(
         "node-1",
-        dead(q, JobKind::NodeSync, "node-1", "timeout after 10s").await,
+        dead(q, jobs::NODE_SYNC, "node-1", "timeout after 10s").await,
     );
-    let id = enqueue(q, JobKind::NodeSync, "node-2", None).await;
-    let l = q.lease(JobKind::NodeSync, 1).await.unwrap();
+    let id = enqueue(q, jobs::NODE_SYNC, "node-2", None).await;
+    let l = q.lease(jobs::NODE_SYNC, 1).await.unwrap();
     assert_eq!(l[0].job.id, id);
     q.ack(l[0].token()).await.unwrap();
     put("node-2", id);
     let later = q.now() + 3_600_000;
     put(
         "apply-1",
-        enqueue(q, JobKind::XrayApply, "apply-1", Some(later)).await,
+        enqueue(q, jobs::XRAY_APPLY, "apply-1", Some(later)).await,
     );
     let e = q
-        .enqueue(JobKind::TrafficReport, "rep-1", vec![0xde, 0xad], None)
+        .enqueue(jobs::TRAFFIC_REPORT, "rep-1", vec![0xde, 0xad], None)
         .await
         .unwrap();
-    let l = q.lease(JobKind::TrafficReport, 1).await.unwrap();
+    let l = q.lease(jobs::TRAFFIC_REPORT, 1).await.unwrap();
     assert_eq!(l[0].job.id, e.job.id);
     q.fail(l[0].token(), "panel 502", None).await.unwrap();
     put("rep-1", e.job.id);
     put(
         "rep-2",
-        enqueue(q, JobKind::TrafficReport, "rep-2", None).await,
+        enqueue(q, jobs::TRAFFIC_REPORT, "rep-2", None).await,
     );
     ids
 }
@@ -396,10 +388,7 @@ async fn big(q: &Queue) -> BTreeMap<String, u64> {
         let payload = format!("{{\"filler\":\"{filler}\"}}").into_bytes();
         tasks.spawn(async move {
             let key = format!("big-{i}");
-            let e = q
-                .enqueue(JobKind::Webhook, &key, payload, None)
-                .await
-                .unwrap();
+            let e = q.enqueue(jobs::WEBHOOK, &key, payload, None).await.unwrap();
             (key, e.job.id)
         });
     }

@@ -15,11 +15,12 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use connector::jobs;
 use connector::queue::record::{
     Quarantined, RecordError, decode_job, decode_quarantined, decode_state, encode_job,
     encode_quarantined, encode_state,
 };
-use connector::queue::{Attempt, DeadReason, Job, JobKind, Outcome, Stored};
+use connector::queue::{Attempt, DeadReason, Job, Outcome, Stored};
 
 /// 2026-01-01T00:00:00Z, in ms since the Unix epoch.
 const T0: u64 = 1_767_225_600_000;
@@ -77,7 +78,7 @@ fn failed(error: &str) -> Outcome {
 fn pending_job() -> Job {
     Job {
         id: 1,
-        kind: JobKind::Webhook,
+        kind: jobs::WEBHOOK,
         key: "evt-0001".into(),
         payload: br#"{"relay_id":"myrelay","status":"success"}"#.to_vec(),
         created_ms: T0,
@@ -94,7 +95,7 @@ fn fixtures() -> Vec<Fixture> {
         raw[10] ^= 0xff;
         raw
     };
-    let reason = decode_job(&damaged)
+    let reason = decode_job(&damaged, &jobs::ALL)
         .expect_err("a flipped body byte fails the checksum")
         .to_string();
     let mut quarantine_key = vec![b'c'];
@@ -115,7 +116,7 @@ fn fixtures() -> Vec<Fixture> {
             what: "traffic_report job, running its 2nd attempt after a failed 1st",
             value: Value::Job(Job {
                 id: 2,
-                kind: JobKind::TrafficReport,
+                kind: jobs::TRAFFIC_REPORT,
                 key: "report-7f3a9c".into(),
                 payload: br#"{"report_id":"7f3a9c","node_id":1,"items":[]}"#.to_vec(),
                 created_ms: T0 + 1_000,
@@ -138,7 +139,7 @@ fn fixtures() -> Vec<Fixture> {
             what: "xray_apply job, done; its history has every outcome; binary payload",
             value: Value::Job(Job {
                 id: 3,
-                kind: JobKind::XrayApply,
+                kind: jobs::XRAY_APPLY,
                 key: "node-1".into(),
                 payload: vec![0x00, 0x01, 0x02, 0xfe, 0xff],
                 created_ms: T0 + 2_000,
@@ -170,7 +171,7 @@ fn fixtures() -> Vec<Fixture> {
             what: "node_sync job, dead (ladder used up), empty payload",
             value: Value::Job(Job {
                 id: 4,
-                kind: JobKind::NodeSync,
+                kind: jobs::NODE_SYNC,
                 key: "sync-1".into(),
                 payload: vec![],
                 created_ms: T0,
@@ -193,7 +194,7 @@ fn fixtures() -> Vec<Fixture> {
             what: "webhook job, dead (cancelled by an operator while running)",
             value: Value::Job(Job {
                 id: 5,
-                kind: JobKind::Webhook,
+                kind: jobs::WEBHOOK,
                 key: "evt-0005".into(),
                 payload: b"{}".to_vec(),
                 created_ms: T0,
@@ -219,7 +220,7 @@ fn fixtures() -> Vec<Fixture> {
                    payload, a non-ASCII key (every varint width)",
             value: Value::Job(Job {
                 id: 300,
-                kind: JobKind::TrafficReport,
+                kind: jobs::TRAFFIC_REPORT,
                 key: "überweisung-✓".into(),
                 payload: (0..300u32).map(|i| (i % 256) as u8).collect(),
                 created_ms: 0,
@@ -315,7 +316,8 @@ fn committed_fixtures_decode_to_the_expected_values_and_reencode_identically() {
         let bytes = read_fixture(f.file);
         match &f.value {
             Value::Job(expected) => {
-                let job = decode_job(&bytes).unwrap_or_else(|e| panic!("{}: {e}", f.file));
+                let job =
+                    decode_job(&bytes, &jobs::ALL).unwrap_or_else(|e| panic!("{}: {e}", f.file));
                 assert_eq!(&job, expected, "{}", f.file);
                 assert_eq!(encode_job(&job), bytes, "{} re-encodes", f.file);
                 assert_eq!(f.key, job_key(job.id), "{} is filed under its id", f.file);
@@ -325,7 +327,10 @@ fn committed_fixtures_decode_to_the_expected_values_and_reencode_identically() {
                 assert_eq!(&q, expected, "{}", f.file);
                 assert_eq!(encode_quarantined(&q), bytes, "{} re-encodes", f.file);
                 // What was moved aside still fails the way the reason says.
-                assert_eq!(decode_job(&q.raw).unwrap_err().to_string(), q.reason);
+                assert_eq!(
+                    decode_job(&q.raw, &jobs::ALL).unwrap_err().to_string(),
+                    q.reason
+                );
             }
             Value::State(expected) => {
                 let s = decode_state(&bytes).unwrap_or_else(|e| panic!("{}: {e}", f.file));
@@ -512,9 +517,9 @@ fn a_newer_or_unknown_version_is_refused_not_misread() {
         bytes[0] = 0;
         match f.value {
             Value::Job(_) => {
-                assert_eq!(decode_job(&bytes).unwrap_err(), zero);
+                assert_eq!(decode_job(&bytes, &jobs::ALL).unwrap_err(), zero);
                 bytes[0] = 2;
-                assert_eq!(decode_job(&bytes).unwrap_err(), newer);
+                assert_eq!(decode_job(&bytes, &jobs::ALL).unwrap_err(), newer);
             }
             Value::Quarantined(_) => {
                 assert_eq!(decode_quarantined(&bytes).unwrap_err(), zero);

@@ -26,12 +26,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use connector::config::Webhook as WebhookConfig;
+use connector::jobs;
 use connector::jobs::webhook::{self, ConnectEvent, Webhook, stats};
 use connector::peers::relays::client::RelayClient;
 use connector::peers::relays::{Provider, Registry, SigningKey};
-use connector::queue::{
-    EventKind, JobKind, JobState, ManualClock, Outcome, Queue, Settings, run_workers,
-};
+use connector::queue::{EventKind, JobState, ManualClock, Outcome, Queue, run_workers};
 use receiver::{Answer, Receiver, Recorded};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -148,7 +147,7 @@ impl InProcess {
         std::fs::write(&ca, &receiver.ca_pem).unwrap();
         let clock = Arc::new(ManualClock::new(T0));
         let (queue, _) =
-            Queue::open(dir.path().join("queue"), Settings::default(), clock.clone()).unwrap();
+            Queue::open(dir.path().join("queue"), jobs::settings(), clock.clone()).unwrap();
         let registry = Arc::new(Registry::from_providers([Provider {
             id: "myrelay".into(),
             name: Some("My relay".into()),
@@ -164,7 +163,7 @@ impl InProcess {
         let stop = CancellationToken::new();
         let workers = tokio::spawn(run_workers(
             queue.clone(),
-            JobKind::Webhook,
+            jobs::WEBHOOK,
             Arc::new(Webhook {
                 queue: queue.clone(),
                 registry: registry.clone(),
@@ -365,14 +364,14 @@ async fn the_ladder_in_virtual_time_then_dead_then_retried_by_hand() {
         );
         // Not a moment earlier: the receiver has seen only the attempts so far.
         t.clock.advance(Duration::from_secs(rung - 1));
-        t.queue.wake(JobKind::Webhook);
+        t.queue.wake(jobs::WEBHOOK);
         assert_eq!(
             t.queue.get(a.job_id).unwrap().unwrap().state(t.queue.now()),
             JobState::Scheduled
         );
         assert_eq!(t.receiver.requests().len(), i + 1);
         t.clock.advance(Duration::from_secs(1));
-        t.queue.wake(JobKind::Webhook);
+        t.queue.wake(jobs::WEBHOOK);
     }
     assert_eq!(attempt_end(&mut events, a.job_id).await, EventKind::Done);
     let job = t.queue.get(a.job_id).unwrap().unwrap();
@@ -403,7 +402,7 @@ async fn the_ladder_in_virtual_time_then_dead_then_retried_by_hand() {
             EventKind::Retry { .. }
         ));
         t.clock.advance(Duration::from_secs(rung));
-        t.queue.wake(JobKind::Webhook);
+        t.queue.wake(jobs::WEBHOOK);
     }
     assert_eq!(attempt_end(&mut events, d.job_id).await, EventKind::Dead);
     assert_eq!(t.receiver.requests().len(), 8);
@@ -411,7 +410,7 @@ async fn the_ladder_in_virtual_time_then_dead_then_retried_by_hand() {
     assert_eq!((c.cancelled, c.dead, c.delivered), (1, 1, 1));
     // By hand (what `queuectl retry` calls): delivered.
     t.queue.retry(d.job_id).await.unwrap();
-    t.queue.wake(JobKind::Webhook);
+    t.queue.wake(jobs::WEBHOOK);
     assert_eq!(attempt_end(&mut events, d.job_id).await, EventKind::Done);
     let c = stats::report(&t.queue, None).unwrap().relays[0].refs["promo2024"].clone();
     assert_eq!((c.success, c.cancelled, c.dead, c.delivered), (1, 1, 0, 2));
@@ -442,7 +441,7 @@ async fn a_redirecting_relay_is_a_failed_attempt_and_nothing_reaches_the_other_s
         if attempt == 1 {
             // The ladder's first rung.
             t.clock.advance(Duration::from_secs(60));
-            t.queue.wake(JobKind::Webhook);
+            t.queue.wake(jobs::WEBHOOK);
         }
     }
     let job = t.queue.get(a.job_id).unwrap().unwrap();
@@ -485,7 +484,7 @@ async fn retry_after_only_pushes_later() {
         }
     );
     t.clock.advance(Duration::from_secs(600));
-    t.queue.wake(JobKind::Webhook);
+    t.queue.wake(jobs::WEBHOOK);
     let now = t.queue.now();
     assert_eq!(
         attempt_end(&mut events, a.job_id).await,
@@ -1142,7 +1141,7 @@ fn the_library_api_takes_typed_events() {
         let dir = tempfile::tempdir().unwrap();
         let (queue, _) = Queue::open(
             dir.path().join("queue"),
-            Settings::default(),
+            jobs::settings(),
             Arc::new(connector::queue::SystemClock),
         )
         .unwrap();

@@ -5,15 +5,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use connector::jobs;
 use connector::queue::{
-    AttemptResult, Handler, Job, JobKind, JobState, Outcome, Queue, Settings, SystemClock,
-    run_workers,
+    AttemptResult, Handler, Job, JobState, Outcome, Queue, Settings, SystemClock, run_workers,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 fn open(dir: &tempfile::TempDir, tune: impl FnOnce(&mut Settings)) -> Queue {
-    let mut settings = Settings::default();
+    let mut settings = jobs::settings();
     tune(&mut settings);
     Queue::open(dir.path().join("queue"), settings, Arc::new(SystemClock))
         .unwrap()
@@ -44,9 +44,9 @@ impl Handler for Gauge {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn never_more_attempts_than_the_kind_allows() {
     let dir = tempfile::tempdir().unwrap();
-    let q = open(&dir, |s| s.kind_mut(JobKind::Webhook).concurrency = 3);
+    let q = open(&dir, |s| s.kind_mut(jobs::WEBHOOK).concurrency = 3);
     for i in 0..40 {
-        q.enqueue(JobKind::Webhook, &format!("e{i}"), vec![], None)
+        q.enqueue(jobs::WEBHOOK, &format!("e{i}"), vec![], None)
             .await
             .unwrap();
     }
@@ -59,7 +59,7 @@ async fn never_more_attempts_than_the_kind_allows() {
     let stop = CancellationToken::new();
     let workers = tokio::spawn(run_workers(
         q.clone(),
-        JobKind::Webhook,
+        jobs::WEBHOOK,
         gauge.clone(),
         stop.clone(),
     ));
@@ -93,12 +93,12 @@ impl Handler for HangOnce {
 async fn a_hung_attempt_times_out_and_counts_as_failed() {
     let dir = tempfile::tempdir().unwrap();
     let q = open(&dir, |s| {
-        let k = s.kind_mut(JobKind::NodeSync);
+        let k = s.kind_mut(jobs::NODE_SYNC);
         k.ladder = vec![Duration::ZERO, Duration::ZERO];
         k.lease_timeout = Duration::from_secs(30);
     });
     let job = q
-        .enqueue(JobKind::NodeSync, "node-1", vec![], None)
+        .enqueue(jobs::NODE_SYNC, "node-1", vec![], None)
         .await
         .unwrap()
         .job;
@@ -108,7 +108,7 @@ async fn a_hung_attempt_times_out_and_counts_as_failed() {
         calls: AtomicUsize::new(0),
         done: tx,
     });
-    let workers = tokio::spawn(run_workers(q.clone(), JobKind::NodeSync, h, stop.clone()));
+    let workers = tokio::spawn(run_workers(q.clone(), jobs::NODE_SYNC, h, stop.clone()));
     rx.recv().await.unwrap();
     stop.cancel();
     workers.await.unwrap().unwrap();
@@ -140,14 +140,14 @@ impl Handler for Gate {
 #[tokio::test]
 async fn shutdown_lets_the_running_attempt_finish_and_takes_no_more() {
     let dir = tempfile::tempdir().unwrap();
-    let q = open(&dir, |s| s.kind_mut(JobKind::XrayApply).concurrency = 1);
+    let q = open(&dir, |s| s.kind_mut(jobs::XRAY_APPLY).concurrency = 1);
     let first = q
-        .enqueue(JobKind::XrayApply, "a", vec![], None)
+        .enqueue(jobs::XRAY_APPLY, "a", vec![], None)
         .await
         .unwrap()
         .job;
     let second = q
-        .enqueue(JobKind::XrayApply, "b", vec![], None)
+        .enqueue(jobs::XRAY_APPLY, "b", vec![], None)
         .await
         .unwrap()
         .job;
@@ -158,7 +158,7 @@ async fn shutdown_lets_the_running_attempt_finish_and_takes_no_more() {
     let stop = CancellationToken::new();
     let workers = tokio::spawn(run_workers(
         q.clone(),
-        JobKind::XrayApply,
+        jobs::XRAY_APPLY,
         gate.clone(),
         stop.clone(),
     ));

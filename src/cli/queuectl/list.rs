@@ -18,7 +18,7 @@ pub struct Args {
     #[arg(long, value_name = "STATE")]
     state: Option<JobState>,
     /// Only jobs of this kind: node_sync, xray_apply, traffic_report or webhook.
-    #[arg(long, value_name = "KIND")]
+    #[arg(long, value_parser = crate::jobs::kind_named, value_name = "KIND")]
     kind: Option<JobKind>,
     /// At most N jobs (0: all of them).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_LIMIT)]

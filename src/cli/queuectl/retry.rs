@@ -23,7 +23,7 @@ pub struct Args {
     #[arg(long)]
     dead: bool,
     /// With --dead: only jobs of this kind.
-    #[arg(long, requires = "dead", value_name = "KIND")]
+    #[arg(long, requires = "dead", value_parser = crate::jobs::kind_named, value_name = "KIND")]
     kind: Option<JobKind>,
 }
 

@@ -16,7 +16,7 @@ use crate::queue::{JobKind, rfc3339};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Only events of jobs of this kind.
-    #[arg(long, value_name = "KIND")]
+    #[arg(long, value_parser = crate::jobs::kind_named, value_name = "KIND")]
     kind: Option<JobKind>,
 }
 

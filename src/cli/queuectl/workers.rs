@@ -20,6 +20,7 @@ pub struct Args {}
 #[derive(Debug, clap::Args)]
 pub struct KindArgs {
     /// node_sync, xray_apply, traffic_report or webhook.
+    #[arg(value_parser = crate::jobs::kind_named)]
     kind: JobKind,
 }
 

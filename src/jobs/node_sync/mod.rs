@@ -33,11 +33,10 @@ pub mod userlist;
 use std::sync::Arc;
 
 use crate::config::{ApplyMode, Config};
+use crate::jobs;
 use crate::jobs::{NodePayload, node_key};
 use crate::peers::panel::{Fetched, Panel};
-use crate::queue::{
-    AttemptResult, Dedupe, Effects, Handler, Job, JobKind, Millis, NewJob, Queue, rfc3339,
-};
+use crate::queue::{AttemptResult, Dedupe, Effects, Handler, Job, Millis, NewJob, Queue, rfc3339};
 use crate::telemetry::metrics;
 
 use files::NodeFiles;
@@ -54,7 +53,7 @@ pub struct NodeSync {
 /// The job that syncs `node_id` now (one live per node).
 pub fn job(node_id: u64) -> NewJob {
     NewJob {
-        kind: JobKind::NodeSync,
+        kind: jobs::NODE_SYNC,
         key: node_key(node_id),
         payload: NodePayload {
             node_id,

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::jobs::node_key;
-use crate::queue::{self, DeadReason, JobKind, JobState, Queue, Stored};
+use crate::queue::{self, DeadReason, JobState, Queue, Stored};
 
 /// Makes a sync due for every node every `sync.interval`. Each node has one sync job
 /// at a time ([`Dedupe::Live`](crate::queue::Dedupe)):
@@ -45,7 +45,7 @@ pub async fn run(queue: Queue, config: Arc<Config>, stop: CancellationToken) {
 }
 
 async fn make_sync_due(queue: &Queue, node_id: u64) -> queue::Result<()> {
-    let revive = match queue.find_key(JobKind::NodeSync, &node_key(node_id))? {
+    let revive = match queue.find_key(crate::jobs::NODE_SYNC, &node_key(node_id))? {
         Some(job) => match (job.state(queue.now()), &job.stored) {
             (JobState::Scheduled, _) => Some(job.id),
             (

@@ -32,9 +32,10 @@ use uuid::Uuid;
 use super::state::{self, CoreMark, Pair};
 use super::{Item, Report};
 use crate::config::Config;
+use crate::jobs;
 use crate::peers::xray::email::{EmailShape, parse_counter};
 use crate::peers::xray::{SysStats, XrayClient};
-use crate::queue::{Commit, Dedupe, JobKind, NewJob, Queue, rfc3339};
+use crate::queue::{Commit, Dedupe, NewJob, Queue, rfc3339};
 
 /// Slack for the uptime rule within one agent process (monotonic clock): uptime is
 /// whole seconds, read somewhere within a call.
@@ -223,7 +224,7 @@ impl Collector {
                     items: chunk.to_vec(),
                 };
                 enqueue.push(NewJob {
-                    kind: JobKind::TrafficReport,
+                    kind: jobs::TRAFFIC_REPORT,
                     key: super::key(node_id, seq),
                     payload: report.encode(),
                     not_before: None,

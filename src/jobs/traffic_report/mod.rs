@@ -36,9 +36,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::jobs;
 use crate::jobs::PayloadError;
 use crate::peers::panel::{Panel, Reported};
-use crate::queue::{AttemptResult, Effects, Handler, Job, JobKind, JobState, Queue};
+use crate::queue::{AttemptResult, Effects, Handler, Job, JobState, Queue};
 use crate::telemetry::metrics;
 
 pub use collect::{Collected, Collector};
@@ -201,7 +202,7 @@ impl TrafficReport {
         let now = self.queue.now();
         let mut found = None;
         self.queue
-            .scan_keys(JobKind::TrafficReport, prefix, Some(key), true, |j| {
+            .scan_keys(jobs::TRAFFIC_REPORT, prefix, Some(key), true, |j| {
                 match j.state(now) {
                     JobState::Done => false,
                     // Cancelled by an operator: not in the way.
@@ -220,7 +221,7 @@ impl TrafficReport {
         let now = self.queue.now();
         let mut found = None;
         self.queue.scan_keys(
-            JobKind::TrafficReport,
+            jobs::TRAFFIC_REPORT,
             prefix,
             Some(key),
             false,

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::Report;
-use crate::queue::{JobKind, JobState, ListFilter, Outcome, Queue, Stored, rfc3339};
+use crate::jobs;
+use crate::queue::{JobState, ListFilter, Outcome, Queue, Stored, rfc3339};
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct Tally {
@@ -57,7 +58,7 @@ pub struct Summary {
 pub fn summary(queue: &Queue) -> crate::queue::Result<Summary> {
     let now = queue.now();
     let jobs = queue.list(&ListFilter {
-        kind: Some(JobKind::TrafficReport),
+        kind: Some(jobs::TRAFFIC_REPORT),
         ..ListFilter::default()
     })?;
     let mut nodes: BTreeMap<u64, NodeTraffic> = BTreeMap::new();

@@ -38,11 +38,10 @@ use serde::Serialize;
 
 pub use event::{ConnectEvent, Payload, Rejected, Status};
 
+use crate::jobs;
 use crate::peers::relays::Registry;
 use crate::peers::relays::client::RelayClient;
-use crate::queue::{
-    AttemptResult, Dedupe, Effects, Handler, Job, JobKind, NewJob, Queue, next_delay,
-};
+use crate::queue::{AttemptResult, Dedupe, Effects, Handler, Job, NewJob, Queue, next_delay};
 use crate::telemetry::metrics;
 
 /// What an accepted event became: `202 {"job_id","event_id","duplicate"}`.
@@ -64,7 +63,7 @@ pub async fn ingest(
     let payload = event::validate(event, registry, queue.now())?;
     let enqueued = queue
         .enqueue_with(NewJob {
-            kind: JobKind::Webhook,
+            kind: jobs::WEBHOOK,
             key: payload.event_id.clone(),
             payload: payload.encode(),
             not_before: None,
@@ -112,7 +111,7 @@ pub async fn ingest_json(
 /// The job that delivers `payload` (for programs that build payloads themselves).
 pub fn job(payload: &Payload) -> NewJob {
     NewJob {
-        kind: JobKind::Webhook,
+        kind: jobs::WEBHOOK,
         key: payload.event_id.clone(),
         payload: payload.encode(),
         not_before: None,
@@ -223,7 +222,7 @@ impl Webhook {
         error: String,
         retry_after: Option<std::time::Duration>,
     ) -> AttemptResult {
-        let settings = self.queue.settings().kind(JobKind::Webhook);
+        let settings = self.queue.settings().kind(jobs::WEBHOOK);
         let last = next_delay(settings, job.attempts, retry_after).is_none();
         metrics::webhook_delivery(&p.relay_id, if last { "dead" } else { "failed" });
         if last {

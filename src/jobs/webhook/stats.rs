@@ -28,9 +28,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::event::{Payload, Status};
+use crate::jobs;
 use crate::jobs::state::{decode, encode};
 use crate::peers::relays::{self, Providers};
-use crate::queue::{self, Commit, JobKind, JobState, Millis, Queue, StateWrite, rfc3339};
+use crate::queue::{self, Commit, JobState, Millis, Queue, StateWrite, rfc3339};
 
 const DELIVERED_PREFIX: &str = "webhook/delivered/";
 const TOTALS_PREFIX: &str = "webhook/totals/";
@@ -230,7 +231,7 @@ pub fn report(queue: &Queue, providers: Option<&Providers>) -> queue::Result<Rep
         }
     }
     let now = queue.now();
-    for job in queue.unfinished_and_dead(JobKind::Webhook)? {
+    for job in queue.unfinished_and_dead(jobs::WEBHOOK)? {
         let Ok(p) = Payload::decode(&job.payload) else {
             continue;
         };

@@ -23,12 +23,13 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Node};
+use crate::jobs;
 use crate::jobs::node_key;
 use crate::jobs::node_sync::state;
 use crate::jobs::xray_apply::{self, XrayApply, grpc};
 use crate::peers::xray::email::email_for;
 use crate::peers::xray::{Added, XrayClient};
-use crate::queue::{JobKind, JobState, Queue};
+use crate::queue::{JobState, Queue};
 
 /// Makes `node_id`'s apply due now (coalescing with a pending one), if it has a list.
 pub async fn apply_now(queue: &Queue, node_id: u64) -> Result<(), String> {
@@ -156,7 +157,7 @@ async fn lost_users(
         return Ok(false);
     };
     let job = queue
-        .find_key(JobKind::XrayApply, &node_key(node.id))
+        .find_key(jobs::XRAY_APPLY, &node_key(node.id))
         .map_err(|e| e.to_string())?;
     if job.is_some_and(|j| j.state(queue.now()) != JobState::Done) {
         return Ok(false);
