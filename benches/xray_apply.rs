@@ -20,8 +20,7 @@
 
 #[path = "../tests/it/support/agent.rs"]
 mod agent;
-#[path = "../tests/it/support/cores.rs"]
-mod cores;
+use connector::sim::core as cores;
 #[path = "../tests/it/support/panel.rs"]
 mod panel;
 #[path = "../tests/it/support/wait.rs"]
