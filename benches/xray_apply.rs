@@ -21,8 +21,7 @@
 #[path = "../tests/it/support/agent.rs"]
 mod agent;
 use connector::sim::core as cores;
-#[path = "../tests/it/support/panel.rs"]
-mod panel;
+use connector::sim::panel;
 #[path = "../tests/it/support/wait.rs"]
 #[allow(dead_code)]
 mod wait;

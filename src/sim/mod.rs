@@ -1,5 +1,6 @@
 //! The simulated and real peers the demo (`connector demo`) and the tests run the agent
-//! against: the launcher of real proxy cores (`core`). One of each, shared by the demo,
+//! against: the launcher of real proxy cores (`core`) and
+//! the panel simulator (`panel`). One of each, shared by the demo,
 //! the integration tests (`tests/it/support` re-exports them) and the benches.
 //!
 //! Not a product API: nothing the daemon or `queuectl` runs reaches this module, which
@@ -12,3 +13,4 @@
 #![allow(dead_code)]
 
 pub mod core;
+pub mod panel;
