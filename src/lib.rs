@@ -19,7 +19,8 @@
 //! - [`demo`]: `connector demo`, a first run that shows the agent at work against
 //!   simulators in a temporary directory.
 //! - `sim` (hidden): the peers the demo and the tests run the agent against (the core
-//!   launcher, the panel), one of each for both; not a product API.
+//!   launcher, the panel,
+//!   the HTTPS relay), one of each for both; not a product API.
 //! - [`cli`]: the two command lines, `connector` and `queuectl`; `src/bin/` only calls
 //!   into them.
 

@@ -210,7 +210,7 @@ async fn set_up_and_walk(
         "panel simulator   {}  node {NODE} allows alice and bob",
         panel.base_url()
     ));
-    let relay = Relay::start(&secrets.relay_secret, stop.clone()).await?;
+    let relay = Relay::start(&secrets.relay_secret)?;
     let ca_file = dir.join("relay-ca.pem");
     std::fs::write(&ca_file, &relay.ca_pem)?;
     let providers = dir.join("providers");

@@ -1,6 +1,6 @@
 //! The simulated and real peers the demo (`connector demo`) and the tests run the agent
-//! against: the launcher of real proxy cores (`core`) and
-//! the panel simulator (`panel`). One of each, shared by the demo,
+//! against: the launcher of real proxy cores (`core`), the
+//! panel simulator (`panel`) and the HTTPS relay simulator (`relay`). One of each, shared by the demo,
 //! the integration tests (`tests/it/support` re-exports them) and the benches.
 //!
 //! Not a product API: nothing the daemon or `queuectl` runs reaches this module, which
@@ -14,3 +14,4 @@
 
 pub mod core;
 pub mod panel;
+pub mod relay;
