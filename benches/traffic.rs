@@ -20,8 +20,7 @@
 //! `CONNECTOR_XRAY_PYTHON`). Prints its numbers; no criterion, because a sample needs
 //! a core loaded with users and traffic, which takes seconds to build.
 
-#[path = "../tests/it/support/cores.rs"]
-mod cores;
+use connector::sim::core as cores;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;

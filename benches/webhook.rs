@@ -2,7 +2,7 @@
 //! of 1,000 events and a live HTTPS receiver).
 //!
 //! - **delivery**: 1,000 queued callbacks delivered by the webhook worker to a local
-//!   HTTPS receiver that answers `200` at once (`tests/it/support/receiver.rs`), against
+//!   HTTPS receiver that answers `200` at once (`connector::sim::relay`), against
 //!   the baseline of the same number of plain `reqwest` POSTs of the same body to the
 //!   same receiver, with as many in flight as the worker runs, in the same run;
 //! - **ingestion**: events accepted per second through `POST /v1/webhooks/connect`
@@ -10,8 +10,7 @@
 //!
 //! `cargo bench --bench webhook` (`WEBHOOK_BENCH_EVENTS` changes the 1,000).
 
-#[path = "../tests/it/support/receiver.rs"]
-mod receiver;
+use connector::sim::relay as receiver;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

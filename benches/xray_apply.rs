@@ -20,10 +20,8 @@
 
 #[path = "../tests/it/support/agent.rs"]
 mod agent;
-#[path = "../tests/it/support/cores.rs"]
-mod cores;
-#[path = "../tests/it/support/panel.rs"]
-mod panel;
+use connector::sim::core as cores;
+use connector::sim::panel;
 #[path = "../tests/it/support/wait.rs"]
 #[allow(dead_code)]
 mod wait;

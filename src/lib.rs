@@ -26,6 +26,9 @@
 //!   while the daemon runs, and the operations it shares with an offline `queuectl`.
 //! - [`demo`]: `connector demo`, a first run that shows the agent at work against
 //!   simulators in a temporary directory.
+//! - `sim` (hidden): the peers the demo and the tests run the agent against (the core
+//!   launcher, the panel,
+//!   the HTTPS relay), one of each for both; not a product API.
 //! - [`cli`]: the two command lines, `connector` and `queuectl`; `src/bin/` only calls
 //!   into them.
 
@@ -40,6 +43,8 @@ pub mod peers;
 /// cannot import the product; it keeps its place at `connector::queue`.
 pub use connector_queue as queue;
 pub mod redact;
+#[doc(hidden)]
+pub mod sim;
 pub mod telemetry;
 
 /// The module graph stays acyclic (`scripts/deps.sh` prints it and fails on a cycle):

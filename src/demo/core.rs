@@ -1,7 +1,8 @@
 //! The demo's Xray core: the real one, from the PyPI wheel `Xray-core`
 //! (`import xray; xray.startFromJSON(config)`), run by a python that has it, as a child
 //! process in the demo's directory. SIGKILLed when dropped (the wheel ignores SIGTERM),
-//! and by the kernel when the demo dies (`PR_SET_PDEATHSIG`).
+//! and by the kernel when the demo dies: it is spawned, and its runner script written,
+//! by the tests' core launcher (`crate::sim::core`), which owns both.
 //!
 //! One core plays both sides:
 //! - the *server*: a VLESS inbound tagged `node-1` (no users in its config: the agent
@@ -13,7 +14,6 @@
 //!   connecting to the node, exactly as her app would.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -23,18 +23,7 @@ use serde_json::{Value, json};
 use super::show::{self, Check};
 
 /// The wheel the project is pinned to (scripts/install-peers.sh).
-pub const XRAY_WHEEL: &str = "1.8.26.13";
-
-/// Runs the core in the wheel from the config file given as its one argument.
-const RUNNER: &str = r#"
-import os, sys
-import xray
-with open(sys.argv[1]) as f:
-    config = f.read()
-# Blocks until a signal, or exits by itself (23: config not loaded; 255: not started).
-xray.startFromJSON(config)
-os._exit(0)
-"#;
+pub use crate::sim::core::XRAY_WHEEL;
 
 /// The inbound the agent manages.
 pub const INBOUND_TAG: &str = "node-1";
@@ -118,7 +107,7 @@ impl Core {
         let config_path = dir.join("config.json");
         std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)?;
         let runner = dir.join("runner.py");
-        std::fs::write(&runner, RUNNER)?;
+        std::fs::write(&runner, crate::sim::core::XRAY_RUNNER)?;
         let mut cmd = Command::new(&python.path);
         cmd.arg(&runner)
             .arg(&config_path)
@@ -126,17 +115,8 @@ impl Core {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.join("core.log"))?)
             .stderr(std::fs::File::create(dir.join("core.err"))?);
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours. The signal
-        // fires when the spawning thread ends: the demo spawns from its main thread.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn()?;
+        // The same spawner as the tests': the kernel kills the core when the demo dies.
+        let child = crate::sim::core::spawn_reaped_on_exit(cmd)?;
         let mut core = Core {
             child,
             api: local(api),

@@ -31,7 +31,6 @@
 //! at random and never printed.
 
 pub mod core;
-pub mod panel;
 pub mod relay;
 pub mod show;
 
@@ -45,10 +44,10 @@ use base64::Engine;
 use tokio_util::sync::CancellationToken;
 
 use self::core::Core;
-use self::panel::Panel;
 use self::relay::Relay;
 use self::show::{Check, STEP_TIMEOUT, ok, said, step, wait_for};
 use crate::peers::xray::XrayClient;
+use crate::sim::panel::{Answer, Panel};
 
 /// Where `scripts/install-peers.sh` puts the Xray wheel's python, in a checkout.
 const REPO_VENV: &str = "target/peers/venv/bin/python";
@@ -205,13 +204,13 @@ async fn set_up_and_walk(
     };
 
     println!("\nSetting up");
-    let panel = Panel::start(&secrets.panel_key, stop.clone()).await?;
-    panel.set_users(NODE, &[users.alice.clone(), users.bob.clone()]);
+    let panel = Panel::try_start(&secrets.panel_key)?;
+    panel.set(NODE, Answer::list(&[&users.alice, &users.bob]));
     said(format!(
         "panel simulator   {}  node {NODE} allows alice and bob",
         panel.base_url()
     ));
-    let relay = Relay::start(&secrets.relay_secret, stop.clone()).await?;
+    let relay = Relay::start(&secrets.relay_secret)?;
     let ca_file = dir.join("relay-ca.pem");
     std::fs::write(&ca_file, &relay.ca_pem)?;
     let providers = dir.join("providers");
@@ -528,7 +527,7 @@ async fn walk(w: &World) -> anyhow::Result<Vec<String>> {
     // 2. A ban.
     step(2, "A ban refused");
     w.panel
-        .set_users(NODE, std::slice::from_ref(&w.users.alice));
+        .set(NODE, Answer::list(std::slice::from_ref(&w.users.alice)));
     let banned_at = Instant::now();
     said("bob is removed on the panel (banned, expired, over quota: the agent needs no reason).");
     match (&w.core, &client) {
@@ -643,8 +642,7 @@ async fn walk(w: &World) -> anyhow::Result<Vec<String>> {
             ok(format!(
                 "traffic reported exactly: the panel's totals equal the core's counters, byte for byte \
                  ({} report(s) taken, {} resent and not counted twice)",
-                seen.reports.len(),
-                seen.duplicates
+                seen.reports, seen.duplicates
             ));
             done.push("✓ 3. traffic reported exactly: panel totals = core counters".to_string());
         }
@@ -798,12 +796,22 @@ async fn inbound_has(client: &XrayClient, want: &[String], gone: &[String]) -> C
     }
 }
 
+/// What the panel has counted of the node's traffic.
+struct Seen {
+    /// uuid → [upload, download], each report counted once.
+    totals: BTreeMap<String, [u64; 2]>,
+    /// Distinct reports taken.
+    reports: usize,
+    /// Reports sent again and not counted twice.
+    duplicates: usize,
+}
+
 /// Waits until the core's counters have stopped moving and the panel's totals equal
 /// them; returns both.
 async fn traffic_settled(
     client: &XrayClient,
     panel: &Panel,
-) -> anyhow::Result<(BTreeMap<String, [u64; 2]>, panel::Seen)> {
+) -> anyhow::Result<(BTreeMap<String, [u64; 2]>, Seen)> {
     // The counters of the previous poll: equal twice in a row means traffic stopped.
     let last = std::sync::Mutex::new(None::<BTreeMap<String, [u64; 2]>>);
     let last = &last;
@@ -815,7 +823,12 @@ async fn traffic_settled(
                 Ok(c) => user_counters(&c),
                 Err(e) => return Check::NotYet(format!("the core's StatsService: {e}")),
             };
-            let seen = panel.seen();
+            let ledger = panel.ledger();
+            let seen = Seen {
+                totals: ledger.node(NODE),
+                reports: ledger.reports.len(),
+                duplicates: ledger.duplicates.len(),
+            };
             let previous = last
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -1,4 +1,4 @@
-//! The real-peer harness (`support/cores.rs`) proved against the real cores, without
+//! The real-peer harness (`connector::sim::core`) proved against the real cores, without
 //! the agent: Xray 26 from the PyPI wheel and V2Ray 4.34 from Debian, a real client core
 //! and a local HTTP target.
 //!

@@ -1,5 +1,5 @@
 //! Faults the agent survives (SPEC §4), against the real `connector` binary, a real
-//! HTTP panel (`support/panel.rs`) and a real HTTPS relay (`support/receiver.rs`):
+//! HTTP panel (`connector::sim::panel`) and a real HTTPS relay (`connector::sim::relay`):
 //!
 //! - a full disk: `data_dir` on a small tmpfs that the test fills (root only: it
 //!   mounts; in CI, which runs as root, not being root fails the test);

@@ -1,5 +1,5 @@
 //! node_sync and xray_apply (`cmd` mode) end to end (issue 3): the real `connector`
-//! binary against a real HTTP panel (`support/panel.rs`, axum on port 0) whose answers
+//! binary against a real HTTP panel (`connector::sim::panel`, axum on port 0) whose answers
 //! a test changes while the agent runs, with an apply hook that is a small `sh` script
 //! logging every run.
 //!

@@ -4,11 +4,15 @@
 
 pub mod agent;
 pub mod capture;
-pub mod cores;
 pub mod metrics;
-pub mod panel;
-pub mod receiver;
 pub mod wait;
+
+/// The core launcher, shared with the demo and the benches.
+pub use connector::sim::core as cores;
+/// The panel simulator, shared with the demo and the benches.
+pub use connector::sim::panel;
+/// The HTTPS relay simulator, shared with the demo and the benches.
+pub use connector::sim::relay as receiver;
 
 use std::sync::Arc;
 use std::time::Duration;

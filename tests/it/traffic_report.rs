@@ -3,7 +3,7 @@
 //! real Xray *client* core carrying known downloads as each user from a local HTTP
 //! target, and a real HTTP panel that takes reports the way SPEC asks a panel to:
 //! deduplicating on `report_id`, and counting the duplicates it saw
-//! (`support/panel.rs`, [`panel::Ledger`]).
+//! (`connector::sim::panel`, [`panel::Ledger`]).
 //!
 //! The one measure of success everywhere: the panel's deduplicated totals per user equal
 //! the core's own counters, read through the test's own gRPC messages

@@ -1,4 +1,4 @@
-//! Webhook callbacks (issue 6) against a real HTTPS receiver (`support/receiver.rs`:
+//! Webhook callbacks (issue 6) against a real HTTPS receiver (`connector::sim::relay`:
 //! rustls, a CA made here, trusted through `webhook.ca_file`).
 //!
 //! Two halves:

@@ -1,6 +1,6 @@
 //! `xray-grpc` mode end to end (issue 4): the real `connector` binary
 //! (`support/agent.rs`), a real panel whose answers change mid-run
-//! (`support/panel.rs`), and real cores (`support/cores.rs`): Xray 26 from the PyPI
+//! (`connector::sim::panel`), and real cores (`connector::sim::core`): Xray 26 from the PyPI
 //! wheel and V2Ray 4.34 from Debian as servers, a real Xray client core carrying
 //! traffic as each user to a local HTTP target.
 //!

@@ -1,5 +1,5 @@
 //! The real `connector` binary driven end to end (issues 3 and 4): a temporary
-//! directory with a config file, a real HTTP panel (`support/panel.rs`) whose answers a
+//! directory with a config file, a real HTTP panel (`connector::sim::panel`) whose answers a
 //! test changes while the agent runs, and the agent started as a child process with
 //! `--log-format json`, whose log lines a test waits on. The apply is either a small
 //! `sh` hook logging every run (`cmd` mode, the default), or a real core's gRPC API

@@ -1,9 +1,9 @@
-//! A real HTTP panel for end-to-end tests: `GET /api/internal/nodes/{id}/allowed-uuids`
+//! A real HTTP panel for end-to-end tests and the demo: `GET /api/internal/nodes/{id}/allowed-uuids`
 //! served by axum on 127.0.0.1 port 0, whose answer per node a test changes while the
 //! agent runs, and which records every request it gets.
 //!
 //! It runs on its own tokio runtime (the tests themselves are synchronous: they drive
-//! child processes), and a test waits for requests through a condition variable, never
+//! child processes; the demo's runtime is busy with the demo), and a test waits for requests through a condition variable, never
 //! by sleeping.
 //!
 //! It also takes traffic reports (`POST /api/internal/report-traffic`) the way SPEC asks
@@ -19,9 +19,6 @@
 //! came on. The listener peeks at the request line of each new connection, and when the
 //! node's answer is `Reset` it drops the socket with `SO_LINGER` 0 — a TCP RST while the
 //! client waits for its answer — instead of handing it to axum.
-
-// Each test file uses a different part of this module.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -200,13 +197,19 @@ pub struct Panel {
 
 impl Panel {
     /// Starts a panel that accepts `token` and answers `404` for every node until told
-    /// otherwise.
+    /// otherwise. Panics when it cannot (see [`Panel::try_start`]).
+    #[track_caller]
     pub fn start(token: &str) -> Panel {
+        Panel::try_start(token).unwrap_or_else(|e| panic!("starting the panel: {e}"))
+    }
+
+    /// [`Panel::start`], with the failure as `Err`. May be called from inside another
+    /// tokio runtime (the demo's): it only enters its own.
+    pub fn try_start(token: &str) -> std::io::Result<Panel> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
-            .build()
-            .expect("a tokio runtime for the panel");
+            .build()?;
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 token: token.to_string(),
@@ -217,10 +220,13 @@ impl Panel {
             changed: Condvar::new(),
             started: Instant::now(),
         });
-        let listener = runtime
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("the panel's address");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let listener = {
+            let _in_runtime = runtime.enter();
+            TcpListener::from_std(listener)?
+        };
         let app = axum::Router::new()
             .route("/api/internal/nodes/{id}/allowed-uuids", get(allowed_uuids))
             .route("/api/internal/report-traffic", post(report_traffic))
@@ -230,11 +236,11 @@ impl Panel {
             shared: shared.clone(),
         };
         runtime.spawn(async move { axum::serve(listener, app).await });
-        Panel {
+        Ok(Panel {
             addr,
             shared,
             runtime: Some(runtime),
-        }
+        })
     }
 
     pub fn base_url(&self) -> String {

@@ -1,5 +1,5 @@
-//! A real HTTPS relay for the webhook tests: axum over rustls on 127.0.0.1 port 0, with
-//! a certificate made in the test (rcgen: a CA, and a `localhost` certificate it
+//! A real HTTPS relay for the webhook tests and the demo: axum over rustls on 127.0.0.1 port 0, with
+//! a certificate made at start (rcgen: a CA, and a `localhost` certificate it
 //! signs), whose CA the agent trusts through `webhook.ca_file`. A test sets how the
 //! next requests are answered ([`Answer`]), and every request is recorded with its
 //! headers (in order, as they came) and its body, byte for byte.
@@ -7,9 +7,6 @@
 //! It runs on its own tokio runtime thread, so synchronous tests (driving the binary)
 //! and async ones (driving the queue in-process) can both use it; waiting is on a
 //! condition variable, never a sleep.
-
-// Each test file uses a different part of this module.
-#![allow(dead_code)]
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -20,6 +17,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -100,15 +98,35 @@ impl Drop for Receiver {
     }
 }
 
-/// A CA and a certificate for `localhost` and 127.0.0.1 it signed: (CA PEM, chain DER,
-/// key DER). The demo's relay makes its certificate the same way.
-fn certificates() -> (
-    String,
-    Vec<rustls::pki_types::CertificateDer<'static>>,
-    rustls::pki_types::PrivateKeyDer<'static>,
-) {
-    connector::demo::relay::localhost_certificate("connector test CA")
-        .expect("a CA and a localhost certificate")
+/// A CA named `ca_name` and a certificate for `localhost` and 127.0.0.1 that it signed:
+/// (CA PEM, the certificate chain, its key).
+pub fn localhost_certificate(
+    ca_name: &str,
+) -> anyhow::Result<(String, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, ca_name);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf_key = KeyPair::generate()?;
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    leaf.distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let leaf_cert = leaf.signed_by(&leaf_key, &issuer)?;
+    Ok((
+        ca_cert.pem(),
+        vec![leaf_cert.der().clone()],
+        PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+    ))
 }
 
 /// TLS connections handed to axum; handshakes run on their own tasks.
@@ -164,13 +182,19 @@ async fn handle(
     };
     shared.changed.notify_all();
     match answer {
-        Answer::Status(s) => StatusCode::from_u16(s).unwrap().into_response(),
-        Answer::RetryAfter(s, after) => {
-            (StatusCode::from_u16(s).unwrap(), [("retry-after", after)]).into_response()
-        }
-        Answer::Redirect(s, location) => {
-            (StatusCode::from_u16(s).unwrap(), [("location", location)]).into_response()
-        }
+        Answer::Status(s) => StatusCode::from_u16(s)
+            .unwrap_or(StatusCode::IM_A_TEAPOT)
+            .into_response(),
+        Answer::RetryAfter(s, after) => (
+            StatusCode::from_u16(s).unwrap_or(StatusCode::IM_A_TEAPOT),
+            [("retry-after", after)],
+        )
+            .into_response(),
+        Answer::Redirect(s, location) => (
+            StatusCode::from_u16(s).unwrap_or(StatusCode::IM_A_TEAPOT),
+            [("location", location)],
+        )
+            .into_response(),
         Answer::Hold => {
             loop {
                 let notified = shared.release.notified();
@@ -185,17 +209,24 @@ async fn handle(
 }
 
 impl Receiver {
-    /// Starts a receiver answering `200` to everything (until told otherwise).
+    /// Starts a receiver answering `200` to everything (until told otherwise). Panics
+    /// when it cannot (see [`Receiver::try_start`]).
+    #[track_caller]
     pub fn start() -> Receiver {
-        let (ca_pem, chain, key) = certificates();
+        Receiver::try_start("connector test CA")
+            .unwrap_or_else(|e| panic!("starting the HTTPS receiver: {e:#}"))
+    }
+
+    /// [`Receiver::start`], with a CA named `ca_name`, and the failure as `Err`. May be
+    /// called from inside another tokio runtime (the demo's): it only enters its own.
+    pub fn try_start(ca_name: &str) -> anyhow::Result<Receiver> {
+        let (ca_pem, chain, key) = localhost_certificate(ca_name)?;
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
+        .with_single_cert(chain, key)?;
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
@@ -210,15 +241,17 @@ impl Receiver {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
-            .build()
-            .unwrap();
-        // Bound here, not with `block_on`: async tests start receivers too.
-        let std_tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        std_tcp.set_nonblocking(true).unwrap();
-        let addr = std_tcp.local_addr().unwrap();
+            .build()?;
+        // Bound here, not with `block_on`: async tests (and the demo) start receivers too.
+        let std_tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+        std_tcp.set_nonblocking(true)?;
+        let addr = std_tcp.local_addr()?;
+        let tcp = {
+            let _in_runtime = runtime.enter();
+            TcpListener::from_std(std_tcp)?
+        };
         let (tx, rx) = mpsc::channel(64);
         runtime.spawn(async move {
-            let tcp = TcpListener::from_std(std_tcp).unwrap();
             loop {
                 let Ok((stream, peer)) = tcp.accept().await else {
                     continue;
@@ -238,12 +271,12 @@ impl Receiver {
         runtime.spawn(async move {
             let _ = axum::serve(TlsListener { rx, addr }, app).await;
         });
-        Receiver {
+        Ok(Receiver {
             addr,
             ca_pem,
             shared,
             runtime: Some(runtime),
-        }
+        })
     }
 
     /// `https://localhost:{port}{path}`.

@@ -3,7 +3,8 @@
 //! config, a real *client* core (a second Xray) that carries traffic to them as a given
 //! user, and a local HTTP target that the traffic reaches.
 //!
-//! `support::cores` in the tests (a bench includes it by path). Install the peers with
+//! `connector::sim::core`: `support::cores` in the tests, which re-exports it, and
+//! `cores` in the benches; the demo's core spawns through it too. Install the peers with
 //! `scripts/install-peers.sh` (CI does, through `scripts/test.sh`); start every test with
 //! [`require_peer`], which skips loudly on a developer machine without them and fails
 //! under `CI=true`.
@@ -40,9 +41,6 @@
 //! a failed wait panics with the config and every run's output, and a core, client or
 //! target dropped while a test panics prints the same and keeps its directory.
 
-// Each test file uses a different part of this module.
-#![allow(dead_code)]
-
 use std::collections::HashSet;
 use std::fmt::{self, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -68,7 +66,7 @@ pub const TARGET_BODY: &str = "connector cores target: you got through\n";
 pub const XRAY_WHEEL: &str = "1.8.26.13";
 
 /// Runs the Xray core in the wheel from the config file given as its one argument.
-const XRAY_RUNNER: &str = r#"
+pub const XRAY_RUNNER: &str = r#"
 import os, sys
 import xray
 with open(sys.argv[1]) as f:
@@ -984,14 +982,15 @@ impl Drop for Core {
     }
 }
 
-/// Spawns `cmd` so that the kernel SIGKILLs it when this test binary dies, however it
+/// Spawns `cmd` so that the kernel SIGKILLs it when this process (a test binary, the
+/// demo) dies, however it
 /// dies (`PR_SET_PDEATHSIG`): a killed or crashed test run leaves no core behind.
 ///
 /// The signal fires when the *thread* that spawned the child ends, not the process, and
 /// libtest runs each test on its own thread; so every core is spawned by one thread
 /// that lives as long as the process, and a core may outlive the test that started it
 /// (shared by several tests, say) without being killed under them.
-fn spawn_reaped_on_exit(mut cmd: Command) -> std::io::Result<Child> {
+pub fn spawn_reaped_on_exit(mut cmd: Command) -> std::io::Result<Child> {
     type Job = (Command, std::sync::mpsc::SyncSender<std::io::Result<Child>>);
     static SPAWNER: OnceLock<Mutex<std::sync::mpsc::Sender<Job>>> = OnceLock::new();
     // SAFETY: prctl is async-signal-safe and touches no memory of ours.
