@@ -96,7 +96,7 @@ impl NodeSync {
     async fn sync(&self, node_id: u64) -> AttemptResult {
         match state::load(&self.queue, node_id) {
             Ok(st) => self.sync_from(node_id, st).await,
-            Err(e) => retry(e),
+            Err(e) => retry(e.to_string()),
         }
     }
 
@@ -118,7 +118,7 @@ impl NodeSync {
                 if let crate::queue::StateWrite::Put(name, bytes) = w
                     && name == key
                 {
-                    *st = state::decode(node_id, &bytes)?;
+                    *st = state::decode(node_id, &bytes).map_err(|e| e.to_string())?;
                 }
             }
         }

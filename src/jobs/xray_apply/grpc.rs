@@ -49,11 +49,17 @@ pub fn managed_key(node_id: u64) -> String {
 }
 
 /// The node's managed users; none before the first apply in this mode.
-pub fn load_managed(queue: &Queue, node_id: u64) -> Result<Managed, String> {
-    match codec::load(queue, &managed_key(node_id)) {
-        Ok(found) => Ok(found.unwrap_or_default()),
-        Err(e) => Err(e.to_string()),
-    }
+pub fn load_managed(queue: &Queue, node_id: u64) -> Result<Managed, codec::StateError> {
+    codec::load(queue, &managed_key(node_id)).map(Option::unwrap_or_default)
+}
+
+/// A panel user that makes no account for its node's inbound.
+#[derive(Debug, thiserror::Error)]
+#[error("node {node}: {source}")]
+pub struct UserError {
+    pub node: u64,
+    #[source]
+    pub source: account::AccountError,
 }
 
 pub fn put_managed(node_id: u64, m: &Managed) -> StateWrite {
@@ -112,7 +118,7 @@ pub fn core_user(
     xray: &Xray,
     node: &Node,
     u: &User,
-) -> Result<account::CoreUser, String> {
+) -> Result<account::CoreUser, UserError> {
     account::user(
         client.flavor(),
         &inbound_kind(node),
@@ -121,7 +127,10 @@ pub fn core_user(
         u.flow.as_deref(),
         u.level.unwrap_or(0),
     )
-    .map_err(|e| format!("node {}: {e}", node.id))
+    .map_err(|source| UserError {
+        node: node.id,
+        source,
+    })
 }
 
 /// Makes `node`'s inbound hold exactly `users` (of those the agent manages).
@@ -169,7 +178,7 @@ pub async fn reconcile(
     let uptime = client.uptime().await.map_err(unreachable)?;
     let now = queue.now();
     let boot = now.saturating_sub(u64::from(uptime) * 1000);
-    let mut managed = load_managed(queue, node.id)?;
+    let mut managed = load_managed(queue, node.id).map_err(|e| e.to_string())?;
     let restarted = managed
         .core_boot_ms
         .is_some_and(|b| b.abs_diff(boot) > SAME_BOOT_MS);
@@ -198,7 +207,7 @@ pub async fn reconcile(
         if core.contains(email) && !add_all {
             continue;
         }
-        to_add.push(core_user(client, xray, node, u)?);
+        to_add.push(core_user(client, xray, node, u).map_err(|e| e.to_string())?);
     }
 
     // Record the adds before making them. When the queue takes no writes (a full

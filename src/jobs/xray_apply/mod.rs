@@ -131,7 +131,7 @@ impl Handler for XrayApply {
         let _serial = lock.lock().await;
         let synced = match crate::jobs::node_sync::state::load(&self.queue, node_id) {
             Ok(s) => s,
-            Err(e) => return retry(e),
+            Err(e) => return retry(e.to_string()),
         };
         if synced.generation == 0 {
             return retry(format!("node {node_id} has no synced list yet"));
