@@ -91,6 +91,17 @@ impl Handler for NodeSync {
     }
 }
 
+/// Why a sync without the queue failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VolatileError {
+    /// The sync's failed attempt, as the job history would record it.
+    #[error("{0}")]
+    Attempt(String),
+    /// The state the sync wrote does not read back.
+    #[error("{0}")]
+    State(#[from] crate::jobs::state::StateError),
+}
+
 impl NodeSync {
     /// One sync of a configured node.
     async fn sync(&self, node_id: u64) -> AttemptResult {
@@ -105,11 +116,15 @@ impl NodeSync {
     /// the caller). Returns whether the list changed (then the caller applies it).
     /// Nothing is recorded: once the queue takes writes again, the next sync through it
     /// compares the panel's list with the last recorded one and enqueues the apply.
-    pub async fn sync_volatile(&self, node_id: u64, st: &mut SyncState) -> Result<bool, String> {
+    pub async fn sync_volatile(
+        &self,
+        node_id: u64,
+        st: &mut SyncState,
+    ) -> Result<bool, VolatileError> {
         let before = st.generation;
         let result = self.sync_from(node_id, st.clone()).await;
         if let AttemptResult::Retry { error, .. } = result {
-            return Err(error);
+            return Err(VolatileError::Attempt(error));
         }
         metrics::sync_succeeded(node_id);
         if let AttemptResult::DoneWith(fx) = result {
@@ -118,7 +133,7 @@ impl NodeSync {
                 if let crate::queue::StateWrite::Put(name, bytes) = w
                     && name == key
                 {
-                    *st = state::decode(node_id, &bytes).map_err(|e| e.to_string())?;
+                    *st = state::decode(node_id, &bytes)?;
                 }
             }
         }

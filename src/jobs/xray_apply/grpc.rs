@@ -145,10 +145,13 @@ pub async fn reconcile(
     node: &Node,
     users: &[User],
     resend: bool,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, ReconcileError> {
     let tag = node.inbound_tag.as_str();
     let kind = inbound_kind(node);
-    let unreachable = |e: XrayError| format!("node {}: {e}", node.id);
+    let unreachable = |source: XrayError| ReconcileError::Core {
+        node: node.id,
+        source,
+    };
 
     // 1. Never send an account the inbound cannot take.
     if let Some(types) = client.inbound_types().await.map_err(unreachable)? {
@@ -156,19 +159,21 @@ pub async fn reconcile(
         match types.get(tag) {
             None => {
                 let tags: Vec<&str> = types.keys().map(String::as_str).collect();
-                return Err(format!(
-                    "node {}: the core has no inbound tagged `{tag}` (it has: {})",
-                    node.id,
-                    tags.join(", ")
-                ));
+                return Err(ReconcileError::NoInbound {
+                    node: node.id,
+                    tag: tag.to_string(),
+                    tags: tags.join(", "),
+                });
             }
             Some(actual) if *actual != expected => {
-                return Err(format!(
-                    "node {}: inbound `{tag}` is {} (`{actual}`) but the node is configured as {} (`{expected}`): refusing to send its users, a mismatched account would crash the core; fix the node's protocol (or cipher) or the inbound",
-                    node.id,
-                    account::protocol_of(actual),
-                    kind.describe(),
-                ));
+                return Err(ReconcileError::Mismatch {
+                    node: node.id,
+                    tag: tag.to_string(),
+                    protocol: account::protocol_of(actual).to_string(),
+                    actual: actual.clone(),
+                    configured: kind.describe(),
+                    expected: expected.to_string(),
+                });
             }
             Some(_) => {}
         }
@@ -178,7 +183,7 @@ pub async fn reconcile(
     let uptime = client.uptime().await.map_err(unreachable)?;
     let now = queue.now();
     let boot = now.saturating_sub(u64::from(uptime) * 1000);
-    let mut managed = load_managed(queue, node.id).map_err(|e| e.to_string())?;
+    let mut managed = load_managed(queue, node.id)?;
     let restarted = managed
         .core_boot_ms
         .is_some_and(|b| b.abs_diff(boot) > SAME_BOOT_MS);
@@ -207,7 +212,7 @@ pub async fn reconcile(
         if core.contains(email) && !add_all {
             continue;
         }
-        to_add.push(core_user(client, xray, node, u).map_err(|e| e.to_string())?);
+        to_add.push(core_user(client, xray, node, u)?);
     }
 
     // Record the adds before making them. When the queue takes no writes (a full
@@ -228,7 +233,7 @@ pub async fn reconcile(
             Err(e) if e.is_unwritable() => {
                 tracing::warn!(node = node.id, error = %e, "adding users without recording them first: the queue takes no writes");
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(ReconcileError::Record(e)),
         }
     }
 
@@ -323,12 +328,55 @@ pub async fn reconcile(
             ..Commit::default()
         })
         .await;
-    Err(format!(
-        "node {}: {} of {} operations failed ({}); first: {}",
-        node.id,
-        failures.len(),
+    Err(ReconcileError::Operations {
+        node: node.id,
+        failed: failures.len(),
         total,
-        out.describe(),
-        failures[0]
-    ))
+        done: out.describe(),
+        first: failures.swap_remove(0),
+    })
+}
+
+/// Why a reconcile failed; its Display is the attempt's error in the job history.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("node {node}: {source}")]
+    Core {
+        node: u64,
+        #[source]
+        source: XrayError,
+    },
+    #[error("node {node}: the core has no inbound tagged `{tag}` (it has: {tags})")]
+    NoInbound {
+        node: u64,
+        tag: String,
+        tags: String,
+    },
+    #[error(
+        "node {node}: inbound `{tag}` is {protocol} (`{actual}`) but the node is configured as {configured} (`{expected}`): refusing to send its users, a mismatched account would crash the core; fix the node's protocol (or cipher) or the inbound"
+    )]
+    Mismatch {
+        node: u64,
+        tag: String,
+        protocol: String,
+        actual: String,
+        configured: String,
+        expected: String,
+    },
+    #[error("{0}")]
+    State(#[from] codec::StateError),
+    #[error("{0}")]
+    User(#[from] UserError),
+    /// The adds could not be recorded before being made.
+    #[error("{0}")]
+    Record(#[source] crate::queue::Error),
+    /// Some operations failed: each one's own error is in `first` (the first).
+    #[error("node {node}: {failed} of {total} operations failed ({done}); first: {first}")]
+    Operations {
+        node: u64,
+        failed: usize,
+        total: usize,
+        done: String,
+        first: String,
+    },
 }
