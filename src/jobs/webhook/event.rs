@@ -275,7 +275,7 @@ fn token(field: &str, v: &str, max: usize) -> Result<(), Rejected> {
 /// Checks an event against SPEC §3 and the registry; `now` is the default timestamp.
 pub fn validate(e: ConnectEvent, registry: &Registry, now: Millis) -> Result<Payload, Rejected> {
     let relay_id = text("relay_id", e.relay_id)?.ok_or_else(|| Rejected::missing("relay_id"))?;
-    relays::valid_id(&relay_id).map_err(|r| Rejected::field("relay_id", r))?;
+    relays::valid_id(&relay_id).map_err(|r| Rejected::field("relay_id", r.to_string()))?;
     if registry.get(&relay_id).is_none() {
         return Err(Rejected {
             code: "unknown_relay",
