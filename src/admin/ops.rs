@@ -194,7 +194,7 @@ pub fn held(ctx: Ctx, _: pb::HeldRequest) -> Result<pb::HeldReply> {
 pub async fn confirm(ctx: Ctx, req: pb::ConfirmRequest) -> Result<pb::ConfirmReply> {
     let held = sync_state::confirm(&ctx.queue, req.node_id)
         .await
-        .map_err(Status::internal)?
+        .map_err(|e| Status::internal(e.to_string()))?
         .ok_or_else(|| Status::not_found(format!("node {} has no held sync", req.node_id)))?;
     Ok(pb::ConfirmReply {
         removes: held.removed as u64,

@@ -4,6 +4,7 @@
 //! on its ladder for the next run, and the exit status says so.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -11,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::Agent;
 use crate::config::Config;
 use crate::jobs;
+use crate::jobs::traffic_report::collect::CollectError;
 use crate::jobs::{node_key, node_sync};
 use crate::queue::{Job, JobKind, JobState, Outcome, Queue, Stored};
 
@@ -19,7 +21,18 @@ use crate::queue::{Job, JobKind, JobState, Outcome, Queue, Stored};
 pub struct OnceReport {
     /// (node, kind) → `Ok` or the error of its attempt. For `webhook`, the first
     /// number is the job id (callbacks that were due).
-    pub results: BTreeMap<(u64, JobKind), Result<(), String>>,
+    pub results: BTreeMap<(u64, JobKind), Result<(), Failed>>,
+}
+
+/// Why a job of the pass did not succeed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Failed {
+    /// The error of the job's last attempt, as its history records it.
+    #[error("{0}")]
+    Attempt(String),
+    /// The traffic collection, which is no job.
+    #[error("{0}")]
+    Collect(#[source] Arc<CollectError>),
 }
 
 impl OnceReport {
@@ -81,7 +94,7 @@ pub async fn run_once(config: Config) -> anyhow::Result<OnceReport> {
         tracing::error!(error = %e, "traffic collection failed");
         report
             .results
-            .insert((0, jobs::TRAFFIC_REPORT), Err(e.to_string()));
+            .insert((0, jobs::TRAFFIC_REPORT), Err(Failed::Collect(Arc::new(e))));
     }
     if agent.traffic.is_some() {
         // Every report waiting, oldest first (ids grow with creation).
@@ -204,7 +217,7 @@ async fn due_now(queue: &Queue, job: Job) -> anyhow::Result<Job> {
 }
 
 /// `Some` once the job has had an attempt since it was tracked.
-fn resolved(job: &Job, attempts_before: u32) -> Option<Result<(), String>> {
+fn resolved(job: &Job, attempts_before: u32) -> Option<Result<(), Failed>> {
     let last_error = || {
         job.history
             .iter()
@@ -219,9 +232,9 @@ fn resolved(job: &Job, attempts_before: u32) -> Option<Result<(), String>> {
     };
     match job.state(u64::MAX) {
         JobState::Done => Some(Ok(())),
-        JobState::Dead => Some(Err(last_error())),
+        JobState::Dead => Some(Err(Failed::Attempt(last_error()))),
         JobState::Running => None,
-        _ if job.attempts > attempts_before => Some(Err(last_error())),
+        _ if job.attempts > attempts_before => Some(Err(Failed::Attempt(last_error()))),
         _ => None,
     }
 }

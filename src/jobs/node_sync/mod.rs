@@ -90,12 +90,23 @@ impl Handler for NodeSync {
     }
 }
 
+/// Why a sync without the queue failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VolatileError {
+    /// The sync's failed attempt, as the job history would record it.
+    #[error("{0}")]
+    Attempt(String),
+    /// The state the sync wrote does not read back.
+    #[error("{0}")]
+    State(#[from] crate::jobs::state::StateError),
+}
+
 impl NodeSync {
     /// One sync of a configured node.
     async fn sync(&self, node_id: u64) -> AttemptResult {
         match state::load(&self.queue, node_id) {
             Ok(st) => self.sync_from(node_id, st).await,
-            Err(e) => retry(e),
+            Err(e) => retry(e.to_string()),
         }
     }
 
@@ -104,11 +115,15 @@ impl NodeSync {
     /// the caller). Returns whether the list changed (then the caller applies it).
     /// Nothing is recorded: once the queue takes writes again, the next sync through it
     /// compares the panel's list with the last recorded one and enqueues the apply.
-    pub async fn sync_volatile(&self, node_id: u64, st: &mut SyncState) -> Result<bool, String> {
+    pub async fn sync_volatile(
+        &self,
+        node_id: u64,
+        st: &mut SyncState,
+    ) -> Result<bool, VolatileError> {
         let before = st.generation;
         let result = self.sync_from(node_id, st.clone()).await;
         if let AttemptResult::Retry { error, .. } = result {
-            return Err(error);
+            return Err(VolatileError::Attempt(error));
         }
         metrics::sync_succeeded(node_id);
         if let AttemptResult::DoneWith(fx) = result {

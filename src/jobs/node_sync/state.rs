@@ -46,16 +46,13 @@ pub fn key(node_id: u64) -> String {
 }
 
 /// The node's state; before its first sync, the empty state (generation 0).
-pub fn load(queue: &Queue, node_id: u64) -> Result<SyncState, String> {
-    match codec::load(queue, &key(node_id)) {
-        Ok(found) => Ok(found.unwrap_or_default()),
-        Err(e) => Err(e.to_string()),
-    }
+pub fn load(queue: &Queue, node_id: u64) -> Result<SyncState, codec::StateError> {
+    codec::load(queue, &key(node_id)).map(Option::unwrap_or_default)
 }
 
 /// Reads back the record `put` wrote for `node_id`.
-pub fn decode(node_id: u64, bytes: &[u8]) -> Result<SyncState, String> {
-    codec::decode(&key(node_id), bytes).map_err(|e| e.to_string())
+pub fn decode(node_id: u64, bytes: &[u8]) -> Result<SyncState, codec::StateError> {
+    codec::decode(&key(node_id), bytes)
 }
 
 pub fn put(node_id: u64, state: &SyncState) -> StateWrite {
@@ -81,7 +78,7 @@ pub fn held(queue: &Queue) -> queue::Result<Vec<(u64, Held)>> {
 
 /// Marks a node's held sync as confirmed; the next sync applies it if the panel still
 /// answers the same. Returns the hold, or `None` when nothing is held.
-pub async fn confirm(queue: &Queue, node_id: u64) -> Result<Option<Held>, String> {
+pub async fn confirm(queue: &Queue, node_id: u64) -> Result<Option<Held>, ConfirmError> {
     let mut state = load(queue, node_id)?;
     let Some(h) = state.held.as_mut() else {
         return Ok(None);
@@ -93,7 +90,15 @@ pub async fn confirm(queue: &Queue, node_id: u64) -> Result<Option<Held>, String
             state: vec![put(node_id, &state)],
             ..Default::default()
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     Ok(Some(held))
+}
+
+/// Why a hold could not be confirmed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfirmError {
+    #[error("{0}")]
+    State(#[from] codec::StateError),
+    #[error("{0}")]
+    Queue(#[from] queue::Error),
 }

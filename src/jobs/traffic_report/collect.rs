@@ -90,7 +90,7 @@ pub enum CollectError {
     )]
     RestartedDuringRead,
     #[error("traffic state: {0}")]
-    State(String),
+    State(#[from] state::TrafficStateError),
     #[error(transparent)]
     Queue(#[from] crate::queue::Error),
 }
@@ -103,8 +103,8 @@ impl Collector {
         core: XrayClient,
         config: Arc<Config>,
     ) -> Result<Collector, CollectError> {
-        let mark = state::load_core(&queue).map_err(CollectError::State)?;
-        let bases = state::load_bases(&queue).map_err(CollectError::State)?;
+        let mark = state::load_core(&queue)?;
+        let bases = state::load_bases(&queue)?;
         let template = config
             .xray
             .as_ref()

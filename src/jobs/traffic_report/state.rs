@@ -38,8 +38,19 @@ pub fn put_core(mark: &CoreMark) -> StateWrite {
     codec::put(CORE.into(), mark)
 }
 
-pub fn load_core(queue: &Queue) -> Result<Option<CoreMark>, String> {
-    codec::load(queue, CORE).map_err(|e| e.to_string())
+/// A traffic state record that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TrafficStateError {
+    #[error("{0}")]
+    Record(#[from] codec::StateError),
+    #[error("{0}")]
+    Scan(#[from] crate::queue::Error),
+    #[error("state {name} does not decode (17 bytes, version 1)")]
+    Base { name: String },
+}
+
+pub fn load_core(queue: &Queue) -> Result<Option<CoreMark>, TrafficStateError> {
+    Ok(codec::load(queue, CORE)?)
 }
 
 pub fn put_base(email: &str, pair: Pair) -> StateWrite {
@@ -69,13 +80,11 @@ fn decode_base(bytes: &[u8]) -> Option<Pair> {
 
 /// Every baseline. A record that does not decode is an error naming it: reading it
 /// as zero would report that user's whole counter again.
-pub fn load_bases(queue: &Queue) -> Result<HashMap<String, Pair>, String> {
+pub fn load_bases(queue: &Queue) -> Result<HashMap<String, Pair>, TrafficStateError> {
     let mut out = HashMap::new();
-    for (name, bytes) in queue.state_scan(BASE_PREFIX).map_err(|e| e.to_string())? {
+    for (name, bytes) in queue.state_scan(BASE_PREFIX)? {
         let Some(pair) = decode_base(&bytes) else {
-            return Err(format!(
-                "state {name} does not decode (17 bytes, version 1)"
-            ));
+            return Err(TrafficStateError::Base { name });
         };
         if let Some(email) = name.strip_prefix(BASE_PREFIX) {
             out.insert(email.to_string(), pair);

@@ -275,7 +275,7 @@ fn token(field: &str, v: &str, max: usize) -> Result<(), Rejected> {
 /// Checks an event against SPEC §3 and the registry; `now` is the default timestamp.
 pub fn validate(e: ConnectEvent, registry: &Registry, now: Millis) -> Result<Payload, Rejected> {
     let relay_id = text("relay_id", e.relay_id)?.ok_or_else(|| Rejected::missing("relay_id"))?;
-    relays::valid_id(&relay_id).map_err(|r| Rejected::field("relay_id", r))?;
+    relays::valid_id(&relay_id).map_err(|r| Rejected::field("relay_id", r.to_string()))?;
     if registry.get(&relay_id).is_none() {
         return Err(Rejected {
             code: "unknown_relay",
@@ -362,7 +362,9 @@ pub fn validate(e: ConnectEvent, registry: &Registry, now: Millis) -> Result<Pay
         None => format!("evt_{}", uuid::Uuid::new_v4().simple()),
     };
     let timestamp = match text("timestamp", e.timestamp)? {
-        Some(t) => iso8601(parse_timestamp(&t).map_err(|r| Rejected::field("timestamp", r))?),
+        Some(t) => {
+            iso8601(parse_timestamp(&t).map_err(|r| Rejected::field("timestamp", r.to_string()))?)
+        }
         None => iso8601(now),
     };
     Ok(Payload {
@@ -433,12 +435,8 @@ pub fn iso8601(at: Millis) -> String {
 
 /// RFC 3339 date-time with `Z` or a `±HH:MM` offset. One without an offset is refused:
 /// taking it as UTC would shift a client's local time by hours without a word.
-pub fn parse_timestamp(s: &str) -> Result<Millis, String> {
-    let bad = || {
-        format!(
-            "`{s}` is not an RFC 3339 date-time with an offset (e.g. 2026-01-05T12:00:00Z or 2026-01-05T20:00:00+08:00)"
-        )
-    };
+pub fn parse_timestamp(s: &str) -> Result<Millis, TimestampError> {
+    let bad = || TimestampError::Form(s.to_string());
     let s = s.trim();
     // Split off a numeric offset after the time part.
     let (local, offset_secs) = match s.get(19..).and_then(|rest| rest.rfind(['+', '-'])) {
@@ -459,18 +457,31 @@ pub fn parse_timestamp(s: &str) -> Result<Millis, String> {
         }
         None if s.ends_with(['Z', 'z']) => (s, 0),
         None => {
-            return Err(format!(
-                "`{s}` has no UTC offset: use RFC 3339 with `Z` or `±HH:MM` (e.g. 2026-01-05T12:00:00Z or 2026-01-05T20:00:00+08:00)"
-            ));
+            return Err(TimestampError::NoOffset(s.to_string()));
         }
     };
     let t = humantime::parse_rfc3339_weak(local).map_err(|_| bad())?;
     let ms = t
         .duration_since(UNIX_EPOCH)
-        .map_err(|_| format!("`{s}` is before 1970"))?
+        .map_err(|_| TimestampError::Before1970(s.to_string()))?
         .as_millis() as i64;
     let utc = ms - offset_secs * 1000;
-    u64::try_from(utc).map_err(|_| format!("`{s}` is before 1970"))
+    u64::try_from(utc).map_err(|_| TimestampError::Before1970(s.to_string()))
+}
+
+/// Why a timestamp is refused; Display is the reason the rejection gives.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TimestampError {
+    #[error(
+        "`{0}` is not an RFC 3339 date-time with an offset (e.g. 2026-01-05T12:00:00Z or 2026-01-05T20:00:00+08:00)"
+    )]
+    Form(String),
+    #[error(
+        "`{0}` has no UTC offset: use RFC 3339 with `Z` or `±HH:MM` (e.g. 2026-01-05T12:00:00Z or 2026-01-05T20:00:00+08:00)"
+    )]
+    NoOffset(String),
+    #[error("`{0}` is before 1970")]
+    Before1970(String),
 }
 
 #[cfg(test)]
@@ -581,7 +592,7 @@ mod tests {
         );
         assert!(parse_timestamp("yesterday").is_err());
         let e = parse_timestamp("2026-01-05T12:00:00").unwrap_err();
-        assert!(e.contains("no UTC offset"), "{e}");
+        assert!(e.to_string().contains("no UTC offset"), "{e}");
         assert_eq!(iso8601(1_767_614_400_250), "2026-01-05T12:00:00.250Z");
     }
 }

@@ -26,25 +26,38 @@ use crate::config::{Config, Node};
 use crate::jobs;
 use crate::jobs::node_key;
 use crate::jobs::node_sync::state;
+use crate::jobs::state::StateError;
 use crate::jobs::xray_apply::{self, XrayApply, grpc};
 use crate::peers::xray::email::email_for;
-use crate::peers::xray::{Added, XrayClient};
+use crate::peers::xray::{Added, XrayClient, XrayError};
 use crate::queue::{JobState, Queue};
 
+/// Why an apply could not be made due, or a node's core could not be checked.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("{0}")]
+    State(#[from] StateError),
+    #[error("{0}")]
+    Queue(#[from] crate::queue::Error),
+    #[error("{0}")]
+    Core(#[from] XrayError),
+    #[error("{0}")]
+    User(#[from] grpc::UserError),
+}
+
 /// Makes `node_id`'s apply due now (coalescing with a pending one), if it has a list.
-pub async fn apply_now(queue: &Queue, node_id: u64) -> Result<(), String> {
+pub async fn apply_now(queue: &Queue, node_id: u64) -> Result<(), WatchError> {
     let generation = state::load(queue, node_id)?.generation;
     if generation == 0 {
         return Ok(());
     }
     let e = queue
         .enqueue_with(xray_apply::job(node_id, generation))
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     if e.job.state(queue.now()) == JobState::Scheduled {
         match queue.retry(e.job.id).await {
             Ok(_) | Err(crate::queue::Error::InvalidState { .. }) => {}
-            Err(err) => return Err(err.to_string()),
+            Err(err) => return Err(err.into()),
         }
     }
     Ok(())
@@ -152,13 +165,11 @@ async fn lost_users(
     apply: &XrayApply,
     config: &Config,
     node: &Node,
-) -> Result<bool, String> {
+) -> Result<bool, WatchError> {
     let Some(xray) = &config.xray else {
         return Ok(false);
     };
-    let job = queue
-        .find_key(jobs::XRAY_APPLY, &node_key(node.id))
-        .map_err(|e| e.to_string())?;
+    let job = queue.find_key(jobs::XRAY_APPLY, &node_key(node.id))?;
     if job.is_some_and(|j| j.state(queue.now()) != JobState::Done) {
         return Ok(false);
     }
@@ -179,15 +190,11 @@ async fn lost_users(
         return Ok(false);
     };
     let tag = node.inbound_tag.as_str();
-    match core
-        .has_user(tag, &email)
-        .await
-        .map_err(|e| e.to_string())?
-    {
+    match core.has_user(tag, &email).await? {
         Some(has) => Ok(!has),
         None => {
             let user = grpc::core_user(core, xray, node, user)?;
-            match core.add_user(tag, &user).await.map_err(|e| e.to_string())? {
+            match core.add_user(tag, &user).await? {
                 Added::Existed => Ok(false),
                 Added::New => Ok(true),
             }

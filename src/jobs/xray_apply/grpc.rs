@@ -49,11 +49,17 @@ pub fn managed_key(node_id: u64) -> String {
 }
 
 /// The node's managed users; none before the first apply in this mode.
-pub fn load_managed(queue: &Queue, node_id: u64) -> Result<Managed, String> {
-    match codec::load(queue, &managed_key(node_id)) {
-        Ok(found) => Ok(found.unwrap_or_default()),
-        Err(e) => Err(e.to_string()),
-    }
+pub fn load_managed(queue: &Queue, node_id: u64) -> Result<Managed, codec::StateError> {
+    codec::load(queue, &managed_key(node_id)).map(Option::unwrap_or_default)
+}
+
+/// A panel user that makes no account for its node's inbound.
+#[derive(Debug, thiserror::Error)]
+#[error("node {node}: {source}")]
+pub struct UserError {
+    pub node: u64,
+    #[source]
+    pub source: account::AccountError,
 }
 
 pub fn put_managed(node_id: u64, m: &Managed) -> StateWrite {
@@ -112,7 +118,7 @@ pub fn core_user(
     xray: &Xray,
     node: &Node,
     u: &User,
-) -> Result<account::CoreUser, String> {
+) -> Result<account::CoreUser, UserError> {
     account::user(
         client.flavor(),
         &inbound_kind(node),
@@ -121,7 +127,10 @@ pub fn core_user(
         u.flow.as_deref(),
         u.level.unwrap_or(0),
     )
-    .map_err(|e| format!("node {}: {e}", node.id))
+    .map_err(|source| UserError {
+        node: node.id,
+        source,
+    })
 }
 
 /// Makes `node`'s inbound hold exactly `users` (of those the agent manages).
@@ -136,10 +145,13 @@ pub async fn reconcile(
     node: &Node,
     users: &[User],
     resend: bool,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, ReconcileError> {
     let tag = node.inbound_tag.as_str();
     let kind = inbound_kind(node);
-    let unreachable = |e: XrayError| format!("node {}: {e}", node.id);
+    let unreachable = |source: XrayError| ReconcileError::Core {
+        node: node.id,
+        source,
+    };
 
     // 1. Never send an account the inbound cannot take.
     if let Some(types) = client.inbound_types().await.map_err(unreachable)? {
@@ -147,19 +159,21 @@ pub async fn reconcile(
         match types.get(tag) {
             None => {
                 let tags: Vec<&str> = types.keys().map(String::as_str).collect();
-                return Err(format!(
-                    "node {}: the core has no inbound tagged `{tag}` (it has: {})",
-                    node.id,
-                    tags.join(", ")
-                ));
+                return Err(ReconcileError::NoInbound {
+                    node: node.id,
+                    tag: tag.to_string(),
+                    tags: tags.join(", "),
+                });
             }
             Some(actual) if *actual != expected => {
-                return Err(format!(
-                    "node {}: inbound `{tag}` is {} (`{actual}`) but the node is configured as {} (`{expected}`): refusing to send its users, a mismatched account would crash the core; fix the node's protocol (or cipher) or the inbound",
-                    node.id,
-                    account::protocol_of(actual),
-                    kind.describe(),
-                ));
+                return Err(ReconcileError::Mismatch {
+                    node: node.id,
+                    tag: tag.to_string(),
+                    protocol: account::protocol_of(actual).to_string(),
+                    actual: actual.clone(),
+                    configured: kind.describe(),
+                    expected: expected.to_string(),
+                });
             }
             Some(_) => {}
         }
@@ -219,7 +233,7 @@ pub async fn reconcile(
             Err(e) if e.is_unwritable() => {
                 tracing::warn!(node = node.id, error = %e, "adding users without recording them first: the queue takes no writes");
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(ReconcileError::Record(e)),
         }
     }
 
@@ -314,12 +328,55 @@ pub async fn reconcile(
             ..Commit::default()
         })
         .await;
-    Err(format!(
-        "node {}: {} of {} operations failed ({}); first: {}",
-        node.id,
-        failures.len(),
+    Err(ReconcileError::Operations {
+        node: node.id,
+        failed: failures.len(),
         total,
-        out.describe(),
-        failures[0]
-    ))
+        done: out.describe(),
+        first: failures.swap_remove(0),
+    })
+}
+
+/// Why a reconcile failed; its Display is the attempt's error in the job history.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("node {node}: {source}")]
+    Core {
+        node: u64,
+        #[source]
+        source: XrayError,
+    },
+    #[error("node {node}: the core has no inbound tagged `{tag}` (it has: {tags})")]
+    NoInbound {
+        node: u64,
+        tag: String,
+        tags: String,
+    },
+    #[error(
+        "node {node}: inbound `{tag}` is {protocol} (`{actual}`) but the node is configured as {configured} (`{expected}`): refusing to send its users, a mismatched account would crash the core; fix the node's protocol (or cipher) or the inbound"
+    )]
+    Mismatch {
+        node: u64,
+        tag: String,
+        protocol: String,
+        actual: String,
+        configured: String,
+        expected: String,
+    },
+    #[error("{0}")]
+    State(#[from] codec::StateError),
+    #[error("{0}")]
+    User(#[from] UserError),
+    /// The adds could not be recorded before being made.
+    #[error("{0}")]
+    Record(#[source] crate::queue::Error),
+    /// Some operations failed: each one's own error is in `first` (the first).
+    #[error("node {node}: {failed} of {total} operations failed ({done}); first: {first}")]
+    Operations {
+        node: u64,
+        failed: usize,
+        total: usize,
+        done: String,
+        first: String,
+    },
 }

@@ -131,7 +131,7 @@ impl Handler for XrayApply {
         let _serial = lock.lock().await;
         let synced = match crate::jobs::node_sync::state::load(&self.queue, node_id) {
             Ok(s) => s,
-            Err(e) => return retry(e),
+            Err(e) => return retry(e.to_string()),
         };
         if synced.generation == 0 {
             return retry(format!("node {node_id} has no synced list yet"));
@@ -162,9 +162,23 @@ impl Handler for XrayApply {
                 wake: Vec::new(),
                 note: Some(output),
             }),
-            Err(error) => retry(error),
+            Err(error) => retry(error.to_string()),
         }
     }
+}
+
+/// Why an apply failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The hook could not be run.
+    #[error("{0}")]
+    Spawn(#[from] hook::HookError),
+    /// The hook ran and failed: what it said.
+    #[error("{0}")]
+    Hook(String),
+    /// A reconcile's failed attempt, as the job history records it.
+    #[error("{0}")]
+    Attempt(String),
 }
 
 impl XrayApply {
@@ -173,15 +187,15 @@ impl XrayApply {
         &self,
         node_id: u64,
         synced: &crate::jobs::node_sync::state::SyncState,
-    ) -> Result<String, String> {
+    ) -> Result<String, ApplyError> {
         let files = NodeFiles::new(&self.config.sync.output_dir, node_id);
         let argv = hook::substitute(&self.config.apply.argv, node_id, &files.txt, &files.json);
         let timeout = self.config.apply.timeout;
-        let run = hook::run(&argv, timeout).await.map_err(|e| e.to_string())?;
+        let run = hook::run(&argv, timeout).await?;
         if !run.success() {
             let error = run.describe(timeout);
             tracing::warn!(node = node_id, %error, "apply hook failed");
-            return Err(error);
+            return Err(ApplyError::Hook(error));
         }
         tracing::info!(
             node = node_id,
@@ -200,14 +214,14 @@ impl XrayApply {
         &self,
         node_id: u64,
         synced: &crate::jobs::node_sync::state::SyncState,
-    ) -> Result<(), String> {
+    ) -> Result<(), ApplyError> {
         let lock = self.lock_for(node_id);
         let _serial = lock.lock().await;
         match self.config.apply.mode {
             ApplyMode::None => Ok(()),
             ApplyMode::Cmd => self.run_hook(node_id, synced).await.map(|_| ()),
             ApplyMode::XrayGrpc => match self.reconcile(node_id, synced).await {
-                AttemptResult::Retry { error, .. } => Err(error),
+                AttemptResult::Retry { error, .. } => Err(ApplyError::Attempt(error)),
                 _ => Ok(()),
             },
         }
@@ -274,7 +288,7 @@ impl XrayApply {
                     self.resend(node_id);
                 }
                 tracing::warn!(node = node_id, %error, "apply failed");
-                retry(error)
+                retry(error.to_string())
             }
         }
     }

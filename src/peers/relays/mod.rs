@@ -94,24 +94,41 @@ impl fmt::Debug for Provider {
     }
 }
 
+/// Why a signing key does not parse; Display is the reason a provider file reports.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("must be `whsec_` followed by base64 (Standard Webhooks form)")]
+    Prefix,
+    #[error("the part after `whsec_` is not valid base64")]
+    Base64(#[source] base64::DecodeError),
+    #[error("decodes to {0} bytes; use at least 16 random bytes (24 to 64 recommended)")]
+    Short(usize),
+}
+
+/// Why a relay id is refused; Display is the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum IdError {
+    #[error("must be 1 to {MAX_ID_LEN} characters")]
+    Length,
+    #[error("may hold only letters, digits, `-`, `_` and `.` (not first)")]
+    Characters,
+}
+
 /// A Standard Webhooks signing key (the decoded bytes of `whsec_…`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct SigningKey(Vec<u8>);
 
 impl SigningKey {
     /// Decodes `whsec_` + base64.
-    pub fn parse(s: &str) -> Result<SigningKey, String> {
+    pub fn parse(s: &str) -> Result<SigningKey, KeyError> {
         let Some(b64) = s.strip_prefix("whsec_") else {
-            return Err("must be `whsec_` followed by base64 (Standard Webhooks form)".into());
+            return Err(KeyError::Prefix);
         };
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(b64)
-            .map_err(|_| "the part after `whsec_` is not valid base64".to_string())?;
+            .map_err(KeyError::Base64)?;
         if bytes.len() < 16 {
-            return Err(format!(
-                "decodes to {} bytes; use at least 16 random bytes (24 to 64 recommended)",
-                bytes.len()
-            ));
+            return Err(KeyError::Short(bytes.len()));
         }
         Ok(SigningKey(bytes))
     }
@@ -169,16 +186,16 @@ pub struct Providers {
 }
 
 /// A relay id is a file name and part of state keys: letters, digits, `-`, `_`, `.`.
-pub fn valid_id(id: &str) -> Result<(), String> {
+pub fn valid_id(id: &str) -> Result<(), IdError> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
-        return Err(format!("must be 1 to {MAX_ID_LEN} characters"));
+        return Err(IdError::Length);
     }
     if id.starts_with('.')
         || !id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
-        return Err("may hold only letters, digits, `-`, `_` and `.` (not first)".into());
+        return Err(IdError::Characters);
     }
     Ok(())
 }
@@ -278,7 +295,7 @@ pub fn load_file(path: &Path) -> Result<Option<Provider>, ProviderError> {
     }
     let secret = match webhook.secret.as_deref().map(str::trim) {
         None | Some("") => None,
-        Some(s) => Some(SigningKey::parse(s).map_err(|r| err("webhook.secret", r))?),
+        Some(s) => Some(SigningKey::parse(s).map_err(|r| err("webhook.secret", r.to_string()))?),
     };
     Ok(Some(Provider {
         id,
