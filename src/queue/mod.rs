@@ -526,21 +526,9 @@ impl Queue {
         accept_lost_writes: bool,
     ) -> Result<(Queue, Recovery)> {
         let path = path.as_ref().to_path_buf();
-        let opened =
-            unwind::guarded(|| Self::open_unguarded(&path, settings, clock, accept_lost_writes));
-        match opened {
-            Ok(Err(Error::Storage(e) | Error::Open { source: e, .. })) if e.is_damage() => {
-                Err(Error::Damaged {
-                    path,
-                    detail: e.to_string(),
-                })
-            }
-            Ok(result) => result,
-            Err(panic) => Err(Error::Damaged {
-                path,
-                detail: format!("sled stopped at {panic}"),
-            }),
-        }
+        guard_damage(&path, || {
+            Self::open_unguarded(&path, settings, clock, accept_lost_writes)
+        })
     }
 
     /// The body of [`Queue::open_with`]; may panic inside sled.
@@ -1245,15 +1233,7 @@ impl Queue {
         drop(slot.take());
         let path = &self.inner.path;
         // A reopen reads sled's files again, and damage found there must not panic.
-        let opened = match unwind::guarded(|| Opened::open(path, false, true)) {
-            Ok(opened) => opened?,
-            Err(panic) => {
-                return Err(Error::Damaged {
-                    path: path.clone(),
-                    detail: format!("sled stopped at {panic}"),
-                });
-            }
-        };
+        let opened = guard_damage(path, || Opened::open(path, false, true))?;
         // Ids handed out to writes that never became durable are not reused.
         w.next_id = w.next_id.max(opened.next_id);
         self.status().identity = Identity::of(&self.inner.path).ok();
@@ -1374,6 +1354,25 @@ struct Opened {
     lost: Option<(u64, u64)>,
     /// sled's data file, to fdatasync the open's own writes.
     sync_file: std::fs::File,
+}
+
+/// Runs an open of sled's files: damage sled reports, or panics on, becomes
+/// [`Error::Damaged`] naming the database (the first open and a reopen after a failed
+/// write both read the files again).
+fn guard_damage<T>(path: &Path, open: impl FnOnce() -> Result<T>) -> Result<T> {
+    match unwind::guarded(open) {
+        Ok(Err(Error::Storage(e) | Error::Open { source: e, .. })) if e.is_damage() => {
+            Err(Error::Damaged {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })
+        }
+        Ok(result) => result,
+        Err(panic) => Err(Error::Damaged {
+            path: path.to_path_buf(),
+            detail: format!("sled stopped at {panic}"),
+        }),
+    }
 }
 
 impl Opened {
