@@ -935,9 +935,12 @@ async fn salvage_gets_back_the_jobs_sled_cut_off_after_damage_in_its_log() {
     flip_job_3_in_log(&path);
     let damaged = std::fs::read(path.join("db")).unwrap();
     let to = dir.path().join("salvaged");
-    let report =
-        connector::queue::salvage(&path, &to, jobs::settings(), Arc::new(ManualClock::new(T0)))
-            .unwrap();
+    let report = wait::when_unlocked(
+        &path,
+        || connector::queue::salvage(&path, &to, jobs::settings(), Arc::new(ManualClock::new(T0))),
+        |e| matches!(e, connector::queue::SalvageError::Locked { .. }),
+    )
+    .unwrap();
     assert_eq!(
         (report.jobs_kept, report.lost, report.high_water_mark),
         (5, 1, Some(7)),
@@ -994,9 +997,12 @@ async fn salvage_keeps_state_records_from_the_raw_files() {
     }
     zero_log_head(&path);
     let to = dir.path().join("salvaged");
-    let report =
-        connector::queue::salvage(&path, &to, jobs::settings(), Arc::new(ManualClock::new(T0)))
-            .unwrap();
+    let report = wait::when_unlocked(
+        &path,
+        || connector::queue::salvage(&path, &to, jobs::settings(), Arc::new(ManualClock::new(T0))),
+        |e| matches!(e, connector::queue::SalvageError::Locked { .. }),
+    )
+    .unwrap();
     assert_eq!(
         (report.jobs_kept, report.state_records, report.lost),
         (3, 1, 0),
