@@ -87,6 +87,8 @@ struct RawXray {
     #[serde(default, with = "humantime_serde")]
     timeout: Option<Duration>,
     concurrency: Option<usize>,
+    access_log: Option<PathBuf>,
+    cut_connections: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +99,7 @@ struct RawNode {
     protocol: Option<String>,
     flow: Option<String>,
     cipher: Option<String>,
+    port: Option<u16>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -356,6 +359,8 @@ fn apply_raw(
                 }
             },
             email_template: x.email_template.unwrap_or(d.email_template),
+            access_log: x.access_log.filter(|p| !p.as_os_str().is_empty()),
+            cut_connections: x.cut_connections.unwrap_or(d.cut_connections),
         });
     }
 
@@ -373,12 +378,16 @@ fn apply_raw(
             ),
             None => None,
         };
+        if n.port == Some(0) {
+            return Err((format!("nodes[{i}].port"), "must be a port from 1 to 65535".into()));
+        }
         pending.nodes.push(NodeSpec {
             id: n.id,
             inbound_tag: n.inbound_tag,
             protocol,
             flow: n.flow,
             cipher,
+            port: n.port,
         });
     }
 
