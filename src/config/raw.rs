@@ -379,7 +379,10 @@ fn apply_raw(
             None => None,
         };
         if n.port == Some(0) {
-            return Err((format!("nodes[{i}].port"), "must be a port from 1 to 65535".into()));
+            return Err((
+                format!("nodes[{i}].port"),
+                "must be a port from 1 to 65535".into(),
+            ));
         }
         pending.nodes.push(NodeSpec {
             id: n.id,
@@ -410,7 +413,8 @@ fn apply_raw(
     }
     for (name, k) in raw.queue.kinds {
         let prefix = format!("queue.kinds.{name}");
-        let kind: JobKind = crate::jobs::kind_named(&name).map_err(|e| (prefix.clone(), e))?;
+        let kind: JobKind =
+            crate::jobs::kind_named(&name).map_err(|e| (prefix.clone(), e.to_string()))?;
         let s = cfg.queue.kind_mut(kind);
         if let Some(ladder) = k.ladder {
             if ladder.is_empty() {

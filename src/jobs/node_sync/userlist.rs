@@ -32,7 +32,23 @@ pub struct User {
 pub struct Skipped {
     /// Position in the answer's list.
     pub index: usize,
-    pub reason: String,
+    pub reason: InvalidItem,
+}
+
+/// Why one item of the answer's list is not a user. The texts are what the log says
+/// (`describe` of a JSON value, a UUID shown at most 40 characters, escaped).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidItem {
+    #[error("\"{shown}\" is not a UUID")]
+    NotAUuid { shown: String },
+    #[error("object has no `uuid`")]
+    NoUuid,
+    #[error("`{field}` is {found}")]
+    Field { field: &'static str, found: String },
+    #[error("`level` {0} is not a small whole number")]
+    Level(String),
+    #[error("{0}, not a UUID string or an object with `uuid`")]
+    NotAUser(String),
 }
 
 /// A validated list: users sorted by UUID, each once.
@@ -180,7 +196,7 @@ fn validate(items: Vec<Value>) -> UserList {
     list
 }
 
-fn user_of(item: Value) -> Result<User, String> {
+fn user_of(item: Value) -> Result<User, InvalidItem> {
     match item {
         Value::String(s) => Ok(User {
             uuid: parse_uuid(&s)?,
@@ -191,14 +207,22 @@ fn user_of(item: Value) -> Result<User, String> {
         Value::Object(mut m) => {
             let uuid = match m.remove("uuid") {
                 Some(Value::String(s)) => parse_uuid(&s)?,
-                Some(other) => return Err(format!("`uuid` is {}", describe(&other))),
-                None => return Err("object has no `uuid`".into()),
+                Some(other) => {
+                    return Err(InvalidItem::Field {
+                        field: "uuid",
+                        found: describe(&other),
+                    });
+                }
+                None => return Err(InvalidItem::NoUuid),
             };
-            let text = |v: Option<Value>, field: &str| match v {
+            let text = |v: Option<Value>, field: &'static str| match v {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) if s.is_empty() => Ok(None),
                 Some(Value::String(s)) => Ok(Some(s)),
-                Some(other) => Err(format!("`{field}` is {}", describe(&other))),
+                Some(other) => Err(InvalidItem::Field {
+                    field,
+                    found: describe(&other),
+                }),
             };
             let email = text(m.remove("email"), "email")?;
             let flow = text(m.remove("flow"), "flow")?;
@@ -207,9 +231,14 @@ fn user_of(item: Value) -> Result<User, String> {
                 Some(Value::Number(n)) => Some(
                     n.as_u64()
                         .and_then(|n| u32::try_from(n).ok())
-                        .ok_or_else(|| format!("`level` {n} is not a small whole number"))?,
+                        .ok_or_else(|| InvalidItem::Level(n.to_string()))?,
                 ),
-                Some(other) => return Err(format!("`level` is {}", describe(&other))),
+                Some(other) => {
+                    return Err(InvalidItem::Field {
+                        field: "level",
+                        found: describe(&other),
+                    });
+                }
             };
             Ok(User {
                 uuid,
@@ -218,16 +247,13 @@ fn user_of(item: Value) -> Result<User, String> {
                 level,
             })
         }
-        other => Err(format!(
-            "{}, not a UUID string or an object with `uuid`",
-            describe(&other)
-        )),
+        other => Err(InvalidItem::NotAUser(describe(&other))),
     }
 }
 
 /// Accepts only the 36-character hyphenated form (any case). Braced, URN and
 /// unhyphenated forms are refused: a core may treat them differently than we do.
-fn parse_uuid(s: &str) -> Result<Uuid, String> {
+fn parse_uuid(s: &str) -> Result<Uuid, InvalidItem> {
     // The message is built only on failure: this runs for every user of every sync.
     // At most 40 characters of it, escaped: the log is one line per event.
     let refuse = || {
@@ -237,7 +263,9 @@ fn parse_uuid(s: &str) -> Result<Uuid, String> {
         } else {
             ""
         };
-        format!("\"{}{more}\" is not a UUID", head.escape_debug())
+        InvalidItem::NotAUuid {
+            shown: format!("{}{more}", head.escape_debug()),
+        }
     };
     if s.len() != 36 {
         return Err(refuse());
