@@ -11,6 +11,7 @@
 
 pub mod account;
 pub mod email;
+pub mod stats;
 pub mod wire;
 
 use std::collections::BTreeMap;
