@@ -573,3 +573,104 @@ fn a_user_removed_and_readded_is_not_counted_twice() {
     assert!(reported.contains(&alice.uuid.to_string()));
     assert_eq!(f.rig.stop(), Some(0));
 }
+
+/// A queue written by a version that kept one baseline record per email
+/// (`traffic/base/{email}`): the collector reads those baselines, counts only what grew
+/// past them, and its commit replaces them with the per-node chunks in the same write.
+/// Another collection, and a collector opened afresh on the rewritten queue, count
+/// nothing again.
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
+#[test]
+fn baselines_of_the_per_email_format_are_read_and_rewritten_as_chunks() {
+    use connector::config::{Config, Node, Xray};
+    use connector::jobs::traffic_report::{Collector, state};
+    use connector::peers::xray::XrayClient;
+    use connector::queue::{Commit, Queue, SystemClock};
+
+    let Some(_) = require_peer(Flavor::Xray) else {
+        return;
+    };
+    let alice = User::panel(Uuid::new_v4());
+    let bob = User::panel(Uuid::new_v4());
+    let inbound = Inbound::new("node-1", Protocol::Vless, vec![alice.clone(), bob.clone()]);
+    let server = ServerConfig::new(Flavor::Xray).with(inbound.clone());
+    let core = Core::start(Flavor::Xray, server.json());
+    let target = Target::start();
+    let mut client = Client::start(vec![inbound.route(&alice), inbound.route(&bob)]);
+    for u in [&alice, &bob] {
+        client.fetch(&u.email, &target.url()).expect("a download");
+    }
+    let counters = cores::user_counters(&core).expect("the counters");
+    let (a, b) = (counters[&alice.email], counters[&bob.email]);
+    assert!(a[0] > 10 && a[1] > 20 && b[1] > 0, "{counters:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        Queue::open(
+            dir.path().join("queue"),
+            connector::jobs::settings(),
+            Arc::new(SystemClock),
+        )
+        .expect("the queue")
+        .0
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // The client's channel is made inside the runtime.
+    let _in_runtime = rt.enter();
+    let config = Arc::new(Config {
+        xray: Some(Xray {
+            api: server.api_addr().to_string(),
+            ..Xray::default()
+        }),
+        nodes: vec![Node {
+            id: 1,
+            inbound_tag: "node-1".into(),
+            protocol: connector::config::Protocol::Vless,
+            flow: String::new(),
+            cipher: None,
+            port: None,
+        }],
+        ..Config::default()
+    });
+    let api = || {
+        XrayClient::new(
+            &server.api_addr().to_string(),
+            connector::peers::xray::Flavor::Xray,
+            Duration::from_secs(10),
+        )
+        .unwrap()
+    };
+    {
+        let queue = open();
+        // The older version had counted all of alice's bytes but the last 10 up and 20
+        // down, in upper case as a hand-made email may be; bob not yet.
+        rt.block_on(queue.commit(Commit {
+            state: vec![state::put_legacy_base(
+                &alice.email.to_uppercase(),
+                [a[0] - 10, a[1] - 20],
+            )],
+            ..Commit::default()
+        }))
+        .unwrap();
+        let mut c = Collector::new(queue.clone(), api(), config.clone()).expect("a collector");
+        let got = rt.block_on(c.collect()).expect("a collection");
+        let up: u64 = got.reports.iter().map(|r| r.upload).sum();
+        let down: u64 = got.reports.iter().map(|r| r.download).sum();
+        assert_eq!((up, down), (10 + b[0], 20 + b[1]), "{got:?}");
+        assert!(queue.state_scan(state::LEGACY_PREFIX).unwrap().is_empty());
+        assert!(!queue.state_scan(state::CHUNK_PREFIX).unwrap().is_empty());
+        let again = rt.block_on(c.collect()).expect("a collection");
+        assert!(again.reports.is_empty(), "{again:?}");
+        drop((c, queue));
+    }
+    let queue = open();
+    let mut c = Collector::new(queue, api(), config).expect("a collector");
+    let got = rt.block_on(c.collect()).expect("a collection");
+    assert!(got.reports.is_empty(), "{got:?}");
+}

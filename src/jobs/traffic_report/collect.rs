@@ -18,24 +18,30 @@
 //!    one write. Nothing is committed when no user's counters grew and the core did not
 //!    restart.
 //!
+//! Its cost follows what changed (issue 15): the answer is read as bytes, each name a
+//! `&str` into it ([`RawStats`]); users are (node, 16-byte UUID), never a `String`; the
+//! baselines are 256 chunks a node, and a commit rewrites only the chunks of users
+//! whose counters grew. A collection where nothing grew writes nothing.
+//!
 //! Why the counters are never reset: a reset is a swap per counter, and uplink and
 //! downlink are separate counters, so a crash between the reset and the commit would
 //! lose those bytes for good. Reading without resetting and keeping the baseline in the
 //! same write as the report makes a crash at any instant harmless.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use uuid::Uuid;
 
-use super::state::{self, CoreMark, Pair};
+use super::state::{self, Bases, CoreMark, Pair, UserKey};
 use super::{Item, Report};
 use crate::config::Config;
 use crate::jobs;
 use crate::peers::xray::email::{EmailShape, parse_counter};
+use crate::peers::xray::stats::{BadCounter, RawStats};
 use crate::peers::xray::{SysStats, XrayClient};
-use crate::queue::{Commit, Dedupe, NewJob, Queue, rfc3339};
+use crate::queue::{Commit, Dedupe, NewJob, Queue, StateWrite, rfc3339};
 
 /// Slack for the uptime rule within one agent process (monotonic clock): uptime is
 /// whole seconds, read somewhere within a call.
@@ -74,7 +80,10 @@ pub struct Collector {
     config: Arc<Config>,
     shapes: Vec<EmailShape>,
     /// The baselines as committed.
-    bases: HashMap<String, Pair>,
+    bases: Bases,
+    /// Per-email baseline records of an older version, folded into `bases`: deleted by
+    /// the next commit, which writes every chunk.
+    legacy: Vec<String>,
     /// The core as committed; `seen` is the last reading in this process.
     mark: Option<CoreMark>,
     seen: Option<(SysStats, Instant)>,
@@ -85,6 +94,8 @@ pub struct Collector {
 pub enum CollectError {
     #[error("cannot read the core's counters: {0}")]
     Core(#[from] crate::peers::xray::XrayError),
+    #[error("the core's counters do not decode: {0}")]
+    Counter(#[from] BadCounter),
     #[error(
         "the core restarted while its counters were read; nothing counted, the next collection reads again"
     )]
@@ -104,23 +115,30 @@ impl Collector {
         config: Arc<Config>,
     ) -> Result<Collector, CollectError> {
         let mark = state::load_core(&queue)?;
-        let bases = state::load_bases(&queue)?;
         let template = config
             .xray
             .as_ref()
             .map_or("{uuid}", |x| x.email_template.as_str());
-        let shapes = config
+        let shapes: Vec<EmailShape> = config
             .nodes
             .iter()
             .filter_map(|n| EmailShape::new(template, n.id))
             .collect();
+        let loaded = state::load_bases(&queue, |email| attribute(&shapes, email))?;
+        if !loaded.legacy.is_empty() {
+            tracing::info!(
+                records = loaded.legacy.len(),
+                "traffic baselines are kept per email (an older version): the next collection rewrites them as chunks"
+            );
+        }
         Ok(Collector {
             next_seq: mark.map_or(0, |m| m.next_seq),
             queue,
             core,
             config,
             shapes,
-            bases,
+            bases: loaded.bases,
+            legacy: loaded.legacy,
             mark,
             seen: None,
         })
@@ -129,7 +147,7 @@ impl Collector {
     /// One collection; see the module doc.
     pub async fn collect(&mut self) -> Result<Collected, CollectError> {
         let before = self.core.sys_stats().await?;
-        let counters = self.core.query_stats("user>>>", false).await?;
+        let counters = self.core.query_stats_raw("user>>>").await?;
         let after = self.core.sys_stats().await?;
         let read_at = Instant::now();
         if after.went_back(&before) {
@@ -137,36 +155,22 @@ impl Collector {
         }
         let now = self.queue.now();
         let restarted = self.restarted(&before, now);
-
-        let mut values: HashMap<&str, Pair> = HashMap::new();
-        for (name, value) in &counters {
-            let Some((email, dir)) = parse_counter(name) else {
-                continue;
-            };
-            values.entry(email).or_default()[dir] = u64::try_from(*value).unwrap_or(0);
-        }
+        let (values, foreign) = self.values(&counters)?;
 
         let mut per_node: BTreeMap<u64, Vec<Item>> = BTreeMap::new();
-        let mut writes = Vec::new();
-        let mut foreign = 0;
-        let mut new_bases: Vec<(String, Pair)> = Vec::new();
-        for (&email, &value) in &values {
-            let Some((node_id, uuid)) = self.attribute(email) else {
-                foreign += 1;
-                continue;
-            };
-            let base = if restarted {
-                [0, 0]
-            } else {
-                self.bases.get(email).copied().unwrap_or_default()
-            };
+        // The users whose baseline changes (`None`: goes), and their chunks.
+        let mut changed: BTreeMap<UserKey, Option<Pair>> = BTreeMap::new();
+        for (&user, &value) in &values {
+            let committed = self.bases.get(&user).copied().unwrap_or_default();
+            let base = if restarted { [0, 0] } else { committed };
             let mut delta = [0u64; 2];
             for d in 0..2 {
                 delta[d] = if value[d] >= base[d] {
                     value[d] - base[d]
                 } else {
                     tracing::warn!(
-                        email,
+                        node = user.0,
+                        uuid = %user.1,
                         counter = if d == 0 { "uplink" } else { "downlink" },
                         was = base[d],
                         now = value[d],
@@ -176,24 +180,21 @@ impl Collector {
                 };
             }
             if delta != [0, 0] {
-                per_node.entry(node_id).or_default().push(Item {
-                    uuid: uuid.hyphenated().to_string(),
+                per_node.entry(user.0).or_default().push(Item {
+                    uuid: user.1,
                     upload: delta[0],
                     download: delta[1],
                 });
             }
-            if self.bases.get(email).copied().unwrap_or_default() != value {
-                writes.push(state::put_base(email, value));
-                new_bases.push((email.to_string(), value));
+            if committed != value {
+                changed.insert(user, Some(value));
             }
         }
-        let mut gone = Vec::new();
         if restarted {
             // The old process's baselines mean nothing to the new one.
-            for email in self.bases.keys() {
-                if !values.contains_key(email.as_str()) {
-                    writes.push(state::delete_base(email));
-                    gone.push(email.clone());
+            for user in self.bases.keys() {
+                if !values.contains_key(user) {
+                    changed.insert(*user, None);
                 }
             }
         }
@@ -215,7 +216,7 @@ impl Collector {
         let mut reports = Vec::new();
         let max = self.config.traffic.max_items.max(1);
         for (node_id, mut items) in per_node {
-            items.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+            items.sort_unstable_by_key(|i| i.uuid);
             for chunk in items.chunks(max) {
                 let report = Report {
                     report_id: Uuid::new_v4().to_string(),
@@ -239,6 +240,7 @@ impl Collector {
             read_at_ms: now,
             next_seq: seq,
         };
+        let mut writes = self.chunk_writes(&changed);
         writes.push(state::put_core(&mark));
         let done = self
             .queue
@@ -252,13 +254,12 @@ impl Collector {
         // Committed: only now does the in-memory view move.
         self.next_seq = seq;
         self.mark = Some(mark);
-        if restarted {
-            for email in gone {
-                self.bases.remove(&email);
-            }
-        }
-        for (email, value) in new_bases {
-            self.bases.insert(email, value);
+        self.legacy.clear();
+        for (user, value) in changed {
+            match value {
+                Some(v) => self.bases.insert(user, v),
+                None => self.bases.remove(&user),
+            };
         }
         collected.reports = reports
             .iter()
@@ -273,6 +274,59 @@ impl Collector {
             })
             .collect();
         Ok(collected)
+    }
+
+    /// Each of our users' counter values (uplink, downlink), and how many emails were
+    /// of no node's shape. Two emails of one user (differing in case: the core matches
+    /// emails case-insensitively, its counters do not) are summed, and so is their
+    /// baseline: the sum grows exactly as the two do.
+    fn values(&self, counters: &RawStats) -> Result<(HashMap<UserKey, Pair>, usize), BadCounter> {
+        let mut values: HashMap<UserKey, Pair> = HashMap::with_capacity(counters.len() / 2);
+        let mut foreign: HashSet<&str> = HashSet::new();
+        for counter in counters.counters() {
+            let (name, value) = counter?;
+            let Some((email, dir)) = parse_counter(name) else {
+                continue;
+            };
+            match attribute(&self.shapes, email) {
+                Some(user) => {
+                    let v = &mut values.entry(user).or_default()[dir];
+                    *v = v.saturating_add(u64::try_from(value).unwrap_or(0));
+                }
+                None => {
+                    foreign.insert(email);
+                }
+            }
+        }
+        Ok((values, foreign.len()))
+    }
+
+    /// The chunk records to write for `changed` users, over the committed baselines;
+    /// every chunk (and the deletion of the per-email records) when the per-email
+    /// records of an older version are still there.
+    fn chunk_writes(&self, changed: &BTreeMap<UserKey, Option<Pair>>) -> Vec<StateWrite> {
+        let mut chunks: BTreeSet<(u64, u8)> = changed.keys().map(state::chunk_of).collect();
+        let mut writes: Vec<StateWrite> = Vec::new();
+        if !self.legacy.is_empty() {
+            chunks.extend(self.bases.keys().map(state::chunk_of));
+            writes.extend(self.legacy.iter().map(|n| StateWrite::Delete(n.clone())));
+        }
+        for chunk in chunks {
+            // The chunk's committed entries with the changes laid over them.
+            let mut entries: BTreeMap<Uuid, Pair> = state::chunk_range(&self.bases, chunk)
+                .map(|(&(_, u), &p)| (u, p))
+                .collect();
+            let lo = (chunk.0, state::chunk_range_bounds(chunk).0);
+            let hi = (chunk.0, state::chunk_range_bounds(chunk).1);
+            for (&(_, uuid), value) in changed.range(lo..=hi) {
+                match value {
+                    Some(v) => entries.insert(uuid, *v),
+                    None => entries.remove(&uuid),
+                };
+            }
+            writes.push(state::put_chunk(chunk, entries.iter()));
+        }
+        writes
     }
 
     /// Whether the core read as `now_sys` is a new process since the baseline.
@@ -295,11 +349,11 @@ impl Collector {
             None => false,
         }
     }
+}
 
-    /// The node and UUID of a counter's email.
-    fn attribute(&self, email: &str) -> Option<(u64, Uuid)> {
-        self.shapes
-            .iter()
-            .find_map(|s| s.uuid_of(email).map(|u| (s.node_id, u)))
-    }
+/// The node and UUID of a counter's email.
+fn attribute(shapes: &[EmailShape], email: &str) -> Option<UserKey> {
+    shapes
+        .iter()
+        .find_map(|s| s.uuid_of(email).map(|u| (s.node_id, u)))
 }

@@ -15,7 +15,7 @@
 //!
 //! | reads | writes |
 //! |---|---|
-//! | the core's StatsService (collection) | state `traffic/core`, `traffic/base/{email}` |
+//! | the core's StatsService (collection) | state `traffic/core`, `traffic/bases/{node}/{xx}` |
 //! | its own jobs (oldest first, below) | the panel's `report-traffic` endpoint |
 //!
 //! # Oldest first
@@ -35,6 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::jobs;
 use crate::jobs::PayloadError;
@@ -58,7 +59,8 @@ pub struct Report {
 /// One user's bytes since the previous collection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Item {
-    pub uuid: String,
+    /// Sent as the hyphenated lower-case form.
+    pub uuid: Uuid,
     /// The user's uplink counter's growth.
     pub upload: u64,
     /// The user's downlink counter's growth.
@@ -248,7 +250,7 @@ mod tests {
             node_id: 7,
             collected_at: "2026-11-21T10:00:00Z".into(),
             items: vec![Item {
-                uuid: "9b2c8f4e-0000-4000-8000-000000000001".into(),
+                uuid: Uuid::from_u128(0x9b2c8f4e_0000_4000_8000_000000000001),
                 upload: 123,
                 download: 456,
             }],
