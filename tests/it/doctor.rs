@@ -31,6 +31,8 @@ struct Setup {
     keys: BTreeMap<&'static str, BTreeMap<&'static str, String>>,
     /// `[[nodes]]` entries, each its TOML keys.
     nodes: Vec<String>,
+    /// A command the doctor is run under (`setpriv …`), when not empty.
+    wrapper: Vec<String>,
 }
 
 fn q(s: impl AsRef<str>) -> String {
@@ -106,6 +108,7 @@ impl Setup {
             target: Target::start(),
             keys,
             nodes: vec![node(1)],
+            wrapper: Vec::new(),
         }
     }
 
@@ -144,7 +147,18 @@ impl Setup {
 
     fn doctor(&self, json: bool) -> Out {
         let config = self.config();
-        let mut cmd = agent::connector(self.dir.path());
+        let mut cmd = match self.wrapper.split_first() {
+            None => agent::connector(self.dir.path()),
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(env!("CARGO_BIN_EXE_connector"));
+                agent::scrub(&mut cmd);
+                cmd.current_dir(self.dir.path())
+                    .arg("--log-format")
+                    .arg("json");
+                cmd
+            }
+        };
         cmd.arg("--config").arg(&config).arg("doctor");
         if json {
             cmd.arg("--json");
@@ -400,6 +414,73 @@ fn user_stats_off_is_told_from_users_without_traffic() {
 }
 
 #[test]
+fn user_stats_off_shows_against_the_inbounds_own_counters() {
+    let Some(_) = require_peer(Flavor::Xray) else {
+        return;
+    };
+    // No user counters, but the inbound counts its traffic; no access log is read.
+    let mut s = Setup::start(Flavor::Xray, |json| {
+        json["policy"] = serde_json::json!({
+            "system": {"statsInboundUplink": true, "statsInboundDownlink": true}
+        });
+    });
+    s.keys.get_mut("xray").unwrap().remove("access_log");
+    s.set("xray", "cut_connections", "false".into());
+    let _client = s.traffic();
+    s.checks()
+        .assert_only_failure("node 1 traffic counters", "inbound `node-1` has carried");
+}
+
+#[test]
+fn cuts_without_cap_net_admin_fail() {
+    let Some(_) = require_peer(Flavor::Xray) else {
+        return;
+    };
+    if !net_admin() || Command::new("setpriv").arg("--version").output().is_err() {
+        cores::skipped(
+            "doctor::cuts_without_cap_net_admin_fail",
+            "needs CAP_NET_ADMIN to drop and setpriv (util-linux)",
+        );
+        return;
+    }
+    let mut s = Setup::start(Flavor::Xray, |_| {});
+    let _client = s.traffic();
+    s.wrapper = ["setpriv", "--bounding-set", "-net_admin", "--"]
+        .map(String::from)
+        .to_vec();
+    s.checks().assert_only_failure("CAP_NET_ADMIN", "missing");
+    // Without cuts, the capability is not asked for.
+    s.set("xray", "cut_connections", "false".into());
+    let out = s.checks();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(
+        out.items().iter().all(|i| i["check"] != "CAP_NET_ADMIN"),
+        "{out}"
+    );
+}
+
+/// A read-only tmpfs mounted on a directory, unmounted when dropped.
+struct ReadOnlyMount(PathBuf);
+
+impl ReadOnlyMount {
+    fn new(dir: PathBuf) -> Option<ReadOnlyMount> {
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+            .arg(&dir)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ok.then_some(ReadOnlyMount(dir))
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+    }
+}
+
+#[test]
 fn an_unusable_access_log_fails_when_cuts_are_on() {
     let Some(_) = require_peer(Flavor::Xray) else {
         return;
@@ -435,6 +516,19 @@ fn data_dir_provider_and_listener_faults_each_fail() {
     s.set("", "data_dir", q(file.display().to_string()));
     s.checks()
         .assert_only_failure("data_dir", "is not a directory");
+    // A read-only file system, which root cannot write either (mounting needs root).
+    let ro = s.dir.path().join("ro");
+    match ReadOnlyMount::new(ro.clone()) {
+        Some(_mount) => {
+            s.set("", "data_dir", q(ro.display().to_string()));
+            s.checks()
+                .assert_only_failure("data_dir", "Read-only file system");
+        }
+        None => cores::skipped(
+            "doctor::data_dir_provider_and_listener_faults_each_fail (read-only tmpfs part)",
+            "cannot mount a tmpfs (not root?)",
+        ),
+    }
     s.set("", "data_dir", data);
 
     std::fs::write(
@@ -521,6 +615,12 @@ fn v2ray_passes_with_its_inbound_unchecked_and_refuses_the_xray_flavour() {
         "{out}"
     );
     assert_eq!(out.item("node 1 traffic counters")["status"], "ok", "{out}");
+
+    // The tag is asked for even where the protocol cannot be.
+    s.nodes = vec!["id = 1\ninbound_tag = \"nope\"\nprotocol = \"vless\"\n".into()];
+    s.checks()
+        .assert_only_failure("node 1 inbound", "no inbound tagged `nope`");
+    s.nodes = vec![node(1)];
 
     s.set("xray", "flavor", q("xray"));
     s.checks()

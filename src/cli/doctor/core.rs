@@ -281,17 +281,32 @@ async fn inbound(client: &XrayClient, node: &Node) -> Check {
             ),
             Some(_) => Check::ok(name, format!("`{tag}` is a {} inbound", kind.describe())),
         },
-        Ok(None) => Check::warn(
-            name,
-            format!(
-                "unchecked: V2Ray cannot list its inbounds, so `{tag}` and its protocol ({}) are taken on trust; an account of another protocol crashes the core at the first add",
-                kind.describe()
+        // V2Ray: the tag can still be asked for, one at a time; the protocol cannot.
+        Ok(None) => match client.inbound_exists(tag).await {
+            Ok(false) => Check::fail(
+                name,
+                format!(
+                    "the core has no inbound tagged `{tag}` (it answers \"handler not found\")"
+                ),
+                "set the node's inbound_tag (XRAY_INBOUND_TAG) to the tag in the core's config, or add that inbound to the core",
             ),
-            format!(
-                "check by hand that the core's config has an inbound tagged `{tag}` of protocol {}",
-                kind.describe()
+            found => Check::warn(
+                name,
+                format!(
+                    "{}, but its protocol is unchecked: V2Ray cannot list its inbounds, so {} is taken on trust, and an account of another protocol crashes the core at the first add",
+                    if found.is_ok() {
+                        format!("`{tag}` exists")
+                    } else {
+                        format!("`{tag}` is unchecked")
+                    },
+                    kind.describe()
+                ),
+                format!(
+                    "check by hand that the core's inbound `{tag}` is {}",
+                    kind.describe()
+                ),
             ),
-        ),
+        },
         Err(e) => Check::fail(name, e.to_string(), "see the core's log"),
     }
 }
