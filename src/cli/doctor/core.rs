@@ -96,8 +96,27 @@ pub(super) async fn checks(cfg: &Config) -> Vec<Check> {
             ),
         )];
     };
-    let grpc = cfg.apply.mode == ApplyMode::XrayGrpc;
     let mut out = Vec::new();
+    let sys = api(cfg, x, &mut out).await;
+    // What cuts need is checked whatever the API said: a missing log is its own fault.
+    // When the running core started, at the earliest: what the access log's last write
+    // is compared with. The uptime is in whole seconds (truncated), and the call took a
+    // moment: two seconds of slack keep a log written in the core's first second "since".
+    let boot = sys
+        .and_then(|s| SystemTime::now().checked_sub(Duration::from_secs(u64::from(s.uptime) + 2)));
+    if let Some(path) = &x.access_log {
+        out.push(access_log(path, x.cut_connections, boot));
+    }
+    if x.cut_connections {
+        out.push(net_admin());
+    }
+    out
+}
+
+/// The API, its services, each node's inbound and counters, onto `out`; the core's
+/// `GetSysStats` when StatsService answered.
+async fn api(cfg: &Config, x: &Xray, out: &mut Vec<Check>) -> Option<SysStats> {
+    let grpc = cfg.apply.mode == ApplyMode::XrayGrpc;
     let client = match XrayClient::new(&x.api, x.flavor, x.timeout) {
         Ok(c) => c,
         Err(e) => {
@@ -106,7 +125,7 @@ pub(super) async fn checks(cfg: &Config) -> Vec<Check> {
                 e.to_string(),
                 "set xray.api (XRAY_API_ADDR) to host:port",
             ));
-            return out;
+            return None;
         }
     };
     let name = flavor_name(x.flavor);
@@ -121,7 +140,7 @@ pub(super) async fn checks(cfg: &Config) -> Vec<Check> {
                     x.api
                 ),
             ));
-            return out;
+            return None;
         }
         (Probe::Missing, Probe::Missing) => {
             // A core of the other flavour answers every call of ours Unimplemented: its
@@ -152,7 +171,7 @@ pub(super) async fn checks(cfg: &Config) -> Vec<Check> {
                     "list \"HandlerService\" and \"StatsService\" in the core's api.services, or point xray.api (XRAY_API_ADDR) at the core's API inbound",
                 ));
             }
-            return out;
+            return None;
         }
         hs => hs,
     };
@@ -172,7 +191,7 @@ pub(super) async fn checks(cfg: &Config) -> Vec<Check> {
             ),
             "set xray.flavor = \"xray\" (XRAY_FLAVOR)",
         ));
-        return out;
+        return None;
     }
     out.push(Check::ok(
         "core API",
@@ -224,11 +243,6 @@ pub(super) async fn checks(cfg: &Config) -> Vec<Check> {
             None
         }
     };
-    // When the running core started, at the earliest: what the access log's last write
-    // is compared with. The uptime is in whole seconds (truncated), and the call took a
-    // moment: two seconds of slack keep a log written in the core's first second "since".
-    let boot = sys
-        .and_then(|s| SystemTime::now().checked_sub(Duration::from_secs(u64::from(s.uptime) + 2)));
     for node in &cfg.nodes {
         if h.answers() {
             out.push(inbound(&client, node).await);
@@ -237,13 +251,7 @@ pub(super) async fn checks(cfg: &Config) -> Vec<Check> {
             out.push(counters(cfg, x, &client, node).await);
         }
     }
-    if let Some(path) = &x.access_log {
-        out.push(access_log(path, x.cut_connections, boot));
-    }
-    if x.cut_connections {
-        out.push(net_admin());
-    }
-    out
+    sys
 }
 
 /// The node's inbound exists with the configured protocol (Xray's `ListInbounds`).

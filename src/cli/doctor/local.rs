@@ -46,11 +46,11 @@ pub(super) fn config(cfg: &Config) -> Vec<Check> {
         ),
     )];
     for w in &cfg.warnings {
-        out.push(Check::warn(
-            "config warning",
-            w.clone(),
-            "see the warning (connector check-config shows the effective values)",
-        ));
+        // The warning says what to do itself.
+        out.push(Check {
+            fix: None,
+            ..Check::warn("config warning", w.clone(), "")
+        });
     }
     if cfg.nodes.is_empty() {
         out.push(Check::warn(

@@ -79,7 +79,8 @@ pub(super) async fn checks(cfg: &Config) -> Vec<Check> {
             Err(e) => {
                 out.push(Check::fail(
                     "panel",
-                    format!("{e} (base URL {url})"),
+                    // The error names the URL (masked) where it has one.
+                    e.to_string(),
                     "check that the panel runs and panel.base_url (PANEL_BASE_URL) points at it; raise panel.timeout (HTTP_TIMEOUT_SECONDS) for a slow one",
                 ));
                 return out;
