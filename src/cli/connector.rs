@@ -34,6 +34,16 @@ enum Command {
     Run,
     /// Validate the configuration and print the effective values.
     CheckConfig,
+    /// Check the live setup: config, data_dir and queue, the HTTP listener's address,
+    /// the panel (key, each node, its answer), the core (API, flavour, services,
+    /// inbounds, traffic counters, what cutting connections needs), the relays'
+    /// provider files. One line per check; exit 0 when none failed, 1 otherwise, 2 for
+    /// a config that does not load.
+    Doctor {
+        /// Print a JSON array of {check, status, detail, fix} instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// See it work in a minute: the agent against a simulated panel and relay (and a
     /// real Xray core when python has the `xray` module), in a temporary directory with
     /// a config of its own (`--config` is not read).
@@ -54,6 +64,11 @@ pub fn main() -> ExitCode {
         return crate::demo::main(crate::demo::Options { keep });
     }
     telemetry::init(args.log_format);
+    // A data_dir that cannot be used is one of its checks, not a config error: it runs
+    // before prepare_data_dir below.
+    if let Some(Command::Doctor { json }) = args.command {
+        return super::doctor::main(super::load_config(args.config.as_deref()), json);
+    }
     let config = match super::load_config(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {

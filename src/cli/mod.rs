@@ -1,13 +1,15 @@
 //! The two command lines. Each parses its arguments, loads config, and calls the
-//! library; `src/bin/*.rs` only call `main` here.
+//! library; `src/bin/*.rs` only call `main` here. `connector doctor`'s checks live here
+//! too ([`doctor`]): they read the config and every peer, so nothing below may hold them.
 //!
-//! Exit codes (both binaries): 0 success, 1 runtime failure, 2 configuration or usage
-//! error, 3 (`queuectl`) the database is held by another process but no daemon answers
-//! on the admin socket, 4 the queue database is damaged so that it cannot be opened
-//! (the one-line error names it and says to run `queuectl salvage`; restarting cannot
-//! help).
+//! Exit codes (both binaries): 0 success, 1 runtime failure (`doctor`: a check
+//! failed), 2 configuration or usage error, 3 (`queuectl`) the database is held by
+//! another process but no daemon answers on the admin socket, 4 the queue database is
+//! damaged so that it cannot be opened (the one-line error names it and says to run
+//! `queuectl salvage`; restarting cannot help).
 
 pub mod connector;
+pub mod doctor;
 pub mod queuectl;
 
 use std::path::{Path, PathBuf};

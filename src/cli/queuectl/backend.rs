@@ -123,7 +123,36 @@ enum NotLive {
     Refused(anyhow::Error),
 }
 
+/// What answers on an admin socket (`connector doctor` asks without using it further).
+pub(crate) enum Answer {
+    /// A daemon answered `Hello`.
+    Daemon(pb::HelloReply),
+    /// Nothing listens at the path.
+    Absent,
+    /// Something listens but does not answer `Hello`, or connecting was refused: why.
+    NotAnswering(String),
+}
+
+/// Says `Hello` to whatever listens at `socket`.
+pub(crate) async fn hello(socket: &Path) -> Answer {
+    match hello_client(socket).await {
+        Ok((_, hello)) => Answer::Daemon(hello),
+        Err(NotLive::Absent) => Answer::Absent,
+        Err(NotLive::Silent(why)) => Answer::NotAnswering(why),
+        Err(NotLive::Refused(e)) => Answer::NotAnswering(format!("{e:#}")),
+    }
+}
+
 async fn connect(socket: &Path) -> Result<Live, NotLive> {
+    let (client, hello) = hello_client(socket).await?;
+    Ok(Live {
+        client,
+        socket: socket.to_path_buf(),
+        version: hello.version,
+    })
+}
+
+async fn hello_client(socket: &Path) -> Result<(AdminClient<Channel>, pb::HelloReply), NotLive> {
     // A first connection of our own, to tell "nothing there" from "not allowed".
     match tokio::net::UnixStream::connect(socket).await {
         Ok(_) => {}
@@ -168,11 +197,7 @@ async fn connect(socket: &Path) -> Result<Live, NotLive> {
         .map_err(|s| NotLive::Silent(s.message().to_string()))?
         .into_inner();
     tracing::debug!(pid = hello.pid, version = %hello.version, queue = %hello.queue_path, "daemon answered");
-    Ok(Live {
-        client,
-        socket: socket.to_path_buf(),
-        version: hello.version,
-    })
+    Ok((client, hello))
 }
 
 /// Opens the existing queue; never creates one.

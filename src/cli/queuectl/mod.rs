@@ -61,7 +61,7 @@
 //! See `src/cli/mod.rs`.
 
 mod accept_loss;
-mod backend;
+pub(crate) mod backend;
 mod bans;
 mod cancel;
 mod confirm;

@@ -213,6 +213,30 @@ impl XrayClient {
         }
     }
 
+    /// Whether the core has an inbound tagged `tag`, for cores that cannot list their
+    /// inbounds (V2Ray 4): asked by removing an email no user has, which changes
+    /// nothing; the core answers "handler not found" for a tag it does not have, and
+    /// "not found" for the email (or "not a UserManager") when it has it.
+    pub async fn inbound_exists(&self, tag: &str) -> Result<bool, XrayError> {
+        let op = wire::RemoveUserOperation {
+            email: "probe@connector-doctor.invalid".to_string(),
+        };
+        match self
+            .alter(tag, "RemoveUserOperation", op.encode_to_vec())
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(
+                e @ XrayError::Refused {
+                    code: Code::Unimplemented,
+                    ..
+                },
+            ) => Err(e),
+            Err(XrayError::Refused { message, .. }) => Ok(!message.contains("handler not found")),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `AlterInbound` with one operation (never without: that crashes the core).
     async fn alter(&self, tag: &str, op: &str, value: Vec<u8>) -> Result<(), XrayError> {
         let req = wire::AlterInboundRequest {
