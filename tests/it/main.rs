@@ -13,6 +13,7 @@ mod cores;
 mod corruption;
 mod cut_connections;
 mod demo;
+mod deploy;
 mod faults;
 mod node_sync;
 mod operate;
