@@ -34,13 +34,18 @@ enum Command {
     Run,
     /// Validate the configuration and print the effective values.
     CheckConfig,
-    /// See it work in a minute: the agent against a simulated panel and relay (and a
-    /// real Xray core when python has the `xray` module), in a temporary directory with
-    /// a config of its own (`--config` is not read).
+    /// See it work in a minute: the agent against a simulated panel and relay and a
+    /// real Xray core (found, or fetched once into the user's cache), in a temporary
+    /// directory with a config of its own (`--config` is not read).
     Demo {
         /// Keep the temporary directory (config, log, the core's files) afterwards.
         #[arg(long)]
         keep: bool,
+        /// Never download: without a core found (CONNECTOR_XRAY_PYTHON, CONNECTOR_XRAY_BIN,
+        /// the checkout's or the cached venv, `xray` or `python3` with `xray` on PATH),
+        /// run without it rather than `pip install` the pinned wheel into the cache.
+        #[arg(long)]
+        no_fetch: bool,
     },
 }
 
@@ -50,8 +55,8 @@ pub fn main() -> ExitCode {
         std::env::args_os().map(|a| if a == "-once" { "--once".into() } else { a }),
     );
     // Its own temporary config and a log file of its own: no --config, no stderr logs.
-    if let Some(Command::Demo { keep }) = args.command {
-        return crate::demo::main(crate::demo::Options { keep });
+    if let Some(Command::Demo { keep, no_fetch }) = args.command {
+        return crate::demo::main(crate::demo::Options { keep, no_fetch });
     }
     telemetry::init(args.log_format);
     let config = match super::load_config(args.config.as_deref()) {
