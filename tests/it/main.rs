@@ -15,6 +15,7 @@ mod cut_connections;
 mod demo;
 mod deploy;
 mod faults;
+mod monitoring;
 mod node_sync;
 mod operate;
 mod queue_basic;
