@@ -59,9 +59,8 @@ fn attempt(a: &Attempt) -> pb::Attempt {
 /// versions).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
-    /// The queue's words for a kind it does not know.
-    #[error("{0}")]
-    Kind(String),
+    #[error(transparent)]
+    Kind(#[from] crate::jobs::UnknownKind),
     #[error("job {id}: unknown dead reason `{reason}`")]
     DeadReason { id: u64, reason: String },
     #[error("job {id} came without a state")]
@@ -213,7 +212,7 @@ pub fn status(e: queue::Error) -> Status {
 
 /// Parses a kind name from a request.
 pub fn parse_kind(s: &str) -> Result<JobKind, Status> {
-    crate::jobs::kind_named(s).map_err(Status::invalid_argument)
+    crate::jobs::kind_named(s).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 /// Parses a state name from a request.

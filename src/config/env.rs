@@ -56,6 +56,16 @@ pub const ENV_VARS: &[(&str, &str, &str)] = &[
     ("XRAY_API_ADDR", "xray.api", "Xray/V2Ray gRPC API address"),
     ("XRAY_FLAVOR", "xray.flavor", "xray | v2ray"),
     (
+        "XRAY_ACCESS_LOG",
+        "xray.access_log",
+        "the core's access log file (log.access)",
+    ),
+    (
+        "XRAY_CUT_CONNECTIONS",
+        "xray.cut_connections",
+        "true | false: cut a removed user's open connections",
+    ),
+    (
         "XRAY_INBOUND_TAG",
         "nodes[].inbound_tag",
         "default inbound tag; may contain {node_id}",
@@ -155,8 +165,16 @@ pub(super) fn apply(
     }
     let api = get("XRAY_API_ADDR");
     let flavor = get("XRAY_FLAVOR");
-    if api.is_some() || flavor.is_some() {
+    let access_log = get("XRAY_ACCESS_LOG");
+    let cut = get("XRAY_CUT_CONNECTIONS");
+    if api.is_some() || flavor.is_some() || access_log.is_some() || cut.is_some() {
         let x = cfg.xray.get_or_insert_with(Xray::default);
+        if let Some(p) = access_log {
+            x.access_log = Some(PathBuf::from(p)).filter(|p| !p.as_os_str().is_empty());
+        }
+        if let Some(v) = cut {
+            x.cut_connections = parse_bool("XRAY_CUT_CONNECTIONS", &v)?;
+        }
         if let Some(a) = api {
             x.api = parse_xray_api(&a).map_err(|r| env_err("XRAY_API_ADDR", r))?;
         }
@@ -173,22 +191,21 @@ pub(super) fn apply(
         }
     }
     if let Some(v) = get("ENABLE_TRAFFIC_REPORT") {
-        cfg.traffic.enabled = match v.trim().to_ascii_lowercase().as_str() {
-            "1" | "true" | "yes" | "on" => true,
-            "0" | "false" | "no" | "off" => false,
-            _ => {
-                return Err(env_err(
-                    "ENABLE_TRAFFIC_REPORT",
-                    format!("`{v}` is not true or false"),
-                ));
-            }
-        };
+        cfg.traffic.enabled = parse_bool("ENABLE_TRAFFIC_REPORT", &v)?;
     }
     if let Some(v) = get("TRAFFIC_REPORT_INTERVAL_SECONDS") {
         cfg.traffic.interval = nonzero(parse_duration(&v))
             .map_err(|r| env_err("TRAFFIC_REPORT_INTERVAL_SECONDS", r))?;
     }
     Ok(())
+}
+
+fn parse_bool(name: &str, v: &str) -> Result<bool, ConfigError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(env_err(name, format!("`{v}` is not true or false"))),
+    }
 }
 
 fn nonzero(d: Result<std::time::Duration, String>) -> Result<std::time::Duration, String> {

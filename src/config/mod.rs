@@ -175,6 +175,12 @@ pub struct Xray {
     pub timeout: Duration,
     /// Adds and removes in flight at once on the API channel.
     pub concurrency: usize,
+    /// The core's access log (`log.access`), which ties each accepted connection's
+    /// source address to a user's email: what lets a removal cut open connections.
+    pub access_log: Option<PathBuf>,
+    /// After a removal, destroy the removed users' established TCP connections on the
+    /// node's inbound port (needs `access_log` and `CAP_NET_ADMIN`).
+    pub cut_connections: bool,
 }
 
 impl Default for Xray {
@@ -185,6 +191,8 @@ impl Default for Xray {
             email_template: "{uuid}".into(),
             timeout: Duration::from_secs(10),
             concurrency: 32,
+            access_log: None,
+            cut_connections: false,
         }
     }
 }
@@ -199,6 +207,9 @@ pub struct Node {
     pub flow: String,
     /// shadowsocks: the cipher users are added with.
     pub cipher: Option<crate::peers::xray::account::Cipher>,
+    /// The inbound's listening port, for cutting connections where the core cannot
+    /// tell it (V2Ray 4 has no ListInbounds); Xray's own answer wins when it has one.
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -302,6 +313,7 @@ struct NodeSpec {
     protocol: Option<Protocol>,
     flow: Option<String>,
     cipher: Option<crate::peers::xray::account::Cipher>,
+    port: Option<u16>,
 }
 
 impl NodeSpec {
@@ -312,6 +324,7 @@ impl NodeSpec {
             protocol: None,
             flow: None,
             cipher: None,
+            port: None,
         }
     }
 }
@@ -348,6 +361,7 @@ fn finish(cfg: &mut Config, pending: Pending, env: &dyn Env) -> Result<(), Confi
             protocol: n.protocol.unwrap_or(proto_default),
             flow: n.flow.clone().unwrap_or_default(),
             cipher: n.cipher,
+            port: n.port,
         })
         .collect();
     let explicit_mode = pending.mode;
@@ -388,6 +402,12 @@ fn finish(cfg: &mut Config, pending: Pending, env: &dyn Env) -> Result<(), Confi
                         "several nodes share an inbound tag: use an email_template with {node_id} (\"{node_id}:{uuid}\") so their users stay apart".into(),
                     ));
                 }
+            }
+            if x.cut_connections && x.access_log.is_none() {
+                return Err(at(
+                    "xray.cut_connections",
+                    "needs xray.access_log (XRAY_ACCESS_LOG): the core's access log is what ties a connection to its user".into(),
+                ));
             }
             for n in &cfg.nodes {
                 if n.protocol == Protocol::Shadowsocks && x.flavor == Flavor::V2ray {

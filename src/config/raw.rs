@@ -87,6 +87,8 @@ struct RawXray {
     #[serde(default, with = "humantime_serde")]
     timeout: Option<Duration>,
     concurrency: Option<usize>,
+    access_log: Option<PathBuf>,
+    cut_connections: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +99,7 @@ struct RawNode {
     protocol: Option<String>,
     flow: Option<String>,
     cipher: Option<String>,
+    port: Option<u16>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -356,6 +359,8 @@ fn apply_raw(
                 }
             },
             email_template: x.email_template.unwrap_or(d.email_template),
+            access_log: x.access_log.filter(|p| !p.as_os_str().is_empty()),
+            cut_connections: x.cut_connections.unwrap_or(d.cut_connections),
         });
     }
 
@@ -373,12 +378,19 @@ fn apply_raw(
             ),
             None => None,
         };
+        if n.port == Some(0) {
+            return Err((
+                format!("nodes[{i}].port"),
+                "must be a port from 1 to 65535".into(),
+            ));
+        }
         pending.nodes.push(NodeSpec {
             id: n.id,
             inbound_tag: n.inbound_tag,
             protocol,
             flow: n.flow,
             cipher,
+            port: n.port,
         });
     }
 
@@ -401,7 +413,8 @@ fn apply_raw(
     }
     for (name, k) in raw.queue.kinds {
         let prefix = format!("queue.kinds.{name}");
-        let kind: JobKind = crate::jobs::kind_named(&name).map_err(|e| (prefix.clone(), e))?;
+        let kind: JobKind =
+            crate::jobs::kind_named(&name).map_err(|e| (prefix.clone(), e.to_string()))?;
         let s = cfg.queue.kind_mut(kind);
         if let Some(ladder) = k.ladder {
             if ladder.is_empty() {

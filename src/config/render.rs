@@ -89,6 +89,15 @@ fn render_into(cfg: &Config, o: &mut String) -> std::fmt::Result {
             d(x.timeout),
             x.concurrency
         )?;
+        writeln!(
+            o,
+            "access_log = {}\ncut_connections = {}",
+            q(&x.access_log
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()),
+            x.cut_connections
+        )?;
     }
     for n in &cfg.nodes {
         writeln!(
@@ -101,6 +110,9 @@ fn render_into(cfg: &Config, o: &mut String) -> std::fmt::Result {
         )?;
         if let Some(c) = n.cipher {
             writeln!(o, "cipher = {}", q(c.as_str()))?;
+        }
+        if let Some(p) = n.port {
+            writeln!(o, "port = {p}")?;
         }
     }
     writeln!(

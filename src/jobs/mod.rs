@@ -40,13 +40,16 @@ pub const WEBHOOK: JobKind = JobKind::new(4, "webhook");
 /// Every kind the product runs, by code.
 pub const ALL: [JobKind; 4] = [NODE_SYNC, XRAY_APPLY, TRAFFIC_REPORT, WEBHOOK];
 
+/// A kind name that is none of ours (config, `queuectl`, the admin API).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown job kind `{0}` (expected node_sync, xray_apply, traffic_report or webhook)")]
+pub struct UnknownKind(pub String);
+
 /// The kind named `name` (config, `queuectl`).
-pub fn kind_named(name: &str) -> Result<JobKind, String> {
-    ALL.into_iter().find(|k| k.as_str() == name).ok_or_else(|| {
-        format!(
-            "unknown job kind `{name}` (expected node_sync, xray_apply, traffic_report or webhook)"
-        )
-    })
+pub fn kind_named(name: &str) -> Result<JobKind, UnknownKind> {
+    ALL.into_iter()
+        .find(|k| k.as_str() == name)
+        .ok_or_else(|| UnknownKind(name.to_string()))
 }
 
 /// SPEC §2 defaults: `0s, 1m, 5m, 30m`; `dead` for webhook and node_sync,

@@ -223,11 +223,15 @@ pub fn salvage(
         std::fs::write(&dest, bytes).map_err(read_err(&dest))?;
     }
     report.sled = match read_with_sled(scratch.path(), at, &mut found, &mut report, &kinds) {
-        Ok(next) => {
-            sled_next_id = next;
-            "opened".to_string()
+        Ok(SledRead { next_id, stopped }) => {
+            sled_next_id = next_id;
+            match stopped {
+                // What was read before the stop is kept; the report says it stopped.
+                Some(why) => format!("sled stopped reading part way: {why}"),
+                None => "opened".to_string(),
+            }
         }
-        Err(why) => why,
+        Err(why) => why.to_string(),
     };
     drop(scratch);
     report.jobs_from_raw_files = found.jobs.values().filter(|c| !c.from_sled).count() as u64;
@@ -517,33 +521,57 @@ fn logged_set(b: &[u8]) -> Option<Logged<'_>> {
     }
 }
 
-/// Opens the copy at `dir` with sled and reads every key, guarded. Returns sled's id
-/// counter; `Err` says why sled could not open it. A failure part way keeps what was
-/// read and is reported in `report.sled`.
+/// Why sled could not open the copy at all.
+#[derive(Debug, thiserror::Error)]
+enum SledOpen {
+    #[error("sled cannot open it: {0}")]
+    Failed(#[source] sled::Error),
+    #[error("sled cannot open it: it stopped at {0}")]
+    Panicked(String),
+}
+
+/// Why sled stopped part way through the keys.
+#[derive(Debug, thiserror::Error)]
+enum SledStop {
+    #[error("{0}")]
+    Failed(#[source] sled::Error),
+    #[error("it stopped at {0}")]
+    Panicked(String),
+}
+
+/// What sled read of the copy: its id counter, and why it stopped early if it did.
+struct SledRead {
+    next_id: Option<u64>,
+    stopped: Option<SledStop>,
+}
+
+/// Opens the copy at `dir` with sled and reads every key, guarded. `Err` says why sled
+/// could not open it; a stop part way keeps what was read and says why.
 fn read_with_sled(
     dir: &Path,
     at: u64,
     found: &mut Haul,
     report: &mut SalvageReport,
     kinds: &[JobKind],
-) -> Result<Option<u64>, String> {
+) -> Result<SledRead, SledOpen> {
     let db = match unwind::guarded(|| sled::Config::new().path(dir).open()) {
         Ok(Ok(db)) => db,
-        Ok(Err(e)) => return Err(format!("sled cannot open it: {e}")),
-        Err(panic) => return Err(format!("sled cannot open it: it stopped at {panic}")),
+        Ok(Err(e)) => return Err(SledOpen::Failed(e)),
+        Err(panic) => return Err(SledOpen::Panicked(panic.to_string())),
     };
     let mut iter = db.iter();
     let mut next_id = None;
+    let mut stopped = None;
     loop {
         let (k, v) = match unwind::guarded(|| iter.next()) {
             Ok(None) => break,
             Ok(Some(Ok(kv))) => kv,
             Ok(Some(Err(e))) => {
-                report.sled = format!("sled stopped reading part way: {e}");
+                stopped = Some(SledStop::Failed(e));
                 break;
             }
             Err(panic) => {
-                report.sled = format!("sled stopped reading part way at {panic}");
+                stopped = Some(SledStop::Panicked(panic.to_string()));
                 break;
             }
         };
@@ -581,7 +609,7 @@ fn read_with_sled(
     // Dropping a database sled could not fully read may panic again; it is a scratch
     // copy, so whatever it does is thrown away.
     let _ = unwind::guarded(move || drop((iter, db)));
-    Ok(next_id)
+    Ok(SledRead { next_id, stopped })
 }
 
 impl Queue {

@@ -136,6 +136,10 @@ impl Rig {
     }
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn xray_lets_config_users_through_and_refuses_others_on_every_protocol() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -168,6 +172,10 @@ fn xray_lets_config_users_through_and_refuses_others_on_every_protocol() {
     );
 }
 
+#[cfg_attr(
+    any(no_xray, no_v2ray),
+    ignore = "needs the real Xray and V2Ray cores: scripts/test.sh installs them"
+)]
 #[test]
 fn v2ray_lets_config_users_through_and_refuses_others() {
     // The client is always Xray.
@@ -205,6 +213,10 @@ fn v2ray_lets_config_users_through_and_refuses_others() {
 /// vless with `xtls-rprx-vision` needs TLS (without it the client fails: "XTLS only
 /// supports TLS and REALITY directly"). A client that leaves the flow out, for a user
 /// whose server entry has it, is refused: a wrong flow locks a user out.
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn xray_vless_vision_over_tls() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -402,6 +414,10 @@ fn api_and_restart(flavor: Flavor) {
     );
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn xray_api_users_and_a_killed_core_restarting() {
     if require_peer(Flavor::Xray).is_some() {
@@ -409,6 +425,10 @@ fn xray_api_users_and_a_killed_core_restarting() {
     }
 }
 
+#[cfg_attr(
+    any(no_xray, no_v2ray),
+    ignore = "needs the real Xray and V2Ray cores: scripts/test.sh installs them"
+)]
 #[test]
 fn v2ray_api_users_and_a_killed_core_restarting() {
     // The client is always Xray.
@@ -419,6 +439,10 @@ fn v2ray_api_users_and_a_killed_core_restarting() {
 
 // ---- the harness's own failure reports ----
 
+#[cfg_attr(
+    any(no_xray, no_v2ray),
+    ignore = "needs the real Xray and V2Ray cores: scripts/test.sh installs them"
+)]
 #[test]
 fn a_config_the_core_cannot_load_is_reported_with_the_config() {
     for flavor in [Flavor::Xray, Flavor::V2ray] {
@@ -442,6 +466,10 @@ fn a_config_the_core_cannot_load_is_reported_with_the_config() {
     }
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn a_taken_port_is_named_before_the_core_starts() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -462,6 +490,10 @@ fn a_taken_port_is_named_before_the_core_starts() {
 
 /// Routes can be renamed and looked up; a client of many routes is one process; a
 /// route can multiplex.
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn one_client_core_carries_many_users() {
     let Some(_) = require_peer(Flavor::Xray) else {

@@ -195,6 +195,10 @@ impl Drip {
     }
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn recreating_the_inbound() {
     let Some(_) = require_peer(Flavor::Xray) else {

@@ -118,6 +118,10 @@ fn assert_cleaned_up(output: &str) {
     );
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn demo_runs_to_the_end_with_the_real_core() {
     let Some(peer) = require_peer(Flavor::Xray) else {

@@ -210,6 +210,10 @@ fn check_oldest_first(rig: &Rig, ledger: &Ledger, node: u64) {
     }
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn steady_state_reports_every_byte_per_node_split_and_once() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -329,6 +333,10 @@ fn steady_state_reports_every_byte_per_node_split_and_once() {
     f.settle();
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn a_failing_panel_loses_nothing_and_counts_nothing_twice() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -382,6 +390,10 @@ fn a_failing_panel_loses_nothing_and_counts_nothing_twice() {
     assert_eq!(f.rig.stop(), Some(0));
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn sigkill_at_random_moments_with_traffic_flowing_counts_every_byte_once() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -455,6 +467,10 @@ fn sigkill_at_random_moments_with_traffic_flowing_counts_every_byte_once() {
     assert_eq!(f.rig.stop(), Some(0));
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn a_core_restart_counts_the_new_counters_from_zero_and_the_old_not_again() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -511,6 +527,10 @@ fn a_core_restart_counts_the_new_counters_from_zero_and_the_old_not_again() {
     assert_eq!(f.rig.stop(), Some(0));
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn a_user_removed_and_readded_is_not_counted_twice() {
     let Some(_) = require_peer(Flavor::Xray) else {

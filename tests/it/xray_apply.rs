@@ -532,6 +532,10 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 
 /// Xray: vless (vision flow over TLS), vmess, trojan, shadowsocks aes-128-gcm and
 /// shadowsocks 2022, one node each on one core.
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn xray_every_protocol_bans_within_an_interval_readds_and_survives_a_core_restart() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -542,6 +546,10 @@ fn xray_every_protocol_bans_within_an_interval_readds_and_survives_a_core_restar
 
 /// V2Ray 4.34 (no user listing: the agent's record of what it added stands in):
 /// vless, vmess, trojan. The client core is Xray.
+#[cfg_attr(
+    any(no_xray, no_v2ray),
+    ignore = "needs the real Xray and V2Ray cores: scripts/test.sh installs them"
+)]
 #[test]
 fn v2ray_every_protocol_bans_within_an_interval_readds_and_survives_a_core_restart() {
     let (Some(_), Some(_)) = (require_peer(Flavor::V2ray), require_peer(Flavor::Xray)) else {
@@ -556,6 +564,10 @@ fn v2ray_every_protocol_bans_within_an_interval_readds_and_survives_a_core_resta
 /// the core. Nothing is sent; the core keeps serving (its config user on that inbound,
 /// node 2's panel user on another); the error names node, tag and both protocols, in
 /// the log and in the job's history.
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn a_node_configured_as_vmess_on_a_vless_inbound_is_refused_and_the_core_lives() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -644,6 +656,10 @@ fn emails_plus(users: &[User], extra: &User) -> Vec<String> {
 
 /// 10,000 users on a fresh Xray core, then 1,000 of them dropped: the core's list is
 /// the panel's, exactly, plus its own config user.
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn ten_thousand_users_then_a_thousand_removed_leave_exactly_the_panels_list() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -695,6 +711,10 @@ fn ten_thousand_users_then_a_thousand_removed_leave_exactly_the_panels_list() {
 /// The agent SIGKILLed while it adds 10,000 users (once the first ones landed), then
 /// started again: the core ends with exactly the panel's users, none twice. The
 /// inbound is shadowsocks, where Xray takes a second user with the same email.
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn sigkill_in_the_middle_of_a_ten_thousand_user_apply_converges_without_duplicates() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -756,6 +776,10 @@ fn sigkill_in_the_middle_of_a_ten_thousand_user_apply_converges_without_duplicat
 /// A user downloading through an established connection is dropped by the panel: their
 /// new connections are refused, but the download keeps flowing to its end (the core's
 /// API does not cut it), and the agent says so: a warning, and `queuectl bans`.
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn a_removed_users_established_download_keeps_flowing_and_is_reported() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -840,6 +864,10 @@ fn a_removed_users_established_download_keeps_flowing_and_is_reported() {
 /// exits: the core then holds the panel's users; a node whose inbound has another
 /// protocol fails the run, named in its one-line summary. Run again after the core
 /// restarted, it puts the users back (nothing in the panel changed).
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn once_reconciles_every_node_with_the_core_and_names_a_mismatch() {
     let Some(_) = require_peer(Flavor::Xray) else {

@@ -32,7 +32,7 @@ pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::R
     let reply = backend.stats().await?;
     let mut jobs: BTreeMap<JobKind, BTreeMap<JobState, u64>> = BTreeMap::new();
     for k in &reply.kinds {
-        let kind: JobKind = crate::jobs::kind_named(&k.kind).map_err(anyhow::Error::msg)?;
+        let kind: JobKind = crate::jobs::kind_named(&k.kind)?;
         jobs.insert(
             kind,
             BTreeMap::from([

@@ -12,8 +12,10 @@
 //! - an explicitly empty list (`[]`, `{"uuids": []}`) is a valid answer: nobody is
 //!   allowed. `sync.max_removal_ratio` is the guard against a panel that says so wrongly.
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use std::fmt;
+
+use serde::de::{MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use uuid::Uuid;
 
 /// One allowed user. Stored with bincode (node sync state), so no field may be skipped
@@ -32,7 +34,23 @@ pub struct User {
 pub struct Skipped {
     /// Position in the answer's list.
     pub index: usize,
-    pub reason: String,
+    pub reason: InvalidItem,
+}
+
+/// Why one item of the answer's list is not a user. The texts are what the log says
+/// (`describe` of a JSON value, a UUID shown at most 40 characters, escaped).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidItem {
+    #[error("\"{shown}\" is not a UUID")]
+    NotAUuid { shown: String },
+    #[error("object has no `uuid`")]
+    NoUuid,
+    #[error("`{field}` is {found}")]
+    Field { field: &'static str, found: String },
+    #[error("`level` {0} is not a small whole number")]
+    Level(String),
+    #[error("{0}, not a UUID string or an object with `uuid`")]
+    NotAUser(String),
 }
 
 /// A validated list: users sorted by UUID, each once.
@@ -88,53 +106,58 @@ pub fn examples(skipped: &[Skipped]) -> String {
         .join("; ")
 }
 
-fn describe(v: &Value) -> String {
-    match v {
-        Value::Null => "null".into(),
-        Value::Bool(_) => "a boolean".into(),
-        Value::Number(_) => "a number".into(),
-        Value::String(_) => "a string".into(),
-        Value::Array(_) => "an array".into(),
-        Value::Object(m) => {
-            let keys: Vec<&str> = m.keys().take(5).map(String::as_str).collect();
-            format!("an object with keys [{}]", keys.join(", "))
-        }
-    }
+/// How the log names a JSON value of the wrong kind: its type, and for an object its
+/// first five keys (in sorted order, as a JSON object's keys are kept).
+fn describe_keys(mut keys: Vec<String>) -> String {
+    keys.sort_unstable();
+    keys.dedup();
+    keys.truncate(5);
+    format!("an object with keys [{}]", keys.join(", "))
 }
 
-/// Parses and validates a panel answer.
+/// Parses and validates a panel answer in one pass over the body, without building a
+/// JSON tree: a 100,000-user answer is read as it is parsed (issue 15), with the same
+/// answers and errors as reading it into a `serde_json::Value` first (a test compares
+/// the two on hostile bodies).
 pub fn parse(body: &[u8]) -> Result<UserList, ShapeError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ShapeError::Empty);
     }
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| ShapeError::NotJson(e.to_string()))?;
-    let items = match value {
-        Value::Array(items) => items,
-        Value::Object(mut top) => {
-            let list = match top.remove("uuids") {
-                Some(l) => l,
-                None => match top.get_mut("data") {
-                    Some(Value::Object(data)) => data.remove("uuids").ok_or_else(|| {
-                        ShapeError::WrongShape(format!(
-                            "`data` is {}",
-                            describe(&Value::Object(data.clone()))
-                        ))
-                    })?,
-                    _ => return Err(ShapeError::WrongShape(describe(&Value::Object(top)))),
-                },
-            };
-            match list {
-                Value::Array(items) => items,
-                other => {
-                    return Err(ShapeError::WrongShape(format!(
-                        "`uuids` is {}",
-                        describe(&other)
-                    )));
-                }
+    let top: Top = serde_json::from_slice(body).map_err(|e| ShapeError::NotJson(e.to_string()))?;
+    let items = match top {
+        Top::List(items) => items,
+        Top::Object { uuids, data, keys } => match (uuids, data) {
+            (Some(List::Items(items)), _) => items,
+            (Some(List::Other(what)), _) => {
+                return Err(ShapeError::WrongShape(format!("`uuids` is {what}")));
             }
-        }
-        other => return Err(ShapeError::WrongShape(describe(&other))),
+            (
+                None,
+                Some(Data::Object {
+                    uuids: Some(List::Items(items)),
+                    ..
+                }),
+            ) => items,
+            (
+                None,
+                Some(Data::Object {
+                    uuids: Some(List::Other(what)),
+                    ..
+                }),
+            ) => {
+                return Err(ShapeError::WrongShape(format!("`uuids` is {what}")));
+            }
+            (None, Some(Data::Object { uuids: None, keys })) => {
+                return Err(ShapeError::WrongShape(format!(
+                    "`data` is {}",
+                    describe_keys(keys)
+                )));
+            }
+            (None, Some(Data::Other) | None) => {
+                return Err(ShapeError::WrongShape(describe_keys(keys)));
+            }
+        },
+        Top::Other(what) => return Err(ShapeError::WrongShape(what.into())),
     };
     judge(validate(items))
 }
@@ -160,14 +183,14 @@ fn judge(list: UserList) -> Result<UserList, ShapeError> {
     Ok(list)
 }
 
-fn validate(items: Vec<Value>) -> UserList {
+fn validate(items: Vec<Result<User, InvalidItem>>) -> UserList {
     let mut list = UserList {
         items: items.len(),
         ..UserList::default()
     };
     list.users.reserve(items.len());
     for (index, item) in items.into_iter().enumerate() {
-        match user_of(item) {
+        match item {
             Ok(u) => list.users.push(u),
             Err(reason) => list.skipped.push(Skipped { index, reason }),
         }
@@ -180,54 +203,9 @@ fn validate(items: Vec<Value>) -> UserList {
     list
 }
 
-fn user_of(item: Value) -> Result<User, String> {
-    match item {
-        Value::String(s) => Ok(User {
-            uuid: parse_uuid(&s)?,
-            email: None,
-            flow: None,
-            level: None,
-        }),
-        Value::Object(mut m) => {
-            let uuid = match m.remove("uuid") {
-                Some(Value::String(s)) => parse_uuid(&s)?,
-                Some(other) => return Err(format!("`uuid` is {}", describe(&other))),
-                None => return Err("object has no `uuid`".into()),
-            };
-            let text = |v: Option<Value>, field: &str| match v {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::String(s)) if s.is_empty() => Ok(None),
-                Some(Value::String(s)) => Ok(Some(s)),
-                Some(other) => Err(format!("`{field}` is {}", describe(&other))),
-            };
-            let email = text(m.remove("email"), "email")?;
-            let flow = text(m.remove("flow"), "flow")?;
-            let level = match m.remove("level") {
-                None | Some(Value::Null) => None,
-                Some(Value::Number(n)) => Some(
-                    n.as_u64()
-                        .and_then(|n| u32::try_from(n).ok())
-                        .ok_or_else(|| format!("`level` {n} is not a small whole number"))?,
-                ),
-                Some(other) => return Err(format!("`level` is {}", describe(&other))),
-            };
-            Ok(User {
-                uuid,
-                email,
-                flow,
-                level,
-            })
-        }
-        other => Err(format!(
-            "{}, not a UUID string or an object with `uuid`",
-            describe(&other)
-        )),
-    }
-}
-
 /// Accepts only the 36-character hyphenated form (any case). Braced, URN and
 /// unhyphenated forms are refused: a core may treat them differently than we do.
-fn parse_uuid(s: &str) -> Result<Uuid, String> {
+fn parse_uuid(s: &str) -> Result<Uuid, InvalidItem> {
     // The message is built only on failure: this runs for every user of every sync.
     // At most 40 characters of it, escaped: the log is one line per event.
     let refuse = || {
@@ -237,12 +215,379 @@ fn parse_uuid(s: &str) -> Result<Uuid, String> {
         } else {
             ""
         };
-        format!("\"{}{more}\" is not a UUID", head.escape_debug())
+        InvalidItem::NotAUuid {
+            shown: format!("{}{more}", head.escape_debug()),
+        }
     };
     if s.len() != 36 {
         return Err(refuse());
     }
     Uuid::try_parse(s).map_err(|_| refuse())
+}
+
+// ---- the body's shapes, read straight from the JSON ----
+//
+// Each visitor takes any JSON value (`deserialize_any`) and turns what is not the shape
+// it wants into a description instead of an error, so a wrong shape is a `ShapeError`
+// with our words, and only broken JSON is serde_json's error.
+
+/// The whole body: a list, an object (with `uuids`, or `data.uuids`), or anything else.
+enum Top {
+    List(Vec<Result<User, InvalidItem>>),
+    Object {
+        /// The last `uuids` (a JSON object keeps the last of repeated keys).
+        uuids: Option<List>,
+        data: Option<Data>,
+        /// Every key, for saying what the object was when it has neither.
+        keys: Vec<String>,
+    },
+    Other(&'static str),
+}
+
+/// The value of a `uuids` key.
+enum List {
+    Items(Vec<Result<User, InvalidItem>>),
+    Other(String),
+}
+
+/// The value of a `data` key.
+enum Data {
+    Object {
+        uuids: Option<List>,
+        keys: Vec<String>,
+    },
+    Other,
+}
+
+/// One value of a field of a user object, or what it was instead.
+enum Scalar {
+    Str(String),
+    Null,
+    Number(serde_json::Number),
+    Other(String),
+}
+
+macro_rules! describe_scalars {
+    ($out:expr) => {
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($out("a boolean"))
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok($out("null"))
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok($out("null"))
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($out("a number"))
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($out("a number"))
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($out("a number"))
+        }
+    };
+    ($out:expr, strings) => {
+        describe_scalars!($out);
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($out("a string"))
+        }
+    };
+}
+
+/// A value read and thrown away. Not serde's `IgnoredAny`: serde_json skips that
+/// without its nesting limit, and a body nested deeper than 128 must stay the error it
+/// always was, not become an answer.
+struct Skip;
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Skip;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            describe_scalars!(|_: &str| Skip, strings);
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Skip, A::Error> {
+                drain_seq(seq).map(|()| Skip)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Skip, A::Error> {
+                drain_map(map).map(|_| Skip)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Drains a sequence (`an array`).
+fn drain_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<Skip>()?.is_some() {}
+    Ok(())
+}
+
+/// Drains a map, returning its keys.
+fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Vec<String>, A::Error> {
+    let mut keys = Vec::new();
+    while let Some(k) = map.next_key::<String>()? {
+        map.next_value::<Skip>()?;
+        keys.push(k);
+    }
+    Ok(keys)
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
+                Ok(Scalar::Other("a boolean".into()))
+            }
+            fn visit_unit<E>(self) -> Result<Scalar, E> {
+                Ok(Scalar::Null)
+            }
+            fn visit_none<E>(self) -> Result<Scalar, E> {
+                Ok(Scalar::Null)
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Number(n.into()))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Scalar, E> {
+                Ok(Scalar::Number(n.into()))
+            }
+            fn visit_f64<E>(self, n: f64) -> Result<Scalar, E> {
+                // JSON has no NaN or infinity, so every f64 it gives is a Number.
+                Ok(serde_json::Number::from_f64(n)
+                    .map_or_else(|| Scalar::Other("a number".into()), Scalar::Number))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Str(s.to_string()))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Scalar, E> {
+                Ok(Scalar::Str(s))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Scalar, A::Error> {
+                drain_seq(seq)?;
+                Ok(Scalar::Other("an array".into()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Scalar, A::Error> {
+                Ok(Scalar::Other(describe_keys(drain_map(map)?)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Scalar {
+    fn describe(&self) -> String {
+        match self {
+            Scalar::Str(_) => "a string".into(),
+            Scalar::Null => "null".into(),
+            Scalar::Number(_) => "a number".into(),
+            Scalar::Other(what) => what.clone(),
+        }
+    }
+}
+
+/// One item of the list: a user, or why it is not one.
+struct Item(Result<User, InvalidItem>);
+
+impl<'de> Deserialize<'de> for Item {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Item;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list item")
+            }
+            describe_scalars!(|s: &str| Item(Err(InvalidItem::NotAUser(s.to_string()))));
+            fn visit_str<E>(self, s: &str) -> Result<Item, E> {
+                Ok(Item(user_of_uuid(s)))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Item, E> {
+                Ok(Item(user_of_uuid(&s)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Item, A::Error> {
+                drain_seq(seq)?;
+                Ok(Item(Err(InvalidItem::NotAUser("an array".into()))))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
+                // The last of a repeated key counts, as in a JSON object.
+                let (mut uuid, mut email, mut flow, mut level) = (None, None, None, None);
+                while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match k.as_ref() {
+                        "uuid" => uuid = Some(map.next_value::<Scalar>()?),
+                        "email" => email = Some(map.next_value::<Scalar>()?),
+                        "flow" => flow = Some(map.next_value::<Scalar>()?),
+                        "level" => level = Some(map.next_value::<Scalar>()?),
+                        _ => {
+                            map.next_value::<Skip>()?;
+                        }
+                    }
+                }
+                Ok(Item(user_of_fields(uuid, email, flow, level)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn user_of_uuid(s: &str) -> Result<User, InvalidItem> {
+    Ok(User {
+        uuid: parse_uuid(s)?,
+        email: None,
+        flow: None,
+        level: None,
+    })
+}
+
+/// A user object's fields, checked in the order the log has always named them.
+fn user_of_fields(
+    uuid: Option<Scalar>,
+    email: Option<Scalar>,
+    flow: Option<Scalar>,
+    level: Option<Scalar>,
+) -> Result<User, InvalidItem> {
+    let uuid = match uuid {
+        Some(Scalar::Str(s)) => parse_uuid(&s)?,
+        Some(other) => {
+            return Err(InvalidItem::Field {
+                field: "uuid",
+                found: other.describe(),
+            });
+        }
+        None => return Err(InvalidItem::NoUuid),
+    };
+    let text = |v: Option<Scalar>, field: &'static str| match v {
+        None | Some(Scalar::Null) => Ok(None),
+        Some(Scalar::Str(s)) if s.is_empty() => Ok(None),
+        Some(Scalar::Str(s)) => Ok(Some(s)),
+        Some(other) => Err(InvalidItem::Field {
+            field,
+            found: other.describe(),
+        }),
+    };
+    let email = text(email, "email")?;
+    let flow = text(flow, "flow")?;
+    let level = match level {
+        None | Some(Scalar::Null) => None,
+        Some(Scalar::Number(n)) => Some(
+            n.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| InvalidItem::Level(n.to_string()))?,
+        ),
+        Some(other) => {
+            return Err(InvalidItem::Field {
+                field: "level",
+                found: other.describe(),
+            });
+        }
+    };
+    Ok(User {
+        uuid,
+        email,
+        flow,
+        level,
+    })
+}
+
+/// A list of items, or what the value was instead.
+fn list_of<'de, D: Deserializer<'de>>(d: D) -> Result<List, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = List;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list")
+        }
+        describe_scalars!(|s: &str| List::Other(s.to_string()), strings);
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<List, A::Error> {
+            Ok(List::Items(items(seq)?))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<List, A::Error> {
+            Ok(List::Other(describe_keys(drain_map(map)?)))
+        }
+    }
+    d.deserialize_any(V)
+}
+
+fn items<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Vec<Result<User, InvalidItem>>, A::Error> {
+    let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+    while let Some(Item(item)) = seq.next_element::<Item>()? {
+        out.push(item);
+    }
+    Ok(out)
+}
+
+impl<'de> Deserialize<'de> for List {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        list_of(d)
+    }
+}
+
+impl<'de> Deserialize<'de> for Data {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Data;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object")
+            }
+            describe_scalars!(|_: &str| Data::Other, strings);
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Data, A::Error> {
+                drain_seq(seq)?;
+                Ok(Data::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Data, A::Error> {
+                let (mut uuids, mut keys) = (None, Vec::new());
+                while let Some(k) = map.next_key::<String>()? {
+                    if k == "uuids" {
+                        uuids = Some(map.next_value::<List>()?);
+                    } else {
+                        map.next_value::<Skip>()?;
+                    }
+                    keys.push(k);
+                }
+                Ok(Data::Object { uuids, keys })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Top {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Top;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a user list")
+            }
+            describe_scalars!(|s: &'static str| Top::Other(s), strings);
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Top, A::Error> {
+                Ok(Top::List(items(seq)?))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
+                let (mut uuids, mut data, mut keys) = (None, None, Vec::new());
+                while let Some(k) = map.next_key::<String>()? {
+                    match k.as_str() {
+                        "uuids" => uuids = Some(map.next_value::<List>()?),
+                        "data" => data = Some(map.next_value::<Data>()?),
+                        _ => {
+                            map.next_value::<Skip>()?;
+                        }
+                    }
+                    keys.push(k);
+                }
+                Ok(Top::Object { uuids, data, keys })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// How many of `old` are not in `new`; both sorted by UUID (as every [`UserList`] is).
@@ -402,5 +747,288 @@ mod tests {
         }
         // An explicit empty list is an answer: the panel says nobody is allowed.
         assert!(parse(b"[]").unwrap().users.is_empty());
+    }
+
+    /// The parser as it was, reading the body into a `serde_json::Value` first: the
+    /// one-pass parser must give the same answer and the same error for every body.
+    mod reference {
+        use super::super::{EXAMPLES, InvalidItem, ShapeError, Skipped, User, UserList};
+        use serde_json::Value;
+        use uuid::Uuid;
+
+        fn describe(v: &Value) -> String {
+            match v {
+                Value::Null => "null".into(),
+                Value::Bool(_) => "a boolean".into(),
+                Value::Number(_) => "a number".into(),
+                Value::String(_) => "a string".into(),
+                Value::Array(_) => "an array".into(),
+                Value::Object(m) => {
+                    let keys: Vec<&str> = m.keys().take(5).map(String::as_str).collect();
+                    format!("an object with keys [{}]", keys.join(", "))
+                }
+            }
+        }
+
+        /// Parses and validates a panel answer.
+        fn reference_parse(body: &[u8]) -> Result<UserList, ShapeError> {
+            if body.iter().all(u8::is_ascii_whitespace) {
+                return Err(ShapeError::Empty);
+            }
+            let value: Value =
+                serde_json::from_slice(body).map_err(|e| ShapeError::NotJson(e.to_string()))?;
+            let items = match value {
+                Value::Array(items) => items,
+                Value::Object(mut top) => {
+                    let list = match top.remove("uuids") {
+                        Some(l) => l,
+                        None => match top.get_mut("data") {
+                            Some(Value::Object(data)) => data.remove("uuids").ok_or_else(|| {
+                                ShapeError::WrongShape(format!(
+                                    "`data` is {}",
+                                    describe(&Value::Object(data.clone()))
+                                ))
+                            })?,
+                            _ => return Err(ShapeError::WrongShape(describe(&Value::Object(top)))),
+                        },
+                    };
+                    match list {
+                        Value::Array(items) => items,
+                        other => {
+                            return Err(ShapeError::WrongShape(format!(
+                                "`uuids` is {}",
+                                describe(&other)
+                            )));
+                        }
+                    }
+                }
+                other => return Err(ShapeError::WrongShape(describe(&other))),
+            };
+            super::judge(validate(items))
+        }
+
+        /// The share rule: a list with items and no valid user, or with more invalid items than
+        /// valid ones (more than half), is a broken answer.
+        #[allow(dead_code)]
+        fn _unused_judge(list: UserList) -> Result<UserList, ShapeError> {
+            let (items, invalid) = (list.items, list.skipped.len());
+            let first = || list.skipped.iter().take(EXAMPLES).cloned().collect();
+            if items > 0 && invalid == items {
+                return Err(ShapeError::NoValidUser {
+                    items,
+                    first: first(),
+                });
+            }
+            if invalid * 2 > items {
+                return Err(ShapeError::MostlyInvalid {
+                    items,
+                    invalid,
+                    first: first(),
+                });
+            }
+            Ok(list)
+        }
+
+        fn validate(items: Vec<Value>) -> UserList {
+            let mut list = UserList {
+                items: items.len(),
+                ..UserList::default()
+            };
+            list.users.reserve(items.len());
+            for (index, item) in items.into_iter().enumerate() {
+                match user_of(item) {
+                    Ok(u) => list.users.push(u),
+                    Err(reason) => list.skipped.push(Skipped { index, reason }),
+                }
+            }
+            // Stable sort keeps the first occurrence of a repeated UUID.
+            list.users.sort_by_key(|u| u.uuid);
+            let before = list.users.len();
+            list.users.dedup_by_key(|u| u.uuid);
+            list.duplicates = before - list.users.len();
+            list
+        }
+
+        fn user_of(item: Value) -> Result<User, InvalidItem> {
+            match item {
+                Value::String(s) => Ok(User {
+                    uuid: parse_uuid(&s)?,
+                    email: None,
+                    flow: None,
+                    level: None,
+                }),
+                Value::Object(mut m) => {
+                    let uuid = match m.remove("uuid") {
+                        Some(Value::String(s)) => parse_uuid(&s)?,
+                        Some(other) => {
+                            return Err(InvalidItem::Field {
+                                field: "uuid",
+                                found: describe(&other),
+                            });
+                        }
+                        None => return Err(InvalidItem::NoUuid),
+                    };
+                    let text = |v: Option<Value>, field: &'static str| match v {
+                        None | Some(Value::Null) => Ok(None),
+                        Some(Value::String(s)) if s.is_empty() => Ok(None),
+                        Some(Value::String(s)) => Ok(Some(s)),
+                        Some(other) => Err(InvalidItem::Field {
+                            field,
+                            found: describe(&other),
+                        }),
+                    };
+                    let email = text(m.remove("email"), "email")?;
+                    let flow = text(m.remove("flow"), "flow")?;
+                    let level = match m.remove("level") {
+                        None | Some(Value::Null) => None,
+                        Some(Value::Number(n)) => Some(
+                            n.as_u64()
+                                .and_then(|n| u32::try_from(n).ok())
+                                .ok_or_else(|| InvalidItem::Level(n.to_string()))?,
+                        ),
+                        Some(other) => {
+                            return Err(InvalidItem::Field {
+                                field: "level",
+                                found: describe(&other),
+                            });
+                        }
+                    };
+                    Ok(User {
+                        uuid,
+                        email,
+                        flow,
+                        level,
+                    })
+                }
+                other => Err(InvalidItem::NotAUser(describe(&other))),
+            }
+        }
+
+        /// Accepts only the 36-character hyphenated form (any case). Braced, URN and
+        /// unhyphenated forms are refused: a core may treat them differently than we do.
+        fn parse_uuid(s: &str) -> Result<Uuid, InvalidItem> {
+            // The message is built only on failure: this runs for every user of every sync.
+            // At most 40 characters of it, escaped: the log is one line per event.
+            let refuse = || {
+                let head: String = s.chars().take(40).collect();
+                let more = if s.chars().nth(40).is_some() {
+                    "…"
+                } else {
+                    ""
+                };
+                InvalidItem::NotAUuid {
+                    shown: format!("{}{more}", head.escape_debug()),
+                }
+            };
+            if s.len() != 36 {
+                return Err(refuse());
+            }
+            Uuid::try_parse(s).map_err(|_| refuse())
+        }
+
+        pub(super) fn parse(body: &[u8]) -> Result<UserList, ShapeError> {
+            reference_parse(body)
+        }
+    }
+
+    fn same_as_reference(body: &str) {
+        assert_eq!(
+            parse(body.as_bytes()),
+            reference::parse(body.as_bytes()),
+            "{body}"
+        );
+    }
+
+    #[test]
+    fn one_pass_parser_answers_like_the_value_tree() {
+        for body in [
+            "",
+            " ",
+            "null",
+            "true",
+            "42",
+            "-1.5",
+            r#""x""#,
+            "{}",
+            "[]",
+            "[",
+            "{",
+            "<html>",
+            r#"{"a":1,"b":2,"c":3,"d":4,"e":5,"f":6}"#,
+            r#"{"f":1,"e":2,"a":3}"#,
+            r#"{"data": []}"#,
+            r#"{"data": 1}"#,
+            r#"{"data": {"x": 1, "y": [1]}}"#,
+            r#"{"data": {"uuids": "x"}}"#,
+            r#"{"data": {"uuids": {"a": 1}}}"#,
+            r#"{"uuids": "x"}"#,
+            r#"{"uuids": null}"#,
+            r#"{"uuids": {"z": 1, "a": 2}}"#,
+            r#"{"uuids": 1, "uuids": []}"#,
+            r#"{"uuids": [], "uuids": 1}"#,
+            r#"{"data": {"uuids": []}, "uuids": 3}"#,
+            r#"{"data": 5, "x": 1, "x": 2}"#,
+            r#"[1, 1.5, -1, true, null, [], {}, "nope", {"id": 1}]"#,
+            r#"[{"uuid": 1}, {"uuid": null}, {"uuid": []}, {"uuid": {"b": 1, "a": 2}}]"#,
+            r#"["6F1C1F8E-59F6-4C6E-9D1A-0B4F7A3C2D10", "6f1c1f8e-59f6-4c6e-9d1a-0b4f7a3c2d10"]"#,
+            r#"["6f1c1f8e\u002d59f6-4c6e-9d1a-0b4f7a3c2d10", "\u0041"]"#,
+            r#"[{"uuid": "6f1c1f8e-59f6-4c6e-9d1a-0b4f7a3c2d10", "email": 1}]"#,
+            r#"[{"uuid": "6f1c1f8e-59f6-4c6e-9d1a-0b4f7a3c2d10", "flow": [], "level": "x"}]"#,
+            r#"[{"uuid": "6f1c1f8e-59f6-4c6e-9d1a-0b4f7a3c2d10", "level": -1}]"#,
+            r#"[{"uuid": "6f1c1f8e-59f6-4c6e-9d1a-0b4f7a3c2d10", "level": 1e3}]"#,
+            r#"[{"uuid": "6f1c1f8e-59f6-4c6e-9d1a-0b4f7a3c2d10", "level": 5000000000}]"#,
+            r#"[{"uuid": "6f1c1f8e-59f6-4c6e-9d1a-0b4f7a3c2d10", "level": 2.5}]"#,
+            r#"[{"uuid": "6f1c1f8e-59f6-4c6e-9d1a-0b4f7a3c2d10", "email": "", "flow": null, "level": 3}]"#,
+            r#"[{"uuid": "x", "uuid": "6f1c1f8e-59f6-4c6e-9d1a-0b4f7a3c2d10"}]"#,
+            r#"[{"uuid": "6f1c1f8e-59f6-4c6e-9d1a-0b4f7a3c2d10", "uuid": "x"}]"#,
+            r#"["6f1c1f8e-59f6-4c6e-9d1a-0b4f7a3c2d10"] x"#,
+            r#"[{"uuid": "6f1c1f8e-59f6-4c6e-9d1a-0b4f7a3c2d10", "extra": {"deep": [[[1]]]}}]"#,
+        ] {
+            same_as_reference(body);
+        }
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        same_as_reference(&deep);
+    }
+
+    fn json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let uuid = "[0-9a-fA-F]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}";
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u32>().prop_map(serde_json::Value::from),
+            (-1e6f64..1e6).prop_map(serde_json::Value::from),
+            uuid.prop_map(serde_json::Value::from),
+            "[a-z\\-{}\"]{0,8}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            let key = prop_oneof![
+                Just("uuid".to_string()),
+                Just("uuids".to_string()),
+                Just("data".to_string()),
+                Just("email".to_string()),
+                Just("flow".to_string()),
+                Just("level".to_string()),
+                "[a-z]{1,3}",
+            ];
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(key, inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_json_answers_like_the_value_tree(v in json()) {
+            let body = v.to_string();
+            proptest::prop_assert_eq!(
+                parse(body.as_bytes()),
+                reference::parse(body.as_bytes()),
+                "{}", body
+            );
+        }
     }
 }
