@@ -202,6 +202,10 @@ fn demo_runs_to_the_end_with_the_real_core() {
     assert_cleaned_up(&output);
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn demo_with_an_xray_executable_on_path() {
     let Some(peer) = require_peer(Flavor::Xray) else {
@@ -284,6 +288,10 @@ fn demo_with_nothing_installed_and_no_fetch_says_what_it_tried_and_still_runs() 
 /// saying each command. The package index is a closed local port here (the test never
 /// downloads), so pip fails: the demo says which command failed and why, and runs on
 /// without the core.
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn demo_fetch_says_what_it_ran_and_survives_a_failed_install() {
     let Some(peer) = require_peer(Flavor::Xray) else {

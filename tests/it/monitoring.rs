@@ -316,6 +316,10 @@ fn post_event(addr: SocketAddr, event_id: &str) -> u16 {
         .unwrap_or_else(|| panic!("no HTTP answer: {out:?}"))
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn a_real_prometheus_scraping_the_daemon_evaluates_every_alert_and_dashboard_query() {
     let Some(_) = cores::require_peer(Flavor::Xray) else {
