@@ -2,8 +2,8 @@
 //!
 //! In a temporary directory, inside this one process, it starts a panel simulator
 //! ([`panel`]), an HTTPS relay simulator with its own CA ([`relay`]), a small website
-//! for the users to visit, and — when a python with the `xray` module is around — a
-//! real Xray core as a child process ([`core`]). Then it runs the real daemon
+//! for the users to visit, and a real Xray core as a child process ([`core`]), found
+//! (or fetched once into the user's cache) by [`find`]. Then it runs the real daemon
 //! ([`crate::daemon::run`]) against them with a generated config, and walks through
 //! what an operator cares about, checking each outcome from the outside, as an operator
 //! would (the panel's records, the relay's, real connections through the core, the
@@ -18,8 +18,9 @@
 //!    counted the steps above (two failed deliveries and one delivered, the users
 //!    applied, the bytes reported).
 //!
-//! Without the Xray core it says how to get one and runs with `apply.mode = "none"`:
-//! the sync (files) and the callback, not the apply, ban or traffic steps.
+//! When no core can be found or fetched it says what it tried and how to get one, and
+//! runs with `apply.mode = "none"`: the sync (files) and the callback, not the apply,
+//! ban or traffic steps.
 //!
 //! What it is not: not a test harness (the tests in `tests/` check far more, and
 //! harder cases), and not a load generator (one website fetch per user, one download,
