@@ -2,7 +2,9 @@
 # Installs the real proxy cores the integration tests run against (SPEC §5, issue 4):
 #   - V2Ray 4.34 from Debian (`apt-get install v2ray`, the binary /usr/bin/v2ray);
 #   - Xray, as the PyPI wheel `Xray-core` pinned below, in a venv at target/peers/venv
-#     (the tests start it with `python -c 'import xray; xray.startFromJSON(…)'`).
+#     (the tests start it with `python -c 'import xray; xray.startFromJSON(…)'`);
+#   - Prometheus from Debian (`apt-get install prometheus`: `prometheus` and `promtool`),
+#     which checks deploy/prometheus/alerts.yml and the Grafana dashboard's queries.
 # Idempotent: what is already installed at the right version is left alone, so running it
 # again is cheap. Needs root only for the Debian package; it says so and stops otherwise.
 set -euo pipefail
@@ -46,6 +48,25 @@ fi
 V2RAY_VERSION="$("$V2RAY_BIN" -version 2>&1)" || die "$V2RAY_BIN -version failed: $V2RAY_VERSION"
 V2RAY_VERSION="${V2RAY_VERSION%%$'\n'*}"
 
+# ---- Prometheus from Debian (prometheus, promtool) ----
+if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+	say "prometheus already installed: $(command -v prometheus) ($(dpkg-query -W -f='${Version}' prometheus 2>/dev/null || echo 'not from dpkg'))"
+else
+	[ "$(id -u)" -eq 0 ] || die "prometheus/promtool are missing and installing them needs root: run 'sudo bash scripts/install-peers.sh' (or 'apt-get install -y prometheus' as root)"
+	command -v apt-get >/dev/null 2>&1 || die "prometheus is missing and there is no apt-get to install it with (a Debian-based machine is expected)"
+	say "apt-get update"
+	DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
+	say "apt-get install -y prometheus"
+	# The package's service is not wanted: the tests start their own Prometheus.
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null ||
+		die "apt-get install prometheus failed"
+	if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+		systemctl disable --now prometheus >/dev/null 2>&1 || true
+	fi
+	command -v promtool >/dev/null 2>&1 || die "apt-get installed prometheus, but there is no promtool on PATH"
+	say "installed prometheus $(dpkg-query -W -f='${Version}' prometheus)"
+fi
+
 # ---- Xray from PyPI, in a venv ----
 PY="$VENV/bin/python"
 if [ -e "$VENV" ] && ! "$PY" -c '' >/dev/null 2>&1; then
@@ -70,5 +91,6 @@ fi
 "$PY" -c 'import xray' || die "the venv's python cannot 'import xray'"
 
 say "v2ray: $V2RAY_BIN ($V2RAY_VERSION)"
+say "prometheus: $(command -v prometheus), promtool: $(command -v promtool)"
 say "xray:  $PY (Xray-core $("$PY" -c 'import xray; print(xray.__version__)'), $("$PY" --version 2>&1))"
 say "for the tests: export CONNECTOR_XRAY_PYTHON=$(pwd)/$PY"

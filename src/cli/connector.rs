@@ -32,8 +32,13 @@ struct Args {
 enum Command {
     /// Run the daemon (the default).
     Run,
-    /// Validate the configuration and print the effective values.
-    CheckConfig,
+    /// Validate the configuration and print the effective values (secrets masked), and
+    /// which environment variable set which key.
+    CheckConfig {
+        /// As JSON (`"env"`: key → the variable that set it).
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the live setup: config, data_dir and queue, the HTTP listener's address,
     /// the panel (key, each node, its answer), the core (API, flavour, services,
     /// inbounds, traffic counters, what cutting connections needs), the relays'
@@ -44,13 +49,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// See it work in a minute: the agent against a simulated panel and relay (and a
-    /// real Xray core when python has the `xray` module), in a temporary directory with
-    /// a config of its own (`--config` is not read).
+    /// See it work in a minute: the agent against a simulated panel and relay and a
+    /// real Xray core (found, or fetched once into the user's cache), in a temporary
+    /// directory with a config of its own (`--config` is not read).
     Demo {
         /// Keep the temporary directory (config, log, the core's files) afterwards.
         #[arg(long)]
         keep: bool,
+        /// Never download: without a core found (CONNECTOR_XRAY_PYTHON, CONNECTOR_XRAY_BIN,
+        /// the checkout's or the cached venv, `xray` or `python3` with `xray` on PATH),
+        /// run without it rather than `pip install` the pinned wheel into the cache.
+        #[arg(long)]
+        no_fetch: bool,
     },
 }
 
@@ -60,8 +70,8 @@ pub fn main() -> ExitCode {
         std::env::args_os().map(|a| if a == "-once" { "--once".into() } else { a }),
     );
     // Its own temporary config and a log file of its own: no --config, no stderr logs.
-    if let Some(Command::Demo { keep }) = args.command {
-        return crate::demo::main(crate::demo::Options { keep });
+    if let Some(Command::Demo { keep, no_fetch }) = args.command {
+        return crate::demo::main(crate::demo::Options { keep, no_fetch });
     }
     telemetry::init(args.log_format);
     // A data_dir that cannot be used is one of its checks, not a config error: it runs
@@ -79,20 +89,22 @@ pub fn main() -> ExitCode {
     let command = args.command.unwrap_or(Command::Run);
     // A data_dir the agent cannot create or write is a config error (exit 2, naming the
     // key), not a runtime failure. check-config looks without creating it.
-    let create = !matches!(command, Command::CheckConfig);
+    let create = !matches!(command, Command::CheckConfig { .. });
     if let Err(e) = crate::config::prepare_data_dir(&config, &crate::config::ProcessEnv, create) {
         eprintln!("connector: config error: {e}");
         return ExitCode::from(super::EXIT_CONFIG);
     }
-    if let Command::CheckConfig = command {
+    if let Command::CheckConfig { json } = command {
         for w in &config.warnings {
             crate::say!("connector: warning: {w}");
         }
+        let text = if json {
+            crate::config::render_json(&config)
+        } else {
+            crate::config::render(&config)
+        };
         // A closed stdout (`check-config | head`) ends the listing, not with a panic.
-        let _ = std::io::Write::write_all(
-            &mut std::io::stdout(),
-            crate::config::render(&config).as_bytes(),
-        );
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
         return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Runtime::new() {

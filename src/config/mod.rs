@@ -8,6 +8,7 @@
 //! - `render.rs`: `connector check-config`'s output, secrets masked.
 
 mod env;
+pub mod keys;
 mod raw;
 mod render;
 mod webhook;
@@ -21,7 +22,7 @@ use crate::jobs;
 use crate::queue;
 
 pub use env::ENV_VARS;
-pub use render::render;
+pub use render::{render, render_json};
 // What is never shown, and the peers' own settings and vocabulary, are defined where
 // they are used (config may import the peers; they must not import config).
 pub use crate::peers::panel::PanelSettings as Panel;
@@ -55,6 +56,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Problems that do not stop the program (a token file readable by others).
     pub warnings: Vec<String>,
+    /// Which environment variable set which key (`nodes.7.port` for a node's key):
+    /// `check-config` shows it.
+    pub env_sources: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Config {
@@ -78,6 +82,7 @@ impl Default for Config {
             http: Http::default(),
             shutdown_timeout: Duration::from_secs(30),
             warnings: Vec::new(),
+            env_sources: Default::default(),
         }
     }
 }
@@ -289,11 +294,27 @@ impl Env for BTreeMap<String, String> {
 pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
     let mut cfg = Config::default();
     let mut pending = Pending::default();
-    if let Some(path) = file {
-        raw::apply_file(&mut cfg, path, &mut pending)?;
-        cfg.file = Some(path.to_path_buf());
+    let mut doc = match file {
+        Some(path) => raw::read_doc(path)?,
+        None => toml::Table::new(),
+    };
+    // NODE_IDS's nodes may have `CONNECTOR_NODES_{ID}_…` variables; a bad list is
+    // reported by env::apply, naming it.
+    let node_ids = env
+        .var("NODE_IDS")
+        .and_then(|v| parse_node_ids(&v).ok())
+        .unwrap_or_default();
+    let overlaid = keys::overlay(&mut doc, env, &node_ids)?;
+    if file.is_some() || !overlaid.is_empty() {
+        raw::apply_doc(&mut cfg, doc, &mut pending, file).map_err(|e| keys::blame(e, &overlaid))?;
+        // A token from the environment is not the file's to protect.
+        if overlaid.iter().any(|o| o.path == "http.token") {
+            cfg.warnings.retain(|w| !w.contains(" holds http.token "));
+        }
     }
+    cfg.file = file.map(Path::to_path_buf);
     env::apply(&mut cfg, env, &mut pending)?;
+    cfg.env_sources = keys::sources(&overlaid, env);
     finish(&mut cfg, pending, env)?;
     Ok(cfg)
 }

@@ -132,12 +132,8 @@ struct RawKind {
     keep_done: Option<Duration>,
 }
 
-/// Reads `path` into `cfg`.
-pub(super) fn apply_file(
-    cfg: &mut Config,
-    path: &Path,
-    pending: &mut Pending,
-) -> Result<(), ConfigError> {
+/// Reads `path` as a TOML document (not yet checked against the file's shape).
+pub(super) fn read_doc(path: &Path) -> Result<toml::Table, ConfigError> {
     let err = |key: &str, reason: String| ConfigError {
         file: Some(path.to_path_buf()),
         key: key.to_string(),
@@ -145,26 +141,42 @@ pub(super) fn apply_file(
     };
     let text =
         std::fs::read_to_string(path).map_err(|e| err("(file)", format!("cannot read: {e}")))?;
-    let value: toml::Value =
-        toml::from_str(&text).map_err(|e| err("(syntax)", syntax_error(&text, &e)))?;
-    let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-        let key = e.path().to_string();
-        let message = one_line(e.inner().message());
-        // serde quotes the value it got (`integer `12345``): never a secret's.
-        let reason = if is_secret_key(&key) {
-            without_value(&message)
-        } else {
-            message
-        };
-        err(if key == "." { "(top level)" } else { &key }, reason)
-    })?;
-    if raw.panel.internal_api_key.is_some() && readable_by_others(path) {
+    toml::from_str(&text).map_err(|e| err("(syntax)", syntax_error(&text, &e)))
+}
+
+/// Applies `doc` (the file's document with the environment's `CONNECTOR_…` values
+/// written in, or only those) to `cfg`; `path` is the file, if any.
+pub(super) fn apply_doc(
+    cfg: &mut Config,
+    doc: toml::Table,
+    pending: &mut Pending,
+    path: Option<&Path>,
+) -> Result<(), ConfigError> {
+    let err = |key: &str, reason: String| ConfigError {
+        file: path.map(Path::to_path_buf),
+        key: key.to_string(),
+        reason,
+    };
+    let raw: RawConfig =
+        serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
+            let key = e.path().to_string();
+            let message = one_line(e.inner().message());
+            // serde quotes the value it got (`integer `12345``): never a secret's.
+            let reason = if is_secret_key(&key) {
+                without_value(&message)
+            } else {
+                message
+            };
+            err(if key == "." { "(top level)" } else { &key }, reason)
+        })?;
+    let file = path.unwrap_or(Path::new(""));
+    if raw.panel.internal_api_key.is_some() && path.is_some() && readable_by_others(file) {
         cfg.warnings.push(format!(
             "{} holds panel.internal_api_key and is readable by other users; chmod 600 it",
-            path.display()
+            file.display()
         ));
     }
-    apply_raw(cfg, raw, pending, path).map_err(|(key, reason)| err(&key, reason))
+    apply_raw(cfg, raw, pending, file).map_err(|(key, reason)| err(&key, reason))
 }
 
 /// True when group or others may read the file.
@@ -482,4 +494,82 @@ pub(super) fn read_key_file(path: &Path, warnings: &mut Vec<String>) -> Result<S
         ));
     }
     Ok(Secret::new(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// serde's own list of a section's fields: the "expected one of …" of the error an
+    /// unknown field gets.
+    fn fields(doc: &str) -> Vec<String> {
+        let value: toml::Value = toml::from_str(doc).unwrap();
+        let e = serde_path_to_error::deserialize::<_, RawConfig>(value).unwrap_err();
+        let message = e
+            .inner()
+            .message()
+            .split('\n')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let list = message
+            .split_once("expected one of ")
+            .or_else(|| message.split_once("expected "))
+            .unwrap_or_else(|| panic!("no field list in {message:?}"))
+            .1;
+        list.split(", ")
+            .flat_map(|f| f.split(" or "))
+            .map(|f| {
+                f.trim_matches(|c: char| c == '`' || c.is_whitespace())
+                    .to_string()
+            })
+            .filter(|f| !f.is_empty())
+            .collect()
+    }
+
+    /// Every field of every section of the file is in `keys::KEYS` (so it has an
+    /// environment variable), and nothing else is: a new key without one fails here.
+    #[test]
+    fn every_key_of_the_file_has_an_environment_variable() {
+        let sections: [(&str, &str); 12] = [
+            ("", "zz_probe = 1"),
+            ("admin", "[admin]\nzz_probe = 1"),
+            ("panel", "[panel]\nzz_probe = 1"),
+            ("sync", "[sync]\nzz_probe = 1"),
+            ("apply", "[apply]\nzz_probe = 1"),
+            ("xray", "[xray]\nzz_probe = 1"),
+            ("nodes[]", "[[nodes]]\nid = 1\nzz_probe = 1"),
+            ("traffic", "[traffic]\nzz_probe = 1"),
+            ("queue", "[queue]\nzz_probe = 1"),
+            ("queue.kinds.*", "[queue.kinds.webhook]\nzz_probe = 1"),
+            ("webhook", "[webhook]\nzz_probe = 1"),
+            ("http", "[http]\nzz_probe = 1"),
+        ];
+        let tables: Vec<&str> = sections.iter().map(|(s, _)| *s).collect();
+        let mut from_serde = std::collections::BTreeSet::new();
+        for (section, doc) in sections {
+            for f in fields(doc) {
+                let key = if section.is_empty() {
+                    f
+                } else {
+                    format!("{section}.{f}")
+                };
+                // A field that is itself a section is checked as one.
+                let as_table = key
+                    .replace("queue.kinds", "queue.kinds.*")
+                    .replace("nodes", "nodes[]");
+                if !tables.contains(&key.as_str()) && !tables.contains(&as_table.as_str()) {
+                    from_serde.insert(key);
+                }
+            }
+        }
+        let listed: std::collections::BTreeSet<String> = super::super::keys::KEYS
+            .iter()
+            .map(|k| k.key.to_string())
+            .collect();
+        assert_eq!(
+            from_serde, listed,
+            "the file's keys (left) and config::keys::KEYS (right) differ: give a new key its row there"
+        );
+    }
 }

@@ -15,11 +15,35 @@ fn d(d: std::time::Duration) -> String {
 }
 
 /// Renders the effective configuration. Every secret prints as `"***"` (or is absent).
+/// The keys set by environment variables are listed at the end, as comments.
 pub fn render(cfg: &Config) -> String {
     let mut o = String::new();
     // Writing to a String cannot fail.
     let _ = render_into(cfg, &mut o);
+    if !cfg.env_sources.is_empty() {
+        o.push_str("\n# set by environment variables:\n");
+        for (key, var) in &cfg.env_sources {
+            let _ = writeln!(o, "#   {key} <- {var}");
+        }
+    }
     o
+}
+
+/// `check-config --json`: the same values as [`render`] (secrets `"***"`), as JSON,
+/// with `"env"`: which variable set which key.
+pub fn render_json(cfg: &Config) -> String {
+    let mut o = String::new();
+    let _ = render_into(cfg, &mut o);
+    // Our own TOML, so it parses; an error would be a bug shown as such, not a panic.
+    let mut v = match toml::from_str::<toml::Table>(&o) {
+        Ok(t) => serde_json::to_value(t).unwrap_or_default(),
+        Err(e) => serde_json::json!({"error": format!("rendering the configuration: {e}")}),
+    };
+    v["env"] = serde_json::to_value(&cfg.env_sources).unwrap_or_default();
+    v["warnings"] = serde_json::to_value(&cfg.warnings).unwrap_or_default();
+    let mut text = serde_json::to_string_pretty(&v).unwrap_or_default();
+    text.push('\n');
+    text
 }
 
 fn render_into(cfg: &Config, o: &mut String) -> std::fmt::Result {

@@ -1,8 +1,8 @@
-//! The demo's Xray core: the real one, from the PyPI wheel `Xray-core`
-//! (`import xray; xray.startFromJSON(config)`), run by a python that has it, as a child
-//! process in the demo's directory. SIGKILLed when dropped (the wheel ignores SIGTERM),
-//! and by the kernel when the demo dies: it is spawned, and its runner script written,
-//! by the tests' core launcher (`crate::sim::core`), which owns both.
+//! The demo's Xray core: the real one — the PyPI wheel `Xray-core` run by a python that
+//! has it, or an `xray` executable (`xray run -c FILE`), whichever [`super::find`] found
+//! — as a child process in a directory under the demo's. Started, waited for, and
+//! SIGKILLed when dropped (the wheel ignores SIGTERM) or when the demo dies, by the
+//! tests' core launcher (`crate::sim::core`); this file only writes its config.
 //!
 //! One core plays both sides:
 //! - the *server*: a VLESS inbound tagged `node-1` (no users in its config: the agent
@@ -14,13 +14,12 @@
 //!   connecting to the node, exactly as her app would.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::show::{self, Check};
+use crate::sim::core::Peer;
 
 /// The wheel the project is pinned to (scripts/install-peers.sh).
 pub use crate::sim::core::XRAY_WHEEL;
@@ -28,39 +27,6 @@ pub use crate::sim::core::XRAY_WHEEL;
 /// The inbound the agent manages.
 pub const INBOUND_TAG: &str = "node-1";
 const API_TAG: &str = "api";
-
-/// A python with the `xray` module.
-#[derive(Debug, Clone)]
-pub struct Python {
-    pub path: PathBuf,
-    pub version: String,
-}
-
-/// `CONNECTOR_XRAY_PYTHON` when set (and only it: an explicit choice is not second-guessed),
-/// else `python3` on PATH. `Err` says what was tried and why it does not do.
-pub fn find_python() -> Result<Python, String> {
-    let (path, from) = match std::env::var_os("CONNECTOR_XRAY_PYTHON") {
-        Some(p) if !p.is_empty() => (PathBuf::from(p), "CONNECTOR_XRAY_PYTHON"),
-        _ => (PathBuf::from("python3"), "PATH"),
-    };
-    let out = Command::new(&path)
-        .args(["-c", "import xray; print(xray.__version__)"])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {} (from {from}): {e}", path.display()))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err.lines().last().unwrap_or("").trim().to_string();
-        return Err(format!(
-            "{} (from {from}) has no `xray` module: {last}",
-            path.display()
-        ));
-    }
-    Ok(Python {
-        path,
-        version: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-    })
-}
 
 /// Free TCP ports on 127.0.0.1, distinct: the kernel picks each (bind to port 0), and
 /// the core binds them moments later.
@@ -81,17 +47,18 @@ pub struct Route {
 }
 
 pub struct Core {
-    child: Child,
+    /// The shared launcher's core: it waits until the ports listen, reports a failed
+    /// start with the core's output, and SIGKILLs the core when dropped.
+    _core: crate::sim::core::Core,
     pub api: SocketAddr,
     pub inbound: SocketAddr,
     pub routes: Vec<Route>,
-    pub dir: PathBuf,
 }
 
 impl Core {
-    /// Writes the config for `uuids` under `dir` and starts the core; returns once every
-    /// port listens.
-    pub async fn start(python: &Python, dir: &Path, uuids: &[String]) -> anyhow::Result<Core> {
+    /// Writes the config for `uuids` in a new directory under `dir` and starts `peer`
+    /// with it; returns once every port listens.
+    pub fn start(peer: &Peer, dir: &Path, uuids: &[String]) -> anyhow::Result<Core> {
         std::fs::create_dir_all(dir)?;
         let ports = free_ports(2 + uuids.len())?;
         let (api, inbound) = (ports[0], ports[1]);
@@ -103,57 +70,18 @@ impl Core {
                 socks: *p,
             })
             .collect();
-        let config = config(api, inbound, &routes);
-        let config_path = dir.join("config.json");
-        std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)?;
-        let runner = dir.join("runner.py");
-        std::fs::write(&runner, crate::sim::core::XRAY_RUNNER)?;
-        let mut cmd = Command::new(&python.path);
-        cmd.arg(&runner)
-            .arg(&config_path)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.join("core.log"))?)
-            .stderr(std::fs::File::create(dir.join("core.err"))?);
-        // The same spawner as the tests': the kernel kills the core when the demo dies.
-        let child = crate::sim::core::spawn_reaped_on_exit(cmd)?;
-        let mut core = Core {
-            child,
+        let core = crate::sim::core::Core::try_start_peer(
+            peer.clone(),
+            config(api, inbound, &routes),
+            dir,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Core {
+            _core: core,
             api: local(api),
             inbound: local(inbound),
             routes,
-            dir: dir.to_path_buf(),
-        };
-        let all: Vec<u16> = ports.clone();
-        let waited = show::wait_for(
-            "the Xray core to listen on its ports",
-            Duration::from_secs(20),
-            || {
-                let exited = core.child.try_wait().ok().flatten();
-                let pending: Vec<u16> = all
-                    .iter()
-                    .copied()
-                    .filter(|p| std::net::TcpStream::connect(local(*p)).is_err())
-                    .collect();
-                async move {
-                    match exited {
-                        Some(status) => Check::NotYet(format!("the core exited: {status}")),
-                        None if pending.is_empty() => Check::Done(()),
-                        None => Check::NotYet(format!("ports not listening yet: {pending:?}")),
-                    }
-                }
-            },
-        )
-        .await;
-        if let Some(status) = core.child.try_wait().ok().flatten() {
-            anyhow::bail!(
-                "the Xray core exited at start ({status}; 23 means it could not load {}, 255 that it could not start); its output is in {}",
-                config_path.display(),
-                dir.display()
-            );
-        }
-        waited?;
-        Ok(core)
+        })
     }
 
     /// The socks5 port that connects as `uuid`.
@@ -162,13 +90,6 @@ impl Core {
             .iter()
             .find(|r| r.uuid == uuid)
             .map(|r| local(r.socks))
-    }
-}
-
-impl Drop for Core {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

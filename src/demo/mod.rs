@@ -2,8 +2,8 @@
 //!
 //! In a temporary directory, inside this one process, it starts a panel simulator
 //! ([`panel`]), an HTTPS relay simulator with its own CA ([`relay`]), a small website
-//! for the users to visit, and — when a python with the `xray` module is around — a
-//! real Xray core as a child process ([`core`]). Then it runs the real daemon
+//! for the users to visit, and a real Xray core as a child process ([`core`]), found
+//! (or fetched once into the user's cache) by [`find`]. Then it runs the real daemon
 //! ([`crate::daemon::run`]) against them with a generated config, and walks through
 //! what an operator cares about, checking each outcome from the outside, as an operator
 //! would (the panel's records, the relay's, real connections through the core, the
@@ -18,8 +18,9 @@
 //!    counted the steps above (two failed deliveries and one delivered, the users
 //!    applied, the bytes reported).
 //!
-//! Without the Xray core it says how to get one and runs with `apply.mode = "none"`:
-//! the sync (files) and the callback, not the apply, ban or traffic steps.
+//! When no core can be found or fetched it says what it tried and how to get one, and
+//! runs with `apply.mode = "none"`: the sync (files) and the callback, not the apply,
+//! ban or traffic steps.
 //!
 //! What it is not: not a test harness (the tests in `tests/` check far more, and
 //! harder cases), and not a load generator (one website fetch per user, one download,
@@ -31,6 +32,7 @@
 //! at random and never printed.
 
 pub mod core;
+pub mod find;
 pub mod relay;
 pub mod show;
 
@@ -49,8 +51,7 @@ use self::show::{Check, STEP_TIMEOUT, ok, said, step, wait_for};
 use crate::peers::xray::XrayClient;
 use crate::sim::panel::{Answer, Panel};
 
-/// Where `scripts/install-peers.sh` puts the Xray wheel's python, in a checkout.
-const REPO_VENV: &str = "target/peers/venv/bin/python";
+use self::find::REPO_VENV;
 /// The node the demo syncs.
 const NODE: u64 = 1;
 /// The relay the demo's callbacks go to.
@@ -70,10 +71,14 @@ const CLIENT_KEY: &str = "sk-demo-4f1c9a7e2b8d6053a1e9c7b5d3f2a8e6";
 pub struct Options {
     /// Keep the temporary directory after a successful run.
     pub keep: bool,
+    /// Never make the cached venv (no download): without a core, run without it.
+    pub no_fetch: bool,
 }
 
 /// Runs the demo; 0 when every step reached its outcome, 1 otherwise.
 pub fn main(opts: Options) -> ExitCode {
+    // Before anything changes directory: relative paths are the operator's.
+    let lookup = find::Lookup::from_process(opts.no_fetch);
     let dir = match tempfile::Builder::new().prefix("connector-demo-").tempdir() {
         Ok(d) => d,
         Err(e) => {
@@ -96,7 +101,7 @@ pub fn main(opts: Options) -> ExitCode {
     let started = Instant::now();
     // On this (the main) thread: the core is spawned from here, and the kernel kills
     // it when this thread ends (PR_SET_PDEATHSIG).
-    let result = runtime.block_on(run(dir.path()));
+    let result = runtime.block_on(run(dir.path(), &lookup));
     runtime.shutdown_timeout(Duration::from_secs(5));
     match result {
         Ok(done) => {
@@ -119,7 +124,7 @@ pub fn main(opts: Options) -> ExitCode {
             let kept = dir.keep();
             println!("\n✗ the demo stopped: {e:#}");
             println!(
-                "  Kept {} for a look: connector.log is the agent's log, xray/ the core's config and output.",
+                "  Kept {} for a look: connector.log is the agent's log, connector-xray-*/ the core's config and output.",
                 kept.display()
             );
             ExitCode::FAILURE
@@ -171,7 +176,7 @@ impl Secrets {
 }
 
 /// The simulators, the core and the daemon: set up, walked through, stopped.
-async fn run(dir: &Path) -> anyhow::Result<Done> {
+async fn run(dir: &Path, lookup: &find::Lookup) -> anyhow::Result<Done> {
     println!("connector demo: the real agent against a simulated panel and relay, in one process.");
     println!("Working directory: {}", dir.display());
     println!(
@@ -185,13 +190,14 @@ async fn run(dir: &Path) -> anyhow::Result<Done> {
     );
     let secrets = Secrets::new();
     let stop = CancellationToken::new();
-    let result = set_up_and_walk(dir, &secrets, &stop).await;
+    let result = set_up_and_walk(dir, lookup, &secrets, &stop).await;
     stop.cancel();
     result
 }
 
 async fn set_up_and_walk(
     dir: &Path,
+    lookup: &find::Lookup,
     secrets: &Secrets,
     stop: &CancellationToken,
 ) -> anyhow::Result<Done> {
@@ -233,24 +239,24 @@ async fn set_up_and_walk(
         "a website         http://{site}/  what the users visit through the node"
     ));
 
-    let core = match self::core::find_python() {
-        Ok(python) => {
-            let core = Core::start(
-                &python,
-                &dir.join("xray"),
-                &[users.alice.clone(), users.bob.clone()],
-            )
-            .await
-            .context("starting the Xray core")?;
+    let core = match find::find(lookup, &|line| said(line)) {
+        Ok(peer) => {
+            let core = Core::start(&peer, dir, &[users.alice.clone(), users.bob.clone()])
+                .context("starting the Xray core")?;
+            let how = match peer.runner {
+                crate::sim::core::Runner::XrayRun => {
+                    format!("`{} run -c FILE`", peer.program.display())
+                }
+                _ => peer.program.display().to_string(),
+            };
             said(format!(
-                "Xray core         Xray-core {} via {}: inbound {} (VLESS) on {}, API on {}",
-                python.version,
-                python.path.display(),
+                "Xray core         {} via {how}: inbound {} (VLESS) on {}, API on {}",
+                peer.version,
                 self::core::INBOUND_TAG,
                 core.inbound,
                 core.api
             ));
-            if python.version != self::core::XRAY_WHEEL {
+            if !peer.version.contains(self::core::XRAY_WHEEL) {
                 said(format!(
                     "                  (the project is pinned to {}; this one may behave differently)",
                     self::core::XRAY_WHEEL
@@ -340,9 +346,12 @@ impl Users {
     }
 }
 
-/// Says how to get the core, when there is none.
-fn no_core(why: &str) {
-    said(format!("Xray core         none: {why}"));
+/// Says why there is no core and how to get one.
+fn no_core(why: &[String]) {
+    said("Xray core         none found; tried:");
+    for w in why {
+        said(format!("                    - {w}"));
+    }
     said("The demo runs without the apply step (apply.mode = \"none\": the agent writes the");
     said("user lists to files only), and skips the ban and traffic steps. To see them:");
     said(format!(
@@ -350,17 +359,10 @@ fn no_core(why: &str) {
         self::core::XRAY_WHEEL
     ));
     said("    CONNECTOR_XRAY_PYTHON=xray-venv/bin/python connector demo");
-    if Path::new(REPO_VENV).exists() {
-        said("This checkout has one (scripts/install-peers.sh made it):");
-        said(format!(
-            "    CONNECTOR_XRAY_PYTHON={REPO_VENV} cargo run --release --bin connector -- demo"
-        ));
-    } else {
-        said("(in the repository: `bash scripts/install-peers.sh`, then");
-        said(format!(
-            " CONNECTOR_XRAY_PYTHON={REPO_VENV} cargo run --release --bin connector -- demo)"
-        ));
-    }
+    said("  or with an installed xray: CONNECTOR_XRAY_BIN=/usr/local/bin/xray connector demo");
+    said(format!(
+        "  or in the repository: `bash scripts/install-peers.sh` (makes {REPO_VENV}, found by itself)"
+    ));
 }
 
 fn config_toml(

@@ -110,6 +110,34 @@ pub struct Peer {
     /// The venv's python (Xray) or the v2ray binary.
     pub program: PathBuf,
     pub version: String,
+    /// How `program` is given the config.
+    pub runner: Runner,
+}
+
+/// How a core's program is started with a config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runner {
+    /// A python with the wheel's `xray` module, running [`XRAY_RUNNER`] on the file.
+    Wheel,
+    /// An `xray` executable as operators install it: `xray run -c FILE`.
+    XrayRun,
+    /// V2Ray 4.34: `v2ray -config FILE`.
+    V2ray,
+}
+
+/// The version of the `xray` module `python` imports; `Err` says what failed.
+pub fn wheel_version(python: &Path) -> Result<String, String> {
+    let out = Command::new(python)
+        .args(["-c", "import xray; print(xray.__version__)"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or("").trim().to_string();
+        return Err(format!("{} has no `xray` module: {last}", python.display()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// The installed core of `flavor`, found once per test binary; `Err` says what is
@@ -186,19 +214,8 @@ fn find_xray() -> Result<Peer, String> {
             python.display()
         ));
     }
-    let out = Command::new(&python)
-        .args(["-c", "import xray; print(xray.__version__)"])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {} ({from}): {e}", python.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "the Xray core is not installed: `{} -c 'import xray'` ({from}) failed: {}",
-            python.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let version = wheel_version(&python)
+        .map_err(|e| format!("the Xray core is not installed ({from}): {e}"))?;
     if version != XRAY_WHEEL {
         return Err(format!(
             "{} ({from}) has Xray-core {version}, but the tests are pinned to {XRAY_WHEEL}",
@@ -209,6 +226,7 @@ fn find_xray() -> Result<Peer, String> {
         flavor: Flavor::Xray,
         program: python,
         version: format!("Xray-core wheel {version}"),
+        runner: Runner::Wheel,
     })
 }
 
@@ -241,6 +259,7 @@ fn find_v2ray() -> Result<Peer, String> {
         flavor: Flavor::V2ray,
         program,
         version,
+        runner: Runner::V2ray,
     })
 }
 
@@ -707,14 +726,33 @@ impl Core {
         Core::launch(flavor, config, false)
     }
 
+    /// [`Core::try_start`] with a given peer (the demo's, found its own way), in a new
+    /// directory under `parent`, which is kept when the start fails.
+    pub fn try_start_peer(peer: Peer, config: Value, parent: &Path) -> Result<Core, String> {
+        Core::launch_peer(peer, config, Some(parent), true)
+    }
+
     /// Starts the core; on failure, keeps its directory (which the report names) when
     /// `keep` (the caller is about to panic).
     fn launch(flavor: Flavor, config: Value, keep: bool) -> Result<Core, String> {
-        let peer = peer(flavor)?;
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("connector-{flavor}-"))
-            .tempdir()
-            .map_err(|e| format!("a temporary directory for the {flavor} core: {e}"))?;
+        Core::launch_peer(peer(flavor)?, config, None, keep)
+    }
+
+    fn launch_peer(
+        peer: Peer,
+        config: Value,
+        parent: Option<&Path>,
+        keep: bool,
+    ) -> Result<Core, String> {
+        let flavor = peer.flavor;
+        let prefix = format!("connector-{flavor}-");
+        let mut dir = tempfile::Builder::new();
+        dir.prefix(&prefix);
+        let dir = match parent {
+            Some(p) => dir.tempdir_in(p),
+            None => dir.tempdir(),
+        }
+        .map_err(|e| format!("a temporary directory for the {flavor} core: {e}"))?;
         let text = serde_json::to_string_pretty(&config).expect("a JSON value serialises");
         std::fs::write(dir.path().join("config.json"), text)
             .map_err(|e| format!("writing the {flavor} core's config: {e}"))?;
@@ -845,20 +883,23 @@ impl Core {
         let stdout = self.dir().join(format!("run-{n}.stdout"));
         let stderr = self.dir().join(format!("run-{n}.stderr"));
         let mut cmd = Command::new(&self.peer.program);
-        match self.peer.flavor {
-            Flavor::Xray => {
+        match self.peer.runner {
+            Runner::Wheel => {
                 let runner = self.dir().join("xray-runner.py");
                 std::fs::write(&runner, XRAY_RUNNER)
                     .map_err(|e| format!("writing {}: {e}", runner.display()))?;
                 cmd.arg(runner).arg(&config)
             }
-            Flavor::V2ray => cmd.arg("-config").arg(&config),
+            Runner::XrayRun => cmd.arg("run").arg("-c").arg(&config),
+            Runner::V2ray => cmd.arg("-config").arg(&config),
         };
-        let file = |p: &Path| std::fs::File::create(p).expect("a log file for the core");
+        let file = |p: &Path| {
+            std::fs::File::create(p).map_err(|e| format!("creating {}: {e}", p.display()))
+        };
         cmd.current_dir(self.dir())
             .stdin(Stdio::null())
-            .stdout(file(&stdout))
-            .stderr(file(&stderr));
+            .stdout(file(&stdout)?)
+            .stderr(file(&stderr)?);
         let child = spawn_reaped_on_exit(cmd)
             .map_err(|e| format!("cannot start {}: {e}", self.peer.program.display()))?;
         self.runs.push(Run {

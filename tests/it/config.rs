@@ -13,6 +13,7 @@ use std::time::Duration;
 use connector::config::{self, ConfigError};
 use connector::jobs;
 use connector::queue::OnExhausted;
+use serde_json::{Value, json};
 
 fn no_env() -> BTreeMap<String, String> {
     BTreeMap::new()
@@ -574,11 +575,13 @@ fn non_utf8_environment_values_are_errors_naming_the_variable() {
     let dir = tempfile::tempdir().unwrap();
     let config = runnable_config(dir.path(), &dir.path().join("data"));
     let config = config.to_str().unwrap();
-    let cases: [(&str, &[u8]); 4] = [
+    let cases: [(&str, &[u8]); 6] = [
         ("DATA_DIR", b"\xff"),
         ("NODE_IDS", b"1,\xff"),
         ("INTERNAL_API_KEY", b"NONUTF8SECRET\xff"),
         ("OUTPUT_DIR", b"/tmp/out-\xfe"),
+        ("CONNECTOR_HTTP_TOKEN", b"NONUTF8SECRET\xff"),
+        ("CONNECTOR_QUEUE_KINDS_WEBHOOK_LADDER", b"0s,\xff"),
     ];
     for (name, value) in cases {
         let env = [(name, OsStr::from_bytes(value))];
@@ -701,4 +704,261 @@ fn the_key_and_the_key_file_together_are_refused() {
     ))
     .unwrap_err();
     assert_eq!(e.key, "panel.internal_api_key_file", "{e}");
+}
+
+// ---- every key from the environment (issue 16 item 3) ----
+
+/// A value for `key` (a row of `config::keys::KEYS`) that the agent takes, in two
+/// variants where keys exclude each other (a key or its file; vless's flow or
+/// shadowsocks's cipher), and what `check-config --json` shows for it. A key without a
+/// sample fails the test: give it one.
+fn sample(key: &str, variant: usize, dir: &Path) -> Option<(String, Value)> {
+    let path = |name: &str| dir.join(name).display().to_string();
+    let s = |v: &str| Some((v.to_string(), json!(v)));
+    match (key, variant) {
+        ("data_dir", _) => s(&path("data")),
+        ("shutdown_timeout", _) => s("17s"),
+        ("admin.socket", _) => s(&path("admin-elsewhere.sock")),
+        ("panel.base_url", _) => Some((
+            "http://127.0.0.1:3999".into(),
+            json!("http://127.0.0.1:3999/"),
+        )),
+        ("panel.internal_api_key", 0) => Some(("ENVSECRET-panel".into(), json!("***"))),
+        ("panel.internal_api_key_file", 1) => s(&path("panel.key")),
+        ("panel.internal_api_key" | "panel.internal_api_key_file", _) => None,
+        ("panel.timeout", _) => s("19s"),
+        ("sync.interval", _) => s("23s"),
+        ("sync.output_dir", _) => s(&path("out")),
+        ("sync.max_removal_ratio", _) => Some(("0.25".into(), json!(0.25))),
+        ("sync.confirm_after", _) => s("29s"),
+        ("apply.mode", _) => s("xray-grpc"),
+        ("apply.cmd", _) => s("/bin/true {node_id}"),
+        ("apply.timeout", _) => s("31s"),
+        ("xray.api", _) => s("127.0.0.1:10999"),
+        // V2Ray takes no shadowsocks users over its API: the shadowsocks variant is Xray.
+        ("xray.flavor", 0) => s("v2ray"),
+        ("xray.flavor", _) => s("xray"),
+        ("xray.email_template", _) => s("{node_id}.{uuid}"),
+        ("xray.timeout", _) => s("37s"),
+        ("xray.concurrency", _) => Some(("3".into(), json!(3))),
+        ("xray.access_log", _) => s(&path("access.log")),
+        ("xray.cut_connections", _) => Some(("true".into(), json!(true))),
+        ("nodes[].id", _) => Some(("7".into(), json!(7))),
+        ("nodes[].inbound_tag", _) => s("tag-seven"),
+        ("nodes[].protocol", 0) => s("vless"),
+        ("nodes[].protocol", _) => s("shadowsocks"),
+        ("nodes[].flow", 0) => s("xtls-rprx-vision"),
+        ("nodes[].cipher", 1) => s("aes-256-gcm"),
+        ("nodes[].flow" | "nodes[].cipher", _) => None,
+        ("nodes[].port", _) => Some(("4433".into(), json!(4433))),
+        ("traffic.enabled", _) => Some(("true".into(), json!(true))),
+        ("traffic.interval", _) => s("41s"),
+        ("traffic.max_items", _) => Some(("77".into(), json!(77))),
+        ("queue.dedupe_window", _) => s("2h"),
+        ("queue.kinds.*.ladder", _) => Some(("1s, 2s,3s".into(), json!(["1s", "2s", "3s"]))),
+        ("queue.kinds.*.on_exhausted", _) => s("repeat-last"),
+        ("queue.kinds.*.concurrency", _) => Some(("6".into(), json!(6))),
+        ("queue.kinds.*.lease_timeout", _) => s("3m"),
+        ("queue.kinds.*.keep_done", _) => s("5h"),
+        ("webhook.providers_dir", _) => s(&path("providers")),
+        ("webhook.ca_file", _) => s(&path("ca.pem")),
+        ("webhook.timeout", _) => s("43s"),
+        ("webhook.per_relay_concurrency", _) => Some(("5".into(), json!(5))),
+        ("webhook.reload_interval", _) => s("47s"),
+        ("http.listen", _) => s("127.0.0.1:9461"),
+        ("http.token", 0) => Some(("ENVSECRET-http".into(), json!("***"))),
+        ("http.token_file", 1) => s(&path("http.token")),
+        ("http.token" | "http.token_file", _) => None,
+        ("http.max_body_bytes", _) => Some(("12345".into(), json!(12345))),
+        ("http.max_connections", _) => Some(("99".into(), json!(99))),
+        ("http.header_timeout", _) => s("53s"),
+        ("http.idle_timeout", _) => s("59s"),
+        (other, _) => panic!("no sample value for {other}: add one to tests/it/config.rs"),
+    }
+}
+
+/// Every key of `config::keys::KEYS` set by its environment variable alone (no file),
+/// read back from `connector check-config --json`: the value, and which variable set
+/// it. The table is the code's own (held to the file's fields by a unit test), so a new
+/// key is set here without this test knowing it.
+#[test]
+fn every_key_is_set_from_the_environment_and_check_config_says_by_which_variable() {
+    use connector::config::keys::{KEYS, var_name};
+    let kinds: Vec<&str> = connector::jobs::ALL.iter().map(|k| k.as_str()).collect();
+    for variant in 0..2 {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("panel.key"), "FILESECRET-panel\n").unwrap();
+        agent::write_private(&dir.path().join("http.token"), "FILESECRET-http\n");
+        std::fs::set_permissions(
+            dir.path().join("panel.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("ca.pem"), receiver_ca()).unwrap();
+        std::fs::write(dir.path().join("access.log"), "").unwrap();
+        // (variable, value, where in the JSON, what it must show, the key `env` names)
+        let mut rows: Vec<(String, String, Vec<String>, Value, String)> = Vec::new();
+        for k in KEYS {
+            let Some((value, shown)) = sample(k.key, variant, dir.path()) else {
+                continue;
+            };
+            if let Some(field) = k.key.strip_prefix("nodes[].") {
+                if let Some(seed) = k.seed {
+                    rows.push((
+                        seed.into(),
+                        value,
+                        vec!["nodes".into(), "7".into(), field.into()],
+                        shown,
+                        "[[nodes]]".into(),
+                    ));
+                } else {
+                    rows.push((
+                        var_name(k.key, Some(7), None),
+                        value,
+                        vec!["nodes".into(), "7".into(), field.into()],
+                        shown,
+                        format!("nodes.7.{field}"),
+                    ));
+                }
+            } else if let Some(field) = k.key.strip_prefix("queue.kinds.*.") {
+                for kind in &kinds {
+                    rows.push((
+                        var_name(k.key, None, Some(kind)),
+                        value.clone(),
+                        vec![
+                            "queue".into(),
+                            "kinds".into(),
+                            kind.to_string(),
+                            field.into(),
+                        ],
+                        shown.clone(),
+                        format!("queue.kinds.{kind}.{field}"),
+                    ));
+                }
+            } else {
+                let var = k
+                    .seed
+                    .map_or_else(|| var_name(k.key, None, None), String::from);
+                rows.push((
+                    var,
+                    value,
+                    k.key.split('.').map(String::from).collect(),
+                    shown,
+                    k.key.to_string(),
+                ));
+            }
+        }
+        let mut cmd = agent::connector(dir.path());
+        cmd.args(["check-config", "--json"]);
+        for (var, value, ..) in &rows {
+            cmd.env(var, value);
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "variant {variant}: {stderr}\n{stdout}"
+        );
+        for text in [&stdout, &stderr] {
+            assert!(!text.contains("SECRET-"), "a secret was shown:\n{text}");
+        }
+        let v: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+        for (var, _, at, shown, key) in &rows {
+            let mut got = &v;
+            for part in at {
+                got = match (got, part.parse::<u64>()) {
+                    (Value::Array(nodes), Ok(id)) => nodes
+                        .iter()
+                        .find(|n| n["id"] == id)
+                        .unwrap_or_else(|| panic!("no node {id} in {stdout}")),
+                    _ => &got[part.as_str()],
+                };
+            }
+            assert_eq!(got, shown, "{var}: {at:?} in\n{stdout}");
+            assert_eq!(
+                v["env"][key.as_str()],
+                json!(var),
+                "check-config does not say {var} set {key}:\n{stdout}"
+            );
+        }
+    }
+}
+
+/// A CA certificate for `webhook.ca_file` (it is read and checked at load).
+fn receiver_ca() -> String {
+    crate::support::receiver::Receiver::start().ca_pem.clone()
+}
+
+/// A bad value names the variable and the key; a secret's is never shown.
+#[test]
+fn bad_key_variables_name_the_variable_and_never_show_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    agent::write_private(&token_file, "FILETOKEN\n");
+    let token_file = token_file.to_str().unwrap();
+    let cases: [(&[(&str, &str)], &str); 7] = [
+        (
+            &[("CONNECTOR_HTTP_MAX_CONNECTIONS", "many")],
+            "CONNECTOR_HTTP_MAX_CONNECTIONS: is not a whole number",
+        ),
+        (
+            &[("CONNECTOR_HTTP_LISTEN", "nowhere")],
+            "CONNECTOR_HTTP_LISTEN (http.listen): `nowhere` is not an address",
+        ),
+        (
+            &[("CONNECTOR_QUEUE_KINDS_WEBHOOK_LADDER", "0s,soon")],
+            "CONNECTOR_QUEUE_KINDS_WEBHOOK_LADDER (queue.kinds.webhook.ladder[1]): `soon` is not a duration",
+        ),
+        (
+            &[("CONNECTOR_XRAY_CONCURRENCY", "0")],
+            "CONNECTOR_XRAY_CONCURRENCY (xray.concurrency)",
+        ),
+        (
+            &[("CONNECTOR_TRAFFIC_MAX_ITEMS", "-3")],
+            "CONNECTOR_TRAFFIC_MAX_ITEMS (traffic.max_items)",
+        ),
+        (
+            &[
+                ("CONNECTOR_HTTP_TOKEN", "BADSECRET"),
+                ("CONNECTOR_HTTP_TOKEN_FILE", token_file),
+            ],
+            "(http.token_file): set either token or token_file, not both",
+        ),
+        (
+            &[("XRAY_CUT_CONNECTIONS", "maybe")],
+            "environment: XRAY_CUT_CONNECTIONS: ",
+        ),
+    ];
+    for (vars, says) in cases {
+        let mut cmd = agent::connector(dir.path());
+        cmd.args(["check-config"]).envs(vars.iter().copied());
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{vars:?}: {stderr}");
+        assert!(stderr.contains(says), "{vars:?}: {stderr}");
+        assert!(
+            !stderr.contains("BADSECRET") && !stderr.contains("FILETOKEN"),
+            "a secret was shown: {stderr}"
+        );
+    }
+}
+
+/// README's configuration table names every key's variable (the seed's, or the
+/// `CONNECTOR_…` pattern with `{ID}`/`{K}`).
+#[test]
+fn readme_lists_every_key_variable() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    for k in connector::config::keys::KEYS {
+        let var = connector::config::keys::var_pattern(k).replace("{KIND}", "{K}");
+        assert!(
+            readme
+                .lines()
+                .any(|l| l.starts_with("| `") && l.contains(&format!("`{var}"))),
+            "README's configuration table does not name {var} ({})",
+            k.key
+        );
+    }
 }

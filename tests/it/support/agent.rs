@@ -491,6 +491,12 @@ pub fn scrub(cmd: &mut Command) {
     for (name, _, _) in connector::config::ENV_VARS {
         cmd.env_remove(name);
     }
+    // Every `CONNECTOR_…` key variable (config::keys) too.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("CONNECTOR_") {
+            cmd.env_remove(name);
+        }
+    }
     cmd.env_remove("CONNECTOR_CONFIG")
         .env("RUST_LOG", "info")
         .env_remove("RUST_BACKTRACE");
