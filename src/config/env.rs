@@ -83,11 +83,11 @@ pub const ENV_VARS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-fn env_err(key: &str, reason: String) -> ConfigError {
+fn env_err(key: &str, reason: impl std::fmt::Display) -> ConfigError {
     ConfigError {
         file: None,
         key: key.into(),
-        reason,
+        reason: reason.to_string(),
     }
 }
 
@@ -101,7 +101,7 @@ pub(super) fn apply(
         if env.is_not_unicode(name) {
             return Err(env_err(
                 name,
-                "is set to a value that is not valid UTF-8 (not shown); set it to UTF-8 text, or unset it".into(),
+                "is set to a value that is not valid UTF-8 (not shown); set it to UTF-8 text, or unset it",
             ));
         }
     }
@@ -115,7 +115,7 @@ pub(super) fn apply(
     if get("INTERNAL_API_KEY").is_some() && get("INTERNAL_API_KEY_FILE").is_some() {
         return Err(env_err(
             "INTERNAL_API_KEY",
-            "INTERNAL_API_KEY and INTERNAL_API_KEY_FILE are both set: set only one (neither would silently win)".into(),
+            "INTERNAL_API_KEY and INTERNAL_API_KEY_FILE are both set: set only one (neither would silently win)",
         ));
     }
     if let Some(v) = get("INTERNAL_API_KEY_FILE") {
@@ -208,9 +208,11 @@ fn parse_bool(name: &str, v: &str) -> Result<bool, ConfigError> {
     }
 }
 
-fn nonzero(d: Result<std::time::Duration, String>) -> Result<std::time::Duration, String> {
+fn nonzero(
+    d: Result<std::time::Duration, super::Invalid>,
+) -> Result<std::time::Duration, super::Invalid> {
     match d {
-        Ok(d) if d.is_zero() => Err("must be more than 0 seconds".into()),
+        Ok(d) if d.is_zero() => Err(super::Invalid("must be more than 0 seconds".into())),
         other => other,
     }
 }

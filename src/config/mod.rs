@@ -478,39 +478,48 @@ fn finish(cfg: &mut Config, pending: Pending, env: &dyn Env) -> Result<(), Confi
     Ok(())
 }
 
+/// Why one value is not acceptable: the reason a [`ConfigError`] gives for its key or
+/// variable. Says what is wrong without echoing a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
 /// Parses a humantime duration, or a plain number of seconds (the Go connector's
 /// `*_SECONDS` variables).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, Invalid> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("`{s}` is not a duration ({e}); use e.g. \"10s\", \"5m\", \"1h30m\""))
+    humantime::parse_duration(s).map_err(|e| {
+        Invalid(format!(
+            "`{s}` is not a duration ({e}); use e.g. \"10s\", \"5m\", \"1h30m\""
+        ))
+    })
 }
 
 /// `panel.base_url` / `PANEL_BASE_URL`. The value is echoed only masked: it may carry
 /// a password (`http://admin:pass@panel/`).
-fn parse_base_url(s: &str) -> Result<String, String> {
+fn parse_base_url(s: &str) -> Result<String, Invalid> {
     let url = url::Url::parse(s.trim()).map_err(|e| {
-        format!("not a URL ({e}); expected e.g. \"http://127.0.0.1:3000\" or \"https://panel.example/prefix\"")
+        Invalid(format!("not a URL ({e}); expected e.g. \"http://127.0.0.1:3000\" or \"https://panel.example/prefix\""))
     })?;
     if !matches!(url.scheme(), "http" | "https") {
         // Only the scheme: in `admin:pass@host` the "scheme" is the user name and the
         // rest, the password included, is a path.
-        return Err(format!(
+        return Err(Invalid(format!(
             "must start with http:// or https:// (it starts with `{}:`)",
             url.scheme()
-        ));
+        )));
     }
     let shown = redact_url(&url);
     if url.host().is_none() {
-        return Err(format!("`{shown}` has no host"));
+        return Err(Invalid(format!("`{shown}` has no host")));
     }
     // Request paths (`/api/internal/...`) are appended to the base: after a query or a
     // fragment they would end up inside it.
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!(
+        return Err(Invalid(format!(
             "`{shown}` has a {}: panel.base_url (PANEL_BASE_URL) takes no query or fragment, request paths are appended to it; remove everything from the `{}` on",
             if url.query().is_some() {
                 "query"
@@ -518,19 +527,19 @@ fn parse_base_url(s: &str) -> Result<String, String> {
                 "fragment"
             },
             if url.query().is_some() { '?' } else { '#' },
-        ));
+        )));
     }
     Ok(url.as_str().trim_end_matches('/').to_string())
 }
 
 /// `xray.api`: `host:port` as the gRPC client dials it (`127.0.0.1:10085`,
 /// `[::1]:10085`, `localhost:10085`).
-fn parse_xray_api(s: &str) -> Result<String, String> {
+fn parse_xray_api(s: &str) -> Result<String, Invalid> {
     let s = s.trim();
     let bad = |why: &str| {
-        format!(
+        Invalid(format!(
             "`{s}` is not a host:port address ({why}); expected e.g. \"127.0.0.1:10085\" or \"[::1]:10085\""
-        )
+        ))
     };
     let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
     match port.parse::<u16>() {
@@ -553,11 +562,11 @@ fn parse_xray_api(s: &str) -> Result<String, String> {
 
 /// A key or token sent in an HTTP header: printable ASCII. Says what is wrong without
 /// the value.
-fn header_safe(s: &str) -> Result<(), String> {
+fn header_safe(s: &str) -> Result<(), Invalid> {
     if s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
         Ok(())
     } else {
-        Err("holds a character that cannot be sent in an HTTP header (only printable ASCII; the value is not shown)".into())
+        Err(Invalid("holds a character that cannot be sent in an HTTP header (only printable ASCII; the value is not shown)".into()))
     }
 }
 
@@ -632,17 +641,17 @@ fn writable(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-fn parse_node_ids(s: &str) -> Result<Vec<u64>, String> {
+fn parse_node_ids(s: &str) -> Result<Vec<u64>, Invalid> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .map(|p| {
             p.parse::<u64>()
-                .map_err(|_| format!("`{p}` is not a node id (expected e.g. 1,2,3)"))
+                .map_err(|_| Invalid(format!("`{p}` is not a node id (expected e.g. 1,2,3)")))
         })
         .collect()
 }
 
-fn split_cmd(cmd: &str) -> Result<Vec<String>, String> {
-    shlex::split(cmd).ok_or_else(|| format!("`{cmd}` has an unclosed quote"))
+fn split_cmd(cmd: &str) -> Result<Vec<String>, Invalid> {
+    shlex::split(cmd).ok_or_else(|| Invalid(format!("`{cmd}` has an unclosed quote")))
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    ApplyMode, Config, ConfigError, Flavor, NodeSpec, Pending, Protocol, Secret, Xray, header_safe,
-    is_secret_key, parse_base_url, parse_xray_api, split_cmd, without_value,
+    ApplyMode, Config, ConfigError, Flavor, Invalid, NodeSpec, Pending, Protocol, Secret, Xray,
+    header_safe, is_secret_key, parse_base_url, parse_xray_api, split_cmd, without_value,
 };
 use crate::queue::{JobKind, OnExhausted};
 
@@ -289,7 +289,8 @@ fn apply_raw(
 
     let p = raw.panel;
     if let Some(u) = p.base_url {
-        cfg.panel.base_url = parse_base_url(&u).map_err(|r| ("panel.base_url".into(), r))?;
+        cfg.panel.base_url =
+            parse_base_url(&u).map_err(|r| ("panel.base_url".into(), r.to_string()))?;
     }
     if let (Some(_), Some(_)) = (&p.internal_api_key, &p.internal_api_key_file) {
         return Err((
@@ -298,13 +299,13 @@ fn apply_raw(
         ));
     }
     if let Some(k) = p.internal_api_key {
-        header_safe(k.trim()).map_err(|r| ("panel.internal_api_key".to_string(), r))?;
+        header_safe(k.trim()).map_err(|r| ("panel.internal_api_key".to_string(), r.to_string()))?;
         cfg.panel.internal_api_key = Some(Secret::new(k.trim()));
     }
     if let Some(f) = p.internal_api_key_file {
         cfg.panel.internal_api_key = Some(
             read_key_file(&f, &mut cfg.warnings)
-                .map_err(|r| ("panel.internal_api_key_file".into(), r))?,
+                .map_err(|r| ("panel.internal_api_key_file".into(), r.to_string()))?,
         );
         cfg.panel.internal_api_key_file = Some(f);
     }
@@ -334,10 +335,10 @@ fn apply_raw(
 
     let a = raw.apply;
     if let Some(m) = a.mode {
-        pending.mode = Some(parse_mode(&m).map_err(|r| ("apply.mode".into(), r))?);
+        pending.mode = Some(parse_mode(&m).map_err(|r| ("apply.mode".into(), r.to_string()))?);
     }
     if let Some(c) = a.cmd {
-        cfg.apply.argv = split_cmd(&c).map_err(|r| ("apply.cmd".into(), r))?;
+        cfg.apply.argv = split_cmd(&c).map_err(|r| ("apply.cmd".into(), r.to_string()))?;
         cfg.apply.cmd = c;
     }
     if let Some(t) = a.timeout {
@@ -357,7 +358,9 @@ fn apply_raw(
                 None => d.concurrency,
             },
             api: match x.api {
-                Some(a) => parse_xray_api(&a).map_err(|r| ("xray.api".to_string(), r))?,
+                Some(a) => {
+                    parse_xray_api(&a).map_err(|r| ("xray.api".to_string(), r.to_string()))?
+                }
                 None => d.api,
             },
             flavor: match x.flavor.as_deref() {
@@ -467,26 +470,55 @@ fn apply_raw(
     Ok(())
 }
 
-pub(super) fn parse_mode(s: &str) -> Result<ApplyMode, String> {
+pub(super) fn parse_mode(s: &str) -> Result<ApplyMode, Invalid> {
     match s {
         "xray-grpc" => Ok(ApplyMode::XrayGrpc),
         "cmd" => Ok(ApplyMode::Cmd),
         "none" => Ok(ApplyMode::None),
-        other => Err(format!(
+        other => Err(Invalid(format!(
             "`{other}` is not an apply mode (expected xray-grpc, cmd or none)"
-        )),
+        ))),
     }
 }
 
+/// Why the panel's key file is not usable. Never says what the key is.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is empty", path.display())]
+    Empty { path: std::path::PathBuf },
+    #[error("the key in {} {reason}", path.display())]
+    NotSendable {
+        path: std::path::PathBuf,
+        #[source]
+        reason: Invalid,
+    },
+}
+
 /// Reads a key file (first line, trimmed), warning when others can read it.
-pub(super) fn read_key_file(path: &Path, warnings: &mut Vec<String>) -> Result<Secret, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+pub(super) fn read_key_file(
+    path: &Path,
+    warnings: &mut Vec<String>,
+) -> Result<Secret, KeyFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let key = text.lines().next().unwrap_or("").trim();
     if key.is_empty() {
-        return Err(format!("{} is empty", path.display()));
+        return Err(KeyFileError::Empty {
+            path: path.to_path_buf(),
+        });
     }
-    header_safe(key).map_err(|r| format!("the key in {} {r}", path.display()))?;
+    header_safe(key).map_err(|reason| KeyFileError::NotSendable {
+        path: path.to_path_buf(),
+        reason,
+    })?;
     if readable_by_others(path) {
         warnings.push(format!(
             "{} holds the panel's internal API key and is readable by other users; chmod 600 it",

@@ -132,7 +132,7 @@ pub(super) fn apply_http(
     warnings: &mut Vec<String>,
 ) -> Result<(), KeyError> {
     if let Some(l) = raw.listen {
-        h.listen = parse_listen(&l).map_err(|r| ("http.listen".to_string(), r))?;
+        h.listen = parse_listen(&l).map_err(|r| ("http.listen".to_string(), r.to_string()))?;
     }
     if raw.token.as_deref().is_some_and(|t| !t.trim().is_empty()) && raw.token_file.is_some() {
         return Err((
@@ -201,13 +201,13 @@ pub(super) fn apply_http(
 }
 
 /// `host:port`, or empty for no listener.
-fn parse_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+fn parse_listen(s: &str) -> Result<Option<SocketAddr>, super::Invalid> {
     let s = s.trim();
     if s.is_empty() {
         return Ok(None);
     }
     s.parse::<SocketAddr>().map(Some).map_err(|_| {
-        format!("`{s}` is not an address to listen on (expected e.g. \"127.0.0.1:9460\", or \"\" for none)")
+        super::Invalid(format!("`{s}` is not an address to listen on (expected e.g. \"127.0.0.1:9460\", or \"\" for none)"))
     })
 }
 

@@ -31,7 +31,29 @@ pub struct RawStats {
 #[error("counter {index} of the answer: {reason}")]
 pub struct BadCounter {
     pub index: usize,
-    pub reason: String,
+    #[source]
+    pub reason: BadStat,
+}
+
+/// What is wrong with one `Stat`'s bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum BadStat {
+    #[error("bad field key: {0}")]
+    Key(#[source] prost::DecodeError),
+    #[error("bad name length: {0}")]
+    NameLength(#[source] prost::DecodeError),
+    #[error("the name runs past the counter's end")]
+    NamePastEnd,
+    #[error("the name is not UTF-8")]
+    NameNotUtf8,
+    #[error("bad value: {0}")]
+    Value(#[source] prost::DecodeError),
+    #[error("bad field {tag}: {source}")]
+    Field {
+        tag: u32,
+        #[source]
+        source: prost::DecodeError,
+    },
 }
 
 impl RawStats {
@@ -69,33 +91,30 @@ impl RawStats {
 }
 
 /// One `Stat`: its name (UTF-8, as protobuf strings must be) and value.
-fn stat(mut bytes: &[u8]) -> Result<(&str, i64), String> {
+fn stat(mut bytes: &[u8]) -> Result<(&str, i64), BadStat> {
     let whole = bytes;
     let (mut name, mut value) = ("", 0i64);
     while !bytes.is_empty() {
-        let (tag, wire_type) =
-            encoding::decode_key(&mut bytes).map_err(|e| format!("bad field key: {e}"))?;
+        let (tag, wire_type) = encoding::decode_key(&mut bytes).map_err(BadStat::Key)?;
         match (tag, wire_type) {
             (1, WireType::LengthDelimited) => {
-                let len = encoding::decode_varint(&mut bytes)
-                    .map_err(|e| format!("bad name length: {e}"))?;
+                let len = encoding::decode_varint(&mut bytes).map_err(BadStat::NameLength)?;
                 let len = usize::try_from(len)
                     .ok()
                     .filter(|&l| l <= bytes.len())
-                    .ok_or_else(|| "the name runs past the counter's end".to_string())?;
+                    .ok_or(BadStat::NamePastEnd)?;
                 // Borrow from `whole` (same bytes) so the name outlives this cursor.
                 let at = whole.len() - bytes.len();
-                name = std::str::from_utf8(&whole[at..at + len])
-                    .map_err(|_| "the name is not UTF-8".to_string())?;
+                name =
+                    std::str::from_utf8(&whole[at..at + len]).map_err(|_| BadStat::NameNotUtf8)?;
                 bytes = &bytes[len..];
             }
             (2, WireType::Varint) => {
                 // int64: two's complement in a varint.
-                value = encoding::decode_varint(&mut bytes)
-                    .map_err(|e| format!("bad value: {e}"))? as i64;
+                value = encoding::decode_varint(&mut bytes).map_err(BadStat::Value)? as i64;
             }
             _ => encoding::skip_field(wire_type, tag, &mut bytes, DecodeContext::default())
-                .map_err(|e| format!("bad field {tag}: {e}"))?,
+                .map_err(|source| BadStat::Field { tag, source })?,
         }
     }
     Ok((name, value))
