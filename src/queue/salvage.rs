@@ -499,7 +499,8 @@ fn logged_set(b: &[u8]) -> Option<Logged<'_>> {
     let key = b.get(n..n + klen)?;
     let rest = &b[n + klen..];
     let (vlen, m) = sled_varint(rest)?;
-    let value = rest.get(m..m + usize::try_from(vlen).ok()?)?;
+    // A length read from garbage may be near 2^64: the end must not overflow.
+    let value = rest.get(m..m.checked_add(usize::try_from(vlen).ok()?)?)?;
     match key[0] {
         keys::STATE => {
             if !key[1..].iter().all(|c| c.is_ascii_graphic()) {
@@ -646,5 +647,15 @@ mod tests {
         assert_eq!(sled_varint(&[241, 10]), Some((250, 2)));
         assert_eq!(sled_varint(&[249, 0, 0]), Some((2288, 3)));
         assert_eq!(sled_varint(&[250, 1, 0, 1]), Some((0x01_0001, 4)));
+    }
+
+    /// Garbage that reads as a record with a value length near 2^64 is not a record
+    /// (it once overflowed the end offset and panicked the salvage).
+    #[test]
+    fn a_logged_set_with_a_huge_value_length_is_not_a_record() {
+        let mut b = vec![2, keys::STATE, b'a', 255];
+        b.extend_from_slice(&u64::MAX.to_le_bytes());
+        b.extend_from_slice(&[0; 16]);
+        assert!(logged_set(&b).is_none());
     }
 }
