@@ -73,6 +73,9 @@ pub fn main() -> ExitCode {
         for w in &config.warnings {
             crate::say!("connector: warning: {w}");
         }
+        for w in crate::jobs::xray_apply::cut::doctor(&config) {
+            crate::say!("connector: warning: {w}");
+        }
         // A closed stdout (`check-config | head`) ends the listing, not with a panic.
         let _ = std::io::Write::write_all(
             &mut std::io::stdout(),

@@ -110,7 +110,8 @@ fn send<T: NetlinkSerializable + std::fmt::Debug>(
     Ok(())
 }
 
-/// The established TCP sockets whose local port is in `ports`.
+/// The established TCP sockets whose local port is in `ports` (all of them when
+/// `ports` is empty).
 pub fn established(ports: &[u16]) -> Result<Vec<TcpSocket>, KernelError> {
     let socket = open()?;
     let mut out = Vec::new();
@@ -132,7 +133,7 @@ pub fn established(ports: &[u16]) -> Result<Vec<TcpSocket>, KernelError> {
             }),
         )?;
         read_dump(&socket, |family, id| {
-            if ports.contains(&id.source_port) {
+            if ports.is_empty() || ports.contains(&id.source_port) {
                 out.push(TcpSocket {
                     local: canonical(SocketAddr::new(id.source_address, id.source_port)),
                     remote: canonical(SocketAddr::new(
