@@ -248,17 +248,32 @@ impl LogState {
 /// Follows one log file by path: from its end at the first open, then from the start of
 /// each new file (a rotation by rename, or the file appearing), and from the start again
 /// after a truncation.
+///
+/// After a rename, the old file is still read as long as it grows and the new one does
+/// not: a core that keeps its file open (Xray and V2Ray do not reopen on a signal) goes
+/// on writing there until it is restarted.
 #[derive(Debug)]
 pub struct LogFollower {
     path: PathBuf,
-    file: Option<File>,
-    /// (device, inode) of the open file.
+    current: Option<Reader>,
+    /// The file renamed away, while the writer may still write to it.
+    previous: Option<(Reader, std::time::Instant)>,
+    pub state: LogState,
+}
+
+/// How long a renamed-away file that stopped growing is still read.
+const ROTATED_GRACE: Duration = Duration::from_secs(300);
+
+/// One open file and the position in it.
+#[derive(Debug)]
+struct Reader {
+    file: File,
+    /// (device, inode).
     id: (u64, u64),
     offset: u64,
     partial: Vec<u8>,
-    /// The part of an over-long line still being skipped.
+    /// The rest of an over-long line is being skipped.
     skipping: bool,
-    pub state: LogState,
 }
 
 fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
@@ -273,111 +288,45 @@ fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
     }
 }
 
-impl LogFollower {
-    pub fn new(path: PathBuf) -> LogFollower {
-        LogFollower {
-            path,
-            file: None,
-            id: (0, 0),
-            offset: 0,
-            partial: Vec::new(),
-            skipping: false,
-            state: LogState::Starting,
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn open(&mut self, from_end: bool) -> io::Result<()> {
-        let mut f = File::open(&self.path)?;
-        let m = f.metadata()?;
-        self.offset = if from_end {
-            f.seek(SeekFrom::End(0))?
+impl Reader {
+    fn open(path: &Path, from_end: bool) -> io::Result<Reader> {
+        let mut file = File::open(path)?;
+        let m = file.metadata()?;
+        let offset = if from_end {
+            file.seek(SeekFrom::End(0))?
         } else {
             0
         };
-        self.id = file_id(&m);
-        self.file = Some(f);
+        Ok(Reader {
+            file,
+            id: file_id(&m),
+            offset,
+            partial: Vec::new(),
+            skipping: false,
+        })
+    }
+
+    fn rewind(&mut self) -> io::Result<()> {
+        self.file.seek(SeekFrom::Start(0))?;
+        self.offset = 0;
         self.partial.clear();
         self.skipping = false;
         Ok(())
     }
 
-    /// Reads what is new, handing each complete line to `each`; returns the number of
-    /// lines. Never fails: a problem is kept in [`LogFollower::state`].
-    pub fn poll(&mut self, each: &mut dyn FnMut(&str)) -> usize {
-        let mut lines = 0;
-        if self.file.is_some() {
-            lines += self.drain(each);
-        }
-        // Then look at the path: a new file, a truncation, or none at all.
-        match std::fs::metadata(&self.path) {
-            Ok(m) => {
-                let id = file_id(&m);
-                if self.file.is_none() {
-                    // What the log held when the agent started is history; a file
-                    // that appears later is all new.
-                    let from_end = self.state == LogState::Starting;
-                    match self.open(from_end) {
-                        Ok(()) => self.state = LogState::Following,
-                        Err(e) => self.state = LogState::Unreadable(e.to_string()),
-                    }
-                } else if id != self.id {
-                    // Rotated: the old file was read to its end above.
-                    match self.open(false) {
-                        Ok(()) => self.state = LogState::Following,
-                        Err(e) => self.state = LogState::Unreadable(e.to_string()),
-                    }
-                } else if m.len() < self.offset {
-                    // Truncated in place (copytruncate).
-                    self.offset = 0;
-                    self.partial.clear();
-                    self.skipping = false;
-                    if let Some(f) = &mut self.file
-                        && let Err(e) = f.seek(SeekFrom::Start(0))
-                    {
-                        self.state = LogState::Unreadable(e.to_string());
-                        self.file = None;
-                    }
-                }
-                if self.file.is_some() {
-                    lines += self.drain(each);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // The open file (renamed away) may still be written a moment: keep it.
-                if self.file.is_none() {
-                    self.state = LogState::Missing;
-                }
-            }
-            Err(e) => {
-                if self.file.is_none() {
-                    self.state = LogState::Unreadable(e.to_string());
-                }
-            }
-        }
-        lines
-    }
-
-    fn drain(&mut self, each: &mut dyn FnMut(&str)) -> usize {
-        let Some(f) = &mut self.file else {
-            return 0;
-        };
+    /// Reads to the end, handing each complete line to `each`: (lines, bytes read).
+    fn drain(&mut self, each: &mut dyn FnMut(&str)) -> io::Result<(usize, u64)> {
         let mut buf = [0u8; 64 * 1024];
-        let mut lines = 0;
+        let (mut lines, mut bytes) = (0, 0);
         loop {
-            let n = match f.read(&mut buf) {
-                Ok(0) => return lines,
+            let n = match self.file.read(&mut buf) {
+                Ok(0) => return Ok((lines, bytes)),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.state = LogState::Unreadable(e.to_string());
-                    return lines;
-                }
+                Err(e) => return Err(e),
             };
             self.offset += n as u64;
+            bytes += n as u64;
             let mut rest = &buf[..n];
             while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
                 let (head, tail) = rest.split_at(nl);
@@ -405,6 +354,112 @@ impl LogFollower {
                     self.partial.clear();
                     self.skipping = true;
                 }
+            }
+        }
+    }
+}
+
+impl LogFollower {
+    pub fn new(path: PathBuf) -> LogFollower {
+        LogFollower {
+            path,
+            current: None,
+            previous: None,
+            state: LogState::Starting,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads what is new, handing each complete line to `each`; returns the number of
+    /// lines. Never fails: a problem is kept in [`LogFollower::state`].
+    pub fn poll(&mut self, each: &mut dyn FnMut(&str)) -> usize {
+        let mut lines = 0;
+        if let Some((old, last_growth)) = &mut self.previous {
+            match old.drain(each) {
+                Ok((n, bytes)) => {
+                    lines += n;
+                    if bytes > 0 {
+                        *last_growth = std::time::Instant::now();
+                    } else if last_growth.elapsed() > ROTATED_GRACE {
+                        self.previous = None;
+                    }
+                }
+                Err(_) => self.previous = None,
+            }
+        }
+        let mut moved = self.drain_current(each);
+        // Then look at the path: a new file, a truncation, or none at all.
+        match std::fs::metadata(&self.path) {
+            Ok(m) => {
+                let id = file_id(&m);
+                match &mut self.current {
+                    None => {
+                        // What the log held when the agent started is history; a file
+                        // that appears later is all new.
+                        let from_end = self.state == LogState::Starting;
+                        self.reopen(from_end);
+                    }
+                    Some(r) if r.id != id => {
+                        // Rotated: the old file was read to its end above, and is still
+                        // read while its writer has not moved to the new one.
+                        let old = self.current.take();
+                        lines += moved;
+                        moved = 0;
+                        self.reopen(false);
+                        self.previous = old.map(|r| (r, std::time::Instant::now()));
+                    }
+                    Some(r) if m.len() < r.offset => {
+                        // Truncated in place (copytruncate).
+                        if let Err(e) = r.rewind() {
+                            self.state = LogState::Unreadable(e.to_string());
+                            self.current = None;
+                        }
+                    }
+                    Some(_) => {}
+                }
+                moved += self.drain_current(each);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if self.current.is_none() {
+                    self.state = LogState::Missing;
+                }
+            }
+            Err(e) => {
+                if self.current.is_none() {
+                    self.state = LogState::Unreadable(e.to_string());
+                }
+            }
+        }
+        if moved > 0 {
+            // The writer writes the current file: a renamed one is done.
+            self.previous = None;
+        }
+        lines + moved
+    }
+
+    fn reopen(&mut self, from_end: bool) {
+        match Reader::open(&self.path, from_end) {
+            Ok(r) => {
+                self.current = Some(r);
+                self.state = LogState::Following;
+            }
+            Err(e) => self.state = LogState::Unreadable(e.to_string()),
+        }
+    }
+
+    fn drain_current(&mut self, each: &mut dyn FnMut(&str)) -> usize {
+        let Some(r) = &mut self.current else {
+            return 0;
+        };
+        match r.drain(each) {
+            Ok((n, _)) => n,
+            Err(e) => {
+                self.state = LogState::Unreadable(e.to_string());
+                self.current = None;
+                0
             }
         }
     }
@@ -640,9 +695,17 @@ mod tests {
         // Rotation by rename: the old file's tail, then the new file from its start.
         std::fs::rename(&path, dir.path().join("access.log.1")).unwrap();
         w.write_all(b"last of old\n").unwrap();
+        std::fs::write(&path, "").unwrap();
+        f.poll(&mut |l| got.push(l.to_string()));
+        // A writer that keeps the renamed file open is still followed …
+        w.write_all(b"still old\n").unwrap();
+        f.poll(&mut |l| got.push(l.to_string()));
+        // … until the new file is written.
         std::fs::write(&path, "new 1\n").unwrap();
         f.poll(&mut |l| got.push(l.to_string()));
-        assert_eq!(got, ["a", "bc", "last of old", "new 1"]);
+        w.write_all(b"old, no longer read\n").unwrap();
+        f.poll(&mut |l| got.push(l.to_string()));
+        assert_eq!(got, ["a", "bc", "last of old", "still old", "new 1"]);
         // Truncation in place, then shorter writes.
         std::fs::write(&path, "").unwrap();
         f.poll(&mut |l| got.push(l.to_string()));
