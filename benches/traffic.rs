@@ -142,6 +142,7 @@ fn bench(rt: &tokio::runtime::Runtime, n: usize) {
         protocol: NodeProtocol::Vless,
         flow: String::new(),
         cipher: None,
+        port: None,
     };
     let users: Vec<userlist::User> = (0..n)
         .map(|_| userlist::User {

@@ -112,6 +112,7 @@ fn apply(rt: &tokio::runtime::Runtime) {
         protocol: NodeProtocol::Vless,
         flow: String::new(),
         cipher: None,
+        port: None,
     };
     println!(
         "xray_apply: {USERS} adds to a fresh Xray core, then {REMOVED} removes ({ROUNDS} rounds, a fresh core per side and round)"
