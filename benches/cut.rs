@@ -221,7 +221,10 @@ impl Drip {
     fn wait_flowing(&self) {
         let t = Instant::now();
         while self.bytes.load(Ordering::SeqCst) < 2048 {
-            assert!(t.elapsed() < Duration::from_secs(30), "the download stalled");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the download stalled"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -232,7 +235,10 @@ impl Drip {
             if let Some(at) = *self.ended.lock().expect("lock") {
                 return at;
             }
-            assert!(t.elapsed() < Duration::from_secs(30), "the download was not cut");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the download was not cut"
+            );
             std::thread::sleep(Duration::from_micros(200));
         }
     }
@@ -252,7 +258,11 @@ fn cut_latency() {
     let logdir = tempfile::tempdir().expect("a temporary directory");
     let log = logdir.path().join("access.log");
     let mut server = ServerConfig::new(Flavor::Xray)
-        .with(Inbound::new(TAG, Protocol::Vless, vec![User::new("admin@bench")]))
+        .with(Inbound::new(
+            TAG,
+            Protocol::Vless,
+            vec![User::new("admin@bench")],
+        ))
         .access_log(&log);
     server.loglevel = "warning";
     let inbound = server.inbound(TAG).clone();
@@ -360,7 +370,16 @@ fn cut_latency() {
         let ts = Instant::now();
         for src in &sources[&email] {
             let status = std::process::Command::new("ss")
-                .args(["-K", "-t", "state", "established", "sport", "=", &format!(":{port}"), "dst"])
+                .args([
+                    "-K",
+                    "-t",
+                    "state",
+                    "established",
+                    "sport",
+                    "=",
+                    &format!(":{port}"),
+                    "dst",
+                ])
                 .arg(src.to_string())
                 .stdout(std::process::Stdio::null())
                 .status()

@@ -379,7 +379,10 @@ fn apply_raw(
             None => None,
         };
         if n.port == Some(0) {
-            return Err((format!("nodes[{i}].port"), "must be a port from 1 to 65535".into()));
+            return Err((
+                format!("nodes[{i}].port"),
+                "must be a port from 1 to 65535".into(),
+            ));
         }
         pending.nodes.push(NodeSpec {
             id: n.id,

@@ -92,8 +92,7 @@ fn render_into(cfg: &Config, o: &mut String) -> std::fmt::Result {
         writeln!(
             o,
             "access_log = {}\ncut_connections = {}",
-            q(&x
-                .access_log
+            q(&x.access_log
                 .as_deref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default()),

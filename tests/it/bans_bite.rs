@@ -35,9 +35,9 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::panel::Answer;
 use agent::{Opts, Rig};
 use cores::{Client, Core, Flavor, Inbound, Protocol, ServerConfig, Target, User, require_peer};
-use crate::support::panel::Answer;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -80,7 +80,11 @@ impl Download {
                     .pool_max_idle_per_host(0)
                     .build()
                     .map_err(|e| e.to_string())?;
-                let mut resp = client.get(&url).send().await.map_err(|e| format!("{e:?}"))?;
+                let mut resp = client
+                    .get(&url)
+                    .send()
+                    .await
+                    .map_err(|e| format!("{e:?}"))?;
                 if !resp.status().is_success() {
                     return Err(format!("answered {}", resp.status()));
                 }
@@ -113,9 +117,18 @@ impl Download {
         let (t, from) = (Instant::now(), self.bytes());
         while self.bytes() < from + n {
             if let Some((_, how)) = self.ended() {
-                panic!("{}: ended ({how:?}) after {} bytes", self.name, self.bytes());
+                panic!(
+                    "{}: ended ({how:?}) after {} bytes",
+                    self.name,
+                    self.bytes()
+                );
             }
-            assert!(t.elapsed() < WAIT, "{}: stalled at {}", self.name, self.bytes());
+            assert!(
+                t.elapsed() < WAIT,
+                "{}: stalled at {}",
+                self.name,
+                self.bytes()
+            );
             // Polling a counter another thread advances.
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -144,7 +157,13 @@ impl Download {
     fn wait_complete(&self, chunks: u64) {
         let (_, how) = self.wait_end(WAIT * 2);
         let g = self.state.lock().unwrap();
-        assert_eq!(how, Ok(()), "{}: did not complete ({} bytes)", self.name, g.bytes);
+        assert_eq!(
+            how,
+            Ok(()),
+            "{}: did not complete ({} bytes)",
+            self.name,
+            g.bytes
+        );
         assert_eq!(g.bytes, chunks * 1024, "{}: not the whole body", self.name);
         assert!(!g.wrong, "{}: a byte that is not the target's", self.name);
     }
@@ -196,10 +215,7 @@ fn setup(flavor: Flavor, adjust: impl FnOnce(&mut Opts), start: bool) -> Setup {
         http: "token = \"push-token\"\n".into(),
         ..Opts::default()
     };
-    let mut keys = format!(
-        "inbound_tag = \"in-1\"\nprotocol = {:?}\n",
-        protocol.name()
-    );
+    let mut keys = format!("inbound_tag = \"in-1\"\nprotocol = {:?}\n", protocol.name());
     // V2Ray cannot tell the inbound's port; Xray's ListInbounds does.
     if flavor == Flavor::V2ray {
         keys.push_str(&format!("port = {}\n", inbound.port));
@@ -307,7 +323,10 @@ fn cuts_the_banned_user_only(flavor: Flavor) {
     });
     assert_eq!(cut["user"], s.ban.email.as_str(), "{cut}");
     assert!(cut["connections"].as_u64().unwrap_or(0) >= 2, "{cut}");
-    println!("{flavor}: downloads ended after the panel change: {}", took.join(", "));
+    println!(
+        "{flavor}: downloads ended after the panel change: {}",
+        took.join(", ")
+    );
     // New connections refused, and the mux route's next session too.
     s.client
         .wait_refused(&s.ban.email, &s.target.url(), WAIT)
@@ -371,7 +390,11 @@ fn a_pushed_sync_cuts_within_a_second_of_the_post() {
     let addr = s.rig.http_addr();
     assert_eq!(push(addr, "1", None), 401, "no token");
     assert_eq!(push(addr, "1", Some("wrong")), 401, "a wrong token");
-    assert_eq!(push(addr, "9", Some("push-token")), 404, "a node not served");
+    assert_eq!(
+        push(addr, "9", Some("push-token")),
+        404,
+        "a node not served"
+    );
     assert_eq!(push(addr, "x", Some("push-token")), 404, "not a node id");
     let ban = Download::start(
         "ban",
@@ -384,9 +407,16 @@ fn a_pushed_sync_cuts_within_a_second_of_the_post() {
     assert_eq!(push(addr, "1", Some("push-token")), 202);
     let (at, how) = ban.wait_end(WAIT);
     let t = at.duration_since(pushed);
-    println!("push: download cut {:.0} ms after the POST", t.as_secs_f64() * 1e3);
+    println!(
+        "push: download cut {:.0} ms after the POST",
+        t.as_secs_f64() * 1e3
+    );
     assert!(how.is_err(), "{how:?}");
-    assert!(t <= Duration::from_secs(1), "cut {t:?} after the POST\n{}", s.rig.report());
+    assert!(
+        t <= Duration::from_secs(1),
+        "cut {t:?} after the POST\n{}",
+        s.rig.report()
+    );
     assert_eq!(s.rig.stop(), Some(0));
 }
 
@@ -426,8 +456,15 @@ fn ban_and_check(s: &mut Setup, what: &str) {
     let (at, how) = ban.wait_end(WAIT);
     assert!(how.is_err(), "{what}: {how:?}");
     let t = at.duration_since(changed);
-    println!("{what}: cut {:.0} ms after the panel change", t.as_secs_f64() * 1e3);
-    assert!(t <= INTERVAL + Duration::from_secs(1), "{what}: {t:?}\n{}", s.rig.report());
+    println!(
+        "{what}: cut {:.0} ms after the panel change",
+        t.as_secs_f64() * 1e3
+    );
+    assert!(
+        t <= INTERVAL + Duration::from_secs(1),
+        "{what}: {t:?}\n{}",
+        s.rig.report()
+    );
     keep.wait_complete(60);
     wait_applied_users(&s.rig, mark, 1);
     let mark = s.rig.mark();
@@ -465,7 +502,10 @@ fn tracking_survives_truncation_rotation_and_a_flood_of_other_users() {
     let written = s.log.with_extension("log.1");
     let addr = s.rig.http_addr();
     let mut peak = 0.0f64;
-    let mut f = std::fs::OpenOptions::new().append(true).open(&written).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&written)
+        .unwrap();
     let start = Instant::now();
     for second in 0..10 {
         for tenth in 0..10 {
@@ -478,7 +518,10 @@ fn tracking_survives_truncation_rotation_and_a_flood_of_other_users() {
         let m = metrics::Metrics::read(addr);
         peak = peak.max(m.get("connector_connections_tracked", &[]).unwrap_or(0.0));
     }
-    println!("flood: 100,000 lines in {:?}; tracker peak {peak}", start.elapsed());
+    println!(
+        "flood: 100,000 lines in {:?}; tracker peak {peak}",
+        start.elapsed()
+    );
     assert!(
         peak <= connector::jobs::xray_apply::connections::MAX_TRACKED as f64,
         "{peak}"
@@ -515,7 +558,10 @@ fn without_cap_net_admin_it_warns_once_and_bans_still_remove_users() {
             .is_some_and(|m| m.starts_with("cutting removed users' connections is unavailable"))
     };
     let (i, warn) = s.rig.wait_log(0, "the unavailable warning", unavailable);
-    assert!(warn["message"].as_str().unwrap().contains("CAP_NET_ADMIN"), "{warn}");
+    assert!(
+        warn["message"].as_str().unwrap().contains("CAP_NET_ADMIN"),
+        "{warn}"
+    );
     let addr = s.rig.http_addr();
     let m = metrics::Metrics::read(addr);
     assert_eq!(m.value("connector_cut_connections_available", &[]), 0.0);
@@ -537,7 +583,13 @@ fn without_cap_net_admin_it_warns_once_and_bans_still_remove_users() {
     ban.wait_flowing(4096);
     let b = ban_of(&s.rig, &s.ban);
     assert_eq!(b["cut"]["connections"], 0, "{b}");
-    assert!(b["cut"]["note"].as_str().unwrap_or("").contains("CAP_NET_ADMIN"), "{b}");
+    assert!(
+        b["cut"]["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("CAP_NET_ADMIN"),
+        "{b}"
+    );
     let lines = s.rig.daemon().lines.all();
     let warned = lines[i..]
         .iter()
@@ -565,5 +617,8 @@ fn check_config_warns_about_a_missing_access_log() {
     let r = agent::Run::of(cmd);
     assert_eq!(r.code, Some(0), "{r}");
     let all = format!("{r}");
-    assert!(all.contains("xray.access_log") && all.contains("does not exist"), "{all}");
+    assert!(
+        all.contains("xray.access_log") && all.contains("does not exist"),
+        "{all}"
+    );
 }

@@ -236,12 +236,15 @@ mod tests {
         let mut old = BTreeMap::new();
         for (i, email) in ["a@x", "b@x"].iter().enumerate() {
             let i = i as u64;
-            old.insert(email.to_string(), Old {
-                removed_at: 10 + i,
-                bytes_at_removal: 20 + i,
-                bytes_since: 30 + i,
-                last_checked: 40 + i,
-            });
+            old.insert(
+                email.to_string(),
+                Old {
+                    removed_at: 10 + i,
+                    bytes_at_removal: 20 + i,
+                    bytes_since: 30 + i,
+                    last_checked: 40 + i,
+                },
+            );
         }
         let bytes = codec::encode(&old);
         assert_eq!(bytes[0], 1);
@@ -263,7 +266,12 @@ mod tests {
         assert_eq!(decode(&name, &bytes).unwrap(), new);
         let mut future = bytes.clone();
         future[0] = 9;
-        assert!(decode(&name, &future).unwrap_err().to_string().contains("node/1/bans"));
+        assert!(
+            decode(&name, &future)
+                .unwrap_err()
+                .to_string()
+                .contains("node/1/bans")
+        );
     }
 
     #[test]

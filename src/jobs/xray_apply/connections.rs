@@ -28,9 +28,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::net::SocketAddr;
 #[cfg(unix)]
 use std::os::unix::fs::MetadataExt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -607,7 +607,9 @@ pub async fn follow(tracking: Arc<Tracking>, stop: CancellationToken) {
         if state != said && state != LogState::Starting {
             match state.problem(&tracking.log_path()) {
                 Some(p) => tracing::warn!("{p}"),
-                None => tracing::info!(path = %tracking.log_path().display(), "following the core's access log"),
+                None => {
+                    tracing::info!(path = %tracking.log_path().display(), "following the core's access log")
+                }
             }
             said = state;
         }
@@ -632,7 +634,9 @@ mod tests {
     }
 
     fn line(src: &str, email: &str) -> String {
-        format!("2026/12/05 15:04:51.011036 from {src} accepted tcp:1.1.1.1:80 [in >> direct] email: {email}\n")
+        format!(
+            "2026/12/05 15:04:51.011036 from {src} accepted tcp:1.1.1.1:80 [in >> direct] email: {email}\n"
+        )
     }
 
     #[test]
@@ -647,7 +651,10 @@ mod tests {
         // The port reused by another user: the newer line wins.
         assert!(t.line(&line("127.0.0.1:1001", &format!("1:{U2}"))));
         let s = t.sources_of(&[format!("1:{U1}"), format!("1:{U2}")]);
-        assert_eq!(s[&format!("1:{U1}")], vec!["127.0.0.1:1000".parse().unwrap()]);
+        assert_eq!(
+            s[&format!("1:{U1}")],
+            vec!["127.0.0.1:1000".parse().unwrap()]
+        );
         assert_eq!(s[&format!("1:{U2}")].len(), 1);
         assert!(t.line(&line("127.0.0.1:1004", &format!("1:{U2}"))));
         assert!(t.line(&line("[::ffff:127.0.0.1]:1005", &format!("1:{U2}"))));
@@ -687,7 +694,10 @@ mod tests {
         late.poll(&mut |l| none.push(l.to_string()));
         assert!(none.is_empty());
         assert_eq!(late.state, LogState::Following);
-        let mut w = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let mut w = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         w.write_all(b"a\nb").unwrap();
         f.poll(&mut |l| got.push(l.to_string()));
         assert_eq!(got, ["a"]);
@@ -713,7 +723,10 @@ mod tests {
         f.poll(&mut |l| got.push(l.to_string()));
         assert_eq!(got.last().map(String::as_str), Some("t"));
         // An over-long line is skipped whole; the next one reads.
-        let mut w = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let mut w = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         w.write_all(&vec![b'x'; MAX_LINE * 3]).unwrap();
         w.write_all(b"\nafter\n").unwrap();
         f.poll(&mut |l| got.push(l.to_string()));

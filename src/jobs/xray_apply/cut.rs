@@ -185,10 +185,7 @@ impl Cutter {
             self.set(Availability::Unavailable(e.to_string()));
         }
         self.tracking.tracker.forget(&cut_sources);
-        let log_problem = self
-            .tracking
-            .log_state()
-            .problem(&self.tracking.log_path());
+        let log_problem = self.tracking.log_state().problem(&self.tracking.log_path());
         let mut out = BTreeMap::new();
         let mut total = 0u64;
         for email in emails {

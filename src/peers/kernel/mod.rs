@@ -136,10 +136,7 @@ pub fn established(ports: &[u16]) -> Result<Vec<TcpSocket>, KernelError> {
             if ports.is_empty() || ports.contains(&id.source_port) {
                 out.push(TcpSocket {
                     local: canonical(SocketAddr::new(id.source_address, id.source_port)),
-                    remote: canonical(SocketAddr::new(
-                        id.destination_address,
-                        id.destination_port,
-                    )),
+                    remote: canonical(SocketAddr::new(id.destination_address, id.destination_port)),
                     family,
                     id,
                 });
@@ -261,7 +258,10 @@ mod tests {
         let (_cut_srv, cut_peer) = listener.accept().unwrap();
         let found = established(&[port]).unwrap();
         let remotes: Vec<SocketAddr> = found.iter().map(|s| s.remote).collect();
-        assert!(remotes.contains(&keep_peer) && remotes.contains(&cut_peer), "{found:?}");
+        assert!(
+            remotes.contains(&keep_peer) && remotes.contains(&cut_peer),
+            "{found:?}"
+        );
         assert!(found.iter().all(|s| s.local.port() == port));
         let victim = found.iter().find(|s| s.remote == cut_peer).unwrap();
         match destroy(victim) {
@@ -270,8 +270,11 @@ mod tests {
                 // The client end sees the reset (or EOF) of its server socket's destroy.
                 let r = cut.read(&mut b);
                 assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
-                let left: Vec<SocketAddr> =
-                    established(&[port]).unwrap().iter().map(|s| s.remote).collect();
+                let left: Vec<SocketAddr> = established(&[port])
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.remote)
+                    .collect();
                 assert!(left.contains(&keep_peer) && !left.contains(&cut_peer));
                 assert!(matches!(destroy(victim), Err(KernelError::Gone)));
             }

@@ -60,7 +60,8 @@ mod tests {
                 email: "a@x"
             })
         );
-        let v2 = "2026/12/05 15:05:01 127.0.0.1:37422 accepted tcp:127.0.0.1:33241 [direct] email: a@x";
+        let v2 =
+            "2026/12/05 15:05:01 127.0.0.1:37422 accepted tcp:127.0.0.1:33241 [direct] email: a@x";
         assert_eq!(parse(v2).unwrap().source, src("127.0.0.1:37422"));
         let prefixed = "2026/12/05 15:04:51 from tcp:10.0.0.7:5000 accepted udp:8.8.8.8:53 [in >> out] email: 1:5d7c…";
         assert_eq!(parse(prefixed).unwrap().source, src("10.0.0.7:5000"));

@@ -290,7 +290,10 @@ impl XrayClient {
                     .map(|i| {
                         let info = InboundInfo {
                             proxy_type: i.proxy_settings.map(|p| p.r#type).unwrap_or_default(),
-                            ports: i.receiver_settings.map(|r| ports_of(&r)).unwrap_or_default(),
+                            ports: i
+                                .receiver_settings
+                                .map(|r| ports_of(&r))
+                                .unwrap_or_default(),
                         };
                         (i.tag, info)
                     })
