@@ -16,6 +16,7 @@
 //! | `connector_connections_cut_total` | counter | `node` | removed users' established TCP connections destroyed (`xray.cut_connections`) |
 //! | `connector_cut_connections_available` | gauge | | with `xray.cut_connections` only: 1 when the kernel lets the agent cut connections; 0 without `CAP_NET_ADMIN` (EPERM) or `CONFIG_INET_DIAG_DESTROY` (EOPNOTSUPP) |
 //! | `connector_connections_tracked` | gauge | | connections the access log tied to a user of ours whose socket still existed at the last check |
+//! | `connector_access_log_following` | gauge | | with `xray.access_log`: 1 while the core's access log is read; 0 while it is missing or unreadable |
 //! | `connector_connections_untracked_total` | counter | | access log lines left out because the tracker was full of live connections |
 //! | `connector_queue_writable` | gauge | | 1 while the queue takes writes; 0 on a full disk, after a failed write, or with the database deleted (nothing is acknowledged; `/healthz` says which). Set by the disk probe every second |
 //!
@@ -125,6 +126,10 @@ fn describe() {
     describe_gauge!(
         "connector_connections_tracked",
         "Connections of our users tied to a source address by the access log."
+    );
+    describe_gauge!(
+        "connector_access_log_following",
+        "1 while the core's access log is read; 0 while it is missing or unreadable."
     );
     describe_counter!(
         "connector_connections_untracked_total",

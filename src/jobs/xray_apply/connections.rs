@@ -15,7 +15,8 @@
 //! table (a sock_diag dump of the nodes' inbound ports, [`crate::peers::kernel`]) every
 //! [`PRUNE_EVERY`] and whenever the map reaches its limit; past the limit with every
 //! entry alive, new lines are counted and dropped. Its size is the gauge
-//! `connector_connections_tracked`.
+//! `connector_connections_tracked`; `connector_access_log_following` is 0 while the log
+//! is missing or unreadable.
 //!
 //! The log is polled, not watched with inotify: a poll sees a rename and a new file, a
 //! truncation, and a log that does not exist yet all the same way (stat the path,
@@ -604,6 +605,12 @@ pub async fn follow(tracking: Arc<Tracking>, stop: CancellationToken) {
             Some(Ok(_)) => prune_failed = false,
             _ => {}
         }
+        let following = if state == LogState::Following {
+            1.0
+        } else {
+            0.0
+        };
+        metrics::gauge!("connector_access_log_following").set(following);
         if state != said && state != LogState::Starting {
             match state.problem(&tracking.log_path()) {
                 Some(p) => tracing::warn!("{p}"),
