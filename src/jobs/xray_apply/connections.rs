@@ -120,7 +120,11 @@ impl Tracker {
         };
         let email = a.email.to_lowercase();
         if !self.ours(&email) {
-            self.lock().foreign += 1;
+            // The source now carries a config user's connection: a stale entry of ours
+            // for it must not make a cut reach that connection.
+            let mut g = self.lock();
+            g.foreign += 1;
+            g.by_source.remove(&kernel::canonical(a.source));
             return true;
         }
         self.insert(a.source, &email)
@@ -663,6 +667,10 @@ mod tests {
             vec!["127.0.0.1:1000".parse().unwrap()]
         );
         assert_eq!(s[&format!("1:{U2}")].len(), 1);
+        // A config user's connection from a source we had: no longer ours.
+        assert!(t.line(&line("127.0.0.1:1009", &format!("1:{U2}"))));
+        assert!(t.line(&line("127.0.0.1:1009", "alice")));
+        assert!(t.sources_of(&[format!("1:{U2}")])[&format!("1:{U2}")].len() == 1);
         assert!(t.line(&line("127.0.0.1:1004", &format!("1:{U2}"))));
         assert!(t.line(&line("[::ffff:127.0.0.1]:1005", &format!("1:{U2}"))));
         assert!(!t.line(&line("127.0.0.1:1006", &format!("1:{U2}"))), "full");
