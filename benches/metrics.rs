@@ -83,6 +83,7 @@ fn main() {
                 nodes: (1..=8).collect(),
                 pools: Arc::new(Pools::new(jobs::ALL)),
                 tasks: Default::default(),
+                cutter: None,
             };
             g.bench_function(BenchmarkId::new("stats", jobs), |b| {
                 b.iter(|| black_box(queue.stats().expect("stats")))

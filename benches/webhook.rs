@@ -168,6 +168,7 @@ async fn ingestion(receiver: &receiver::Receiver, total: usize) -> f64 {
             nodes: Vec::new(),
             pools: Arc::new(Pools::default()),
             tasks: Default::default(),
+            cutter: None,
         }),
     });
     let limits = Limits::new(&connector::config::Http::default(), Duration::from_secs(30));

@@ -67,6 +67,19 @@ else
 	say "installed prometheus $(dpkg-query -W -f='${Version}' prometheus)"
 fi
 
+# ---- setpriv and ss (issue 14) ----
+# tests/it/bans_bite.rs runs the agent without CAP_NET_ADMIN under `setpriv`
+# (util-linux); benches/cut.rs compares the agent's cut with `ss -K` (iproute2).
+for pair in setpriv:util-linux ss:iproute2; do
+	cmd="${pair%%:*}" pkg="${pair#*:}"
+	if ! command -v "$cmd" >/dev/null 2>&1; then
+		[ "$(id -u)" -eq 0 ] || die "$cmd is missing and installing $pkg needs root"
+		say "apt-get install -y $pkg"
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null ||
+			die "apt-get install $pkg failed"
+	fi
+done
+
 # ---- Xray from PyPI, in a venv ----
 PY="$VENV/bin/python"
 if [ -e "$VENV" ] && ! "$PY" -c '' >/dev/null 2>&1; then

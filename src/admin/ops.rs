@@ -212,6 +212,9 @@ pub fn bans(ctx: Ctx, _: pb::BansRequest) -> Result<pb::BansReply> {
             user,
             removed_at_ms: ban.removed_at,
             bytes_since: ban.bytes_since,
+            cut_at_ms: ban.cut.as_ref().map_or(0, |c| c.at),
+            connections_cut: ban.cut.as_ref().map_or(0, |c| c.connections),
+            cut_note: ban.cut.map(|c| c.note).unwrap_or_default(),
         }));
     }
     Ok(pb::BansReply { bans: out })

@@ -98,6 +98,9 @@ pub fn main() -> ExitCode {
         for w in &config.warnings {
             crate::say!("connector: warning: {w}");
         }
+        for w in crate::jobs::xray_apply::cut::doctor(&config) {
+            crate::say!("connector: warning: {w}");
+        }
         let text = if json {
             crate::config::render_json(&config)
         } else {

@@ -27,6 +27,9 @@ pub struct Health {
     pub pools: Arc<Pools>,
     /// The daemon's tasks that ended before it was stopping.
     pub tasks: Arc<super::supervise::Ended>,
+    /// With `xray.cut_connections`: whether cuts work (a detail, not a problem: bans
+    /// still remove users without them).
+    pub cutter: Option<Arc<crate::jobs::xray_apply::cut::Cutter>>,
 }
 
 /// The answer of `/healthz` (its JSON body).
@@ -41,6 +44,10 @@ pub struct Report {
     pub workers: std::collections::BTreeMap<&'static str, String>,
     /// One line per thing that is wrong, naming it.
     pub problems: Vec<String>,
+    /// With `xray.cut_connections`: `on`, or why removed users' connections are not cut
+    /// (no CAP_NET_ADMIN, a kernel without SOCK_DESTROY, the access log).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cut_connections: Option<String>,
 }
 
 impl Report {
@@ -87,6 +94,7 @@ impl Health {
             queue,
             workers,
             problems,
+            cut_connections: self.cutter.as_ref().map(|c| c.describe()),
         }
     }
 

@@ -3,13 +3,14 @@
 //! | route | what |
 //! |---|---|
 //! | `POST /v1/webhooks/connect` | a ProxyCast Connect event → one durable webhook job |
+//! | `POST /v1/nodes/{id}/sync` | the node's sync due now (a panel pushing a ban): `202` once due, `404` for a node not served |
 //! | `GET /metrics` | Prometheus text format (names: `crate::telemetry::metrics`) |
 //! | `GET /healthz` | 200 `{"status":"ok",…}`, or 503 with `problems` naming what is wrong ([`Health`]) |
 //!
 //! [`router`] builds the routes from one shared [`HttpState`]; [`super::listener`]
 //! serves them under connection limits and timeouts. The bearer token guards
-//! only the webhook route: metrics and health hold no secret and are read by scrapers
-//! and supervisors that carry none.
+//! the webhook and sync routes: metrics and health hold no secret and are read by
+//! scrapers and supervisors that carry none.
 //!
 //! Answers are JSON. `202 {"job_id","event_id","duplicate"}` once the job is on disk;
 //! errors are `{"code","field","detail"}` (`field` when one is at fault): `400`
@@ -55,6 +56,7 @@ pub struct HttpState {
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/v1/webhooks/connect", post(connect))
+        .route("/v1/nodes/{id}/sync", post(sync_now))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(state)
@@ -151,18 +153,79 @@ fn authorized(headers: &HeaderMap, token: &Secret) -> bool {
         .is_some_and(|given| same(given.trim().as_bytes(), token.expose().as_bytes()))
 }
 
+/// `401` with `WWW-Authenticate` when `http.token` is set and not given.
+fn unauthorized(st: &HttpState, headers: &HeaderMap, what: &str) -> Option<Response> {
+    let token = st.token.as_ref()?;
+    if authorized(headers, token) {
+        return None;
+    }
+    tracing::info!("{what} refused: missing or wrong bearer token");
+    let mut r = json_error(&plain(
+        401,
+        "unauthorized",
+        "a valid bearer token is required (Authorization: Bearer …)".into(),
+    ));
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(r)
+}
+
+#[derive(serde::Serialize)]
+struct SyncDue {
+    node_id: u64,
+    status: &'static str,
+}
+
+/// `POST /v1/nodes/{id}/sync`: the node's sync is due now; coalesces with one already
+/// due or running (`node_sync::schedule::make_sync_due`).
+async fn sync_now(
+    State(st): State<Arc<HttpState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = unauthorized(&st, &headers, "sync request") {
+        return r;
+    }
+    let node = match id.parse::<u64>() {
+        Ok(n) if st.health.nodes.contains(&n) => n,
+        _ => {
+            return json_error(&plain(
+                404,
+                "unknown_node",
+                format!("this agent serves no node `{id}`"),
+            ));
+        }
+    };
+    match crate::jobs::node_sync::schedule::make_sync_due(&st.queue, node).await {
+        Ok(()) => {
+            tracing::info!(node, "sync made due by a push");
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(SyncDue {
+                    node_id: node,
+                    status: "due",
+                }),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::warn!(node, error = %e, "a pushed sync could not be scheduled");
+            let mut resp = json_error(&plain(
+                503,
+                "unavailable",
+                format!("the sync could not be scheduled: {e}"),
+            ));
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+            resp
+        }
+    }
+}
+
 async fn connect(State(st): State<Arc<HttpState>>, headers: HeaderMap, body: Body) -> Response {
-    if let Some(token) = &st.token
-        && !authorized(&headers, token)
-    {
-        tracing::info!("webhook event refused: missing or wrong bearer token");
-        let mut r = json_error(&plain(
-            401,
-            "unauthorized",
-            "a valid bearer token is required (Authorization: Bearer …)".into(),
-        ));
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    if let Some(r) = unauthorized(&st, &headers, "webhook event") {
         return r;
     }
     let too_large = || {

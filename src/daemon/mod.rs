@@ -282,6 +282,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             traffic_report::collector::run(c, agent.config.traffic.interval, stop.clone()),
         );
     }
+    if let Some(tracking) = agent.apply.tracking.clone() {
+        tasks.spawn_unit(
+            "xray_apply access log follower",
+            Stage::Service,
+            crate::jobs::xray_apply::connections::follow(tracking, stop.clone()),
+        );
+    }
+    if let Some(cutter) = agent.apply.cutter.clone() {
+        // Said once, now: whether cuts will work (EPERM, EOPNOTSUPP). Bans remove users
+        // either way.
+        let _ = tokio::task::spawn_blocking(move || cutter.probe()).await;
+    }
     if let Some(core) = agent.apply.core.clone() {
         tasks.spawn_unit(
             "xray_apply core watcher",
@@ -339,6 +351,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 nodes: agent.config.nodes.iter().map(|n| n.id).collect(),
                 pools: agent.pools.clone(),
                 tasks: tasks.ended(),
+                cutter: agent.apply.cutter.clone(),
             }),
         });
         let addr = l.local_addr().ok();

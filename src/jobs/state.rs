@@ -10,6 +10,11 @@
 //! (their first byte `{` is never a version byte); they are rewritten in the current
 //! form the next time their kind writes them.
 //!
+//! A record whose shape grew (a field added) is written under a version byte of its
+//! own ([`put_grown`]), and its version-1 form still reads ([`decode_grown`]): bincode
+//! is not self-describing, so an old record cannot be read as the new struct. Since:
+//! `node/{id}/bans` is version 2 (a ban's cut).
+//!
 //! A record that does not read is a [`StateError`] naming its key, never a default: a
 //! kind that can do without it says so in the log, with the key.
 
@@ -87,6 +92,42 @@ pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StateEr
         Some((&version, _)) => Err(StateError::Version {
             key: key.to_string(),
             version,
+        }),
+        None => Err(StateError::Empty {
+            key: key.to_string(),
+        }),
+    }
+}
+
+/// The write putting `value`, a record whose shape grew, under `key` with `version`.
+pub fn put_grown<T: Serialize>(key: String, version: u8, value: &T) -> StateWrite {
+    let mut bytes = encode(value);
+    bytes[0] = version;
+    StateWrite::Put(key, bytes)
+}
+
+/// Reads back a record whose shape grew: `version` is the current form (`T`), version 1
+/// the older one (`Old`, converted), JSON the form before the codec (which names its
+/// fields, so `T`'s new fields take their serde defaults).
+pub fn decode_grown<T, Old>(key: &str, bytes: &[u8], version: u8) -> Result<T, StateError>
+where
+    T: DeserializeOwned,
+    Old: DeserializeOwned + Into<T>,
+{
+    match bytes.split_first() {
+        Some((&v, body)) if v == version => {
+            bincode::serde::decode_from_slice(body, bincode::config::standard())
+                .map(|(v, _)| v)
+                .map_err(|source| StateError::Decode {
+                    key: key.to_string(),
+                    source,
+                })
+        }
+        Some((&VERSION, _)) => decode::<Old>(key, bytes).map(Into::into),
+        Some((&LEGACY_JSON, _)) => decode::<T>(key, bytes),
+        Some((&v, _)) => Err(StateError::Version {
+            key: key.to_string(),
+            version: v,
         }),
         None => Err(StateError::Empty {
             key: key.to_string(),

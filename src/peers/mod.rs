@@ -10,9 +10,11 @@
 //! - [`hook`]: the operator's `APPLY_CMD`.
 //! - [`xray`]: an Xray or V2Ray core's gRPC API, and the names the agent gives things in
 //!   a core ([`xray::email`]).
+//! - [`kernel`]: the kernel's TCP socket table (sock_diag): find and cut connections.
 //! - [`relays`]: relays' provider files and the client their callbacks go out through.
 
 pub mod hook;
+pub mod kernel;
 pub mod panel;
 pub mod relays;
 pub mod xray;

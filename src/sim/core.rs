@@ -612,6 +612,8 @@ pub struct ServerConfig {
     pub inbounds: Vec<Inbound>,
     /// `debug`, `info` (the default: says why a connection was refused), `warning`, ….
     pub loglevel: &'static str,
+    /// `log.access`: the core's access log (which source address is which user's).
+    pub access_log: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -621,7 +623,14 @@ impl ServerConfig {
             api_port: free_port(),
             inbounds: Vec::new(),
             loglevel: "info",
+            access_log: None,
         }
+    }
+
+    /// The config with the core's access log at `path`.
+    pub fn access_log(mut self, path: &Path) -> ServerConfig {
+        self.access_log = Some(path.to_path_buf());
+        self
     }
 
     pub fn with(mut self, inbound: Inbound) -> ServerConfig {
@@ -654,8 +663,12 @@ impl ServerConfig {
             Flavor::Xray => json!({"finalRules": [{"action": "allow", "ip": ["127.0.0.0/8"]}]}),
             Flavor::V2ray => json!({}),
         };
+        let mut log = json!({"loglevel": self.loglevel});
+        if let Some(p) = &self.access_log {
+            log["access"] = json!(p);
+        }
         json!({
-            "log": {"loglevel": self.loglevel},
+            "log": log,
             "api": {"tag": API_TAG, "services": ["HandlerService", "StatsService"]},
             "stats": {},
             "policy": {"levels": {"0": {"statsUserUplink": true, "statsUserDownlink": true}}},

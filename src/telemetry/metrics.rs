@@ -13,6 +13,11 @@
 //! | `connector_traffic_reported_bytes_total` | counter | `node`, `direction` | bytes the panel took (`uplink`, `downlink`); a 409 (already had it) adds nothing |
 //! | `connector_traffic_reports_total` | counter | `node`, `outcome` | reports the panel answered: `accepted`, `duplicate` |
 //! | `connector_webhook_deliveries_total` | counter | `relay`, `outcome` | callback attempts: `delivered`, `failed` (retried on the ladder), `dead` (the last rung failed) |
+//! | `connector_connections_cut_total` | counter | `node` | removed users' established TCP connections destroyed (`xray.cut_connections`) |
+//! | `connector_cut_connections_available` | gauge | | with `xray.cut_connections` only: 1 when the kernel lets the agent cut connections; 0 without `CAP_NET_ADMIN` (EPERM) or `CONFIG_INET_DIAG_DESTROY` (EOPNOTSUPP) |
+//! | `connector_connections_tracked` | gauge | | connections the access log tied to a user of ours whose socket still existed at the last check |
+//! | `connector_access_log_following` | gauge | | with `xray.access_log`: 1 while the core's access log is read; 0 while it is missing or unreadable |
+//! | `connector_connections_untracked_total` | counter | | access log lines left out because the tracker was full of live connections |
 //! | `connector_queue_writable` | gauge | | 1 while the queue takes writes; 0 on a full disk, after a failed write, or with the database deleted (nothing is acknowledged; `/healthz` says which). Set by the disk probe every second |
 //!
 //! Read from the queue when scraped ([`Scrape`]), so they are right from the first
@@ -110,6 +115,26 @@ fn describe() {
         "1 while the queue takes writes; 0 on a full disk, a failed write or a deleted database."
     );
     describe_gauge!("connector_jobs", "Jobs in the queue by kind and state.");
+    describe_counter!(
+        "connector_connections_cut_total",
+        "Removed users' established TCP connections destroyed, by node."
+    );
+    describe_gauge!(
+        "connector_cut_connections_available",
+        "1 when the agent can cut connections; 0 without CAP_NET_ADMIN or kernel support."
+    );
+    describe_gauge!(
+        "connector_connections_tracked",
+        "Connections of our users tied to a source address by the access log."
+    );
+    describe_gauge!(
+        "connector_access_log_following",
+        "1 while the core's access log is read; 0 while it is missing or unreadable."
+    );
+    describe_counter!(
+        "connector_connections_untracked_total",
+        "Access log lines left out because the tracker was full of live connections."
+    );
     describe_gauge!(
         "connector_oldest_ready_job_age_seconds",
         Unit::Seconds,

@@ -7,6 +7,7 @@
 //! module of a libtest binary cannot do without a harness of its own.
 
 mod admin;
+mod bans_bite;
 mod commit;
 mod config;
 mod cores;

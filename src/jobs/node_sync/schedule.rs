@@ -44,7 +44,9 @@ pub async fn run(queue: Queue, config: Arc<Config>, stop: CancellationToken) {
     }
 }
 
-async fn make_sync_due(queue: &Queue, node_id: u64) -> queue::Result<()> {
+/// Makes node `node_id`'s sync due now: a scheduled (or exhausted) one runs at once, one
+/// already due or running is left as is (they coalesce), and none makes one.
+pub async fn make_sync_due(queue: &Queue, node_id: u64) -> queue::Result<()> {
     let revive = match queue.find_key(crate::jobs::NODE_SYNC, &node_key(node_id))? {
         Some(job) => match (job.state(queue.now()), &job.stored) {
             (JobState::Scheduled, _) => Some(job.id),

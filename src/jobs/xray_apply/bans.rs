@@ -3,8 +3,13 @@
 //! removal the agent watches the removed user's traffic counters: if they still grow,
 //! the ban has not bitten yet, and an operator is told (a warning, and `queuectl bans`).
 //!
-//! State `node/{id}/bans`: the kinds' state codec (`jobs::state`) of email → [`Ban`]
-//! (JSON before it, still read). Entries older than [`WATCH_FOR`] are dropped; a user
+//! With `xray.cut_connections`, each ban also records what cutting the user's open
+//! connections did ([`Cut`]): how many were cut and when, or why none was (no access
+//! log line tied a connection to the user, cuts unavailable…).
+//!
+//! State `node/{id}/bans`: the kinds' state codec (`jobs::state`) of email → [`Ban`],
+//! version 2 since bans record their cut; version 1 (without it) and the JSON before
+//! the codec still read. Entries older than [`WATCH_FOR`] are dropped; a user
 //! the panel allows again leaves the list.
 
 use std::collections::BTreeMap;
@@ -30,6 +35,61 @@ pub struct Ban {
     pub bytes_since: u64,
     /// The last check that wrote the record (one that finds nothing new does not).
     pub last_checked: Millis,
+    /// What cutting the user's open connections did; `None` with cutting off (or for a
+    /// ban recorded before cuts existed).
+    #[serde(default)]
+    pub cut: Option<Cut>,
+}
+
+/// What cutting a removed user's established connections did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cut {
+    /// When the cut ran (right after the removal succeeded on the core).
+    pub at: Millis,
+    /// Established TCP connections destroyed.
+    pub connections: u32,
+    /// Why nothing (or not everything) was cut; empty when all went well.
+    pub note: String,
+}
+
+/// The record's version since bans carry their [`Cut`].
+const VERSION: u8 = 2;
+
+/// A ban as version 1 of the record wrote it.
+#[derive(Deserialize)]
+struct BanV1 {
+    removed_at: Millis,
+    bytes_at_removal: u64,
+    bytes_since: u64,
+    last_checked: Millis,
+}
+
+/// Version 1 of the record.
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct BansV1(BTreeMap<String, BanV1>);
+
+impl From<BansV1> for Bans {
+    fn from(old: BansV1) -> Bans {
+        old.0
+            .into_iter()
+            .map(|(email, b)| {
+                let ban = Ban {
+                    removed_at: b.removed_at,
+                    bytes_at_removal: b.bytes_at_removal,
+                    bytes_since: b.bytes_since,
+                    last_checked: b.last_checked,
+                    cut: None,
+                };
+                (email, ban)
+            })
+            .collect()
+    }
+}
+
+/// Reads back the record found under `key`, in any of its forms.
+pub fn decode(key: &str, bytes: &[u8]) -> Result<Bans, StateError> {
+    codec::decode_grown::<Bans, BansV1>(key, bytes, VERSION)
 }
 
 impl Ban {
@@ -46,7 +106,12 @@ pub fn key(node_id: u64) -> String {
 
 /// The node's watched bans; none when it has no record.
 pub fn load(queue: &Queue, node_id: u64) -> Result<Bans, StateError> {
-    Ok(codec::load(queue, &key(node_id))?.unwrap_or_default())
+    let key = key(node_id);
+    match queue.state(&key) {
+        Ok(Some(bytes)) => decode(&key, &bytes),
+        Ok(None) => Ok(Bans::new()),
+        Err(source) => Err(StateError::Read { key, source }),
+    }
 }
 
 /// Every node's watched bans, by node.
@@ -60,14 +125,14 @@ pub fn all(queue: &Queue) -> Result<Vec<(u64, Bans)>, StateError> {
     let mut out = Vec::new();
     for (name, bytes) in scan {
         if let Some(node_id) = codec::node_of(&name, RECORD) {
-            out.push((node_id, codec::decode(&name, &bytes)?));
+            out.push((node_id, decode(&name, &bytes)?));
         }
     }
     Ok(out)
 }
 
 pub fn put(node_id: u64, bans: &Bans) -> StateWrite {
-    codec::put(key(node_id), bans)
+    codec::put_grown(key(node_id), VERSION, bans)
 }
 
 /// uplink + downlink per user email, from `user>>>{email}>>>traffic>>>…` counters.
@@ -139,7 +204,7 @@ mod tests {
     fn the_json_form_written_before_the_codec_still_reads() {
         let json =
             br#"{"a@x":{"removed_at":1,"bytes_at_removal":2,"bytes_since":3,"last_checked":4}}"#;
-        let bans: Bans = codec::decode("node/1/bans", json).unwrap();
+        let bans: Bans = decode("node/1/bans", json).unwrap();
         let ban = &bans["a@x"];
         assert_eq!(
             (
@@ -154,7 +219,59 @@ mod tests {
             panic!("a put");
         };
         assert_eq!(name, "node/1/bans");
-        assert_eq!(codec::decode::<Bans>(&name, &bytes).unwrap(), bans);
+        assert_eq!(decode(&name, &bytes).unwrap(), bans);
+    }
+
+    /// A version-1 record (written before bans carried their cut) still reads, and the
+    /// version-2 form round-trips with the cut.
+    #[test]
+    fn version_1_records_still_read() {
+        #[derive(Serialize)]
+        struct Old {
+            removed_at: Millis,
+            bytes_at_removal: u64,
+            bytes_since: u64,
+            last_checked: Millis,
+        }
+        let mut old = BTreeMap::new();
+        for (i, email) in ["a@x", "b@x"].iter().enumerate() {
+            let i = i as u64;
+            old.insert(
+                email.to_string(),
+                Old {
+                    removed_at: 10 + i,
+                    bytes_at_removal: 20 + i,
+                    bytes_since: 30 + i,
+                    last_checked: 40 + i,
+                },
+            );
+        }
+        let bytes = codec::encode(&old);
+        assert_eq!(bytes[0], 1);
+        let bans = decode("node/1/bans", &bytes).unwrap();
+        assert_eq!(bans.len(), 2);
+        assert_eq!(bans["b@x"].bytes_since, 31);
+        assert_eq!(bans["b@x"].last_checked, 41);
+        assert_eq!(bans["a@x"].cut, None);
+        let mut new = bans.clone();
+        new.get_mut("a@x").unwrap().cut = Some(Cut {
+            at: 50,
+            connections: 3,
+            note: String::new(),
+        });
+        let StateWrite::Put(name, bytes) = put(1, &new) else {
+            panic!("a put");
+        };
+        assert_eq!(bytes[0], VERSION);
+        assert_eq!(decode(&name, &bytes).unwrap(), new);
+        let mut future = bytes.clone();
+        future[0] = 9;
+        assert!(
+            decode(&name, &future)
+                .unwrap_err()
+                .to_string()
+                .contains("node/1/bans")
+        );
     }
 
     #[test]

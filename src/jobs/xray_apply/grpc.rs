@@ -24,12 +24,15 @@
 
 use std::collections::BTreeSet;
 
+use std::sync::Arc;
+
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Node, Xray};
 use crate::jobs::node_sync::userlist::User;
 use crate::jobs::state as codec;
+use crate::jobs::xray_apply::cut::Cutter;
 use crate::peers::xray::account::{self, InboundKind};
 use crate::peers::xray::email::{email_for, is_templated};
 use crate::peers::xray::{Added, Removed, XrayClient, XrayError};
@@ -146,6 +149,20 @@ pub async fn reconcile(
     users: &[User],
     resend: bool,
 ) -> Result<Outcome, ReconcileError> {
+    reconcile_cutting(queue, client, xray, node, users, resend, None).await
+}
+
+/// [`reconcile`], and with a [`Cutter`] the removed users' established connections are
+/// cut right after the core confirmed their removal (before any add).
+pub async fn reconcile_cutting(
+    queue: &Queue,
+    client: &XrayClient,
+    xray: &Xray,
+    node: &Node,
+    users: &[User],
+    resend: bool,
+    cutter: Option<&Arc<Cutter>>,
+) -> Result<Outcome, ReconcileError> {
     let tag = node.inbound_tag.as_str();
     let kind = inbound_kind(node);
     let unreachable = |source: XrayError| ReconcileError::Core {
@@ -154,8 +171,19 @@ pub async fn reconcile(
     };
 
     // 1. Never send an account the inbound cannot take.
-    if let Some(types) = client.inbound_types().await.map_err(unreachable)? {
+    // The inbound's ports, for a cut: the core's own answer where it has one.
+    let mut ports: Vec<u16> = node.port.into_iter().collect();
+    if let Some(inbounds) = client.inbounds().await.map_err(unreachable)? {
         let expected = kind.inbound_type(client.flavor());
+        if let Some(i) = inbounds.get(tag)
+            && !i.ports.is_empty()
+        {
+            ports = i.ports.clone();
+        }
+        let types: std::collections::BTreeMap<String, String> = inbounds
+            .into_iter()
+            .map(|(t, i)| (t, i.proxy_type))
+            .collect();
         match types.get(tag) {
             None => {
                 let tags: Vec<&str> = types.keys().map(String::as_str).collect();
@@ -268,6 +296,24 @@ pub async fn reconcile(
             Err(e) => failures.push(format!("remove {email}: {e}")),
         }
     }
+    // Cut before adding: a ban should bite at once.
+    let removed_now: Vec<String> = to_remove
+        .iter()
+        .filter(|e| !managed.emails.contains(*e))
+        .cloned()
+        .collect();
+    let mut cuts = std::collections::BTreeMap::new();
+    if let Some(cutter) = cutter {
+        cutter.tracking.set_ports(node.id, ports.clone());
+    }
+    if let Some(cutter) = cutter
+        && !removed_now.is_empty()
+    {
+        let (c, node_id, emails) = (cutter.clone(), node.id, removed_now.clone());
+        cuts = tokio::task::spawn_blocking(move || c.cut(node_id, &ports, &emails, now))
+            .await
+            .unwrap_or_default();
+    }
     let total = to_remove.len() + to_add.len();
     let adds = futures_util::stream::iter(to_add.into_iter().map(|user| {
         let (client, tag) = (client.clone(), tag.to_string());
@@ -313,6 +359,7 @@ pub async fn reconcile(
                     bytes_at_removal: counters.get(email).copied().unwrap_or(0),
                     bytes_since: 0,
                     last_checked: now,
+                    cut: cuts.remove(email.as_str()),
                 },
             );
         }

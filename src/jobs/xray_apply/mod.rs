@@ -10,6 +10,10 @@
 //! Produced by `node_sync` (a changed list) and, in `xray-grpc` mode, by [`core_watch`]
 //! (the core restarted or lost users; it also checks the watched [`bans`]).
 //!
+//! With `xray.access_log`, [`connections`] follows the core's access log (which source
+//! address is which user's connection); with `xray.cut_connections`, [`cut`] destroys a
+//! removed user's established connections right after the removal.
+//!
 //! Reads: state `node/{id}/sync`, the output files (through the hook), the core.
 //! Writes: state `node/{id}/applied` (and `node/{id}/managed`, `node/{id}/bans` in
 //! `xray-grpc` mode); the core's users.
@@ -32,7 +36,9 @@ use crate::peers::hook;
 use crate::peers::xray::XrayClient;
 
 pub mod bans;
+pub mod connections;
 pub mod core_watch;
+pub mod cut;
 pub mod grpc;
 pub mod without_queue;
 use crate::queue::{AttemptResult, Effects, Handler, Job, Millis, Queue, StateWrite};
@@ -69,6 +75,11 @@ pub struct XrayApply {
     /// Nodes whose next reconcile sends every user again ([`XrayApply::resend`]). In
     /// memory: what sets it (the core watcher) runs in this process.
     resend: StdMutex<BTreeSet<u64>>,
+    /// Who is connected from where (`xray.access_log`, `xray-grpc` mode): the daemon
+    /// runs its follower.
+    pub tracking: Option<Arc<connections::Tracking>>,
+    /// Cuts removed users' connections (`xray.cut_connections`).
+    pub cutter: Option<Arc<cut::Cutter>>,
 }
 
 impl XrayApply {
@@ -77,12 +88,22 @@ impl XrayApply {
             (ApplyMode::XrayGrpc, Some(x)) => Some(XrayClient::new(&x.api, x.flavor, x.timeout)?),
             _ => None,
         };
+        let tracking = core
+            .as_ref()
+            .and_then(|_| connections::Tracking::for_config(&config))
+            .map(Arc::new);
+        let cutter = match (&tracking, &config.xray) {
+            (Some(t), Some(x)) if x.cut_connections => Some(Arc::new(cut::Cutter::new(t.clone()))),
+            _ => None,
+        };
         Ok(XrayApply {
             queue,
             config,
             core,
             locks: StdMutex::new(HashMap::new()),
             resend: StdMutex::new(BTreeSet::new()),
+            tracking,
+            cutter,
         })
     }
 
@@ -258,7 +279,10 @@ impl XrayApply {
             return AttemptResult::Done;
         };
         let resend = self.take_resend(node_id);
-        match grpc::reconcile(&self.queue, core, xray, node, &synced.users, resend).await {
+        let cutter = self.cutter.as_ref();
+        match grpc::reconcile_cutting(&self.queue, core, xray, node, &synced.users, resend, cutter)
+            .await
+        {
             Ok(out) => {
                 tracing::info!(
                     node = node_id,

@@ -9,6 +9,7 @@
 //! `AlterInbound` carries an operation, users are built by [`account::user`] (canonical
 //! UUIDs, non-empty emails), and the caller checks the inbound's protocol first.
 
+pub mod access_log;
 pub mod account;
 pub mod email;
 pub mod stats;
@@ -90,6 +91,41 @@ impl SysStats {
             || self.total_alloc < earlier.total_alloc
             || self.mallocs < earlier.mallocs
     }
+}
+
+/// One inbound as `ListInbounds` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InboundInfo {
+    /// `…proxy.vless.inbound.Config` and the like.
+    pub proxy_type: String,
+    /// The ports it listens on (empty when the core did not say).
+    pub ports: Vec<u16>,
+}
+
+/// Most ports taken from one inbound's ranges: an inbound on a wider range is cut on
+/// its first ports only (a listing of 65,535 ports would be no help either).
+const MAX_PORTS: usize = 4096;
+
+/// The ports of a `ReceiverConfig`; none when it is another message or does not decode.
+fn ports_of(receiver: &wire::TypedMessage) -> Vec<u16> {
+    if !receiver.r#type.ends_with("app.proxyman.ReceiverConfig") {
+        return Vec::new();
+    }
+    let Ok(config) = wire::ReceiverConfig::decode(receiver.value.as_slice()) else {
+        return Vec::new();
+    };
+    let mut ports = Vec::new();
+    for r in config.port_list.map(|l| l.range).unwrap_or_default() {
+        let (Ok(from), Ok(to)) = (u16::try_from(r.from), u16::try_from(r.to)) else {
+            continue;
+        };
+        for p in from..=to.max(from) {
+            if p != 0 && ports.len() < MAX_PORTS {
+                ports.push(p);
+            }
+        }
+    }
+    ports
 }
 
 /// A core's API.
@@ -254,6 +290,15 @@ impl XrayClient {
     /// Every inbound's tag and proxy type (`…proxy.vless.inbound.Config`); `None` when
     /// the core cannot list them (V2Ray 4).
     pub async fn inbound_types(&self) -> Result<Option<BTreeMap<String, String>>, XrayError> {
+        Ok(self
+            .inbounds()
+            .await?
+            .map(|m| m.into_iter().map(|(t, i)| (t, i.proxy_type)).collect()))
+    }
+
+    /// Every inbound by tag: its proxy type and the ports it listens on; `None` when the
+    /// core cannot list them (V2Ray 4).
+    pub async fn inbounds(&self) -> Result<Option<BTreeMap<String, InboundInfo>>, XrayError> {
         match self
             .call::<_, wire::ListInboundsResponse>(
                 Self::HANDLER,
@@ -268,10 +313,14 @@ impl XrayClient {
                 r.inbounds
                     .into_iter()
                     .map(|i| {
-                        (
-                            i.tag,
-                            i.proxy_settings.map(|p| p.r#type).unwrap_or_default(),
-                        )
+                        let info = InboundInfo {
+                            proxy_type: i.proxy_settings.map(|p| p.r#type).unwrap_or_default(),
+                            ports: i
+                                .receiver_settings
+                                .map(|r| ports_of(&r))
+                                .unwrap_or_default(),
+                        };
+                        (i.tag, info)
                     })
                     .collect(),
             )),
