@@ -212,6 +212,9 @@ pub fn bans(ctx: Ctx, _: pb::BansRequest) -> Result<pb::BansReply> {
             user,
             removed_at_ms: ban.removed_at,
             bytes_since: ban.bytes_since,
+            source: ban.source.as_str().to_string(),
+            biting: ban.biting(),
+            online_ips: ban.online_ips,
         }));
     }
     Ok(pb::BansReply { bans: out })

@@ -311,8 +311,8 @@ pub async fn reconcile(
                 super::bans::Ban {
                     removed_at: now,
                     bytes_at_removal: counters.get(email).copied().unwrap_or(0),
-                    bytes_since: 0,
                     last_checked: now,
+                    ..Default::default()
                 },
             );
         }
