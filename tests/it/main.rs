@@ -15,6 +15,7 @@ mod cut_connections;
 mod demo;
 mod faults;
 mod node_sync;
+mod online_bans;
 mod operate;
 mod queue_basic;
 mod queue_model;
