@@ -113,7 +113,7 @@ impl XrayClient {
                     tracing::info!(
                         core = self.addr(),
                         method = m.name(),
-                        "the core has no {} (V2Ray, or an Xray before it): ban telemetry uses traffic counters",
+                        "the core has no {} (V2Ray, or an Xray before it); not asked again until it restarts",
                         m.name()
                     );
                 }
