@@ -10,10 +10,9 @@
 //! (their first byte `{` is never a version byte); they are rewritten in the current
 //! form the next time their kind writes them.
 //!
-//! A record whose shape grew (a field added) is written under a version byte of its
-//! own ([`put_grown`]), and its version-1 form still reads ([`decode_grown`]): bincode
-//! is not self-describing, so an old record cannot be read as the new struct. Since:
-//! `node/{id}/bans` is version 2 (a ban's cut).
+//! A record whose layout changed since carries its own version byte (above
+//! [`VERSION`]; `node/{id}/bans` is 2): [`put_as`] writes it, [`decode_upgrading`] reads
+//! it and still reads every older form of the record, upgraded.
 //!
 //! A record that does not read is a [`StateError`] naming its key, never a default: a
 //! kind that can do without it says so in the log, with the key.
@@ -40,8 +39,8 @@ pub enum StateError {
     },
     #[error("state {key} is empty")]
     Empty { key: String },
-    #[error("state {key} has version {version}; this build reads version {VERSION}")]
-    Version { key: String, version: u8 },
+    #[error("state {key} has version {version}; this build reads up to version {reads}")]
+    Version { key: String, version: u8, reads: u8 },
     #[error("state {key} does not decode: {source}")]
     Decode {
         key: String,
@@ -92,6 +91,7 @@ pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StateEr
         Some((&version, _)) => Err(StateError::Version {
             key: key.to_string(),
             version,
+            reads: VERSION,
         }),
         None => Err(StateError::Empty {
             key: key.to_string(),
@@ -99,39 +99,47 @@ pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StateEr
     }
 }
 
-/// The write putting `value`, a record whose shape grew, under `key` with `version`.
-pub fn put_grown<T: Serialize>(key: String, version: u8, value: &T) -> StateWrite {
+/// The bytes of `value` as a record of layout `version` (one of a record whose layout
+/// changed since [`VERSION`]).
+pub fn encode_as<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
     let mut bytes = encode(value);
     bytes[0] = version;
-    StateWrite::Put(key, bytes)
+    bytes
 }
 
-/// Reads back a record whose shape grew: `version` is the current form (`T`), version 1
-/// the older one (`Old`, converted), JSON the form before the codec (which names its
-/// fields, so `T`'s new fields take their serde defaults).
-pub fn decode_grown<T, Old>(key: &str, bytes: &[u8], version: u8) -> Result<T, StateError>
+/// The write putting `value` under `key` as a record of layout `version`.
+pub fn put_as<T: Serialize>(key: String, version: u8, value: &T) -> StateWrite {
+    StateWrite::Put(key, encode_as(version, value))
+}
+
+/// Reads back a record of layout `version` (written by [`put_as`]); one in an older
+/// form (an older version byte, JSON) reads as `Old` and is upgraded. A newer version
+/// is an error naming the key.
+pub fn decode_upgrading<T, Old>(
+    key: &str,
+    bytes: &[u8],
+    version: u8,
+    upgrade: impl FnOnce(Old) -> T,
+) -> Result<T, StateError>
 where
     T: DeserializeOwned,
-    Old: DeserializeOwned + Into<T>,
+    Old: DeserializeOwned,
 {
-    match bytes.split_first() {
-        Some((&v, body)) if v == version => {
-            bincode::serde::decode_from_slice(body, bincode::config::standard())
+    match bytes.first() {
+        Some(&v) if v == version => {
+            bincode::serde::decode_from_slice(&bytes[1..], bincode::config::standard())
                 .map(|(v, _)| v)
                 .map_err(|source| StateError::Decode {
                     key: key.to_string(),
                     source,
                 })
         }
-        Some((&VERSION, _)) => decode::<Old>(key, bytes).map(Into::into),
-        Some((&LEGACY_JSON, _)) => decode::<T>(key, bytes),
-        Some((&v, _)) => Err(StateError::Version {
+        Some(&v) if v > version && v != LEGACY_JSON => Err(StateError::Version {
             key: key.to_string(),
             version: v,
+            reads: version,
         }),
-        None => Err(StateError::Empty {
-            key: key.to_string(),
-        }),
+        _ => decode::<Old>(key, bytes).map(upgrade),
     }
 }
 
@@ -189,6 +197,45 @@ mod tests {
             let e = decode::<R>("node/7/bans", bad).unwrap_err();
             assert!(e.to_string().contains("node/7/bans"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_record_with_its_own_version_reads_its_older_forms() {
+        #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+        struct R2 {
+            a: u64,
+            b: String,
+            c: Vec<String>,
+        }
+        let up = |r: R| R2 {
+            a: r.a,
+            b: r.b,
+            c: Vec::new(),
+        };
+        let r2 = R2 {
+            a: 1,
+            b: "x".into(),
+            c: vec!["y".into()],
+        };
+        let bytes = encode_as(2, &r2);
+        assert_eq!(bytes[0], 2);
+        assert_eq!(decode_upgrading("k", &bytes, 2, up).unwrap(), r2);
+        let old = R {
+            a: 1,
+            b: "x".into(),
+        };
+        let want = R2 {
+            c: Vec::new(),
+            ..r2
+        };
+        assert_eq!(decode_upgrading("k", &encode(&old), 2, up).unwrap(), want);
+        assert_eq!(
+            decode_upgrading("k", br#"{"a":1,"b":"x"}"#, 2, up).unwrap(),
+            want
+        );
+        let e = decode_upgrading("node/7/bans", &[3, 0], 2, up).unwrap_err();
+        assert!(e.to_string().contains("version 3"), "{e}");
+        assert!(decode_upgrading("k", &[], 2, up).is_err());
     }
 
     #[test]

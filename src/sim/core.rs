@@ -288,7 +288,7 @@ fn localhost(port: u16) -> SocketAddr {
 }
 
 /// The TCP ports that process `pid` itself listens on: its sockets (`/proc/PID/fd`)
-/// that `/proc/net/tcp{,6}` shows in state LISTEN. Looking does not connect, so it leaves
+/// that `/proc/PID/net/tcp{,6}` (its own network namespace's) shows in state LISTEN. Looking does not connect, so it leaves
 /// nothing in the core's log; and a port some other process took after we chose it does
 /// not pass for the core's.
 fn listening_ports(pid: u32) -> HashSet<u16> {
@@ -302,8 +302,8 @@ fn listening_ports(pid: u32) -> HashSet<u16> {
         })
         .collect();
     let mut ports = HashSet::new();
-    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(file).unwrap_or_default();
+    for file in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
         for line in text.lines().skip(1) {
             // sl local_address rem_address st … uid timeout inode
             let f: Vec<&str> = line.split_whitespace().collect();
@@ -449,10 +449,13 @@ fn pem_lines(pem: &str) -> Value {
     json!(pem.lines().collect::<Vec<_>>())
 }
 
-/// A server inbound on 127.0.0.1 (a free port is chosen when it is made).
+/// A server inbound on 127.0.0.1 (a free port is chosen when it is made), or on the
+/// address given by [`Inbound::listen_on`].
 #[derive(Debug, Clone)]
 pub struct Inbound {
     pub tag: String,
+    /// Where it listens: 127.0.0.1 unless [`Inbound::listen_on`] says otherwise.
+    pub listen: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,
     /// The users the config file gives it (the API can add more).
@@ -467,6 +470,7 @@ impl Inbound {
     pub fn new(tag: &str, protocol: Protocol, users: Vec<User>) -> Inbound {
         Inbound {
             tag: tag.to_string(),
+            listen: Ipv4Addr::LOCALHOST,
             port: free_port(),
             protocol,
             users,
@@ -482,8 +486,15 @@ impl Inbound {
         self
     }
 
+    /// Listens on `ip` instead (a veth address, for a client in another network
+    /// namespace: the core's online-user API ignores loopback clients).
+    pub fn listen_on(mut self, ip: Ipv4Addr) -> Inbound {
+        self.listen = ip;
+        self
+    }
+
     pub fn addr(&self) -> SocketAddr {
-        localhost(self.port)
+        SocketAddr::from((self.listen, self.port))
     }
 
     /// How a [`Client`] reaches this inbound as `user` (who need not be one of its
@@ -581,7 +592,7 @@ impl Inbound {
         };
         let mut inbound = json!({
             "tag": self.tag,
-            "listen": "127.0.0.1",
+            "listen": self.listen.to_string(),
             "port": self.port,
             "protocol": p.name(),
             "settings": settings,
@@ -614,6 +625,9 @@ pub struct ServerConfig {
     pub loglevel: &'static str,
     /// `log.access`: the core's access log (which source address is which user's).
     pub access_log: Option<PathBuf>,
+    /// `statsUserOnline` in the level-0 policy: the core tracks each user's open
+    /// connections for its online-user API (Xray). Off unless [`ServerConfig::online`].
+    pub user_online: bool,
 }
 
 impl ServerConfig {
@@ -624,12 +638,19 @@ impl ServerConfig {
             inbounds: Vec::new(),
             loglevel: "info",
             access_log: None,
+            user_online: false,
         }
     }
 
     /// The config with the core's access log at `path`.
     pub fn access_log(mut self, path: &Path) -> ServerConfig {
         self.access_log = Some(path.to_path_buf());
+        self
+    }
+
+    /// With `statsUserOnline` on in the level-0 policy.
+    pub fn online(mut self) -> ServerConfig {
+        self.user_online = true;
         self
     }
 
@@ -667,11 +688,15 @@ impl ServerConfig {
         if let Some(p) = &self.access_log {
             log["access"] = json!(p);
         }
+        let mut level = json!({"statsUserUplink": true, "statsUserDownlink": true});
+        if self.user_online {
+            level["statsUserOnline"] = json!(true);
+        }
         json!({
             "log": log,
             "api": {"tag": API_TAG, "services": ["HandlerService", "StatsService"]},
             "stats": {},
-            "policy": {"levels": {"0": {"statsUserUplink": true, "statsUserDownlink": true}}},
+            "policy": {"levels": {"0": level}},
             "inbounds": inbounds,
             "outbounds": [{"tag": "direct", "protocol": "freedom", "settings": freedom}],
             "routing": {"rules": [
@@ -703,6 +728,8 @@ pub struct Core {
     /// Every inbound port of the config (the API's included).
     ports: Vec<u16>,
     api: Option<SocketAddr>,
+    /// The network namespace it runs in (`ip netns exec`), if not ours.
+    netns: Option<String>,
 }
 
 /// The Xray core (PyPI wheel) with a [`Core`]'s interface.
@@ -730,25 +757,38 @@ impl Core {
     /// the core's output when it cannot.
     #[track_caller]
     pub fn start(flavor: Flavor, config: Value) -> Core {
-        Core::launch(flavor, config, true).unwrap_or_else(|e| panic!("{e}"))
+        Core::launch(flavor, config, true, None).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// [`Core::start`], with the failure (and everything needed to understand it) as
     /// `Err`.
     pub fn try_start(flavor: Flavor, config: Value) -> Result<Core, String> {
-        Core::launch(flavor, config, false)
+        Core::launch(flavor, config, false, None)
+    }
+
+    /// [`Core::start`] in the network namespace `netns` (`ip netns exec`; root). Its
+    /// ports are in that namespace: nothing of ours can take them.
+    #[track_caller]
+    pub fn start_in(flavor: Flavor, config: Value, netns: &str) -> Core {
+        Core::launch(flavor, config, true, Some(netns.to_string()))
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// [`Core::try_start`] with a given peer (the demo's, found its own way), in a new
     /// directory under `parent`, which is kept when the start fails.
     pub fn try_start_peer(peer: Peer, config: Value, parent: &Path) -> Result<Core, String> {
-        Core::launch_peer(peer, config, Some(parent), true)
+        Core::launch_peer(peer, config, Some(parent), true, None)
     }
 
     /// Starts the core; on failure, keeps its directory (which the report names) when
     /// `keep` (the caller is about to panic).
-    fn launch(flavor: Flavor, config: Value, keep: bool) -> Result<Core, String> {
-        Core::launch_peer(peer(flavor)?, config, None, keep)
+    fn launch(
+        flavor: Flavor,
+        config: Value,
+        keep: bool,
+        netns: Option<String>,
+    ) -> Result<Core, String> {
+        Core::launch_peer(peer(flavor)?, config, None, keep, netns)
     }
 
     fn launch_peer(
@@ -756,6 +796,7 @@ impl Core {
         config: Value,
         parent: Option<&Path>,
         keep: bool,
+        netns: Option<String>,
     ) -> Result<Core, String> {
         let flavor = peer.flavor;
         let prefix = format!("connector-{flavor}-");
@@ -788,6 +829,7 @@ impl Core {
             runs: Vec::new(),
             ports,
             api,
+            netns,
         };
         match core.spawn() {
             Ok(()) => Ok(core),
@@ -882,8 +924,9 @@ impl Core {
 
     fn spawn(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "the core is already running");
-        // The wheel exits without a word when a port is taken: find out first.
-        for &port in &self.ports {
+        // The wheel exits without a word when a port is taken: find out first (in
+        // another namespace, nothing of ours can have it).
+        for &port in self.ports.iter().filter(|_| self.netns.is_none()) {
             if let Err(e) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
                 return Err(format!(
                     "port {port} of the config is taken before the core starts ({e}); \
@@ -895,7 +938,16 @@ impl Core {
         let config = self.dir().join("config.json");
         let stdout = self.dir().join(format!("run-{n}.stdout"));
         let stderr = self.dir().join(format!("run-{n}.stderr"));
-        let mut cmd = Command::new(&self.peer.program);
+        let mut cmd = match &self.netns {
+            // `ip netns exec` joins the namespace and execs the core: same process.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.as_str()])
+                    .arg(&self.peer.program);
+                c
+            }
+            None => Command::new(&self.peer.program),
+        };
         match self.peer.runner {
             Runner::Wheel => {
                 let runner = self.dir().join("xray-runner.py");
@@ -1172,7 +1224,9 @@ impl Route {
     fn outbound(&self, tag: &str) -> Value {
         let (i, u) = (&self.inbound, &self.user);
         let p = i.protocol;
-        let (address, port) = ("127.0.0.1", i.port);
+        let address = i.listen.to_string();
+        let address = address.as_str();
+        let port = i.port;
         let settings = match p {
             Protocol::Vless => {
                 let mut user = json!({"id": u.secret(p), "encryption": "none"});
@@ -1218,12 +1272,28 @@ impl Route {
 pub struct Client {
     pub core: Core,
     routes: Vec<(Route, u16)>,
+    /// Where its socks ports listen.
+    listen: Ipv4Addr,
 }
 
 impl Client {
     /// Starts the client; every route gets a socks5 port on 127.0.0.1.
     #[track_caller]
     pub fn start(routes: Vec<Route>) -> Client {
+        Client::launch(routes, None)
+    }
+
+    /// Starts the client in the network namespace `netns` (root), its socks5 ports on
+    /// `listen` (the namespace's veth address, reachable from ours): the server core
+    /// sees its connections come from that address, not from loopback.
+    #[track_caller]
+    pub fn start_in(netns: &str, listen: Ipv4Addr, routes: Vec<Route>) -> Client {
+        Client::launch(routes, Some((netns, listen)))
+    }
+
+    #[track_caller]
+    fn launch(routes: Vec<Route>, netns: Option<(&str, Ipv4Addr)>) -> Client {
+        let listen = netns.map_or(Ipv4Addr::LOCALHOST, |(_, ip)| ip);
         let mut names = HashSet::new();
         for r in &routes {
             assert!(
@@ -1241,7 +1311,7 @@ impl Client {
             let (inb, out) = (format!("socks-{i}"), format!("to-{i}"));
             inbounds.push(json!({
                 "tag": inb,
-                "listen": "127.0.0.1",
+                "listen": listen.to_string(),
                 "port": port,
                 "protocol": "socks",
                 "settings": {"auth": "noauth", "udp": false},
@@ -1255,9 +1325,14 @@ impl Client {
             "outbounds": outbounds,
             "routing": {"rules": rules},
         });
+        let core = match netns {
+            Some((ns, _)) => Core::start_in(Flavor::Xray, config, ns),
+            None => Core::start(Flavor::Xray, config),
+        };
         Client {
-            core: Core::start(Flavor::Xray, config),
+            core,
             routes,
+            listen,
         }
     }
 
@@ -1267,7 +1342,7 @@ impl Client {
         self.routes
             .iter()
             .find(|(r, _)| r.name == name)
-            .map(|(_, p)| localhost(*p))
+            .map(|(_, p)| SocketAddr::from((self.listen, *p)))
             .unwrap_or_else(|| panic!("the client has no route named {name:?}"))
     }
 
@@ -1357,7 +1432,8 @@ impl Client {
             .iter()
             .map(|(r, p)| {
                 format!(
-                    "  socks 127.0.0.1:{p} -> {} {} inbound {:?} as {} ({}){}",
+                    "  socks {}:{p} -> {} {} inbound {:?} as {} ({}){}",
+                    self.listen,
                     r.inbound.protocol,
                     r.inbound.addr(),
                     r.inbound.tag,

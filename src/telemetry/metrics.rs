@@ -18,6 +18,7 @@
 //! | `connector_connections_tracked` | gauge | | connections the access log tied to a user of ours whose socket still existed at the last check |
 //! | `connector_access_log_following` | gauge | | with `xray.access_log`: 1 while the core's access log is read; 0 while it is missing or unreadable |
 //! | `connector_connections_untracked_total` | counter | | access log lines left out because the tracker was full of live connections |
+//! | `connector_bans_not_biting` | gauge | `node` | watched bans (users removed in the last 15 minutes) not biting now: the core lists the user still online, or (where it cannot tell) their counters grew since the removal. Set by the core watcher every `sync.interval` (`xray-grpc` mode) |
 //! | `connector_queue_writable` | gauge | | 1 while the queue takes writes; 0 on a full disk, after a failed write, or with the database deleted (nothing is acknowledged; `/healthz` says which). Set by the disk probe every second |
 //!
 //! Read from the queue when scraped ([`Scrape`]), so they are right from the first
@@ -109,6 +110,10 @@ fn describe() {
     describe_counter!(
         "connector_webhook_deliveries_total",
         "Callback attempts by relay and outcome (delivered, failed, dead)."
+    );
+    describe_gauge!(
+        "connector_bans_not_biting",
+        "Watched bans of the node not biting: the user is still online, or their counters grew."
     );
     describe_gauge!(
         "connector_queue_writable",
@@ -224,6 +229,11 @@ pub fn traffic_reported(node: u64, upload: u64, download: u64, duplicate: bool) 
         counter!("connector_traffic_reported_bytes_total", "node" => node, "direction" => "downlink")
             .increment(download);
     }
+}
+
+/// How many of the node's watched bans do not bite, as the core watcher last found.
+pub fn bans_not_biting(node: u64, n: usize) {
+    gauge!("connector_bans_not_biting", "node" => node.to_string()).set(n as f64);
 }
 
 /// Whether the queue takes writes, as the disk probe last found it.

@@ -320,7 +320,7 @@ fn rich(path: &Path, config: &connector::config::Config) -> Value {
                 bytes_at_removal: 10,
                 bytes_since: 2048,
                 last_checked: q.now(),
-                cut: None,
+                ..Ban::default()
             },
         );
         q.commit(Commit {

@@ -19,6 +19,7 @@ mod doctor;
 mod faults;
 mod monitoring;
 mod node_sync;
+mod online_bans;
 mod operate;
 mod queue_basic;
 mod queue_model;

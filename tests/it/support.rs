@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod capture;
 pub mod metrics;
+pub mod netns;
 pub mod wait;
 
 /// The core launcher, shared with the demo and the benches.

@@ -555,21 +555,39 @@ fn access_log(path: &Path, cut: bool, boot: Option<SystemTime>) -> Check {
     )
 }
 
-/// `CAP_NET_ADMIN` in this process's effective set: what SOCK_DESTROY needs.
+/// `CAP_NET_ADMIN` in this process's effective set, and SOCK_DESTROY working: tried on a
+/// loopback connection of our own (the kernel answers EPERM or EOPNOTSUPP only for a
+/// socket it found), as the daemon does at start.
 fn net_admin() -> Check {
+    use crate::peers::kernel::{self, KernelError};
     let name = "CAP_NET_ADMIN";
+    let no_cap_fix = "run connector as root, or grant it: AmbientCapabilities=CAP_NET_ADMIN in its systemd unit (setcap cap_net_admin+ep on the binary); or set xray.cut_connections = false";
     match has_net_admin() {
-        // integrator: probe SOCK_DESTROY itself here (a sock_diag destroy request for a
-        // socket of our own) once issue 14's netlink code lands; until then the
-        // capability is what this build can check.
-        Ok(true) => Check::ok(
-            name,
-            "present in the effective set (SOCK_DESTROY also needs a kernel with CONFIG_INET_DIAG_DESTROY)",
-        ),
+        Ok(true) => match kernel::probe() {
+            Ok(()) => Check::ok(
+                name,
+                "present, and the kernel destroys sockets (SOCK_DESTROY tried on a loopback connection of our own)",
+            ),
+            Err(KernelError::Unsupported) => Check::fail(
+                name,
+                "present, but this kernel cannot destroy sockets (EOPNOTSUPP: built without CONFIG_INET_DIAG_DESTROY); removed users are still removed, their open connections are not cut",
+                "run on a kernel with CONFIG_INET_DIAG_DESTROY (the major distributions' kernels have it), or set xray.cut_connections = false",
+            ),
+            Err(KernelError::NoCapability) => Check::fail(
+                name,
+                "in the effective set, yet the kernel refused SOCK_DESTROY (EPERM): a container or namespace without the capability over its sockets",
+                no_cap_fix,
+            ),
+            Err(e) => Check::warn(
+                name,
+                format!("present, but SOCK_DESTROY could not be tried: {e}"),
+                "check that the agent may open netlink sockets (systemd: RestrictAddressFamilies must allow AF_NETLINK)",
+            ),
+        },
         Ok(false) => Check::fail(
             name,
             "missing: open connections of removed users cannot be cut (users are still removed)",
-            "run connector as root, or grant it: AmbientCapabilities=CAP_NET_ADMIN in its systemd unit (setcap cap_net_admin+ep on the binary); or set xray.cut_connections = false",
+            no_cap_fix,
         ),
         Err(e) => Check::warn(
             name,

@@ -1,5 +1,9 @@
 //! `queuectl bans`: users removed from a core in the last 15 minutes, and whether the
-//! ban bit: a removed user whose traffic counters still grow has established
+//! ban bit. Each ban says what it was judged by (`SOURCE`): `online`, the core's own
+//! list of the user's open connections (Xray with `statsUserOnline`; the user's
+//! addresses are shown), or `counters`, the user's traffic counters since the removal
+//! (V2Ray, older Xray, or a user the core does not track). A ban has not bitten while the
+//! user is still online, or (counters) once their counters grew: established
 //! connections (or a mux session) the core's API did not cut.
 //!
 //! With `xray.cut_connections`, each ban also shows whether its established connections
@@ -24,6 +28,10 @@ struct BanJson<'a> {
     removed_at: String,
     bytes_since_removal: u64,
     biting: bool,
+    /// `online` or `counters`.
+    source: &'a str,
+    /// With `online`: where the core lists the user online from (none: offline).
+    online_ips: &'a [String],
     /// `null` when no cut was tried (cutting off).
     cut: Option<CutJson<'a>>,
 }
@@ -68,6 +76,8 @@ pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::R
                 bytes_since_removal: b.bytes_since,
                 biting: biting(b),
                 cut: cut_json(b),
+                source: source(b),
+                online_ips: &b.online_ips,
             })
             .collect();
         out.json(&v)?;
@@ -81,12 +91,15 @@ pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::R
         ("NODE", Align::Right),
         ("USER", Align::Left),
         ("REMOVED", Align::Left),
+        ("SOURCE", Align::Left),
+        ("ONLINE FROM", Align::Left),
         ("BYTES SINCE", Align::Right),
         ("BAN", Align::Left),
         ("CUT", Align::Left),
     ]);
     let now = backend.now();
     for b in &rows {
+        let online = source(b) == "online";
         t.row(vec![
             b.node_id.to_string(),
             b.user.clone(),
@@ -95,11 +108,23 @@ pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::R
                 rfc3339(b.removed_at_ms),
                 relative(b.removed_at_ms, now)
             ),
-            b.bytes_since.to_string(),
-            if biting(b) {
-                "biting".into()
+            source(b).to_string(),
+            if !online {
+                "-".into()
+            } else if b.online_ips.is_empty() {
+                "(offline)".into()
             } else {
-                "NOT YET: established connections still carry traffic".into()
+                b.online_ips.join(",")
+            },
+            b.bytes_since.to_string(),
+            match (biting(b), online) {
+                (true, _) => "biting".into(),
+                (false, true) => format!(
+                    "NOT YET: still online ({} address{})",
+                    b.online_ips.len(),
+                    if b.online_ips.len() == 1 { "" } else { "es" }
+                ),
+                (false, false) => "NOT YET: established connections still carry traffic".into(),
             },
             cut_cell(b),
         ]);
@@ -108,7 +133,21 @@ pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::R
     Ok(())
 }
 
-/// As [`crate::jobs::xray_apply::bans::Ban::biting`]: no traffic since the removal.
+/// What the ban was judged by; a daemon before the online API sends none: counters.
+fn source(b: &Ban) -> &str {
+    if b.source.is_empty() {
+        "counters"
+    } else {
+        &b.source
+    }
+}
+
+/// As [`crate::jobs::xray_apply::bans::Ban::biting`], from the daemon; a daemon before
+/// the online API sends no verdict: no traffic since the removal.
 fn biting(b: &Ban) -> bool {
-    b.bytes_since == 0
+    if b.source.is_empty() {
+        b.bytes_since == 0
+    } else {
+        b.biting
+    }
 }

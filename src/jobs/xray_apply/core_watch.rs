@@ -15,7 +15,10 @@
 //! The apply itself is a full reconcile, so it puts back exactly what is missing.
 //!
 //! The same tick checks the bans being watched (`xray_apply::bans`): a removed user
-//! whose traffic counters still grow is reported.
+//! the core still lists online (Xray, `statsUserOnline`), or else whose traffic
+//! counters still grow, is reported; the gauge `connector_bans_not_biting` counts them.
+//! A restart (or the core back after being unreachable) makes the client ask again
+//! which online methods the core has: it may be another build.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,6 +34,7 @@ use crate::jobs::xray_apply::{self, XrayApply, grpc};
 use crate::peers::xray::email::email_for;
 use crate::peers::xray::{Added, XrayClient, XrayError};
 use crate::queue::{JobState, Queue};
+use crate::telemetry::metrics;
 
 /// Why an apply could not be made due, or a node's core could not be checked.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +107,7 @@ pub async fn watch(
                             "is reachable again"
                         }
                     );
+                    core.reprobe();
                     for node in &config.nodes {
                         apply.resend(node.id);
                     }
@@ -202,22 +207,22 @@ async fn lost_users(
     }
 }
 
-/// Reports removed users that still carry traffic; one counter query for all nodes.
-/// Each node's bans are updated under its apply lock, so an apply adding bans at the
-/// same moment is not overwritten.
+/// Reports removed users still online, or else still carrying traffic; one counter
+/// query and one online query for all nodes. Each node's bans are updated under its
+/// apply lock, so an apply adding bans at the same moment is not overwritten.
 async fn check_bans(queue: &Queue, core: &XrayClient, apply: &XrayApply, config: &Config) {
-    let watched: Vec<u64> = config
-        .nodes
-        .iter()
-        .map(|n| n.id)
-        .filter(|id| match xray_apply::bans::load(queue, *id) {
-            Ok(bans) => !bans.is_empty(),
-            Err(e) => {
-                tracing::warn!(node = id, error = %e, "cannot check the node's bans");
-                false
+    let mut watched = Vec::new();
+    let mut users = Vec::new();
+    for node in &config.nodes {
+        match xray_apply::bans::load(queue, node.id) {
+            Ok(bans) if bans.is_empty() => metrics::bans_not_biting(node.id, 0),
+            Ok(bans) => {
+                users.extend(bans.iter().map(|(e, b)| (e.clone(), b.source)));
+                watched.push(node.id);
             }
-        })
-        .collect();
+            Err(e) => tracing::warn!(node = node.id, error = %e, "cannot check the node's bans"),
+        }
+    }
     if watched.is_empty() {
         return;
     }
@@ -225,6 +230,13 @@ async fn check_bans(queue: &Queue, core: &XrayClient, apply: &XrayApply, config:
         Ok(c) => xray_apply::bans::user_bytes(&c),
         Err(e) => {
             tracing::debug!(error = %e, "cannot read counters to check bans");
+            return;
+        }
+    };
+    let online = match xray_apply::bans::online(core, &users).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot ask the core who is online to check bans");
             return;
         }
     };
@@ -238,10 +250,14 @@ async fn check_bans(queue: &Queue, core: &XrayClient, apply: &XrayApply, config:
                 continue;
             }
         };
-        let checked = xray_apply::bans::check(&mut bans, &bytes, queue.now());
+        let checked = xray_apply::bans::check(&mut bans, &bytes, &online, queue.now());
         for (email, ban) in &checked.newly {
             xray_apply::bans::warn(node, email, ban);
         }
+        for (email, ban) in &checked.bit {
+            xray_apply::bans::bit(node, email, ban);
+        }
+        metrics::bans_not_biting(node, bans.values().filter(|b| !b.biting()).count());
         // A write (a flush) under the node's lock delays its applies: only when it
         // says something new.
         if !checked.changed {

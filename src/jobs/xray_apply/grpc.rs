@@ -357,9 +357,9 @@ pub async fn reconcile_cutting(
                 super::bans::Ban {
                     removed_at: now,
                     bytes_at_removal: counters.get(email).copied().unwrap_or(0),
-                    bytes_since: 0,
                     last_checked: now,
                     cut: cuts.remove(email.as_str()),
+                    ..Default::default()
                 },
             );
         }

@@ -1,5 +1,6 @@
 //! A client of an Xray or V2Ray core's gRPC API: users of an inbound
-//! (HandlerService) and counters and uptime (StatsService), for both flavours.
+//! (HandlerService) and counters and uptime (StatsService), for both flavours; who is
+//! online where the core can tell ([`online`], Xray only).
 //!
 //! One HTTP/2 channel per core; calls are multiplexed on it, so callers bound their own
 //! concurrency. The decode limit is raised to 64 MiB: a 100,000-user `GetInboundUsers`
@@ -12,10 +13,12 @@
 pub mod access_log;
 pub mod account;
 pub mod email;
+pub mod online;
 pub mod stats;
 pub mod wire;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
@@ -134,6 +137,8 @@ pub struct XrayClient {
     grpc: tonic::client::Grpc<Channel>,
     flavor: Flavor,
     addr: String,
+    /// Which online methods the core has, shared by the clones (one core).
+    probes: Arc<online::Probes>,
 }
 
 impl std::fmt::Debug for XrayClient {
@@ -161,6 +166,7 @@ impl XrayClient {
             grpc,
             flavor,
             addr: addr.to_string(),
+            probes: Arc::default(),
         })
     }
 
