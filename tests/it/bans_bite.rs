@@ -362,11 +362,19 @@ fn cuts_the_banned_user_only(flavor: Flavor) {
     assert_eq!(s.rig.stop(), Some(0));
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn xray_cuts_a_removed_users_downloads_and_mux_session_and_no_one_elses() {
     cuts_the_banned_user_only(Flavor::Xray);
 }
 
+#[cfg_attr(
+    any(no_xray, no_v2ray),
+    ignore = "needs the real Xray and V2Ray cores: scripts/test.sh installs them"
+)]
 #[test]
 fn v2ray_cuts_a_removed_users_downloads_and_mux_session_and_no_one_elses() {
     cuts_the_banned_user_only(Flavor::V2ray);
@@ -374,6 +382,10 @@ fn v2ray_cuts_a_removed_users_downloads_and_mux_session_and_no_one_elses() {
 
 // ---- push ----
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn a_pushed_sync_cuts_within_a_second_of_the_post() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -475,6 +487,10 @@ fn ban_and_check(s: &mut Setup, what: &str) {
         .unwrap_or_else(|e| s.rig.fail(&e));
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn tracking_survives_truncation_rotation_and_a_flood_of_other_users() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -537,6 +553,10 @@ fn tracking_survives_truncation_rotation_and_a_flood_of_other_users() {
 
 // ---- without CAP_NET_ADMIN ----
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn without_cap_net_admin_it_warns_once_and_bans_still_remove_users() {
     let Some(_) = require_peer(Flavor::Xray) else {

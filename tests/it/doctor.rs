@@ -277,6 +277,10 @@ fn net_admin() -> bool {
     u64::from_str_radix(&hex, 16).unwrap() & (1 << 12) != 0
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn a_correct_setup_passes_every_check() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -334,6 +338,10 @@ fn a_correct_setup_passes_every_check() {
     assert!(plain.stdout.contains("key ***"), "{plain}");
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn the_panel_unreachable_wrong_key_unknown_node_and_garbage_each_fail() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -360,6 +368,10 @@ fn the_panel_unreachable_wrong_key_unknown_node_and_garbage_each_fail() {
     s.checks().assert_only_failure("panel", "cannot connect");
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn the_core_unreachable_wrong_flavour_missing_inbound_and_wrong_protocol_each_fail() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -389,6 +401,10 @@ fn the_core_unreachable_wrong_flavour_missing_inbound_and_wrong_protocol_each_fa
     s.checks().assert_only_failure("core API", "cannot reach");
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn user_stats_off_is_told_from_users_without_traffic() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -413,6 +429,10 @@ fn user_stats_off_is_told_from_users_without_traffic() {
     );
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn user_stats_off_shows_against_the_inbounds_own_counters() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -431,6 +451,10 @@ fn user_stats_off_shows_against_the_inbounds_own_counters() {
         .assert_only_failure("node 1 traffic counters", "inbound `node-1` has carried");
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn cuts_without_cap_net_admin_fail() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -480,6 +504,10 @@ impl Drop for ReadOnlyMount {
     }
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn an_unusable_access_log_fails_when_cuts_are_on() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -500,6 +528,10 @@ fn an_unusable_access_log_fails_when_cuts_are_on() {
     assert_eq!(out.item("access log")["status"], "warn", "{out}");
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn data_dir_provider_and_listener_faults_each_fail() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -546,6 +578,10 @@ fn data_dir_provider_and_listener_faults_each_fail() {
         .assert_only_failure("http listener", "held by another process");
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn beside_a_running_daemon_the_queue_and_listener_are_its() {
     let Some(_) = require_peer(Flavor::Xray) else {
@@ -587,6 +623,10 @@ fn beside_a_running_daemon_the_queue_and_listener_are_its() {
     );
 }
 
+#[cfg_attr(
+    any(no_xray, no_v2ray),
+    ignore = "needs the real Xray and V2Ray cores: scripts/test.sh installs them"
+)]
 #[test]
 fn v2ray_passes_with_its_inbound_unchecked_and_refuses_the_xray_flavour() {
     let Some(_) = require_peer(Flavor::V2ray) else {

@@ -175,6 +175,10 @@ fn wait_not_biting(rig: &Rig, n: f64) {
     );
 }
 
+#[cfg_attr(
+    no_xray,
+    ignore = "needs the real Xray core: scripts/test.sh installs it"
+)]
 #[test]
 fn xray_online_api_says_a_banned_user_is_still_online_then_that_the_ban_bites() {
     let Some(_) = cores::require_peer(Flavor::Xray) else {
@@ -274,6 +278,10 @@ fn xray_online_api_says_a_banned_user_is_still_online_then_that_the_ban_bites() 
     drop(f);
 }
 
+#[cfg_attr(
+    any(no_xray, no_v2ray),
+    ignore = "needs the real Xray and V2Ray cores: scripts/test.sh installs them"
+)]
 #[test]
 fn v2ray_has_no_online_api_and_bans_fall_back_to_the_counters() {
     let (Some(_), Some(_)) = (
