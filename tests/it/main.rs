@@ -11,6 +11,7 @@ mod commit;
 mod config;
 mod cores;
 mod corruption;
+mod counts;
 mod cut_connections;
 mod demo;
 mod faults;
