@@ -14,11 +14,17 @@
 //! | `k` kind key | id | idempotency: the newest job of each key |
 //! | `c` key | quarantine envelope | a record that could not be read, kept byte for byte |
 //! | `m/schema`, `m/next_id` | u32, u64 | layout version, id counter |
+//! | `m/n`, `m/t`, `m/counted` | u64 | kept counts of index entries by kind and state, pending ones by due time (`counts.rs`) |
 //!
 //! # Invariants
 //!
 //! - A job record and its index entries change together in one `apply_batch` (atomic);
-//!   each job is in exactly one of `p`, `r`, `f`.
+//!   each job is in exactly one of `p`, `r`, `f`. The kept counts change in that same
+//!   batch and equal a scan of the indexes (`counts.rs`: every write is a
+//!   `counts::Batch`, which moves them by what it changes), so `stats` reads a few
+//!   keys whatever the number of jobs.
+//! - Workers' writes and an operator's cancel and retry go through the write combiner
+//!   (`combine.rs`): one sled batch and one flush for every operation waiting.
 //! - Every read-modify-write runs under one mutex (`write`), so a job is never leased
 //!   twice at once and ids never collide. sled calls under it take microseconds.
 //! - No mutating call returns before its batch is flushed (`commit.rs`, group commit).
