@@ -33,7 +33,11 @@ fn sizes() -> Vec<usize> {
     match std::env::var("METRICS_BENCH_JOBS") {
         Ok(v) => v
             .split(',')
-            .map(|n| n.trim().parse().expect("METRICS_BENCH_JOBS is a list of numbers"))
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .expect("METRICS_BENCH_JOBS is a list of numbers")
+            })
             .collect(),
         // The empty queue is the baseline of the 1M one (issue 15: ≤ 2×).
         Err(_) => vec![0, 10_000, 1_000_000],
