@@ -1467,8 +1467,16 @@ impl Opened {
             let started = std::time::Instant::now();
             let older = db.get(counts::COUNTED).storage()?.is_some();
             let had_jobs = db.get(keys::META_NEXT_ID).storage()?.is_some();
-            let entries = counts::recount(&db)?;
-            if had_jobs {
+            let entries = match counts::recount(&db) {
+                Ok(n) => n,
+                // A full disk: the open goes on and refuses writes (see
+                // `open_unguarded`); the reopen once space is freed counts again.
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot write the queue's job counts yet; stats are not shown right until they can be");
+                    0
+                }
+            };
+            if had_jobs && entries > 0 {
                 tracing::info!(
                     path = %path.display(),
                     entries,
