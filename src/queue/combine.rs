@@ -408,3 +408,55 @@ impl Queue {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::super::{KindSettings, ManualClock, OnExhausted, Settings};
+    use super::*;
+
+    const KIND: JobKind = JobKind::new(4, "webhook");
+
+    fn tickets(q: &Queue) -> u64 {
+        let store = q.inner.store.read().unwrap();
+        store.as_ref().unwrap().commit.issued()
+    }
+
+    /// An empty lease writes nothing and promises nothing: it takes no flush. A lease
+    /// that leased something does.
+    #[tokio::test]
+    async fn an_empty_lease_waits_for_no_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings::new(
+            Duration::from_secs(60),
+            [(
+                KIND,
+                KindSettings {
+                    ladder: vec![Duration::ZERO],
+                    on_exhausted: OnExhausted::Dead,
+                    concurrency: 1,
+                    lease_timeout: Duration::from_secs(60),
+                    keep_done: None,
+                },
+            )],
+        );
+        let (q, _) = Queue::open(
+            dir.path().join("queue"),
+            settings,
+            Arc::new(ManualClock::new(1_767_225_600_000)),
+        )
+        .unwrap();
+        let before = tickets(&q);
+        for _ in 0..3 {
+            assert!(q.lease(KIND, 4).await.unwrap().is_empty());
+        }
+        assert_eq!(tickets(&q), before, "empty leases took a flush");
+        q.enqueue(KIND, "a", Vec::new(), None).await.unwrap();
+        let after_enqueue = tickets(&q);
+        assert!(after_enqueue > before);
+        assert_eq!(q.lease(KIND, 4).await.unwrap().len(), 1);
+        assert!(tickets(&q) > after_enqueue, "a lease that wrote is flushed");
+    }
+}
