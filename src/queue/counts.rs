@@ -20,8 +20,8 @@
 //!
 //! | key | value | what |
 //! |---|---|---|
-//! | `m/n` code class | u64 BE | index entries of kind `code` in `class` (1 pending, 2 running, 3 done, 4 dead); code 0 class 5: quarantine entries |
-//! | `m/t` code width due>>shift | u64 BE | pending entries of kind `code` whose due time, shifted right by `SHIFTS[width]`, is that |
+//! | `m/k` code class | u64 BE | index entries of kind `code` in `class` (1 pending, 2 running, 3 done, 4 dead); code 0 class 5: quarantine entries |
+//! | `m/d` code width due>>shift | u64 BE | pending entries of kind `code` whose due time, shifted right by `SHIFTS[width]`, is that |
 //! | `m/counted` | u64 BE | `m/next_id` as of the last write of a build that keeps counts |
 //!
 //! A count that reaches zero is removed, so the bucket keys never outnumber the pending
@@ -36,10 +36,10 @@ use super::clock::Millis;
 use super::keys;
 use super::{JobKind, Result};
 
-/// `m/n` code class → u64 BE.
-pub const COUNT: &[u8] = b"m/n";
-/// `m/t` code width bucket(8) → u64 BE.
-pub const DUE: &[u8] = b"m/t";
+/// `m/k` code class → u64 BE.
+pub const COUNT: &[u8] = b"m/k";
+/// `m/d` code width bucket(8) → u64 BE.
+pub const DUE: &[u8] = b"m/d";
 /// `m/counted` → u64 BE: `m/next_id` when the counts were last kept.
 pub const COUNTED: &[u8] = b"m/counted";
 
@@ -330,7 +330,7 @@ pub(crate) fn due_by(db: &sled::Db, code: u8, now: Millis) -> Result<u64> {
     Ok(n)
 }
 
-/// Renders a count key for people: `m/n/webhook/pending`, `m/t/webhook/3/123`.
+/// Renders a count key for people: `m/k/webhook/pending`, `m/d/webhook/3/123`.
 pub fn display(key: &[u8], kinds: &[JobKind]) -> String {
     let kind = |code: u8| match (code, super::kind::by_code(kinds, code)) {
         (_, Some(k)) => k.to_string(),
@@ -338,10 +338,10 @@ pub fn display(key: &[u8], kinds: &[JobKind]) -> String {
         (c, None) => format!("kind{c}"),
     };
     if key.len() == 5 && key.starts_with(COUNT) {
-        format!("m/n/{}/{}", kind(key[3]), class_name(key[4]))
+        format!("m/k/{}/{}", kind(key[3]), class_name(key[4]))
     } else if key.len() == 13 && key.starts_with(DUE) {
         format!(
-            "m/t/{}/{}/{}",
+            "m/d/{}/{}/{}",
             kind(key[3]),
             key[4],
             keys::be_u64(&key[5..]).unwrap_or_default()

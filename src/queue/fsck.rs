@@ -15,7 +15,7 @@
 //! | `s` name | the envelope does not check (version, CRC) | moved to quarantine |
 //! | `c` | the quarantine entry itself does not decode | reported; left as it is |
 //! | `m/next_id` | not above the highest job id (ids could be reused) | raised |
-//! | `m/n`, `m/t` | a kept count (`counts.rs`) differs from a scan of the indexes, or is not a count | set to what the indexes hold once repaired, in the same write as the other fixes |
+//! | `m/k`, `m/d` | a kept count (`counts.rs`) differs from a scan of the indexes, or is not a count | set to what the indexes hold once repaired, in the same write as the other fixes |
 //! | any other key | unknown prefix (a newer connector's?) | reported; left as it is |
 //!
 //! Indexes are derived from job records, so rebuilding them loses nothing; everything

@@ -6,7 +6,7 @@ use super::clock::Millis;
 use super::kind::{self, JobKind};
 
 /// `m` + name: metadata (`m/schema` → u32 BE, `m/next_id` → u64 BE; the kept counts
-/// `m/n…`, `m/t…`, `m/counted` are in `counts.rs`).
+/// `m/k…`, `m/d…`, `m/counted` are in `counts.rs`).
 pub const META_SCHEMA: &[u8] = b"m/schema";
 pub const META_NEXT_ID: &[u8] = b"m/next_id";
 /// `j` + id(8): the job record (envelope, see `record.rs`).

@@ -14,7 +14,7 @@
 //! | `k` kind key | id | idempotency: the newest job of each key |
 //! | `c` key | quarantine envelope | a record that could not be read, kept byte for byte |
 //! | `m/schema`, `m/next_id` | u32, u64 | layout version, id counter |
-//! | `m/n`, `m/t`, `m/counted` | u64 | kept counts of index entries by kind and state, pending ones by due time (`counts.rs`) |
+//! | `m/k`, `m/d`, `m/counted` | u64 | kept counts of index entries by kind and state, pending ones by due time (`counts.rs`) |
 //!
 //! # Invariants
 //!

@@ -72,7 +72,7 @@ async fn every_state(q: &Queue, clock: &ManualClock) -> Stats {
 }
 
 fn count_key(code: u8, class: u8) -> Vec<u8> {
-    let mut k = b"m/n".to_vec();
+    let mut k = b"m/k".to_vec();
     k.extend([code, class]);
     k
 }
@@ -105,7 +105,7 @@ async fn fsck_finds_a_tampered_count_and_repair_sets_it_right() {
     let keys: Vec<&str> = report.problems.iter().map(|p| p.key.as_str()).collect();
     assert_eq!(
         keys,
-        ["m/n/webhook/running", "m/n/webhook/done"],
+        ["m/k/webhook/running", "m/k/webhook/done"],
         "{report:#?}"
     );
     assert!(report.problems[1].problem.contains("is 99"), "{report:#?}");
@@ -164,7 +164,7 @@ async fn a_database_without_counts_gets_them_once_on_open() {
         let mut n = 0;
         for k in db.scan_prefix(b"m/").keys() {
             let k = k.unwrap();
-            if k.starts_with(b"m/n") || k.starts_with(b"m/t") || &k[..] == b"m/counted" {
+            if k.starts_with(b"m/k") || k.starts_with(b"m/d") || &k[..] == b"m/counted" {
                 db.remove(k).unwrap();
                 n += 1;
             }
