@@ -463,7 +463,7 @@ impl Queue {
         {
             b.remove(idem);
         }
-        b.remove(&keys::job(job.id));
+        b.remove(keys::job(job.id));
         Ok(true)
     }
 

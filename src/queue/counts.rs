@@ -218,6 +218,9 @@ impl Batch {
     }
 }
 
+/// Count key → count.
+pub(crate) type Counts = BTreeMap<Vec<u8>, u64>;
+
 /// What a scan of the indexes and the quarantine counts: count key → count.
 pub(crate) fn scan(db: &sled::Db) -> Result<BTreeMap<Vec<u8>, u64>> {
     let mut out: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
@@ -242,7 +245,7 @@ pub(crate) fn value(v: &[u8]) -> Option<u64> {
 
 /// The counts as kept: count key → count. A value that is not a count reads as 0 (as
 /// a batch reads it before changing it) and its key is in the second list.
-pub(crate) fn kept(db: &sled::Db) -> Result<(BTreeMap<Vec<u8>, u64>, Vec<Vec<u8>>)> {
+pub(crate) fn kept(db: &sled::Db) -> Result<(Counts, Vec<Vec<u8>>)> {
     let mut out = BTreeMap::new();
     let mut malformed = Vec::new();
     for prefix in [COUNT, DUE] {

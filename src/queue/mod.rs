@@ -855,7 +855,7 @@ impl Queue {
                 }
             };
             self.index_insert(&mut b, &job);
-            b.insert(&keys::job(id), record::encode_job(&job));
+            b.insert(keys::job(id), record::encode_job(&job));
         }
         self.apply(b)?;
         Ok(rec)
@@ -864,18 +864,18 @@ impl Queue {
     /// Adds the index entry that matches the job's stored state.
     fn index_insert(&self, b: &mut Batch, job: &Job) {
         match job.stored {
-            Stored::Pending { due_ms } => b.insert(&keys::pending(job.kind, due_ms, job.id), &[]),
+            Stored::Pending { due_ms } => b.insert(keys::pending(job.kind, due_ms, job.id), []),
             Stored::Running { lease_until_ms, .. } => b.insert(
-                &keys::running(job.id),
-                &keys::running_value(job.kind, lease_until_ms),
+                keys::running(job.id),
+                keys::running_value(job.kind, lease_until_ms),
             ),
             Stored::Done { at_ms } => b.insert(
-                &keys::finished(keys::FINISHED_DONE, at_ms, job.id),
-                &[job.kind.code()],
+                keys::finished(keys::FINISHED_DONE, at_ms, job.id),
+                [job.kind.code()],
             ),
             Stored::Dead { at_ms, .. } => b.insert(
-                &keys::finished(keys::FINISHED_DEAD, at_ms, job.id),
-                &[job.kind.code()],
+                keys::finished(keys::FINISHED_DEAD, at_ms, job.id),
+                [job.kind.code()],
             ),
         }
     }
@@ -883,11 +883,11 @@ impl Queue {
     /// Removes the index entry that matches the job's stored state.
     fn index_remove(&self, b: &mut Batch, job: &Job) {
         match job.stored {
-            Stored::Pending { due_ms } => b.remove(&keys::pending(job.kind, due_ms, job.id)),
-            Stored::Running { .. } => b.remove(&keys::running(job.id)),
-            Stored::Done { at_ms } => b.remove(&keys::finished(keys::FINISHED_DONE, at_ms, job.id)),
+            Stored::Pending { due_ms } => b.remove(keys::pending(job.kind, due_ms, job.id)),
+            Stored::Running { .. } => b.remove(keys::running(job.id)),
+            Stored::Done { at_ms } => b.remove(keys::finished(keys::FINISHED_DONE, at_ms, job.id)),
             Stored::Dead { at_ms, .. } => {
-                b.remove(&keys::finished(keys::FINISHED_DEAD, at_ms, job.id))
+                b.remove(keys::finished(keys::FINISHED_DEAD, at_ms, job.id))
             }
         }
     }
@@ -1360,7 +1360,7 @@ impl Queue {
         {
             // The record cannot tell us its index entries; find them by id. Rare (only
             // on corruption), so a scan of the index keys is fine.
-            b.remove(&keys::running(id));
+            b.remove(keys::running(id));
             for prefix in [keys::PENDING, keys::FINISHED] {
                 for k in self.db()?.scan_prefix([prefix]).keys() {
                     let k = k.storage()?;

@@ -620,12 +620,12 @@ impl Queue {
     fn restore(&self, found: &Haul, next_id: u64) -> Result<bool, Error> {
         let mut b = Batch::default();
         for (id, c) in &found.jobs {
-            b.insert(&keys::job(*id), c.raw.as_slice());
+            b.insert(keys::job(*id), c.raw.as_slice());
         }
         for (k, (_, v)) in &found.other {
             b.insert(k.as_slice(), v.as_slice());
         }
-        b.insert(keys::META_NEXT_ID, &next_id.to_be_bytes());
+        b.insert(keys::META_NEXT_ID, next_id.to_be_bytes());
         {
             let mut w = self.lock();
             self.apply(b)?;
