@@ -860,6 +860,12 @@ fn check(
         *from_records.entry((job.kind, state)).or_default() += 1;
         check_history(job)?;
     }
+    // The counts `stats` reads are kept in the same writes as the indexes: after a
+    // kill they still equal a scan of them.
+    let differ = q.check_counts().map_err(|e| format!("check_counts: {e}"))?;
+    if !differ.is_empty() {
+        return Err(format!("kept counts differ from the indexes: {differ:?}"));
+    }
     let total: u64 = JobState::ALL.iter().map(|s| stats.total(*s)).sum();
     if total != jobs.len() as u64 {
         return Err(format!(

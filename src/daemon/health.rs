@@ -98,8 +98,9 @@ impl Health {
         }
     }
 
-    /// Everything `/metrics` reads from the queue. Scans the queue's indexes: call it
-    /// on a blocking thread.
+    /// Everything `/metrics` reads from the queue: its kept counts and the first
+    /// pending key of each kind (a few keys per kind, whatever the number of jobs), and
+    /// each node's state records. Reads the database: call it on a blocking thread.
     pub fn scrape(&self) -> crate::queue::Result<Scrape> {
         let q = &self.queue;
         let stats = q.stats()?;

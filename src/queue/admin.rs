@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::Batch;
 use super::Storage as _;
 use super::clock::{Millis, rfc3339};
+use super::combine::{Done, Group, Op};
 use super::record::{self, Attempt, DeadReason, Job, Stored};
-use super::{Error, JobKind, JobState, Queue, Result, keys};
+use super::{Error, JobKind, JobState, Queue, Result, counts, keys};
 
 /// Counts of jobs by kind and state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -141,57 +143,59 @@ pub struct QuarantineView {
 }
 
 impl Queue {
-    /// Counts every job by kind and state, from the indexes (no record is decoded).
+    /// Counts every job by kind and state, from the counts kept beside the indexes
+    /// (`counts.rs`): a few keys read per kind, whatever the number of jobs. Pending
+    /// jobs are ready or scheduled by their due-time buckets; the oldest ready one is
+    /// the first pending key of each kind.
     pub fn stats(&self) -> Result<Stats> {
         let now = self.now();
+        let db = self.db()?;
         let mut stats = Stats::default();
-        for &kind in self.inner.settings.kinds() {
-            let m = stats.jobs.entry(kind).or_default();
-            for state in JobState::ALL {
-                m.insert(state, 0);
-            }
-        }
-        let mut bump = |code: u8, state: JobState| {
-            if let Some(kind) = self.inner.settings.by_code(code) {
-                *stats
-                    .jobs
-                    .entry(kind)
-                    .or_default()
-                    .entry(state)
-                    .or_default() += 1;
-            }
-        };
         let mut oldest: Option<Millis> = None;
-        for k in self.db()?.scan_prefix([keys::PENDING]).keys() {
-            if let Some((code, due, _)) = keys::parse_pending(&k.storage()?) {
-                if due <= now {
-                    bump(code, JobState::Ready);
-                    oldest = Some(oldest.map_or(due, |o| o.min(due)));
-                } else {
-                    bump(code, JobState::Scheduled);
-                }
+        for &kind in self.inner.settings.kinds() {
+            let code = kind.code();
+            let pending = counts::count(&db, code, counts::PENDING)?;
+            let ready = counts::due_by(&db, code, now)?.min(pending);
+            let m = stats.jobs.entry(kind).or_default();
+            m.insert(JobState::Scheduled, pending - ready);
+            m.insert(JobState::Ready, ready);
+            m.insert(
+                JobState::Running,
+                counts::count(&db, code, counts::RUNNING)?,
+            );
+            m.insert(JobState::Done, counts::count(&db, code, counts::DONE)?);
+            m.insert(JobState::Dead, counts::count(&db, code, counts::DEAD)?);
+            if let Some(due) = self.next_due(kind)?.filter(|&due| due <= now) {
+                oldest = Some(oldest.map_or(due, |o| o.min(due)));
             }
         }
-        for v in self.db()?.scan_prefix([keys::RUNNING]).values() {
-            if let Some(&code) = v.storage()?.first() {
-                bump(code, JobState::Running);
-            }
-        }
-        for entry in self.db()?.scan_prefix([keys::FINISHED]) {
-            let (k, v) = entry.storage()?;
-            let (Some((state, _, _)), Some(&code)) = (keys::parse_finished(&k), v.first()) else {
-                continue;
-            };
-            let state = if state == keys::FINISHED_DONE {
-                JobState::Done
-            } else {
-                JobState::Dead
-            };
-            bump(code, state);
-        }
-        stats.quarantined = self.db()?.scan_prefix([keys::QUARANTINE]).count() as u64;
+        stats.quarantined = counts::count(&db, 0, counts::QUARANTINED)?;
         stats.oldest_ready_ms = oldest;
         Ok(stats)
+    }
+
+    /// Compares the kept counts with a scan of the indexes (what `fsck` does): one
+    /// line per count that differs, empty when they agree. Reads every index entry.
+    pub fn check_counts(&self) -> Result<Vec<String>> {
+        let _w = self.lock();
+        let db = self.db()?;
+        let ((kept, malformed), scanned) = (counts::kept(&db)?, counts::scan(&db)?);
+        let kinds = self.inner.settings.kinds();
+        Ok(malformed
+            .iter()
+            .map(|k| format!("{}: not a count", counts::display(k, kinds)))
+            .chain(
+                count_differences(&kept, &scanned)
+                    .into_iter()
+                    .filter(|(k, _, _)| !malformed.contains(k))
+                    .map(|(k, kept, scanned)| {
+                        format!(
+                            "{}: kept {kept}, the indexes hold {scanned}",
+                            counts::display(&k, kinds)
+                        )
+                    }),
+            )
+            .collect())
     }
 
     /// Jobs in id order, filtered. Unreadable records met on the way are quarantined.
@@ -264,16 +268,10 @@ impl Queue {
     /// Makes a dead or scheduled job due now. A dead job gets one more attempt; if that
     /// fails it is dead again (its ladder is already used up).
     pub async fn retry(&self, id: u64) -> Result<Job> {
-        let epoch = self.epoch();
-        let job = {
-            let _w = self.lock();
-            let job = self.load_locked(id)?.ok_or(Error::NotFound(id))?;
-            self.retry_locked(job)?
-        };
-        self.durable_since(epoch).await?;
-        self.wake(job.kind);
-        self.emit_retried(&job);
-        Ok(job)
+        match self.submit(Op::Retry(id)).await? {
+            Done::Retried(job) => Ok(job),
+            _ => Err(super::wrong_reply()),
+        }
     }
 
     /// Retries every dead job (of one kind, or all). Jobs whose key was taken by a newer
@@ -290,15 +288,18 @@ impl Queue {
                 .filter(|(_, v)| kind.is_none_or(|kind| v.first() == Some(&kind.code())))
                 .filter_map(|(k, _)| keys::parse_finished(&k).map(|(_, _, id)| id))
                 .collect();
+            let mut b = Batch::default();
+            let mut g = Group::default();
             for id in ids {
-                if let Some(job) = self.load_locked(id)? {
-                    match self.retry_locked(job) {
+                if let Some(job) = self.load_in(&g, id)? {
+                    match self.retry_locked(&mut b, &mut g, job) {
                         Ok(job) => retried.push(job),
                         Err(Error::KeyTaken { .. }) => {}
                         Err(e) => return Err(e),
                     }
                 }
             }
+            self.apply(b)?;
         }
         self.durable_since(epoch).await?;
         for &kind in self.inner.settings.kinds() {
@@ -310,13 +311,14 @@ impl Queue {
         Ok(retried.len() as u64)
     }
 
-    fn emit_retried(&self, job: &Job) {
+    pub(super) fn emit_retried(&self, job: &Job) {
         if let Stored::Pending { due_ms } = job.stored {
             self.emit(job, super::EventKind::Retried { due_ms });
         }
     }
 
-    fn retry_locked(&self, mut job: Job) -> Result<Job> {
+    /// Adds the retry of `job` to `b`, as the group `g` sees the jobs and keys.
+    pub(super) fn retry_locked(&self, b: &mut Batch, g: &mut Group, mut job: Job) -> Result<Job> {
         let now = self.now();
         match job.state(now) {
             JobState::Dead | JobState::Scheduled => {}
@@ -329,68 +331,72 @@ impl Queue {
             }
         }
         let idem = keys::idem(job.kind, &job.key);
-        if let Some(holder) = self
-            .db()?
-            .get(&idem)
-            .storage()?
-            .and_then(|v| keys::be_u64(&v))
+        let holder = match g.holder(&idem) {
+            Some(id) => Some(id),
+            None => self
+                .db()?
+                .get(&idem)
+                .storage()?
+                .and_then(|v| keys::be_u64(&v)),
+        };
+        if let Some(holder) = holder
             && holder != job.id
             && self
-                .load_locked(holder)?
+                .load_in(g, holder)?
                 .is_some_and(|h| super::txn::holds_key(&h, now, self.inner.settings.dedupe_window))
         {
             return Err(Error::KeyTaken { id: job.id, holder });
         }
-        let mut b = sled::Batch::default();
-        self.index_remove(&mut b, &job);
+        self.index_remove(b, &job);
         job.stored = Stored::Pending { due_ms: now };
-        self.index_insert(&mut b, &job);
-        b.insert(&keys::job(job.id), record::encode_job(&job));
-        b.insert(idem, &job.id.to_be_bytes());
-        self.apply(b)?;
+        self.index_insert(b, &job);
+        b.insert(keys::job(job.id), record::encode_job(&job));
+        b.insert(&idem, job.id.to_be_bytes());
+        g.touch(&job);
+        g.set_holder(idem, job.id);
         Ok(job)
     }
 
     /// Cancels a pending or running job: it goes dead (reason `cancelled`). A worker still
     /// running it will find its lease lost when it reports.
     pub async fn cancel(&self, id: u64) -> Result<Job> {
-        let epoch = self.epoch();
-        let job = {
-            let _w = self.lock();
-            let now = self.now();
-            let mut job = self.load_locked(id)?.ok_or(Error::NotFound(id))?;
-            let mut b = sled::Batch::default();
-            match job.stored {
-                Stored::Pending { .. } => {}
-                Stored::Running { started_ms, .. } => job.push_attempt(Attempt {
-                    number: job.attempts,
-                    started_ms,
-                    duration_ms: now.saturating_sub(started_ms),
-                    outcome: record::Outcome::Interrupted {
-                        reason: "cancelled by an operator".into(),
-                    },
-                    note: None,
-                }),
-                _ => {
-                    return Err(Error::InvalidState {
-                        id,
-                        state: job.state(now).as_str(),
-                        op: "cancel",
-                    });
-                }
+        match self.submit(Op::Cancel(id)).await? {
+            Done::Cancelled(job) => Ok(job),
+            _ => Err(super::wrong_reply()),
+        }
+    }
+
+    /// Adds the cancel of job `id` to `b`, as the group `g` sees it.
+    pub(super) fn cancel_locked(&self, b: &mut Batch, g: &mut Group, id: u64) -> Result<Job> {
+        let now = self.now();
+        let mut job = self.load_in(g, id)?.ok_or(Error::NotFound(id))?;
+        match job.stored {
+            Stored::Pending { .. } => {}
+            Stored::Running { started_ms, .. } => job.push_attempt(Attempt {
+                number: job.attempts,
+                started_ms,
+                duration_ms: now.saturating_sub(started_ms),
+                outcome: record::Outcome::Interrupted {
+                    reason: "cancelled by an operator".into(),
+                },
+                note: None,
+            }),
+            _ => {
+                return Err(Error::InvalidState {
+                    id,
+                    state: job.state(now).as_str(),
+                    op: "cancel",
+                });
             }
-            self.index_remove(&mut b, &job);
-            job.stored = Stored::Dead {
-                at_ms: now,
-                reason: DeadReason::Cancelled,
-            };
-            self.index_insert(&mut b, &job);
-            b.insert(&keys::job(id), record::encode_job(&job));
-            self.apply(b)?;
-            job
+        }
+        self.index_remove(b, &job);
+        job.stored = Stored::Dead {
+            at_ms: now,
+            reason: DeadReason::Cancelled,
         };
-        self.durable_since(epoch).await?;
-        self.emit(&job, super::EventKind::Cancelled);
+        self.index_insert(b, &job);
+        b.insert(keys::job(id), record::encode_job(&job));
+        g.touch(&job);
         Ok(job)
     }
 
@@ -428,7 +434,7 @@ impl Queue {
         let start = keys::finished(state, 0, 0);
         let end = keys::finished(state, cutoff, u64::MAX);
         let mut n = 0;
-        let mut b = sled::Batch::default();
+        let mut b = Batch::default();
         for entry in self.db()?.range(start..=end) {
             let (k, _) = entry.storage()?;
             let id = keys::parse_finished(&k).map(|(_, _, id)| id);
@@ -442,12 +448,7 @@ impl Queue {
 
     /// Adds to `b` the deletion of a finished job: its index entry `index`, its record,
     /// and its idempotency entry if it still holds the key. True when a record existed.
-    fn delete_finished(
-        &self,
-        b: &mut sled::Batch,
-        index: sled::IVec,
-        id: Option<u64>,
-    ) -> Result<bool> {
+    fn delete_finished(&self, b: &mut Batch, index: sled::IVec, id: Option<u64>) -> Result<bool> {
         b.remove(index);
         let Some(job) = id.map(|id| self.load_locked(id)).transpose()?.flatten() else {
             return Ok(false);
@@ -462,7 +463,7 @@ impl Queue {
         {
             b.remove(idem);
         }
-        b.remove(&keys::job(job.id));
+        b.remove(keys::job(job.id));
         Ok(true)
     }
 
@@ -500,7 +501,7 @@ impl Queue {
                 expired.push((k, id));
             }
         }
-        let mut b = sled::Batch::default();
+        let mut b = Batch::default();
         let mut n = 0;
         for (k, id) in expired {
             if self.delete_finished(&mut b, k, Some(id))? {
@@ -569,4 +570,25 @@ impl Queue {
     pub fn size_on_disk(&self) -> Result<u64> {
         self.db()?.size_on_disk().storage()
     }
+}
+
+/// Count keys whose kept value differs from the scan's: (key, kept, scanned).
+pub(super) fn count_differences(
+    kept: &BTreeMap<Vec<u8>, u64>,
+    scanned: &BTreeMap<Vec<u8>, u64>,
+) -> Vec<(Vec<u8>, u64, u64)> {
+    let mut out = Vec::new();
+    for (k, &n) in kept {
+        let s = scanned.get(k).copied().unwrap_or(0);
+        if n != s {
+            out.push((k.clone(), n, s));
+        }
+    }
+    for (k, &s) in scanned {
+        if !kept.contains_key(k) {
+            out.push((k.clone(), 0, s));
+        }
+    }
+    out.sort();
+    out
 }

@@ -88,6 +88,16 @@ impl GroupCommit {
         t.issued
     }
 
+    /// Tickets taken so far (tests: how many writes asked for a flush).
+    #[cfg(test)]
+    pub(crate) fn issued(&self) -> u64 {
+        self.shared
+            .tickets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .issued
+    }
+
     /// Why flushing stopped, once it has.
     pub(crate) fn failure(&self) -> Option<Failure> {
         self.shared.progress.borrow().failed.clone()

@@ -15,6 +15,7 @@
 //! | `s` name | the envelope does not check (version, CRC) | moved to quarantine |
 //! | `c` | the quarantine entry itself does not decode | reported; left as it is |
 //! | `m/next_id` | not above the highest job id (ids could be reused) | raised |
+//! | `m/k`, `m/d` | a kept count (`counts.rs`) differs from a scan of the indexes, or is not a count | set to what the indexes hold once repaired, in the same write as the other fixes |
 //! | any other key | unknown prefix (a newer connector's?) | reported; left as it is |
 //!
 //! Indexes are derived from job records, so rebuilding them loses nothing; everything
@@ -26,9 +27,10 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
+use super::Batch;
 use super::Storage as _;
 use super::record::{self, Job, Quarantined, Stored};
-use super::{Error, JobKind, Queue, Result, decode_at, keys};
+use super::{Error, JobKind, Queue, Result, counts, decode_at, keys};
 
 /// What `fsck` found (and, with `repair`, fixed).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -74,6 +76,13 @@ enum Fix {
         key: Vec<u8>,
         value: Vec<u8>,
     },
+    /// Move the kept count under `key` by `delta`; `rewrite` when its value is not a
+    /// count.
+    Count {
+        key: Vec<u8>,
+        delta: i64,
+        rewrite: bool,
+    },
     Remove {
         key: Vec<u8>,
     },
@@ -85,6 +94,16 @@ struct Found {
     report: FsckReport,
     fixes: Vec<Fix>,
     kinds: Vec<JobKind>,
+    /// The counts the job records call for (see `check_kept_counts`).
+    expected: std::collections::BTreeMap<Vec<u8>, u64>,
+}
+
+impl Found {
+    fn expect(&mut self, key: &[u8], value: &[u8]) {
+        counts::counted_by(key, value, |k| {
+            *self.expected.entry(k.to_vec()).or_default() += 1
+        });
+    }
 }
 
 impl Found {
@@ -130,10 +149,12 @@ impl Queue {
             report: FsckReport::default(),
             fixes: Vec::new(),
             kinds: self.inner.settings.kinds().to_vec(),
+            expected: Default::default(),
         };
         let unreadable = self.check_jobs(&mut found)?;
         self.check_index(&mut found, &unreadable)?;
         self.check_rest(&mut found)?;
+        self.check_kept_counts(&mut found)?;
         if repair {
             self.apply_fixes(std::mem::take(&mut found.fixes))?;
             found.report.repaired = true;
@@ -174,6 +195,7 @@ impl Queue {
             };
             max_id = max_id.max(job.id);
             let (index, value) = index_entry(&job);
+            found.expect(&index, &value);
             match db.get(&index).storage()? {
                 Some(v) if v.as_ref() == value.as_slice() => {}
                 other => {
@@ -314,6 +336,7 @@ impl Queue {
                 };
                 if unreadable.contains(&id) {
                     // Reported with the record; set aside with it.
+                    found.expect(&k, &v);
                     continue;
                 }
                 let job = match self.db()?.get(keys::job(id)).storage()? {
@@ -379,6 +402,7 @@ impl Queue {
                 }
                 Some(keys::QUARANTINE) => {
                     found.report.quarantined += 1;
+                    found.expect(&k, &v);
                     if let Err(e) = record::decode_quarantined(&v) {
                         found.problem(
                             &k,
@@ -389,12 +413,81 @@ impl Queue {
                     }
                 }
                 _ if k.as_ref() == keys::META_SCHEMA || k.as_ref() == keys::META_NEXT_ID => {}
+                // Checked against a scan by `check_kept_counts`.
+                _ if counts::is_count_key(&k) => {}
                 _ => found.problem(
                     &k,
                     "a key of no known kind (written by a newer connector?)".into(),
                     "none: left as it is",
                     Fix::Leave,
                 ),
+            }
+        }
+        Ok(())
+    }
+
+    /// The kept counts (`counts.rs`) against what the job records call for (each
+    /// readable record's index entry; an unreadable record's entries as they are, since
+    /// they go with it; the quarantine as it is). A count that differs is a problem of
+    /// its own. A count that differs only from the indexes as they are now (an index
+    /// entry removed or added behind the queue's back) is not: that entry is the
+    /// problem, reported above.
+    ///
+    /// The repair moves every count by its difference from the indexes as they are now,
+    /// in the same batch as the index fixes, which move it further by what they change:
+    /// so after the repair the counts equal the repaired indexes.
+    fn check_kept_counts(&self, found: &mut Found) -> Result<()> {
+        let db = self.db()?;
+        let ((kept, malformed), scanned) = (counts::kept(&db)?, counts::scan(&db)?);
+        let kinds = self.inner.settings.kinds();
+        for k in &malformed {
+            found.problem(
+                k,
+                format!(
+                    "kept count {}: its value is not a count (8 bytes)",
+                    counts::display(k, kinds)
+                ),
+                "rewrite it from the indexes",
+                Fix::Leave,
+            );
+            // Reported above; the fix is the rewrite below.
+            found.fixes.pop();
+            if let Some(p) = found.report.problems.last_mut() {
+                p.repairable = true;
+            }
+        }
+        let expected = std::mem::take(&mut found.expected);
+        for (k, kept, want) in super::admin::count_differences(&kept, &expected) {
+            if malformed.contains(&k) {
+                continue;
+            }
+            found.problem(
+                &k.clone(),
+                format!(
+                    "kept count {} is {kept}, the job records call for {want}: stats and /metrics show a wrong number",
+                    counts::display(&k, kinds)
+                ),
+                "set it to what the repaired indexes hold",
+                Fix::Leave,
+            );
+            found.fixes.pop();
+            if let Some(p) = found.report.problems.last_mut() {
+                p.repairable = true;
+            }
+        }
+        for (k, kept, now) in super::admin::count_differences(&kept, &scanned) {
+            found.fixes.push(Fix::Count {
+                rewrite: false,
+                delta: (i128::from(now) - i128::from(kept))
+                    .clamp(i128::from(i64::MIN), i128::from(i64::MAX))
+                    as i64,
+                key: k,
+            });
+        }
+        for k in malformed {
+            let now = scanned.get(&k).copied().unwrap_or(0);
+            if now == 0 {
+                found.fixes.push(Fix::Remove { key: k });
             }
         }
         Ok(())
@@ -410,7 +503,7 @@ impl Queue {
     }
 
     fn apply_fixes(&self, fixes: Vec<Fix>) -> Result<()> {
-        let mut b = sled::Batch::default();
+        let mut b = Batch::default();
         for fix in fixes {
             match fix {
                 Fix::SetAside { key, reason } => {
@@ -419,7 +512,7 @@ impl Queue {
                     };
                     if key.first() == Some(&keys::JOB) {
                         // Takes the job's index entries with it.
-                        self.quarantine_locked(&key, &raw, &reason)?;
+                        self.quarantine_into(&mut b, &key, &raw, &reason)?;
                         continue;
                     }
                     tracing::warn!(key = %keys::display(&key, self.inner.settings.kinds()), %reason, "fsck: record moved to quarantine");
@@ -434,6 +527,16 @@ impl Queue {
                 }
                 Fix::Put { key, value } => b.insert(key, value),
                 Fix::Remove { key } => b.remove(key),
+                Fix::Count {
+                    key,
+                    delta,
+                    rewrite,
+                } => {
+                    if rewrite {
+                        b.remove(&key);
+                    }
+                    b.adjust(&key, delta);
+                }
                 Fix::Leave => {}
             }
         }

@@ -5,7 +5,8 @@
 use super::clock::Millis;
 use super::kind::{self, JobKind};
 
-/// `m` + name: metadata (`m/schema` → u32 BE, `m/next_id` → u64 BE).
+/// `m` + name: metadata (`m/schema` → u32 BE, `m/next_id` → u64 BE; the kept counts
+/// `m/k…`, `m/d…`, `m/counted` are in `counts.rs`).
 pub const META_SCHEMA: &[u8] = b"m/schema";
 pub const META_NEXT_ID: &[u8] = b"m/next_id";
 /// `j` + id(8): the job record (envelope, see `record.rs`).
@@ -143,6 +144,7 @@ pub fn display(key: &[u8], kinds: &[JobKind]) -> String {
         ),
         Some(&QUARANTINE) => format!("c/{}", display(&key[1..], kinds)),
         Some(&STATE) => format!("s/{}", String::from_utf8_lossy(&key[1..])),
+        _ if super::counts::is_count_key(key) => super::counts::display(key, kinds),
         _ => match std::str::from_utf8(key) {
             Ok(text) if text.chars().all(|c| c.is_ascii_graphic()) => text.to_owned(),
             _ => key.iter().map(|b| format!("{b:02x}")).collect(),

@@ -14,11 +14,17 @@
 //! | `k` kind key | id | idempotency: the newest job of each key |
 //! | `c` key | quarantine envelope | a record that could not be read, kept byte for byte |
 //! | `m/schema`, `m/next_id` | u32, u64 | layout version, id counter |
+//! | `m/k`, `m/d`, `m/counted` | u64 | kept counts of index entries by kind and state, pending ones by due time (`counts.rs`) |
 //!
 //! # Invariants
 //!
 //! - A job record and its index entries change together in one `apply_batch` (atomic);
-//!   each job is in exactly one of `p`, `r`, `f`.
+//!   each job is in exactly one of `p`, `r`, `f`. The kept counts change in that same
+//!   batch and equal a scan of the indexes (`counts.rs`: every write is a
+//!   `counts::Batch`, which moves them by what it changes), so `stats` reads a few
+//!   keys whatever the number of jobs.
+//! - Workers' writes and an operator's cancel and retry go through the write combiner
+//!   (`combine.rs`): one sled batch and one flush for every operation waiting.
 //! - Every read-modify-write runs under one mutex (`write`), so a job is never leased
 //!   twice at once and ids never collide. sled calls under it take microseconds.
 //! - No mutating call returns before its batch is flushed (`commit.rs`, group commit).
@@ -51,6 +57,7 @@ mod admin;
 mod clock;
 mod combine;
 mod commit;
+mod counts;
 mod disk;
 mod fsck;
 mod keys;
@@ -85,6 +92,7 @@ pub use worker::{
 };
 
 use commit::GroupCommit;
+use counts::Batch;
 use store::{Identity, Store};
 
 /// The on-disk layout version this build writes and reads (`m/schema`).
@@ -293,6 +301,13 @@ fn decode_at(key: &[u8], raw: &[u8], kinds: &[JobKind]) -> Result<Job, RecordErr
         )));
     }
     Ok(job)
+}
+
+/// The write combiner answered an operation with another's kind of reply (a bug).
+fn wrong_reply() -> Error {
+    Error::Durability(DurabilityError::new(
+        "write combiner: a reply of the wrong kind",
+    ))
 }
 
 /// Marks an attempt succeeded; `note` (e.g. a hook's output) is kept on the attempt.
@@ -564,7 +579,9 @@ impl Queue {
         // The open's own writes. On a full disk they may fail: the queue then opens for
         // reading only, refuses writes, and takes them again once space is freed.
         let finished = queue.recover().and_then(|recovery| {
-            queue.with_db(|db| db.insert(keys::META_NEXT_ID, &next_id.to_be_bytes()))?;
+            let mut b = Batch::default();
+            b.insert(keys::META_NEXT_ID, next_id.to_be_bytes());
+            queue.with_db(|db| db.apply_batch(b.resolve(db)?))?;
             queue.with_db(|db| db.flush())?;
             opened
                 .sync_file
@@ -641,9 +658,7 @@ impl Queue {
         }
         match self.submit(combine::Op::Lease { kind, max }).await? {
             combine::Done::Leased(l) => Ok(l),
-            _ => Err(Error::Durability(DurabilityError::new(
-                "write combiner: a reply of the wrong kind",
-            ))),
+            _ => Err(wrong_reply()),
         }
     }
 
@@ -651,9 +666,7 @@ impl Queue {
     pub async fn ack(&self, lease: LeaseToken) -> Result<Job> {
         match self.submit(combine::Op::Ack(lease)).await? {
             combine::Done::Finished(j) => Ok(j),
-            _ => Err(Error::Durability(DurabilityError::new(
-                "write combiner: a reply of the wrong kind",
-            ))),
+            _ => Err(wrong_reply()),
         }
     }
 
@@ -666,28 +679,15 @@ impl Queue {
         error: &str,
         retry_after: Option<Duration>,
     ) -> Result<Job> {
-        let settings = &self.inner.settings;
-        self.finish(lease, |job, now, started| {
-            job.push_attempt(Attempt {
-                number: lease.attempt,
-                started_ms: started,
-                duration_ms: now.saturating_sub(started),
-                outcome: Outcome::Failed {
-                    error: record::bound_error(error),
-                },
-                note: None,
-            });
-            job.stored = match next_delay(settings.kind(job.kind), job.attempts, retry_after) {
-                Some(d) => Stored::Pending {
-                    due_ms: clock::after(now, d),
-                },
-                None => Stored::Dead {
-                    at_ms: now,
-                    reason: DeadReason::Exhausted,
-                },
-            };
-        })
-        .await
+        let op = combine::Op::Fail {
+            lease,
+            error: error.to_owned(),
+            retry_after,
+        };
+        match self.submit(op).await? {
+            combine::Done::Finished(j) => Ok(j),
+            _ => Err(wrong_reply()),
+        }
     }
 
     /// Puts a leased job back, due at `due_ms`, as if this attempt had not happened: no
@@ -695,43 +695,55 @@ impl Queue {
     /// must wait for another (a node's older traffic report, delivered first) — waiting
     /// is not failing, and must not push the job up its ladder.
     pub async fn defer(&self, lease: LeaseToken, due_ms: Millis) -> Result<Job> {
-        self.finish(lease, |job, now, _| {
-            job.attempts = job.attempts.saturating_sub(1);
-            job.stored = Stored::Pending {
-                due_ms: due_ms.max(now),
-            };
-        })
-        .await
+        match self.submit(combine::Op::Defer { lease, due_ms }).await? {
+            combine::Done::Finished(j) => Ok(j),
+            _ => Err(wrong_reply()),
+        }
     }
 
-    async fn finish(
+    /// A failed attempt, on the job: its attempt recorded, its next rung or death.
+    fn failed(
         &self,
+        job: &mut Job,
         lease: LeaseToken,
-        update: impl FnOnce(&mut Job, Millis, Millis),
-    ) -> Result<Job> {
-        let epoch = self.epoch();
-        let job = {
-            let _w = self.lock();
-            let mut b = sled::Batch::default();
-            let job = self.finish_locked(&mut b, lease, update)?;
-            self.apply(b)?;
-            job
+        now: Millis,
+        started: Millis,
+        error: &str,
+        retry_after: Option<Duration>,
+    ) {
+        let settings = &self.inner.settings;
+        job.push_attempt(Attempt {
+            number: lease.attempt,
+            started_ms: started,
+            duration_ms: now.saturating_sub(started),
+            outcome: Outcome::Failed {
+                error: record::bound_error(error),
+            },
+            note: None,
+        });
+        job.stored = match next_delay(settings.kind(job.kind), job.attempts, retry_after) {
+            Some(d) => Stored::Pending {
+                due_ms: clock::after(now, d),
+            },
+            None => Stored::Dead {
+                at_ms: now,
+                reason: DeadReason::Exhausted,
+            },
         };
-        self.durable_since(epoch).await?;
-        self.after_finish(&job);
-        Ok(job)
     }
 
-    /// Records the end of an attempt in `b`; the caller holds the write lock.
+    /// Records the end of an attempt in `b`, reading the job as the group `g` left it;
+    /// the caller holds the write lock.
     fn finish_locked(
         &self,
-        b: &mut sled::Batch,
+        b: &mut Batch,
+        g: &mut combine::Group,
         lease: LeaseToken,
         update: impl FnOnce(&mut Job, Millis, Millis),
     ) -> Result<Job> {
         let now = self.now();
         let mut job = self
-            .load_locked(lease.id)?
+            .load_in(g, lease.id)?
             .ok_or(Error::NotFound(lease.id))?;
         let started = match job.stored {
             Stored::Running { started_ms, .. } if job.attempts == lease.attempt => started_ms,
@@ -743,9 +755,10 @@ impl Queue {
             }
         };
         update(&mut job, now, started);
-        b.remove(&keys::running(job.id));
+        b.remove(keys::running(job.id));
         self.index_insert(b, &job);
-        b.insert(&keys::job(job.id), record::encode_job(&job));
+        b.insert(keys::job(job.id), record::encode_job(&job));
+        g.touch(&job);
         Ok(job)
     }
 
@@ -800,7 +813,7 @@ impl Queue {
     ) -> Result<Recovery> {
         let now = self.now();
         let mut rec = Recovery::default();
-        let mut b = sled::Batch::default();
+        let mut b = Batch::default();
         for entry in self.db()?.scan_prefix([keys::RUNNING]) {
             let (k, v) = entry.storage()?;
             let lease_until = keys::be_u64(v.get(1..).unwrap_or_default()).unwrap_or(0);
@@ -842,39 +855,39 @@ impl Queue {
                 }
             };
             self.index_insert(&mut b, &job);
-            b.insert(&keys::job(id), record::encode_job(&job));
+            b.insert(keys::job(id), record::encode_job(&job));
         }
         self.apply(b)?;
         Ok(rec)
     }
 
     /// Adds the index entry that matches the job's stored state.
-    fn index_insert(&self, b: &mut sled::Batch, job: &Job) {
+    fn index_insert(&self, b: &mut Batch, job: &Job) {
         match job.stored {
-            Stored::Pending { due_ms } => b.insert(&keys::pending(job.kind, due_ms, job.id), &[]),
+            Stored::Pending { due_ms } => b.insert(keys::pending(job.kind, due_ms, job.id), []),
             Stored::Running { lease_until_ms, .. } => b.insert(
-                &keys::running(job.id),
-                &keys::running_value(job.kind, lease_until_ms),
+                keys::running(job.id),
+                keys::running_value(job.kind, lease_until_ms),
             ),
             Stored::Done { at_ms } => b.insert(
-                &keys::finished(keys::FINISHED_DONE, at_ms, job.id),
-                &[job.kind.code()],
+                keys::finished(keys::FINISHED_DONE, at_ms, job.id),
+                [job.kind.code()],
             ),
             Stored::Dead { at_ms, .. } => b.insert(
-                &keys::finished(keys::FINISHED_DEAD, at_ms, job.id),
-                &[job.kind.code()],
+                keys::finished(keys::FINISHED_DEAD, at_ms, job.id),
+                [job.kind.code()],
             ),
         }
     }
 
     /// Removes the index entry that matches the job's stored state.
-    fn index_remove(&self, b: &mut sled::Batch, job: &Job) {
+    fn index_remove(&self, b: &mut Batch, job: &Job) {
         match job.stored {
-            Stored::Pending { due_ms } => b.remove(&keys::pending(job.kind, due_ms, job.id)),
-            Stored::Running { .. } => b.remove(&keys::running(job.id)),
-            Stored::Done { at_ms } => b.remove(&keys::finished(keys::FINISHED_DONE, at_ms, job.id)),
+            Stored::Pending { due_ms } => b.remove(keys::pending(job.kind, due_ms, job.id)),
+            Stored::Running { .. } => b.remove(keys::running(job.id)),
+            Stored::Done { at_ms } => b.remove(keys::finished(keys::FINISHED_DONE, at_ms, job.id)),
             Stored::Dead { at_ms, .. } => {
-                b.remove(&keys::finished(keys::FINISHED_DEAD, at_ms, job.id))
+                b.remove(keys::finished(keys::FINISHED_DEAD, at_ms, job.id))
             }
         }
     }
@@ -1058,12 +1071,15 @@ impl Queue {
 
     /// Applies `b` to the database, unless writes are refused. The caller holds the
     /// write lock and later waits with [`Queue::durable_since`].
-    fn apply(&self, b: sled::Batch) -> Result<()> {
+    fn apply(&self, b: Batch) -> Result<()> {
         self.note_flush_failure();
         if self.status().refusal.is_some() {
             return Err(self.unwritable());
         }
-        match self.with_db(|db| db.apply_batch(b)) {
+        if b.is_empty() {
+            return Ok(());
+        }
+        match self.with_db(|db| db.apply_batch(b.resolve(db)?)) {
             Err(Error::Storage(e)) => {
                 // sled refuses every write after a failed one: note it for the probe.
                 if let Some(io) = e.io() {
@@ -1293,10 +1309,10 @@ impl Queue {
             at_ms: self.now(),
             raw: Vec::new(),
         };
-        self.db()?
-            .insert(keys::quarantine(&key), record::encode_quarantined(&q))
-            .storage()?;
-        Ok(())
+        let mut b = Batch::default();
+        b.insert(keys::quarantine(&key), record::encode_quarantined(&q));
+        let _w = self.lock();
+        self.apply(b)
     }
 
     /// Moves an unreadable record aside (taking the write lock).
@@ -1312,6 +1328,20 @@ impl Queue {
     /// Moves the record under `key` to quarantine with `err` as its reason; a job's
     /// index entries go with it. The caller holds the write lock.
     fn quarantine_locked(&self, key: &[u8], raw: &[u8], err: &dyn std::fmt::Display) -> Result<()> {
+        let mut b = Batch::default();
+        self.quarantine_into(&mut b, key, raw, err)?;
+        self.apply(b)
+    }
+
+    /// Adds to `b` the move of the record under `key` to quarantine (see
+    /// [`Queue::quarantine_locked`]).
+    fn quarantine_into(
+        &self,
+        b: &mut Batch,
+        key: &[u8],
+        raw: &[u8],
+        err: &dyn std::fmt::Display,
+    ) -> Result<()> {
         tracing::error!(
             key = %keys::display(key, self.inner.settings.kinds()),
             error = %err,
@@ -1323,7 +1353,6 @@ impl Queue {
             at_ms: self.now(),
             raw: raw.to_vec(),
         };
-        let mut b = sled::Batch::default();
         b.insert(keys::quarantine(key), record::encode_quarantined(&q));
         b.remove(key);
         if key.first() == Some(&keys::JOB)
@@ -1331,7 +1360,7 @@ impl Queue {
         {
             // The record cannot tell us its index entries; find them by id. Rare (only
             // on corruption), so a scan of the index keys is fine.
-            b.remove(&keys::running(id));
+            b.remove(keys::running(id));
             for prefix in [keys::PENDING, keys::FINISHED] {
                 for k in self.db()?.scan_prefix([prefix]).keys() {
                     let k = k.storage()?;
@@ -1341,7 +1370,6 @@ impl Queue {
                 }
             }
         }
-        self.apply(b)?;
         Ok(())
     }
 }
@@ -1432,6 +1460,35 @@ impl Opened {
                     .storage()?;
             }
             None => return Err(Error::NotAQueue { path }),
+        }
+        // Counts kept by this build (`counts.rs`): computed once for a database from
+        // before them, or one an older build enqueued into since.
+        if !counts::current(&db)? {
+            let started = std::time::Instant::now();
+            let older = db.get(counts::COUNTED).storage()?.is_some();
+            let had_jobs = db.get(keys::META_NEXT_ID).storage()?.is_some();
+            let entries = match counts::recount(&db) {
+                Ok(n) => n,
+                // A full disk: the open goes on and refuses writes (see
+                // `open_unguarded`); the reopen once space is freed counts again.
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot write the queue's job counts yet; stats are not shown right until they can be");
+                    0
+                }
+            };
+            if had_jobs && entries > 0 {
+                tracing::info!(
+                    path = %path.display(),
+                    entries,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "{}",
+                    if older {
+                        "the queue's job counts were computed again from its indexes, once: a connector that does not keep them wrote to this database since; they are kept from now on"
+                    } else {
+                        "the queue's job counts were computed from its indexes, once: this database is from a connector that did not keep them; they are kept from now on"
+                    }
+                );
+            }
         }
         let data_file = std::fs::File::open(path.join("db")).map_err(|e| Error::Open {
             path: path.clone(),

@@ -5,11 +5,12 @@
 
 use std::collections::HashMap;
 
+use super::Batch;
 use super::Storage as _;
+use super::combine::{Done, Group, Op};
 use super::record::{self, Job, Stored};
 use super::{
-    Enqueued, Error, EventKind, JobKind, LeaseToken, Millis, Queue, Result, WriteState, clock,
-    keys, succeed,
+    Enqueued, Error, JobKind, LeaseToken, Millis, Queue, Result, WriteState, clock, keys, succeed,
 };
 
 /// How an enqueue treats a key that already has a job.
@@ -70,102 +71,96 @@ impl Queue {
     /// Adds one job; see [`Dedupe`]. Returns once it is on disk.
     pub async fn enqueue_with(&self, job: NewJob) -> Result<Enqueued> {
         check_key(&job.key)?;
-        match self.submit(super::combine::Op::Enqueue(job)).await? {
-            super::combine::Done::Enqueued(e) => Ok(e),
-            _ => Err(Error::Durability(super::DurabilityError::new(
-                "write combiner: a reply of the wrong kind",
-            ))),
+        match self.submit(Op::Enqueue(job)).await? {
+            Done::Enqueued(e) => Ok(e),
+            _ => Err(super::wrong_reply()),
         }
     }
 
     /// Applies every change in `c` as one atomic write and waits until it is on disk.
     /// If anything in it is refused (a lost lease, a bad key), nothing is written.
     pub async fn commit(&self, c: Commit) -> Result<Committed> {
-        let epoch = self.epoch();
         for j in &c.enqueue {
             check_key(&j.key)?;
         }
-        let out = {
-            let mut w = self.lock();
-            let now = self.now();
-            let mut b = sled::Batch::default();
-            for s in &c.state {
-                match s {
-                    StateWrite::Put(name, bytes) => {
-                        b.insert(keys::state(name), record::encode_state(bytes))
-                    }
-                    StateWrite::Delete(name) => b.remove(keys::state(name)),
-                }
-            }
-            let mut woken = Vec::new();
-            for &id in &c.wake {
-                if let Some(mut job) = self.load_locked(id)?
-                    && let Stored::Pending { due_ms } = job.stored
-                    && due_ms > now
-                    && c.ack.is_none_or(|l| l.id != id)
-                {
-                    self.index_remove(&mut b, &job);
-                    job.stored = Stored::Pending { due_ms: now };
-                    self.index_insert(&mut b, &job);
-                    b.insert(&keys::job(job.id), record::encode_job(&job));
-                    woken.push(job.kind);
-                }
-            }
-            let acked = match c.ack {
-                Some(lease) => Some(self.finish_locked(&mut b, lease, |job, now, started| {
-                    succeed(job, lease, now, started, c.note.as_deref())
-                })?),
-                None => None,
-            };
-            let mut enqueued: Vec<Enqueued> = Vec::with_capacity(c.enqueue.len());
-            // The acked job, if any, is not in the tree yet.
-            let mut touched: HashMap<u64, Job> = acked.iter().map(|j| (j.id, j.clone())).collect();
-            // Keys enqueued earlier in this commit are not in the tree yet.
-            let mut fresh: HashMap<(JobKind, String), usize> = HashMap::new();
-            for j in c.enqueue {
-                let slot = (j.kind, j.key.clone());
-                if let Some(&i) = fresh.get(&slot) {
-                    let e = self.repeat_in_commit(&mut b, &mut enqueued[i], j);
-                    enqueued.push(e);
-                    continue;
-                }
-                let e = self.enqueue_locked(&mut w, &mut b, j, now, &mut touched)?;
-                fresh.insert(slot, enqueued.len());
-                enqueued.push(e);
-            }
-            self.apply(b)?;
-            (Committed { enqueued, acked }, woken)
+        match self.submit(Op::Commit(c)).await? {
+            Done::Committed(c, _) => Ok(c),
+            _ => Err(super::wrong_reply()),
+        }
+    }
+
+    /// Adds a commit to `b`, as the group `g` sees the jobs. Returns what it did and the
+    /// kinds it made work due for. The ack is checked first: if it is refused, nothing
+    /// was added.
+    pub(super) fn commit_locked(
+        &self,
+        w: &mut WriteState,
+        b: &mut Batch,
+        g: &mut Group,
+        c: Commit,
+        now: Millis,
+    ) -> Result<(Committed, Vec<JobKind>)> {
+        let acked = match c.ack {
+            Some(lease) => Some(self.finish_locked(b, g, lease, |job, now, started| {
+                succeed(job, lease, now, started, c.note.as_deref())
+            })?),
+            None => None,
         };
-        let (out, woken) = out;
-        self.durable_since(epoch).await?;
-        for kind in woken {
-            self.wake(kind);
-        }
-        if let Some(job) = &out.acked {
-            self.after_finish(job);
-        }
-        for e in &out.enqueued {
-            if e.replaced {
-                self.emit(&e.job, EventKind::Replaced);
-            } else if !e.duplicate {
-                self.emit(&e.job, EventKind::Enqueued);
-                self.wake(e.job.kind);
+        for s in &c.state {
+            match s {
+                StateWrite::Put(name, bytes) => {
+                    b.insert(keys::state(name), record::encode_state(bytes))
+                }
+                StateWrite::Delete(name) => b.remove(keys::state(name)),
             }
         }
-        Ok(out)
+        let mut woken = Vec::new();
+        for &id in &c.wake {
+            if c.ack.is_some_and(|l| l.id == id) {
+                continue;
+            }
+            if let Some(mut job) = self.load_in(g, id)?
+                && let Stored::Pending { due_ms } = job.stored
+                && due_ms > now
+            {
+                self.index_remove(b, &job);
+                job.stored = Stored::Pending { due_ms: now };
+                self.index_insert(b, &job);
+                b.insert(keys::job(job.id), record::encode_job(&job));
+                g.touch(&job);
+                woken.push(job.kind);
+            }
+        }
+        let mut enqueued: Vec<Enqueued> = Vec::with_capacity(c.enqueue.len());
+        // Keys enqueued earlier in this commit: the second is a duplicate of the first.
+        let mut fresh: HashMap<(JobKind, String), usize> = HashMap::new();
+        for j in c.enqueue {
+            let slot = (j.kind, j.key.clone());
+            if let Some(&i) = fresh.get(&slot) {
+                let e = self.repeat_in_commit(b, g, &mut enqueued[i], j);
+                enqueued.push(e);
+                continue;
+            }
+            let e = self.enqueue_locked(w, b, j, now, g)?;
+            fresh.insert(slot, enqueued.len());
+            enqueued.push(e);
+        }
+        Ok((Committed { enqueued, acked }, woken))
     }
 
     /// A second job with the same key in one commit: a duplicate of the first, or (for
     /// `Replace`) the first takes its payload.
     pub(super) fn repeat_in_commit(
         &self,
-        b: &mut sled::Batch,
+        b: &mut Batch,
+        g: &mut Group,
         first: &mut Enqueued,
         j: NewJob,
     ) -> Enqueued {
         if j.dedupe == Dedupe::Replace && matches!(first.job.stored, Stored::Pending { .. }) {
             first.job.payload = j.payload;
-            b.insert(&keys::job(first.job.id), record::encode_job(&first.job));
+            b.insert(keys::job(first.job.id), record::encode_job(&first.job));
+            g.touch(&first.job);
         }
         Enqueued {
             job: first.job.clone(),
@@ -174,27 +169,27 @@ impl Queue {
         }
     }
 
-    /// Adds an enqueue to `b`. `touched` holds jobs already changed in the same batch
-    /// (the tree does not show them yet); a job changed here is recorded in it.
+    /// Adds an enqueue to `b`. `g` holds the jobs and keys already changed in the same
+    /// group (the tree does not show them yet); what changes here is recorded in it.
     pub(super) fn enqueue_locked(
         &self,
         w: &mut WriteState,
-        b: &mut sled::Batch,
+        b: &mut Batch,
         j: NewJob,
         now: Millis,
-        touched: &mut HashMap<u64, Job>,
+        g: &mut Group,
     ) -> Result<Enqueued> {
         let idem = keys::idem(j.kind, &j.key);
-        let existing = match self
-            .db()?
-            .get(&idem)
-            .storage()?
-            .and_then(|v| keys::be_u64(&v))
-        {
-            Some(id) => match touched.get(&id) {
-                Some(job) => Some(job.clone()),
-                None => self.load_locked(id)?,
-            },
+        let holder = match g.holder(&idem) {
+            Some(id) => Some(id),
+            None => self
+                .db()?
+                .get(&idem)
+                .storage()?
+                .and_then(|v| keys::be_u64(&v)),
+        };
+        let existing = match holder {
+            Some(id) => self.load_in(g, id)?,
             None => None,
         };
         let window = self.inner.settings.dedupe_window;
@@ -210,8 +205,8 @@ impl Queue {
                 let replaced = j.dedupe == Dedupe::Replace;
                 if replaced {
                     job.payload = j.payload;
-                    b.insert(&keys::job(job.id), record::encode_job(&job));
-                    touched.insert(job.id, job.clone());
+                    b.insert(keys::job(job.id), record::encode_job(&job));
+                    g.touch(&job);
                 }
                 return Ok(Enqueued {
                     job,
@@ -234,10 +229,12 @@ impl Queue {
             attempts: 0,
             history: Vec::new(),
         };
-        b.insert(&keys::job(id), record::encode_job(&job));
-        b.insert(&keys::pending(job.kind, due, id), &[]);
-        b.insert(idem, &id.to_be_bytes());
-        b.insert(keys::META_NEXT_ID, &(id + 1).to_be_bytes());
+        b.insert(keys::job(id), record::encode_job(&job));
+        b.insert(keys::pending(job.kind, due, id), b"");
+        b.insert(&idem, id.to_be_bytes());
+        b.insert(keys::META_NEXT_ID, (id + 1).to_be_bytes());
+        g.touch(&job);
+        g.set_holder(idem, id);
         Ok(Enqueued {
             job,
             duplicate: false,

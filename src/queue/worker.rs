@@ -9,11 +9,11 @@
 //! itself knows nothing of how it is measured.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -283,6 +283,11 @@ async fn work<H: Handler>(
     let kind = pool.kind;
     let settings = queue.settings().kind(kind).clone();
     let concurrency = settings.concurrency.max(1);
+    // A slot is busy while its handler runs, not while its result is being recorded:
+    // the next lease is made while the ack is on its way, so both go in one group
+    // commit (`combine.rs`) instead of one flush after the other.
+    let busy = Arc::new(AtomicUsize::new(0));
+    let freed = Arc::new(Notify::new());
     let mut attempts = JoinSet::new();
     let mut pause = pool.paused.subscribe();
     // Set while leasing fails, so the outage is logged once.
@@ -292,19 +297,18 @@ async fn work<H: Handler>(
             break Ok(());
         }
         pool.turn();
-        // A JoinSet counts finished attempts until they are joined: reap them all, or
-        // `free` stays at 1 and every lease (and its flush) brings in a single job.
+        // Finished attempts stay in the JoinSet until joined.
         while attempts.try_join_next().is_some() {}
         if *pause.borrow_and_update() {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = pause.changed() => {}
-                Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+                _ = freed.notified() => {}
                 _ = tokio::time::sleep(IDLE_RECHECK) => {}
             }
             continue;
         }
-        let free = concurrency - attempts.len();
+        let free = concurrency.saturating_sub(busy.load(Ordering::Acquire));
         let leased = match queue.lease(kind, free).await {
             Ok(l) => {
                 if failing.take().is_some() {
@@ -321,7 +325,7 @@ async fn work<H: Handler>(
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => break Ok(()),
-                    Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+                    _ = freed.notified() => {}
                     _ = tokio::time::sleep(IDLE_RECHECK) => {}
                 }
                 continue;
@@ -333,6 +337,11 @@ async fn work<H: Handler>(
             let (queue, handler, observer) = (queue.clone(), handler.clone(), observer.clone());
             let limit = settings.lease_timeout;
             let created_ms = l.job.created_ms;
+            busy.fetch_add(1, Ordering::AcqRel);
+            let slot = Slot {
+                busy: busy.clone(),
+                freed: freed.clone(),
+            };
             attempts.spawn(async move {
                 let started = Instant::now();
                 let result = match tokio::time::timeout(limit, handler.run(l.job)).await {
@@ -345,6 +354,7 @@ async fn work<H: Handler>(
                         retry_after: None,
                     },
                 };
+                drop(slot);
                 let took = started.elapsed();
                 let outcome = match &result {
                     AttemptResult::Done | AttemptResult::DoneWith(_) => "done",
@@ -393,7 +403,7 @@ async fn work<H: Handler>(
             // There may be more due right now; wait only for a free slot.
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
-                _ = attempts.join_next() => {}
+                _ = freed.notified() => {}
             }
             continue;
         }
@@ -408,7 +418,7 @@ async fn work<H: Handler>(
         .min(IDLE_RECHECK);
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+            _ = freed.notified() => {}
             _ = queue.woken(kind) => {}
             _ = pause.changed() => {}
             _ = tokio::time::sleep(wait) => {}
@@ -416,6 +426,20 @@ async fn work<H: Handler>(
     };
     while attempts.join_next().await.is_some() {}
     outcome
+}
+
+/// A worker slot held by an attempt's handler; dropping it (the handler returned, or
+/// its task ended) frees the slot and wakes the loop.
+struct Slot {
+    busy: Arc<AtomicUsize>,
+    freed: Arc<Notify>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+        self.freed.notify_one();
+    }
 }
 
 /// Runs `Queue::maintain` every `every` until `shutdown`: expired leases are made ready

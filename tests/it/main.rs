@@ -12,6 +12,7 @@ mod commit;
 mod config;
 mod cores;
 mod corruption;
+mod counts;
 mod cut_connections;
 mod demo;
 mod deploy;

@@ -872,6 +872,14 @@ impl Harness {
             })
             .min();
         prop_assert_eq!(stats.oldest_ready_ms, oldest_ready, "oldest ready");
+        // The kept counts `stats` reads equal a scan of the indexes, due-time buckets
+        // included.
+        let differ = storage(q.check_counts(), "check_counts")?;
+        prop_assert!(
+            differ.is_empty(),
+            "kept counts differ from the indexes: {:?}",
+            differ
+        );
         for kind in jobs::ALL {
             let of_kind = || m.jobs.values().filter(move |j| j.kind == kind);
             let next_due = of_kind()
