@@ -32,17 +32,17 @@
 //! - [`cli`]: the two command lines, `connector` and `queuectl`; `src/bin/` only calls
 //!   into them.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod demo;
+pub(crate) mod demo;
 pub mod jobs;
 pub mod peers;
 /// The queue is its own crate (`src/queue/`, package `connector-queue`) so that it
 /// cannot import the product; it keeps its place at `connector::queue`.
 pub use connector_queue as queue;
-pub mod redact;
+pub(crate) mod redact;
 #[doc(hidden)]
 pub mod sim;
 pub mod telemetry;

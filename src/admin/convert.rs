@@ -132,7 +132,7 @@ impl TryFrom<pb::Job> for Job {
 }
 
 /// A job event as `queuectl tail` shows it.
-pub fn event(e: &Event) -> pb::JobEvent {
+pub(crate) fn event(e: &Event) -> pb::JobEvent {
     let (name, attempt, due_ms) = match e.what {
         EventKind::Enqueued => ("enqueued", None, None),
         EventKind::Replaced => ("replaced", None, None),
@@ -199,7 +199,7 @@ impl From<FsckReport> for pb::FsckReport {
 }
 
 /// The status a queue error becomes; its message is the line `queuectl` prints.
-pub fn status(e: queue::Error) -> Status {
+pub(crate) fn status(e: queue::Error) -> Status {
     use queue::Error as E;
     let message = e.to_string();
     match e {
@@ -211,18 +211,18 @@ pub fn status(e: queue::Error) -> Status {
 }
 
 /// Parses a kind name from a request.
-pub fn parse_kind(s: &str) -> Result<JobKind, Status> {
+pub(crate) fn parse_kind(s: &str) -> Result<JobKind, Status> {
     crate::jobs::kind_named(s).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 /// Parses a state name from a request.
-pub fn parse<T: std::str::FromStr<Err: std::fmt::Display>>(s: &str) -> Result<T, Status> {
+pub(crate) fn parse<T: std::str::FromStr<Err: std::fmt::Display>>(s: &str) -> Result<T, Status> {
     s.parse()
         .map_err(|e: T::Err| Status::invalid_argument(e.to_string()))
 }
 
 /// A traffic summary as a message, and back (queuectl renders the summary itself).
-pub fn traffic(s: crate::jobs::traffic_report::summary::Summary) -> pb::TrafficReply {
+pub(crate) fn traffic(s: crate::jobs::traffic_report::summary::Summary) -> pb::TrafficReply {
     use crate::jobs::traffic_report::summary::Tally;
     let tally = |t: Tally| {
         Some(pb::TrafficTally {
@@ -250,7 +250,9 @@ pub fn traffic(s: crate::jobs::traffic_report::summary::Summary) -> pb::TrafficR
     }
 }
 
-pub fn traffic_summary(r: pb::TrafficReply) -> crate::jobs::traffic_report::summary::Summary {
+pub(crate) fn traffic_summary(
+    r: pb::TrafficReply,
+) -> crate::jobs::traffic_report::summary::Summary {
     use crate::jobs::traffic_report::summary::{NodeTraffic, Summary, Tally};
     let tally = |t: Option<pb::TrafficTally>| {
         let t = t.unwrap_or_default();

@@ -36,15 +36,15 @@
 //! socket's permissions are the only authentication. Nothing the API returns holds a
 //! secret (jobs hold payloads the agent built; the panel key is never in the queue).
 
-pub mod convert;
-pub mod ops;
-pub mod server;
+pub(crate) mod convert;
+pub(crate) mod ops;
+pub(crate) mod server;
 
 /// The messages and the service of `proto/admin.proto`, generated at build time.
 #[allow(missing_docs, clippy::all)]
-pub mod pb {
+pub(crate) mod pb {
     include!(concat!(env!("OUT_DIR"), "/connector.admin.rs"));
 }
 
-pub use ops::Ctx;
-pub use server::{ServeError, Server};
+pub(crate) use ops::Ctx;
+pub(crate) use server::Server;

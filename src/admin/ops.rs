@@ -23,15 +23,15 @@ use crate::queue::{self, JobKind, JobState, ListFilter, PurgeFilter, Queue};
 /// opened it (the daemon, or an offline `queuectl`), and the daemon's worker pools
 /// (`None` offline: there are no workers then).
 #[derive(Clone, Debug)]
-pub struct Ctx {
+pub(crate) struct Ctx {
     pub queue: Queue,
     pub config: Arc<Config>,
     pub pools: Option<Arc<queue::Pools>>,
 }
 
-pub type Result<T> = std::result::Result<T, Status>;
+pub(crate) type Result<T> = std::result::Result<T, Status>;
 
-pub fn hello(ctx: Ctx, _: pb::HelloRequest) -> Result<pb::HelloReply> {
+pub(crate) fn hello(ctx: Ctx, _: pb::HelloRequest) -> Result<pb::HelloReply> {
     Ok(pb::HelloReply {
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
@@ -39,7 +39,7 @@ pub fn hello(ctx: Ctx, _: pb::HelloRequest) -> Result<pb::HelloReply> {
     })
 }
 
-pub fn stats(ctx: Ctx, _: pb::StatsRequest) -> Result<pb::StatsReply> {
+pub(crate) fn stats(ctx: Ctx, _: pb::StatsRequest) -> Result<pb::StatsReply> {
     let q = &ctx.queue;
     let stats = q.stats().map_err(status)?;
     let count = |m: &std::collections::BTreeMap<JobState, u64>, s| m.get(&s).copied().unwrap_or(0);
@@ -75,7 +75,7 @@ fn quarantine(q: &Queue) -> Result<Vec<pb::QuarantineRecord>> {
         .collect())
 }
 
-pub fn list(ctx: Ctx, req: pb::ListRequest) -> Result<Vec<pb::Job>> {
+pub(crate) fn list(ctx: Ctx, req: pb::ListRequest) -> Result<Vec<pb::Job>> {
     let filter = ListFilter {
         state: req.state.as_deref().map(parse).transpose()?,
         kind: req.kind.as_deref().map(parse_kind).transpose()?,
@@ -91,13 +91,13 @@ pub fn list(ctx: Ctx, req: pb::ListRequest) -> Result<Vec<pb::Job>> {
         .collect())
 }
 
-pub fn quarantined(ctx: Ctx, _: pb::QuarantinedRequest) -> Result<pb::QuarantinedReply> {
+pub(crate) fn quarantined(ctx: Ctx, _: pb::QuarantinedRequest) -> Result<pb::QuarantinedReply> {
     Ok(pb::QuarantinedReply {
         records: quarantine(&ctx.queue)?,
     })
 }
 
-pub fn show(ctx: Ctx, req: pb::JobId) -> Result<pb::Job> {
+pub(crate) fn show(ctx: Ctx, req: pb::JobId) -> Result<pb::Job> {
     let q = &ctx.queue;
     match q.get(req.id).map_err(status)? {
         Some(job) => Ok((&job).into()),
@@ -119,12 +119,12 @@ pub fn show(ctx: Ctx, req: pb::JobId) -> Result<pb::Job> {
     }
 }
 
-pub async fn retry(ctx: Ctx, req: pb::JobId) -> Result<pb::Job> {
+pub(crate) async fn retry(ctx: Ctx, req: pb::JobId) -> Result<pb::Job> {
     let job = ctx.queue.retry(req.id).await.map_err(status)?;
     Ok((&job).into())
 }
 
-pub async fn retry_dead(ctx: Ctx, req: pb::RetryDeadRequest) -> Result<pb::RetryDeadReply> {
+pub(crate) async fn retry_dead(ctx: Ctx, req: pb::RetryDeadRequest) -> Result<pb::RetryDeadReply> {
     let kind: Option<JobKind> = req.kind.as_deref().map(parse_kind).transpose()?;
     let q = &ctx.queue;
     let retried = q.retry_dead(kind).await.map_err(status)?;
@@ -141,12 +141,12 @@ pub async fn retry_dead(ctx: Ctx, req: pb::RetryDeadRequest) -> Result<pb::Retry
     Ok(pb::RetryDeadReply { retried, left_dead })
 }
 
-pub async fn cancel(ctx: Ctx, req: pb::JobId) -> Result<pb::Job> {
+pub(crate) async fn cancel(ctx: Ctx, req: pb::JobId) -> Result<pb::Job> {
     let job = ctx.queue.cancel(req.id).await.map_err(status)?;
     Ok((&job).into())
 }
 
-pub async fn purge(ctx: Ctx, req: pb::PurgeRequest) -> Result<pb::PurgeReply> {
+pub(crate) async fn purge(ctx: Ctx, req: pb::PurgeRequest) -> Result<pb::PurgeReply> {
     let state: JobState = parse(&req.state)?;
     if !matches!(state, JobState::Done | JobState::Dead) {
         return Err(Status::invalid_argument(format!(
@@ -166,14 +166,14 @@ pub async fn purge(ctx: Ctx, req: pb::PurgeRequest) -> Result<pb::PurgeReply> {
 
 /// Every job in id order, one call of `each` per job. `each` failing with a broken pipe
 /// (the reader went away) ends the export quietly.
-pub fn export(ctx: Ctx, mut each: impl FnMut(pb::Job) -> std::io::Result<()>) -> Result<()> {
+pub(crate) fn export(ctx: Ctx, mut each: impl FnMut(pb::Job) -> std::io::Result<()>) -> Result<()> {
     match ctx.queue.for_each_job(|job| each(job.into())) {
         Ok(_) => Ok(()),
         Err(e) => Err(status(e)),
     }
 }
 
-pub fn held(ctx: Ctx, _: pb::HeldRequest) -> Result<pb::HeldReply> {
+pub(crate) fn held(ctx: Ctx, _: pb::HeldRequest) -> Result<pb::HeldReply> {
     let held = sync_state::held(&ctx.queue).map_err(status)?;
     Ok(pb::HeldReply {
         held: held
@@ -191,7 +191,7 @@ pub fn held(ctx: Ctx, _: pb::HeldRequest) -> Result<pb::HeldReply> {
     })
 }
 
-pub async fn confirm(ctx: Ctx, req: pb::ConfirmRequest) -> Result<pb::ConfirmReply> {
+pub(crate) async fn confirm(ctx: Ctx, req: pb::ConfirmRequest) -> Result<pb::ConfirmReply> {
     let held = sync_state::confirm(&ctx.queue, req.node_id)
         .await
         .map_err(|e| Status::internal(e.to_string()))?
@@ -202,7 +202,7 @@ pub async fn confirm(ctx: Ctx, req: pb::ConfirmRequest) -> Result<pb::ConfirmRep
     })
 }
 
-pub fn bans(ctx: Ctx, _: pb::BansRequest) -> Result<pb::BansReply> {
+pub(crate) fn bans(ctx: Ctx, _: pb::BansRequest) -> Result<pb::BansReply> {
     let mut out = Vec::new();
     // A record that does not read is an error naming its key, not a node left out.
     let all = bans::all(&ctx.queue).map_err(|e| Status::internal(e.to_string()))?;
@@ -223,12 +223,12 @@ pub fn bans(ctx: Ctx, _: pb::BansRequest) -> Result<pb::BansReply> {
     Ok(pb::BansReply { bans: out })
 }
 
-pub fn traffic(ctx: Ctx, _: pb::TrafficRequest) -> Result<pb::TrafficReply> {
+pub(crate) fn traffic(ctx: Ctx, _: pb::TrafficRequest) -> Result<pb::TrafficReply> {
     let s = traffic_report::summary::summary(&ctx.queue).map_err(status)?;
     Ok(super::convert::traffic(s))
 }
 
-pub fn relays(ctx: Ctx, _: pb::RelaysRequest) -> Result<pb::RelaysReply> {
+pub(crate) fn relays(ctx: Ctx, _: pb::RelaysRequest) -> Result<pb::RelaysReply> {
     let providers = crate::peers::relays::load_dir(&ctx.config.webhook.providers_dir, None);
     let report =
         crate::jobs::webhook::stats::report(&ctx.queue, Some(&providers)).map_err(status)?;
@@ -237,7 +237,7 @@ pub fn relays(ctx: Ctx, _: pb::RelaysRequest) -> Result<pb::RelaysReply> {
     Ok(pb::RelaysReply { report_json })
 }
 
-pub async fn fsck(ctx: Ctx, req: pb::FsckRequest) -> Result<pb::FsckReport> {
+pub(crate) async fn fsck(ctx: Ctx, req: pb::FsckRequest) -> Result<pb::FsckReport> {
     let report = ctx.queue.fsck(req.repair).await.map_err(status)?;
     Ok(report.into())
 }
@@ -267,11 +267,11 @@ fn workers_reply(ctx: &Ctx, changed: bool) -> Result<pb::WorkersReply> {
     Ok(pb::WorkersReply { workers, changed })
 }
 
-pub fn workers(ctx: Ctx, _: pb::WorkersRequest) -> Result<pb::WorkersReply> {
+pub(crate) fn workers(ctx: Ctx, _: pb::WorkersRequest) -> Result<pb::WorkersReply> {
     workers_reply(&ctx, false)
 }
 
-pub async fn pause(ctx: Ctx, req: pb::PauseRequest) -> Result<pb::WorkersReply> {
+pub(crate) async fn pause(ctx: Ctx, req: pb::PauseRequest) -> Result<pb::WorkersReply> {
     let kind: JobKind = parse_kind(&req.kind)?;
     let pool = pools(&ctx)?.get(kind).ok_or_else(|| {
         Status::failed_precondition(format!("this daemon runs no {kind} workers"))

@@ -26,10 +26,10 @@ use super::ops::{self, Ctx};
 use super::{convert, pb};
 
 /// How long a stop waits for calls in flight (an export, a repair) before cutting them.
-pub const STOP_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
-pub enum ServeError {
+pub(crate) enum ServeError {
     #[error(
         "another connector daemon is answering on the admin socket {0}; stop it, or give this one another [admin] socket"
     )]
@@ -48,7 +48,7 @@ pub enum ServeError {
 /// The admin API's socket. The serving itself is a future ([`Serving`]) the daemon runs
 /// as one of its supervised tasks; [`Server::stop`] makes it end, [`Server::close`]
 /// removes the socket once it has.
-pub struct Server {
+pub(crate) struct Server {
     path: PathBuf,
     /// (device, inode) of the socket this daemon bound: only that file is removed.
     ino: (u64, u64),
@@ -56,11 +56,11 @@ pub struct Server {
 }
 
 /// Serves the admin API until [`Server::stop`].
-pub type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+pub(crate) type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
 
 impl Server {
     /// Binds the socket at `path`; the returned future serves `ctx` until [`Server::stop`].
-    pub fn start(ctx: Ctx, path: &Path) -> Result<(Server, Serving), ServeError> {
+    pub(crate) fn start(ctx: Ctx, path: &Path) -> Result<(Server, Serving), ServeError> {
         let listener = bind(path)?;
         let ino = std::fs::symlink_metadata(path)
             .map(|m| (m.dev(), m.ino()))
@@ -93,18 +93,14 @@ impl Server {
         ))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Stops serving: open `tail` streams end; calls in flight get [`STOP_GRACE`] from
     /// the daemon before they are cut.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.stop.cancel();
     }
 
     /// Removes the socket, once serving has ended.
-    pub fn close(self) {
+    pub(crate) fn close(self) {
         let ours =
             std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.ino);
         if ours && let Err(e) = std::fs::remove_file(&self.path) {

@@ -9,7 +9,7 @@
 //! `queuectl salvage`; restarting cannot help).
 
 pub mod connector;
-pub mod doctor;
+pub(crate) mod doctor;
 pub mod queuectl;
 
 use std::path::{Path, PathBuf};

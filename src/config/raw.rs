@@ -483,7 +483,7 @@ pub(super) fn parse_mode(s: &str) -> Result<ApplyMode, Invalid> {
 
 /// Why the panel's key file is not usable. Never says what the key is.
 #[derive(Debug, thiserror::Error)]
-pub enum KeyFileError {
+pub(super) enum KeyFileError {
     #[error("cannot read {}: {source}", path.display())]
     Read {
         path: std::path::PathBuf,

@@ -16,10 +16,10 @@ use crate::queue::Queue;
 use crate::telemetry::metrics;
 
 /// How often the disk is probed.
-pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+pub(super) const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// Probes the queue's disk until `stop`.
-pub async fn watch(queue: Queue, stop: CancellationToken) {
+pub(super) async fn watch(queue: Queue, stop: CancellationToken) {
     loop {
         let q = queue.clone();
         if let Ok(w) = tokio::task::spawn_blocking(move || q.probe()).await {

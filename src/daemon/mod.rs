@@ -62,7 +62,7 @@ pub(crate) struct Agent {
 }
 
 impl Agent {
-    pub fn open(config: Config) -> anyhow::Result<Agent> {
+    pub(crate) fn open(config: Config) -> anyhow::Result<Agent> {
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
@@ -148,7 +148,7 @@ impl Agent {
     }
 
     /// Starts a worker pool for every kind this agent runs, named `{kind} workers`.
-    pub fn spawn_workers(&self, tasks: &mut Supervisor, stop: &CancellationToken) {
+    pub(crate) fn spawn_workers(&self, tasks: &mut Supervisor, stop: &CancellationToken) {
         let pool = |kind| {
             self.pools
                 .get(kind)
@@ -205,7 +205,7 @@ impl Agent {
     }
 
     /// Waits for the worker pools to drain, at most `shutdown_timeout`, then flushes.
-    pub async fn drain(&self, tasks: &mut Supervisor) -> anyhow::Result<()> {
+    pub(crate) async fn drain(&self, tasks: &mut Supervisor) -> anyhow::Result<()> {
         let limit = self.config.shutdown_timeout;
         let (failed, timed_out) = tasks.join_stage(Stage::Worker, Some(limit)).await;
         if timed_out {

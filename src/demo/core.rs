@@ -22,15 +22,15 @@ use serde_json::{Value, json};
 use crate::sim::core::Peer;
 
 /// The wheel the project is pinned to (scripts/install-peers.sh).
-pub use crate::sim::core::XRAY_WHEEL;
+pub(crate) use crate::sim::core::XRAY_WHEEL;
 
 /// The inbound the agent manages.
-pub const INBOUND_TAG: &str = "node-1";
+pub(crate) const INBOUND_TAG: &str = "node-1";
 const API_TAG: &str = "api";
 
 /// Free TCP ports on 127.0.0.1, distinct: the kernel picks each (bind to port 0), and
 /// the core binds them moments later.
-pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+pub(crate) fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
     let mut held = Vec::new();
     for _ in 0..n {
         // Held together until all are chosen, so no two are the same.
@@ -41,12 +41,12 @@ pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
 
 /// A demo user's way in: their UUID, and the socks5 port that connects as them.
 #[derive(Debug, Clone)]
-pub struct Route {
+pub(crate) struct Route {
     pub uuid: String,
     pub socks: u16,
 }
 
-pub struct Core {
+pub(crate) struct Core {
     /// The shared launcher's core: it waits until the ports listen, reports a failed
     /// start with the core's output, and SIGKILLs the core when dropped.
     _core: crate::sim::core::Core,
@@ -58,7 +58,7 @@ pub struct Core {
 impl Core {
     /// Writes the config for `uuids` in a new directory under `dir` and starts `peer`
     /// with it; returns once every port listens.
-    pub fn start(peer: &Peer, dir: &Path, uuids: &[String]) -> anyhow::Result<Core> {
+    pub(crate) fn start(peer: &Peer, dir: &Path, uuids: &[String]) -> anyhow::Result<Core> {
         std::fs::create_dir_all(dir)?;
         let ports = free_ports(2 + uuids.len())?;
         let (api, inbound) = (ports[0], ports[1]);
@@ -85,7 +85,7 @@ impl Core {
     }
 
     /// The socks5 port that connects as `uuid`.
-    pub fn socks(&self, uuid: &str) -> Option<SocketAddr> {
+    pub(crate) fn socks(&self, uuid: &str) -> Option<SocketAddr> {
         self.routes
             .iter()
             .find(|r| r.uuid == uuid)
@@ -136,7 +136,7 @@ fn config(api: u16, inbound: u16, routes: &[Route]) -> Value {
 
 /// `GET url` through the socks5 proxy at `socks` on a new connection: `Ok(bytes
 /// received)` on a `200`; `Err` (an empty reply, a reset) is how a core refuses a user.
-pub async fn fetch_through(socks: SocketAddr, url: &str) -> Result<usize, String> {
+pub(crate) async fn fetch_through(socks: SocketAddr, url: &str) -> Result<usize, String> {
     let proxy = reqwest::Proxy::all(format!("socks5h://{socks}")).map_err(|e| e.to_string())?;
     let client = reqwest::Client::builder()
         .proxy(proxy)

@@ -29,12 +29,12 @@ use std::time::Instant;
 use crate::sim::core::{Flavor, Peer, Runner, XRAY_WHEEL, wheel_version};
 
 /// Where `scripts/install-peers.sh` puts the Xray wheel's python, in a checkout.
-pub const REPO_VENV: &str = "target/peers/venv/bin/python";
+pub(crate) const REPO_VENV: &str = "target/peers/venv/bin/python";
 
 /// What the search reads, gathered once ([`Lookup::from_process`]) so that the order is
 /// testable on its own.
 #[derive(Debug, Clone, Default)]
-pub struct Lookup {
+pub(crate) struct Lookup {
     /// The directory the demo was started in.
     pub cwd: PathBuf,
     pub xray_python: Option<OsString>,
@@ -49,7 +49,7 @@ pub struct Lookup {
 
 /// One place to try.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Candidate {
+pub(crate) enum Candidate {
     /// A python that should have the `xray` module.
     Python { path: PathBuf, from: String },
     /// An `xray` executable.
@@ -59,7 +59,7 @@ pub enum Candidate {
 }
 
 impl Lookup {
-    pub fn from_process(no_fetch: bool) -> Lookup {
+    pub(crate) fn from_process(no_fetch: bool) -> Lookup {
         let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
         let cwd = std::env::current_dir().unwrap_or_default();
         let checkouts = match var("CONNECTOR_DEMO_CHECKOUT") {
@@ -89,7 +89,7 @@ impl Lookup {
     }
 
     /// The places to try, in order ([module docs](self)).
-    pub fn candidates(&self) -> Vec<Candidate> {
+    pub(crate) fn candidates(&self) -> Vec<Candidate> {
         if let Some(p) = &self.xray_python {
             return vec![Candidate::Python {
                 path: self.resolve(p),
@@ -177,13 +177,13 @@ fn same_path(a: &Candidate, b: &Candidate) -> bool {
 
 /// The cached venv under a cache directory: one per pinned version, so a new pin gets a
 /// fresh venv rather than an upgrade in place.
-pub fn cache_venv(cache: &Path) -> PathBuf {
+pub(crate) fn cache_venv(cache: &Path) -> PathBuf {
     cache.join(format!("connector/xray-core-{XRAY_WHEEL}/venv"))
 }
 
 /// The first candidate that works, as the core launcher's [`Peer`]; `Err` is one line
 /// per candidate saying why it did not (never empty).
-pub fn find(lookup: &Lookup, say: &dyn Fn(String)) -> Result<Peer, Vec<String>> {
+pub(crate) fn find(lookup: &Lookup, say: &dyn Fn(String)) -> Result<Peer, Vec<String>> {
     let mut why = Vec::new();
     let candidates = lookup.candidates();
     if candidates.is_empty() {

@@ -31,10 +31,10 @@
 //! Secrets (the panel key, the relay's signing secret, the listener's token) are made
 //! at random and never printed.
 
-pub mod core;
-pub mod find;
-pub mod relay;
-pub mod show;
+pub(crate) mod core;
+pub(crate) mod find;
+pub(crate) mod relay;
+pub(crate) mod show;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -68,7 +68,7 @@ const CLIENT_KEY: &str = "sk-demo-4f1c9a7e2b8d6053a1e9c7b5d3f2a8e6";
 
 /// `connector demo`'s options.
 #[derive(Debug, Clone, Default)]
-pub struct Options {
+pub(crate) struct Options {
     /// Keep the temporary directory after a successful run.
     pub keep: bool,
     /// Never make the cached venv (no download): without a core, run without it.
@@ -76,7 +76,7 @@ pub struct Options {
 }
 
 /// Runs the demo; 0 when every step reached its outcome, 1 otherwise.
-pub fn main(opts: Options) -> ExitCode {
+pub(crate) fn main(opts: Options) -> ExitCode {
     // Before anything changes directory: relative paths are the operator's.
     let lookup = find::Lookup::from_process(opts.no_fetch);
     let dir = match tempfile::Builder::new().prefix("connector-demo-").tempdir() {

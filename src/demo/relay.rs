@@ -16,7 +16,7 @@ use crate::sim::relay::{Answer, Receiver, Recorded};
 
 /// One callback as the relay got it.
 #[derive(Debug, Clone)]
-pub struct Attempt {
+pub(crate) struct Attempt {
     pub at: Instant,
     pub status: u16,
     pub webhook_id: String,
@@ -26,7 +26,7 @@ pub struct Attempt {
     pub body: String,
 }
 
-pub struct Relay {
+pub(crate) struct Relay {
     receiver: Receiver,
     key: SigningKey,
     /// The CA that signed the relay's certificate (PEM).
@@ -35,7 +35,7 @@ pub struct Relay {
 
 impl Relay {
     /// Serves HTTPS until dropped; checks signatures with `secret` (`whsec_…`).
-    pub fn start(secret: &str) -> anyhow::Result<Relay> {
+    pub(crate) fn start(secret: &str) -> anyhow::Result<Relay> {
         let key = SigningKey::parse(secret).map_err(anyhow::Error::msg)?;
         let receiver = Receiver::try_start("connector demo CA")?;
         Ok(Relay {
@@ -46,17 +46,17 @@ impl Relay {
     }
 
     /// `https://localhost:{port}/proxycast/callback`.
-    pub fn callback_url(&self) -> String {
+    pub(crate) fn callback_url(&self) -> String {
         self.receiver.url("/proxycast/callback")
     }
 
     /// The next callbacks are answered with these statuses, then `200` again.
-    pub fn plan(&self, statuses: &[u16]) {
+    pub(crate) fn plan(&self, statuses: &[u16]) {
         self.receiver
             .plan(statuses.iter().map(|s| Answer::Status(*s)));
     }
 
-    pub fn attempts(&self) -> Vec<Attempt> {
+    pub(crate) fn attempts(&self) -> Vec<Attempt> {
         self.receiver
             .requests()
             .iter()

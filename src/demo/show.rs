@@ -7,7 +7,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 /// How long one step may take before the demo gives up on it.
-pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a condition is checked.
 const POLL: Duration = Duration::from_millis(100);
 /// Without a terminal: a "still waiting" line this often.
@@ -15,7 +15,7 @@ const PLAIN_EVERY: Duration = Duration::from_secs(5);
 const SPINNER: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
 
 /// One poll of a condition.
-pub enum Check<T> {
+pub(crate) enum Check<T> {
     /// It happened; here is what was seen.
     Done(T),
     /// Not yet; what was seen instead (named in the error on timeout).
@@ -24,7 +24,7 @@ pub enum Check<T> {
 
 /// A step that did not reach its outcome: which, what was awaited, what was seen.
 #[derive(Debug)]
-pub struct StepFailed(pub String);
+pub(crate) struct StepFailed(pub String);
 
 impl std::fmt::Display for StepFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -34,28 +34,32 @@ impl std::fmt::Display for StepFailed {
 
 impl std::error::Error for StepFailed {}
 
-pub fn tty() -> bool {
+pub(crate) fn tty() -> bool {
     std::io::stdout().is_terminal()
 }
 
 /// A numbered step's heading.
-pub fn step(n: usize, title: &str) {
+pub(crate) fn step(n: usize, title: &str) {
     println!("\n{n}. {title}");
 }
 
 /// One line of what happened, indented under its step.
-pub fn said(text: impl AsRef<str>) {
+pub(crate) fn said(text: impl AsRef<str>) {
     println!("   {}", text.as_ref());
 }
 
 /// An outcome reached.
-pub fn ok(text: impl AsRef<str>) {
+pub(crate) fn ok(text: impl AsRef<str>) {
     println!("   ✓ {}", text.as_ref());
 }
 
 /// Polls `check` until it is done or `timeout` passes, showing `what` as the progress
 /// line. On timeout: `StepFailed` naming `what`, the time, and the last thing seen.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+pub(crate) async fn wait_for<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Check<T>>,
@@ -106,7 +110,7 @@ where
 }
 
 /// `1234567` → `1,234,567`.
-pub fn bytes(n: u64) -> String {
+pub(crate) fn bytes(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {

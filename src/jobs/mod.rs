@@ -15,7 +15,7 @@
 //! | `webhook` | [`webhook`] | the HTTP listener (`daemon::http`) | the job's event, the provider registry | POSTs to the relay; state `webhook/delivered/{job}`, `webhook/totals/{relay}` |
 
 pub mod node_sync;
-pub mod state;
+pub(crate) mod state;
 pub mod traffic_report;
 pub mod webhook;
 pub mod xray_apply;

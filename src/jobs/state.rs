@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use crate::queue::{self, Queue, StateWrite};
 
 /// The version byte this build writes and reads.
-pub const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 1;
 
 /// The first byte of a record written as JSON before this codec.
 const LEGACY_JSON: u8 = b'{';
@@ -56,7 +56,7 @@ pub enum StateError {
 }
 
 /// The bytes of `value` as a record.
-pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     let mut bytes = vec![VERSION];
     // The records are plain data (integers, strings, collections of them): bincode
     // cannot fail to encode them.
@@ -67,12 +67,12 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 /// The write putting `value` under `key`.
-pub fn put<T: Serialize>(key: String, value: &T) -> StateWrite {
+pub(crate) fn put<T: Serialize>(key: String, value: &T) -> StateWrite {
     StateWrite::Put(key, encode(value))
 }
 
 /// Reads back a record found under `key`.
-pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StateError> {
+pub(crate) fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StateError> {
     match bytes.split_first() {
         Some((&VERSION, body)) => {
             bincode::serde::decode_from_slice(body, bincode::config::standard())
@@ -101,21 +101,21 @@ pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StateEr
 
 /// The bytes of `value` as a record of layout `version` (one of a record whose layout
 /// changed since [`VERSION`]).
-pub fn encode_as<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
+pub(crate) fn encode_as<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
     let mut bytes = encode(value);
     bytes[0] = version;
     bytes
 }
 
 /// The write putting `value` under `key` as a record of layout `version`.
-pub fn put_as<T: Serialize>(key: String, version: u8, value: &T) -> StateWrite {
+pub(crate) fn put_as<T: Serialize>(key: String, version: u8, value: &T) -> StateWrite {
     StateWrite::Put(key, encode_as(version, value))
 }
 
 /// Reads back a record of layout `version` (written by [`put_as`]); one in an older
 /// form (an older version byte, JSON) reads as `Old` and is upgraded. A newer version
 /// is an error naming the key.
-pub fn decode_upgrading<T, Old>(
+pub(crate) fn decode_upgrading<T, Old>(
     key: &str,
     bytes: &[u8],
     version: u8,
@@ -144,7 +144,7 @@ where
 }
 
 /// The record under `key`, `None` when there is none.
-pub fn load<T: DeserializeOwned>(queue: &Queue, key: &str) -> Result<Option<T>, StateError> {
+pub(crate) fn load<T: DeserializeOwned>(queue: &Queue, key: &str) -> Result<Option<T>, StateError> {
     match queue.state(key) {
         Ok(Some(bytes)) => decode(key, &bytes).map(Some),
         Ok(None) => Ok(None),
@@ -156,12 +156,12 @@ pub fn load<T: DeserializeOwned>(queue: &Queue, key: &str) -> Result<Option<T>, 
 }
 
 /// The key of a per-node record: `node/{id}/{record}`.
-pub fn node_key(node_id: u64, record: &str) -> String {
+pub(crate) fn node_key(node_id: u64, record: &str) -> String {
     format!("{NODE_PREFIX}{node_id}/{record}")
 }
 
 /// The node whose `record` `key` is, if it is one.
-pub fn node_of(key: &str, record: &str) -> Option<u64> {
+pub(crate) fn node_of(key: &str, record: &str) -> Option<u64> {
     key.strip_prefix(NODE_PREFIX)?
         .strip_suffix(record)?
         .strip_suffix('/')?
@@ -170,7 +170,7 @@ pub fn node_of(key: &str, record: &str) -> Option<u64> {
 }
 
 /// Where the per-node records are, for a scan.
-pub const NODE_PREFIX: &str = "node/";
+pub(crate) const NODE_PREFIX: &str = "node/";
 
 #[cfg(test)]
 mod tests {

@@ -9,11 +9,11 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Output kept per stream (the end of it: that is where errors are).
-pub const OUTPUT_LIMIT: usize = 2048;
+pub(crate) const OUTPUT_LIMIT: usize = 2048;
 
 /// How one run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HookRun {
+pub(crate) struct HookRun {
     /// The exit code; `None` when killed by a signal or the timeout.
     pub code: Option<i32>,
     pub timed_out: bool,
@@ -22,12 +22,12 @@ pub struct HookRun {
 }
 
 impl HookRun {
-    pub fn success(&self) -> bool {
+    pub(crate) fn success(&self) -> bool {
         self.code == Some(0) && !self.timed_out
     }
 
     /// A one-paragraph summary for the job's record.
-    pub fn describe(&self, timeout: Duration) -> String {
+    pub(crate) fn describe(&self, timeout: Duration) -> String {
         let status = match (self.timed_out, self.code) {
             (true, _) => format!(
                 "killed after the {} timeout",
@@ -62,7 +62,7 @@ pub enum HookError {
 }
 
 /// The words of `argv` with `{node_id}`, `{uuids_file}` and `{uuids_json}` substituted.
-pub fn substitute(
+pub(crate) fn substitute(
     argv: &[String],
     node_id: u64,
     uuids_file: &Path,
@@ -81,7 +81,7 @@ pub fn substitute(
 }
 
 /// Runs `argv` (already substituted) with a timeout.
-pub async fn run(argv: &[String], timeout: Duration) -> Result<HookRun, HookError> {
+pub(crate) async fn run(argv: &[String], timeout: Duration) -> Result<HookRun, HookError> {
     let (program, args) = argv.split_first().ok_or(HookError::Empty)?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)

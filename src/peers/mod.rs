@@ -13,8 +13,8 @@
 //! - [`kernel`]: the kernel's TCP socket table (sock_diag): find and cut connections.
 //! - [`relays`]: relays' provider files and the client their callbacks go out through.
 
-pub mod hook;
-pub mod kernel;
+pub(crate) mod hook;
+pub(crate) mod kernel;
 pub mod panel;
 pub mod relays;
 pub mod xray;

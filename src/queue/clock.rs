@@ -56,7 +56,7 @@ impl Clock for ManualClock {
 }
 
 /// Adds a duration to a timestamp, saturating instead of overflowing.
-pub fn after(at: Millis, d: Duration) -> Millis {
+pub(crate) fn after(at: Millis, d: Duration) -> Millis {
     at.saturating_add(d.as_millis().min(u64::MAX as u128) as u64)
 }
 

@@ -37,28 +37,28 @@ use super::keys;
 use super::{JobKind, Result};
 
 /// `m/k` code class → u64 BE.
-pub const COUNT: &[u8] = b"m/k";
+pub(crate) const COUNT: &[u8] = b"m/k";
 /// `m/d` code width bucket(8) → u64 BE.
-pub const DUE: &[u8] = b"m/d";
+pub(crate) const DUE: &[u8] = b"m/d";
 /// `m/counted` → u64 BE: `m/next_id` when the counts were last kept.
-pub const COUNTED: &[u8] = b"m/counted";
+pub(crate) const COUNTED: &[u8] = b"m/counted";
 
-pub const PENDING: u8 = 1;
-pub const RUNNING: u8 = 2;
-pub const DONE: u8 = 3;
-pub const DEAD: u8 = 4;
-pub const QUARANTINED: u8 = 5;
+pub(crate) const PENDING: u8 = 1;
+pub(crate) const RUNNING: u8 = 2;
+pub(crate) const DONE: u8 = 3;
+pub(crate) const DEAD: u8 = 4;
+pub(crate) const QUARANTINED: u8 = 5;
 
 /// Bucket widths of the due-time counts, widest first (a width's bucket holds 2^shift
 /// ms). Consecutive widths differ by 8 bits: at most 256 buckets of one inside one of
 /// the next wider.
-pub const SHIFTS: [u32; 5] = [32, 24, 16, 8, 0];
+pub(crate) const SHIFTS: [u32; 5] = [32, 24, 16, 8, 0];
 
-pub fn count_key(code: u8, class: u8) -> [u8; 5] {
+pub(crate) fn count_key(code: u8, class: u8) -> [u8; 5] {
     [COUNT[0], COUNT[1], COUNT[2], code, class]
 }
 
-pub fn due_key(code: u8, width: u8, bucket: u64) -> [u8; 13] {
+pub(crate) fn due_key(code: u8, width: u8, bucket: u64) -> [u8; 13] {
     let mut k = [0u8; 13];
     k[..3].copy_from_slice(DUE);
     k[3] = code;
@@ -68,14 +68,14 @@ pub fn due_key(code: u8, width: u8, bucket: u64) -> [u8; 13] {
 }
 
 /// True for the keys this module writes.
-pub fn is_count_key(key: &[u8]) -> bool {
+pub(crate) fn is_count_key(key: &[u8]) -> bool {
     (key.len() == 5 && key.starts_with(COUNT))
         || (key.len() == 13 && key.starts_with(DUE))
         || key == COUNTED
 }
 
 /// The name of a class, for people.
-pub fn class_name(class: u8) -> &'static str {
+pub(crate) fn class_name(class: u8) -> &'static str {
     match class {
         PENDING => "pending",
         RUNNING => "running",
@@ -334,7 +334,7 @@ pub(crate) fn due_by(db: &sled::Db, code: u8, now: Millis) -> Result<u64> {
 }
 
 /// Renders a count key for people: `m/k/webhook/pending`, `m/d/webhook/3/123`.
-pub fn display(key: &[u8], kinds: &[JobKind]) -> String {
+pub(crate) fn display(key: &[u8], kinds: &[JobKind]) -> String {
     let kind = |code: u8| match (code, super::kind::by_code(kinds, code)) {
         (_, Some(k)) => k.to_string(),
         (0, None) => "-".to_string(),

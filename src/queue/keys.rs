@@ -7,35 +7,35 @@ use super::kind::{self, JobKind};
 
 /// `m` + name: metadata (`m/schema` → u32 BE, `m/next_id` → u64 BE; the kept counts
 /// `m/k…`, `m/d…`, `m/counted` are in `counts.rs`).
-pub const META_SCHEMA: &[u8] = b"m/schema";
-pub const META_NEXT_ID: &[u8] = b"m/next_id";
+pub(crate) const META_SCHEMA: &[u8] = b"m/schema";
+pub(crate) const META_NEXT_ID: &[u8] = b"m/next_id";
 /// `j` + id(8): the job record (envelope, see `record.rs`).
-pub const JOB: u8 = b'j';
+pub(crate) const JOB: u8 = b'j';
 /// `p` + kind(1) + due(8) + id(8) → empty: pending jobs (scheduled and ready) by due time.
-pub const PENDING: u8 = b'p';
+pub(crate) const PENDING: u8 = b'p';
 /// `r` + id(8) → kind(1) + lease_until(8): running jobs.
-pub const RUNNING: u8 = b'r';
+pub(crate) const RUNNING: u8 = b'r';
 /// `f` + state(1: 1 done, 2 dead) + at(8) + id(8) → kind(1): finished jobs by finish time.
-pub const FINISHED: u8 = b'f';
+pub(crate) const FINISHED: u8 = b'f';
 /// `k` + kind(1) + idempotency key bytes → id(8): the newest job of each key.
-pub const IDEM: u8 = b'k';
+pub(crate) const IDEM: u8 = b'k';
 /// `c` + original key → quarantine envelope: records that could not be read.
-pub const QUARANTINE: u8 = b'c';
+pub(crate) const QUARANTINE: u8 = b'c';
 /// `s` + UTF-8 name → state envelope: small state the job kinds keep beside their jobs
 /// (a node's synced list, traffic baselines), written in the same batch as jobs.
-pub const STATE: u8 = b's';
+pub(crate) const STATE: u8 = b's';
 
-pub const FINISHED_DONE: u8 = 1;
-pub const FINISHED_DEAD: u8 = 2;
+pub(crate) const FINISHED_DONE: u8 = 1;
+pub(crate) const FINISHED_DEAD: u8 = 2;
 
-pub fn job(id: u64) -> [u8; 9] {
+pub(crate) fn job(id: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = JOB;
     k[1..].copy_from_slice(&id.to_be_bytes());
     k
 }
 
-pub fn pending(kind: JobKind, due: Millis, id: u64) -> [u8; 18] {
+pub(crate) fn pending(kind: JobKind, due: Millis, id: u64) -> [u8; 18] {
     let mut k = [0u8; 18];
     k[0] = PENDING;
     k[1] = kind.code();
@@ -44,20 +44,20 @@ pub fn pending(kind: JobKind, due: Millis, id: u64) -> [u8; 18] {
     k
 }
 
-pub fn running(id: u64) -> [u8; 9] {
+pub(crate) fn running(id: u64) -> [u8; 9] {
     let mut k = job(id);
     k[0] = RUNNING;
     k
 }
 
-pub fn running_value(kind: JobKind, lease_until: Millis) -> [u8; 9] {
+pub(crate) fn running_value(kind: JobKind, lease_until: Millis) -> [u8; 9] {
     let mut v = [0u8; 9];
     v[0] = kind.code();
     v[1..].copy_from_slice(&lease_until.to_be_bytes());
     v
 }
 
-pub fn finished(state: u8, at: Millis, id: u64) -> [u8; 18] {
+pub(crate) fn finished(state: u8, at: Millis, id: u64) -> [u8; 18] {
     let mut k = [0u8; 18];
     k[0] = FINISHED;
     k[1] = state;
@@ -66,7 +66,7 @@ pub fn finished(state: u8, at: Millis, id: u64) -> [u8; 18] {
     k
 }
 
-pub fn idem(kind: JobKind, key: &str) -> Vec<u8> {
+pub(crate) fn idem(kind: JobKind, key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + key.len());
     k.push(IDEM);
     k.push(kind.code());
@@ -74,26 +74,26 @@ pub fn idem(kind: JobKind, key: &str) -> Vec<u8> {
     k
 }
 
-pub fn state(name: &str) -> Vec<u8> {
+pub(crate) fn state(name: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + name.len());
     k.push(STATE);
     k.extend_from_slice(name.as_bytes());
     k
 }
 
-pub fn quarantine(original: &[u8]) -> Vec<u8> {
+pub(crate) fn quarantine(original: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + original.len());
     k.push(QUARANTINE);
     k.extend_from_slice(original);
     k
 }
 
-pub fn be_u64(bytes: &[u8]) -> Option<u64> {
+pub(crate) fn be_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
 }
 
 /// (kind code, due, id) of a pending key.
-pub fn parse_pending(key: &[u8]) -> Option<(u8, Millis, u64)> {
+pub(crate) fn parse_pending(key: &[u8]) -> Option<(u8, Millis, u64)> {
     if key.len() != 18 || key[0] != PENDING {
         return None;
     }
@@ -101,7 +101,7 @@ pub fn parse_pending(key: &[u8]) -> Option<(u8, Millis, u64)> {
 }
 
 /// (state, at, id) of a finished key.
-pub fn parse_finished(key: &[u8]) -> Option<(u8, Millis, u64)> {
+pub(crate) fn parse_finished(key: &[u8]) -> Option<(u8, Millis, u64)> {
     if key.len() != 18 || key[0] != FINISHED {
         return None;
     }
@@ -109,7 +109,7 @@ pub fn parse_finished(key: &[u8]) -> Option<(u8, Millis, u64)> {
 }
 
 /// The id in a `j` or `r` key.
-pub fn parse_id(key: &[u8]) -> Option<u64> {
+pub(crate) fn parse_id(key: &[u8]) -> Option<u64> {
     if key.len() != 9 {
         return None;
     }
@@ -119,7 +119,7 @@ pub fn parse_id(key: &[u8]) -> Option<u64> {
 /// A readable rendering of a key for error messages: `j/42`, `s/node/1/sync`,
 /// `p/webhook/1767225600000/42`, `f/dead/1767225600000/42`, `k/webhook/evt-a`,
 /// printable text as it is, else hex.
-pub fn display(key: &[u8], kinds: &[JobKind]) -> String {
+pub(crate) fn display(key: &[u8], kinds: &[JobKind]) -> String {
     let kind =
         |code: u8| kind::by_code(kinds, code).map_or(format!("kind{code}"), |k| k.to_string());
     match key.first() {

@@ -33,7 +33,7 @@ impl JobKind {
 }
 
 /// The kind with this code among `kinds`.
-pub fn by_code(kinds: &[JobKind], code: u8) -> Option<JobKind> {
+pub(crate) fn by_code(kinds: &[JobKind], code: u8) -> Option<JobKind> {
     kinds.iter().copied().find(|k| k.code == code)
 }
 

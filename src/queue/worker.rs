@@ -109,7 +109,7 @@ impl PoolStatus {
 }
 
 /// Slack over the lease timeout before a loop that has not gone round counts as stuck.
-pub const STUCK_SLACK: Duration = Duration::from_secs(60);
+pub(crate) const STUCK_SLACK: Duration = Duration::from_secs(60);
 
 /// See [`Pool::condition`].
 #[derive(Debug, Clone)]

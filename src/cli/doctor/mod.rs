@@ -36,7 +36,7 @@ use crate::config::Config;
 /// How a check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Status {
+pub(crate) enum Status {
     Ok,
     /// Cannot be told for sure, or works with a caveat: does not fail the run.
     Warn,
@@ -55,7 +55,7 @@ impl Status {
 
 /// One line of the report (one item of `--json`).
 #[derive(Debug, Clone, Serialize)]
-pub struct Check {
+pub(crate) struct Check {
     /// What was checked: `panel key`, `node 1 inbound`, ….
     pub check: String,
     pub status: Status,
@@ -109,7 +109,7 @@ impl Check {
 
 /// Runs every check against `config`, in the order an operator fixes things: the
 /// agent's own files and ports, the panel, the core, the relays.
-pub async fn run(config: &Config) -> Vec<Check> {
+pub(crate) async fn run(config: &Config) -> Vec<Check> {
     let mut out = local::config(config);
     out.push(local::data_dir(config));
     out.push(local::queue(config).await);
@@ -121,7 +121,7 @@ pub async fn run(config: &Config) -> Vec<Check> {
 }
 
 /// `connector doctor`: `config` is what the command line loaded (or its error).
-pub fn main(config: Result<Config, crate::config::ConfigError>, json: bool) -> ExitCode {
+pub(crate) fn main(config: Result<Config, crate::config::ConfigError>, json: bool) -> ExitCode {
     let config = match config {
         Ok(c) => c,
         Err(e) => {

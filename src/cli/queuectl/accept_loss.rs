@@ -17,9 +17,9 @@ use super::{Backend, Out};
 use crate::queue::QuarantineView;
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub(super) struct Args {}
 
-pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub(super) async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     let losses: Vec<QuarantineView> = backend
         .quarantined()
         .await?

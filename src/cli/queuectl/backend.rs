@@ -325,14 +325,14 @@ impl Backend {
         Ok(())
     }
 
-    pub async fn stats(&self) -> anyhow::Result<pb::StatsReply> {
+    pub(crate) async fn stats(&self) -> anyhow::Result<pb::StatsReply> {
         self.read(pb::StatsRequest {}, ops::stats, |mut c, r| async move {
             c.stats(r).await
         })
         .await
     }
 
-    pub async fn list(&self, req: pb::ListRequest) -> anyhow::Result<Vec<pb::Job>> {
+    pub(crate) async fn list(&self, req: pb::ListRequest) -> anyhow::Result<Vec<pb::Job>> {
         match self {
             Backend::Local(ctx) => ops::list(ctx.clone(), req).map_err(local_error),
             Backend::Live(l) => {
@@ -348,7 +348,7 @@ impl Backend {
         }
     }
 
-    pub async fn quarantined(&self) -> anyhow::Result<pb::QuarantinedReply> {
+    pub(crate) async fn quarantined(&self) -> anyhow::Result<pb::QuarantinedReply> {
         self.read(
             pb::QuarantinedRequest {},
             ops::quarantined,
@@ -357,21 +357,21 @@ impl Backend {
         .await
     }
 
-    pub async fn show(&self, id: u64) -> anyhow::Result<pb::Job> {
+    pub(crate) async fn show(&self, id: u64) -> anyhow::Result<pb::Job> {
         self.read(pb::JobId { id }, ops::show, |mut c, r| async move {
             c.show(r).await
         })
         .await
     }
 
-    pub async fn retry(&self, id: u64) -> anyhow::Result<pb::Job> {
+    pub(crate) async fn retry(&self, id: u64) -> anyhow::Result<pb::Job> {
         self.write(pb::JobId { id }, ops::retry, |mut c, r| async move {
             c.retry(r).await
         })
         .await
     }
 
-    pub async fn retry_dead(
+    pub(crate) async fn retry_dead(
         &self,
         req: pb::RetryDeadRequest,
     ) -> anyhow::Result<pb::RetryDeadReply> {
@@ -381,21 +381,21 @@ impl Backend {
         .await
     }
 
-    pub async fn cancel(&self, id: u64) -> anyhow::Result<pb::Job> {
+    pub(crate) async fn cancel(&self, id: u64) -> anyhow::Result<pb::Job> {
         self.write(pb::JobId { id }, ops::cancel, |mut c, r| async move {
             c.cancel(r).await
         })
         .await
     }
 
-    pub async fn purge(&self, req: pb::PurgeRequest) -> anyhow::Result<pb::PurgeReply> {
+    pub(crate) async fn purge(&self, req: pb::PurgeRequest) -> anyhow::Result<pb::PurgeReply> {
         self.write(req, ops::purge, |mut c, r| async move { c.purge(r).await })
             .await
     }
 
     /// Every job in id order, one call of `each` per job; a broken pipe from `each`
     /// ends the export quietly.
-    pub async fn export(
+    pub(crate) async fn export(
         &self,
         mut each: impl FnMut(pb::Job) -> io::Result<()>,
     ) -> anyhow::Result<()> {
@@ -414,14 +414,14 @@ impl Backend {
         }
     }
 
-    pub async fn held(&self) -> anyhow::Result<pb::HeldReply> {
+    pub(crate) async fn held(&self) -> anyhow::Result<pb::HeldReply> {
         self.read(pb::HeldRequest {}, ops::held, |mut c, r| async move {
             c.held(r).await
         })
         .await
     }
 
-    pub async fn confirm(&self, node_id: u64) -> anyhow::Result<pb::ConfirmReply> {
+    pub(crate) async fn confirm(&self, node_id: u64) -> anyhow::Result<pb::ConfirmReply> {
         self.write(
             pb::ConfirmRequest { node_id },
             ops::confirm,
@@ -430,21 +430,21 @@ impl Backend {
         .await
     }
 
-    pub async fn bans(&self) -> anyhow::Result<pb::BansReply> {
+    pub(crate) async fn bans(&self) -> anyhow::Result<pb::BansReply> {
         self.read(pb::BansRequest {}, ops::bans, |mut c, r| async move {
             c.bans(r).await
         })
         .await
     }
 
-    pub async fn traffic(&self) -> anyhow::Result<pb::TrafficReply> {
+    pub(crate) async fn traffic(&self) -> anyhow::Result<pb::TrafficReply> {
         self.read(pb::TrafficRequest {}, ops::traffic, |mut c, r| async move {
             c.traffic(r).await
         })
         .await
     }
 
-    pub async fn relays(&self) -> anyhow::Result<crate::jobs::webhook::stats::Report> {
+    pub(crate) async fn relays(&self) -> anyhow::Result<crate::jobs::webhook::stats::Report> {
         let r = self
             .read(pb::RelaysRequest {}, ops::relays, |mut c, r| async move {
                 c.relays(r).await
@@ -454,7 +454,7 @@ impl Backend {
             .map_err(|e| anyhow::anyhow!("the relay stats do not decode: {e}"))
     }
 
-    pub async fn fsck(&self, repair: bool) -> anyhow::Result<pb::FsckReport> {
+    pub(crate) async fn fsck(&self, repair: bool) -> anyhow::Result<pb::FsckReport> {
         self.write(
             pb::FsckRequest { repair },
             ops::fsck,
@@ -463,14 +463,14 @@ impl Backend {
         .await
     }
 
-    pub async fn workers(&self) -> anyhow::Result<pb::WorkersReply> {
+    pub(crate) async fn workers(&self) -> anyhow::Result<pb::WorkersReply> {
         self.read(pb::WorkersRequest {}, ops::workers, |mut c, r| async move {
             c.workers(r).await
         })
         .await
     }
 
-    pub async fn pause(&self, kind: &str, paused: bool) -> anyhow::Result<pb::WorkersReply> {
+    pub(crate) async fn pause(&self, kind: &str, paused: bool) -> anyhow::Result<pb::WorkersReply> {
         let req = pb::PauseRequest {
             kind: kind.to_string(),
             paused,
@@ -480,7 +480,7 @@ impl Backend {
     }
 
     /// Job events as they happen, until the daemon stops; `each` gets every one.
-    pub async fn tail(
+    pub(crate) async fn tail(
         &self,
         each: impl FnMut(pb::TailEvent) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
@@ -496,7 +496,7 @@ impl Backend {
 
     /// The clock answers are rendered against: this machine's, which is the daemon's
     /// too (a Unix socket does not leave the host).
-    pub fn now(&self) -> queue::Millis {
+    pub(crate) fn now(&self) -> queue::Millis {
         match self {
             Backend::Local(ctx) => ctx.queue.now(),
             Backend::Live(_) => SystemClock.now_ms(),

@@ -19,7 +19,7 @@ use crate::admin::pb::Ban;
 use crate::queue::rfc3339;
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub(super) struct Args {}
 
 #[derive(Serialize)]
 struct BanJson<'a> {
@@ -64,7 +64,7 @@ fn cut_cell(b: &Ban) -> String {
     s
 }
 
-pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub(super) async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     let rows = backend.bans().await?.bans;
     if out.json {
         let v: Vec<BanJson> = rows

@@ -7,12 +7,12 @@
 use super::{Backend, Out, printable, view};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(super) struct Args {
     /// The job to cancel.
     id: u64,
 }
 
-pub async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub(super) async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     let job = view(backend.cancel(args.id).await?, backend.now())?;
     if out.json {
         out.json(&job)?;

@@ -6,12 +6,12 @@
 use super::{Backend, Out};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(super) struct Args {
     /// The node whose held sync to confirm.
     node: u64,
 }
 
-pub async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub(super) async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     // "node N has no held sync" is an error the backend words.
     let held = backend.confirm(args.node).await?;
     if out.json {

@@ -10,9 +10,9 @@ use std::io;
 use super::{Backend, Out, view};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub(super) struct Args {}
 
-pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub(super) async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     let now = backend.now();
     // The backend stops quietly at a broken pipe; any other write error is the writer's.
     backend

@@ -17,7 +17,7 @@ use super::{Align, Backend, Out, Table, clip, count};
 use crate::admin::pb;
 
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(super) struct Args {
     /// Fix what is found: rebuild indexes, move unreadable records to quarantine.
     #[arg(long)]
     repair: bool,
@@ -50,7 +50,7 @@ struct ProblemJson<'a> {
 }
 
 /// Returns whether the queue is clean now (no problem left unrepaired).
-pub async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<bool> {
+pub(super) async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<bool> {
     let r = backend.fsck(args.repair).await?;
     let left = r
         .problems

@@ -12,7 +12,7 @@ use super::{Align, Backend, Out, Table, relative};
 use crate::queue::rfc3339;
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub(super) struct Args {}
 
 #[derive(Serialize)]
 struct HeldJson {
@@ -25,7 +25,7 @@ struct HeldJson {
     confirmed: bool,
 }
 
-pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub(super) async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     let reply = backend.held().await?;
     let after = reply.confirm_after_ms;
     let rows: Vec<HeldJson> = reply

@@ -13,7 +13,7 @@ use crate::queue::{JobKind, JobState, JobView, QuarantineView};
 const DEFAULT_LIMIT: usize = 100;
 
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(super) struct Args {
     /// Only jobs in this state: scheduled, ready, running, done or dead.
     #[arg(long, value_name = "STATE")]
     state: Option<JobState>,
@@ -31,7 +31,7 @@ pub struct Args {
     quarantined: bool,
 }
 
-pub async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub(super) async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     if args.quarantined {
         let records: Vec<QuarantineView> = backend
             .quarantined()

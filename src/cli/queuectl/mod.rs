@@ -362,31 +362,31 @@ pub(crate) struct Out<'a> {
 
 impl Out<'_> {
     /// One JSON document (pretty-printed; `jq -c` makes it one line).
-    pub fn json<T: Serialize + ?Sized>(&mut self, value: &T) -> io::Result<()> {
+    pub(crate) fn json<T: Serialize + ?Sized>(&mut self, value: &T) -> io::Result<()> {
         serde_json::to_writer_pretty(&mut *self.w, value)?;
         writeln!(self.w)
     }
 
     /// One JSON value on one line (JSON lines).
-    pub fn json_line<T: Serialize + ?Sized>(&mut self, value: &T) -> io::Result<()> {
+    pub(crate) fn json_line<T: Serialize + ?Sized>(&mut self, value: &T) -> io::Result<()> {
         serde_json::to_writer(&mut *self.w, value)?;
         writeln!(self.w)
     }
 
     /// Pushes what was written to the reader now (`tail`: one event at a time).
-    pub fn flush(&mut self) -> io::Result<()> {
+    pub(crate) fn flush(&mut self) -> io::Result<()> {
         self.w.flush()
     }
 
-    pub fn line(&mut self, text: impl Display) -> io::Result<()> {
+    pub(crate) fn line(&mut self, text: impl Display) -> io::Result<()> {
         writeln!(self.w, "{text}")
     }
 
-    pub fn table(&mut self, table: &Table) -> io::Result<()> {
+    pub(crate) fn table(&mut self, table: &Table) -> io::Result<()> {
         table.write(&mut *self.w)
     }
 
-    pub fn table_indented(&mut self, table: &Table, indent: usize) -> io::Result<()> {
+    pub(crate) fn table_indented(&mut self, table: &Table, indent: usize) -> io::Result<()> {
         table.write_indented(&mut *self.w, indent)
     }
 }
@@ -405,19 +405,19 @@ pub(crate) struct Table {
 }
 
 impl Table {
-    pub fn new(columns: &[(&'static str, Align)]) -> Self {
+    pub(crate) fn new(columns: &[(&'static str, Align)]) -> Self {
         Table {
             columns: columns.to_vec(),
             rows: Vec::new(),
         }
     }
 
-    pub fn row(&mut self, cells: Vec<String>) {
+    pub(crate) fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells.iter().map(|c| printable(c)).collect());
     }
 
     /// Writes the table with each line prefixed by `indent` spaces.
-    pub fn write_indented(&self, w: &mut dyn Write, indent: usize) -> io::Result<()> {
+    pub(crate) fn write_indented(&self, w: &mut dyn Write, indent: usize) -> io::Result<()> {
         let mut widths: Vec<usize> = self.columns.iter().map(|(h, _)| width(h)).collect();
         for row in &self.rows {
             for (i, cell) in row.iter().enumerate().take(widths.len()) {
@@ -451,7 +451,7 @@ impl Table {
         Ok(())
     }
 
-    pub fn write(&self, w: &mut dyn Write) -> io::Result<()> {
+    pub(crate) fn write(&self, w: &mut dyn Write) -> io::Result<()> {
         self.write_indented(w, 0)
     }
 }

@@ -15,7 +15,7 @@ use crate::queue::JobState;
 
 #[derive(Debug, clap::Args)]
 #[command(group(ArgGroup::new("state").required(true).args(["dead", "done"])))]
-pub struct Args {
+pub(super) struct Args {
     /// Delete dead jobs (given up on, or cancelled).
     #[arg(long)]
     dead: bool,
@@ -51,7 +51,7 @@ struct PurgedJson {
     purged: u64,
 }
 
-pub async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub(super) async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     let state = if args.dead {
         JobState::Dead
     } else {

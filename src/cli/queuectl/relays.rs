@@ -9,7 +9,7 @@ use super::{Align, Backend, Out, Table};
 use crate::jobs::webhook::stats::Counts;
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub(super) struct Args {}
 
 fn row(relay: &str, r: &str, c: &Counts) -> Vec<String> {
     vec![
@@ -24,7 +24,7 @@ fn row(relay: &str, r: &str, c: &Counts) -> Vec<String> {
     ]
 }
 
-pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub(super) async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     let report = backend.relays().await?;
     if out.json {
         out.json(&report)?;

@@ -15,7 +15,7 @@ use crate::queue::JobKind;
 
 #[derive(Debug, clap::Args)]
 #[command(group(ArgGroup::new("which").required(true).args(["id", "dead"])))]
-pub struct Args {
+pub(super) struct Args {
     /// The job to retry (dead or scheduled).
     id: Option<u64>,
     /// Retry every dead job instead, cancelled ones included (only those of --kind,
@@ -36,7 +36,7 @@ struct RetriedJson {
     left_dead: u64,
 }
 
-pub async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub(super) async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     match args.id {
         Some(id) => {
             let job = view(backend.retry(id).await?, backend.now())?;

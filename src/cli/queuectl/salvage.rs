@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::queue::{self, SalvageError, SalvageReport, SystemClock};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(super) struct Args {
     /// Where to write the salvaged database: a new (or empty) directory.
     #[arg(long, value_name = "DIR")]
     to: PathBuf,
@@ -32,7 +32,7 @@ struct Json<'a> {
     next: String,
 }
 
-pub fn run(args: Args, config: &Config, out: &mut Out<'_>) -> Result<(), Failure> {
+pub(super) fn run(args: Args, config: &Config, out: &mut Out<'_>) -> Result<(), Failure> {
     let from = config.queue_path();
     if !from.is_dir() {
         return Err(Failure::NoQueue(from));

@@ -14,12 +14,12 @@ use crate::queue::{JobView, Outcome, Stored, rfc3339};
 const PAYLOAD_SHOWN: usize = 2000;
 
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(super) struct Args {
     /// The job id (from `queuectl list`).
     id: u64,
 }
 
-pub async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub(super) async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     // A missing or quarantined job is an error the backend words.
     let job = job(backend.show(args.id).await?)?;
     let now = backend.now();

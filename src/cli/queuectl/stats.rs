@@ -13,7 +13,7 @@ use super::{Align, Backend, Out, Table, clip, relative};
 use crate::queue::{JobKind, JobState, QuarantineView, rfc3339};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub(super) struct Args {}
 
 /// `stats --json`.
 #[derive(Serialize)]
@@ -28,7 +28,7 @@ struct StatsJson<'a> {
     quarantined_records: &'a [QuarantineView],
 }
 
-pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub(super) async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     let reply = backend.stats().await?;
     let mut jobs: BTreeMap<JobKind, BTreeMap<JobState, u64>> = BTreeMap::new();
     for k in &reply.kinds {

@@ -14,7 +14,7 @@ use crate::admin::pb::{self, tail_event::What};
 use crate::queue::{JobKind, rfc3339};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub(super) struct Args {
     /// Only events of jobs of this kind.
     #[arg(long, value_parser = crate::jobs::kind_named, value_name = "KIND")]
     kind: Option<JobKind>,
@@ -42,7 +42,7 @@ struct EventJson<'a> {
     missed: Option<u64>,
 }
 
-pub async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub(super) async fn run(args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     let kind = args.kind.map(|k| k.to_string());
     backend
         .tail(|e| {

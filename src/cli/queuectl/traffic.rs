@@ -8,9 +8,9 @@ use crate::admin::convert;
 use crate::jobs::traffic_report::summary::Tally;
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub(super) struct Args {}
 
-pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub(super) async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     let s = convert::traffic_summary(backend.traffic().await?);
     if out.json {
         out.json(&s)?;

@@ -15,21 +15,21 @@ use crate::admin::pb;
 use crate::queue::JobKind;
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub(super) struct Args {}
 
 #[derive(Debug, clap::Args)]
-pub struct KindArgs {
+pub(super) struct KindArgs {
     /// node_sync, xray_apply, traffic_report or webhook.
     #[arg(value_parser = crate::jobs::kind_named)]
     kind: JobKind,
 }
 
-pub async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
+pub(super) async fn run(_args: Args, backend: &Backend, out: &mut Out<'_>) -> anyhow::Result<()> {
     let reply = backend.workers().await?;
     render(&reply, out)
 }
 
-pub async fn pause(
+pub(super) async fn pause(
     args: KindArgs,
     backend: &Backend,
     out: &mut Out<'_>,

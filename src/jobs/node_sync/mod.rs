@@ -26,7 +26,7 @@
 //! `sync.confirm_after`.
 
 pub mod files;
-pub mod schedule;
+pub(crate) mod schedule;
 pub mod state;
 pub mod userlist;
 

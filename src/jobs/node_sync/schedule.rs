@@ -20,7 +20,7 @@ use crate::queue::{self, DeadReason, JobState, Queue, Stored};
 /// - one that went dead on its ladder (the panel has been failing for a while): that
 ///   same job again, so an outage leaves one dead job per node — visible in `queuectl`,
 ///   its history showing the failures — not a new dead job every few intervals.
-pub async fn run(queue: Queue, config: Arc<Config>, stop: CancellationToken) {
+pub(crate) async fn run(queue: Queue, config: Arc<Config>, stop: CancellationToken) {
     if config.nodes.is_empty() {
         return;
     }
@@ -46,7 +46,7 @@ pub async fn run(queue: Queue, config: Arc<Config>, stop: CancellationToken) {
 
 /// Makes node `node_id`'s sync due now: a scheduled (or exhausted) one runs at once, one
 /// already due or running is left as is (they coalesce), and none makes one.
-pub async fn make_sync_due(queue: &Queue, node_id: u64) -> queue::Result<()> {
+pub(crate) async fn make_sync_due(queue: &Queue, node_id: u64) -> queue::Result<()> {
     let revive = match queue.find_key(crate::jobs::NODE_SYNC, &node_key(node_id))? {
         Some(job) => match (job.state(queue.now()), &job.stored) {
             (JobState::Scheduled, _) => Some(job.id),

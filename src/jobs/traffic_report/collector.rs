@@ -11,7 +11,7 @@ use super::Collector;
 /// Collects traffic every `interval` (the first one a full interval after the start,
 /// so a restarted agent does not read twice in a row). A collection that is running
 /// when the agent stops finishes first: it is one read and one commit.
-pub async fn run(
+pub(crate) async fn run(
     collector: Arc<tokio::sync::Mutex<Collector>>,
     interval: Duration,
     stop: CancellationToken,

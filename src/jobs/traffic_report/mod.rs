@@ -26,10 +26,10 @@
 //! until that one is due; a delivered report wakes the node's next one in the same
 //! write as its ack. So after an outage a node's backlog drains in order, at once.
 
-pub mod collect;
-pub mod collector;
+pub(crate) mod collect;
+pub(crate) mod collector;
 pub mod state;
-pub mod summary;
+pub(crate) mod summary;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -11,7 +11,7 @@ use crate::jobs;
 use crate::queue::{JobState, ListFilter, Outcome, Queue, Stored, rfc3339};
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct Tally {
+pub(crate) struct Tally {
     pub reports: u64,
     /// User entries across those reports.
     pub items: u64,
@@ -29,7 +29,7 @@ impl Tally {
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct NodeTraffic {
+pub(crate) struct NodeTraffic {
     pub node: u64,
     /// Scheduled, ready or running.
     pub pending: Tally,
@@ -49,13 +49,13 @@ pub struct NodeTraffic {
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Summary {
+pub(crate) struct Summary {
     pub nodes: Vec<NodeTraffic>,
     /// Reports whose payload does not decode (ids).
     pub unreadable: Vec<u64>,
 }
 
-pub fn summary(queue: &Queue) -> crate::queue::Result<Summary> {
+pub(crate) fn summary(queue: &Queue) -> crate::queue::Result<Summary> {
     let now = queue.now();
     let jobs = queue.list(&ListFilter {
         kind: Some(jobs::TRAFFIC_REPORT),

@@ -27,7 +27,7 @@
 //! token, the callback URL's query.
 
 pub mod event;
-pub mod sign;
+pub(crate) mod sign;
 pub mod stats;
 
 use std::sync::Arc;

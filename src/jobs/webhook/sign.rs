@@ -16,7 +16,7 @@ use sha2::Sha256;
 use crate::peers::relays::SigningKey;
 
 /// `v1,<base64 signature>` of `body` sent as message `id` at `timestamp`.
-pub fn signature(key: &SigningKey, id: &str, timestamp: u64, body: &[u8]) -> String {
+pub(crate) fn signature(key: &SigningKey, id: &str, timestamp: u64, body: &[u8]) -> String {
     // HMAC takes a key of any length.
     let mut mac = match Hmac::<Sha256>::new_from_slice(key.bytes()) {
         Ok(m) => m,

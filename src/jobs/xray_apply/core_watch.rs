@@ -38,7 +38,7 @@ use crate::telemetry::metrics;
 
 /// Why an apply could not be made due, or a node's core could not be checked.
 #[derive(Debug, thiserror::Error)]
-pub enum WatchError {
+pub(crate) enum WatchError {
     #[error("{0}")]
     State(#[from] StateError),
     #[error("{0}")]
@@ -50,7 +50,7 @@ pub enum WatchError {
 }
 
 /// Makes `node_id`'s apply due now (coalescing with a pending one), if it has a list.
-pub async fn apply_now(queue: &Queue, node_id: u64) -> Result<(), WatchError> {
+pub(crate) async fn apply_now(queue: &Queue, node_id: u64) -> Result<(), WatchError> {
     let generation = state::load(queue, node_id)?.generation;
     if generation == 0 {
         return Ok(());
@@ -68,7 +68,7 @@ pub async fn apply_now(queue: &Queue, node_id: u64) -> Result<(), WatchError> {
 }
 
 /// Re-applies every node.
-pub async fn apply_all(queue: &Queue, config: &Config, why: &str) {
+pub(crate) async fn apply_all(queue: &Queue, config: &Config, why: &str) {
     for node in &config.nodes {
         if let Err(e) = apply_now(queue, node.id).await {
             tracing::error!(node = node.id, error = %e, "cannot schedule an apply ({why})");
@@ -76,7 +76,7 @@ pub async fn apply_all(queue: &Queue, config: &Config, why: &str) {
     }
 }
 
-pub async fn watch(
+pub(crate) async fn watch(
     queue: Queue,
     core: XrayClient,
     apply: Arc<XrayApply>,

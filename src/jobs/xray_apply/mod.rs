@@ -37,10 +37,10 @@ use crate::peers::xray::XrayClient;
 
 pub mod bans;
 pub mod connections;
-pub mod core_watch;
+pub(crate) mod core_watch;
 pub mod cut;
 pub mod grpc;
-pub mod without_queue;
+pub(crate) mod without_queue;
 use crate::queue::{AttemptResult, Effects, Handler, Job, Millis, Queue, StateWrite};
 
 /// The apply job for a node's synced list of `generation` (defined in [`crate::jobs`],

@@ -22,7 +22,7 @@ use crate::jobs::node_sync::{NodeSync, state};
 use crate::queue::Queue;
 
 /// Syncs and applies every node without the queue while it takes no writes.
-pub async fn run(
+pub(crate) async fn run(
     queue: Queue,
     sync: Arc<NodeSync>,
     apply: Arc<XrayApply>,

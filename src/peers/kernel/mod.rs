@@ -73,7 +73,7 @@ impl KernelError {
 
 /// One established TCP socket, as the kernel's dump showed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TcpSocket {
+pub(crate) struct TcpSocket {
     /// The local end (the core's listening port), IPv4-mapped IPv6 shown as IPv4.
     pub local: SocketAddr,
     /// The peer, IPv4-mapped IPv6 shown as IPv4.
@@ -84,7 +84,7 @@ pub struct TcpSocket {
 
 /// `a` with an IPv4-mapped IPv6 address shown as the IPv4 one: a dual-stack listener's
 /// IPv4 connections are IPv6 sockets, the core logs their IPv4 source.
-pub fn canonical(a: SocketAddr) -> SocketAddr {
+pub(crate) fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
@@ -112,7 +112,7 @@ fn send<T: NetlinkSerializable + std::fmt::Debug>(
 
 /// The established TCP sockets whose local port is in `ports` (all of them when
 /// `ports` is empty).
-pub fn established(ports: &[u16]) -> Result<Vec<TcpSocket>, KernelError> {
+pub(crate) fn established(ports: &[u16]) -> Result<Vec<TcpSocket>, KernelError> {
     let socket = open()?;
     let mut out = Vec::new();
     for family in [AF_INET, AF_INET6] {
@@ -177,13 +177,15 @@ fn read_dump(socket: &Socket, mut each: impl FnMut(u8, SocketId)) -> Result<(), 
 }
 
 /// Destroys `sock` (`SOCK_DESTROY`): both ends see the connection reset.
-pub fn destroy(sock: &TcpSocket) -> Result<(), KernelError> {
+pub(crate) fn destroy(sock: &TcpSocket) -> Result<(), KernelError> {
     let socket = open()?;
     destroy_on(&socket, sock)
 }
 
 /// Destroys each of `socks` on one netlink socket; one result per socket, in order.
-pub fn destroy_all(socks: &[TcpSocket]) -> Result<Vec<Result<(), KernelError>>, KernelError> {
+pub(crate) fn destroy_all(
+    socks: &[TcpSocket],
+) -> Result<Vec<Result<(), KernelError>>, KernelError> {
     let socket = open()?;
     Ok(socks.iter().map(|s| destroy_on(&socket, s)).collect())
 }
@@ -218,7 +220,7 @@ fn destroy_on(socket: &Socket, sock: &TcpSocket) -> Result<(), KernelError> {
 /// Whether this process can destroy TCP sockets: tried on a connection it makes to
 /// itself on the loopback (a kernel answers `EPERM` only for a socket it found, so a
 /// probe needs a real one).
-pub fn probe() -> Result<(), KernelError> {
+pub(crate) fn probe() -> Result<(), KernelError> {
     let listener = std::net::TcpListener::bind((IpAddr::from([127, 0, 0, 1]), 0))?;
     let port = listener.local_addr()?.port();
     let client = std::net::TcpStream::connect(listener.local_addr()?)?;

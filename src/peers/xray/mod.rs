@@ -14,7 +14,7 @@ pub mod access_log;
 pub mod account;
 pub mod email;
 pub mod online;
-pub mod stats;
+pub(crate) mod stats;
 pub mod wire;
 
 use std::collections::BTreeMap;
