@@ -13,7 +13,10 @@
 //!   and its watchers (the core watcher), saying what it reads and writes; and the one
 //!   codec of their state records (`jobs::state`). `jobs/mod.rs` declares the kinds
 //!   themselves (on-disk codes, names) and their default settings.
-//! - [`peers`]: clients of the outside world: the panel, the apply hook.
+//! - [`peers`]: clients of the outside world, knowing nothing of the jobs: the panel,
+//!   the Xray/V2Ray core's API (and its vocabulary: flavours, protocols, emails, counter
+//!   names, access-log lines), the relays, the kernel's socket table (sock_diag), the
+//!   operator's apply hook.
 //! - [`daemon`]: the long-running process: opens the queue, builds the peers and job
 //!   kinds, runs their producers, watchers and worker pools under one supervisor that
 //!   names each task (and `/healthz` a task that died), the HTTP listener, the disk
@@ -29,8 +32,8 @@
 //! - `sim` (hidden): the peers the demo and the tests run the agent against (the core
 //!   launcher, the panel,
 //!   the HTTPS relay), one of each for both; not a product API.
-//! - [`cli`]: the two command lines, `connector` and `queuectl`; `src/bin/` only calls
-//!   into them.
+//! - [`cli`]: the two command lines, `connector` (with `doctor`, the live checks of a
+//!   setup) and `queuectl`; `src/bin/` only calls into them.
 
 pub(crate) mod admin;
 pub mod cli;

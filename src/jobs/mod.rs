@@ -9,8 +9,8 @@
 //!
 //! | kind | module | produced by | reads | writes |
 //! |---|---|---|---|---|
-//! | `node_sync` | [`node_sync`] | `schedule.rs` (every `sync.interval`; `xray_apply/without_queue.rs` while the queue takes no writes) | the panel | `{output_dir}/node-{id}/*`, state `node/{id}/sync`, enqueues `xray_apply` |
-//! | `xray_apply` | [`xray_apply`] | `node_sync`; `core_watch.rs` (a core restart, lost users) | state `node/{id}/sync`, the output files, the core | runs the hook or the core's API; state `node/{id}/applied`, `node/{id}/managed`, `node/{id}/bans` |
+//! | `node_sync` | [`node_sync`] | `schedule.rs` (every `sync.interval`, and at once on the panel's `POST /v1/nodes/{id}/sync`; `xray_apply/without_queue.rs` while the queue takes no writes) | the panel | `{output_dir}/node-{id}/*`, state `node/{id}/sync`, enqueues `xray_apply` |
+//! | `xray_apply` | [`xray_apply`] | `node_sync`; `core_watch.rs` (a core restart, lost users; it also watches the bans) | state `node/{id}/sync`, the output files, the core (users, online lists, counters), the core's access log (`connections.rs`, a watcher), the kernel's socket table | runs the hook or the core's API; destroys a removed user's sockets (`cut.rs`); state `node/{id}/applied`, `node/{id}/managed`, `node/{id}/bans` |
 //! | `traffic_report` | [`traffic_report`] | `collector.rs` (every `traffic.interval`) | the core's counters (collection); its own jobs | state `traffic/*`, enqueues `traffic_report`; the panel's report endpoint |
 //! | `webhook` | [`webhook`] | the HTTP listener (`daemon::http`) | the job's event, the provider registry | POSTs to the relay; state `webhook/delivered/{job}`, `webhook/totals/{relay}` |
 
