@@ -183,23 +183,32 @@ fn judge(list: UserList) -> Result<UserList, ShapeError> {
     Ok(list)
 }
 
-fn validate(items: Vec<Result<User, InvalidItem>>) -> UserList {
-    let mut list = UserList {
-        items: items.len(),
-        ..UserList::default()
-    };
-    list.users.reserve(items.len());
-    for (index, item) in items.into_iter().enumerate() {
-        match item {
-            Ok(u) => list.users.push(u),
-            Err(reason) => list.skipped.push(Skipped { index, reason }),
+fn validate(mut list: UserList) -> UserList {
+    // Sorted by (UUID, position), so the first occurrence of a repeated UUID comes first
+    // and is the one kept; the 20-byte keys are sorted, not the users themselves.
+    let mut order: Vec<(Uuid, u32)> = list
+        .users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (u.uuid, i as u32))
+        .collect();
+    order.sort_unstable();
+    let mut slots: Vec<Option<User>> = std::mem::take(&mut list.users)
+        .into_iter()
+        .map(Some)
+        .collect();
+    list.users.reserve(order.len());
+    let mut last = None;
+    for (uuid, i) in order {
+        if last == Some(uuid) {
+            list.duplicates += 1;
+            continue;
+        }
+        last = Some(uuid);
+        if let Some(user) = slots.get_mut(i as usize).and_then(Option::take) {
+            list.users.push(user);
         }
     }
-    // Stable sort keeps the first occurrence of a repeated UUID.
-    list.users.sort_by_key(|u| u.uuid);
-    let before = list.users.len();
-    list.users.dedup_by_key(|u| u.uuid);
-    list.duplicates = before - list.users.len();
     list
 }
 
@@ -233,7 +242,7 @@ fn parse_uuid(s: &str) -> Result<Uuid, InvalidItem> {
 
 /// The whole body: a list, an object (with `uuids`, or `data.uuids`), or anything else.
 enum Top {
-    List(Vec<Result<User, InvalidItem>>),
+    List(UserList),
     Object {
         /// The last `uuids` (a JSON object keeps the last of repeated keys).
         uuids: Option<List>,
@@ -246,7 +255,7 @@ enum Top {
 
 /// The value of a `uuids` key.
 enum List {
-    Items(Vec<Result<User, InvalidItem>>),
+    Items(UserList),
     Other(String),
 }
 
@@ -515,10 +524,20 @@ fn list_of<'de, D: Deserializer<'de>>(d: D) -> Result<List, D::Error> {
     d.deserialize_any(V)
 }
 
-fn items<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Vec<Result<User, InvalidItem>>, A::Error> {
-    let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+/// The list's items as read: users in the answer's order, and the invalid ones by
+/// position (not yet sorted nor de-duplicated: [`validate`]).
+fn items<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<UserList, A::Error> {
+    let mut out = UserList::default();
+    out.users.reserve(seq.size_hint().unwrap_or(0).min(1 << 20));
     while let Some(Item(item)) = seq.next_element::<Item>()? {
-        out.push(item);
+        match item {
+            Ok(u) => out.users.push(u),
+            Err(reason) => out.skipped.push(Skipped {
+                index: out.items,
+                reason,
+            }),
+        }
+        out.items += 1;
     }
     Ok(out)
 }
