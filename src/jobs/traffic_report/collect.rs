@@ -316,9 +316,8 @@ impl Collector {
             let mut entries: BTreeMap<Uuid, Pair> = state::chunk_range(&self.bases, chunk)
                 .map(|(&(_, u), &p)| (u, p))
                 .collect();
-            let lo = (chunk.0, state::chunk_range_bounds(chunk).0);
-            let hi = (chunk.0, state::chunk_range_bounds(chunk).1);
-            for (&(_, uuid), value) in changed.range(lo..=hi) {
+            let (lo, hi) = state::chunk_range_bounds(chunk);
+            for (&(_, uuid), value) in changed.range((chunk.0, lo)..=(chunk.0, hi)) {
                 match value {
                     Some(v) => entries.insert(uuid, *v),
                     None => entries.remove(&uuid),

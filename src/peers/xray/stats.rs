@@ -73,21 +73,6 @@ impl RawStats {
             stat(bytes).map_err(|reason| BadCounter { index, reason })
         })
     }
-
-    /// For tests and benches: the answer a core would give for these counters.
-    pub fn from_counters<'a>(counters: impl IntoIterator<Item = (&'a str, i64)>) -> RawStats {
-        let msg = wire::QueryStatsResponse {
-            stat: counters
-                .into_iter()
-                .map(|(name, value)| wire::Stat {
-                    name: name.to_string(),
-                    value,
-                })
-                .collect(),
-        };
-        let bytes = prost::Message::encode_to_vec(&msg);
-        <RawStats as prost::Message>::decode(bytes.as_slice()).unwrap_or_default()
-    }
 }
 
 /// One `Stat`: its name (UTF-8, as protobuf strings must be) and value.
