@@ -32,7 +32,6 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::support::panel::Answer;
@@ -41,133 +40,12 @@ use cores::{Client, Core, Flavor, Inbound, Protocol, ServerConfig, Target, User,
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::support::download::Download;
+
 /// The agent's `sync.interval` in the Rig.
 const INTERVAL: Duration = Duration::from_millis(200);
 /// Deadline of waits for traffic: only a hang reaches it.
 const WAIT: Duration = Duration::from_secs(30);
-
-// ---- a download through the client ----
-
-/// A long download read on a thread of its own: its bytes (checked to be the target's
-/// `x`s, byte for byte) and how it ended.
-struct Download {
-    name: String,
-    state: Arc<Mutex<DlState>>,
-}
-
-#[derive(Default)]
-struct DlState {
-    bytes: u64,
-    /// A byte that was not the target's.
-    wrong: bool,
-    ended: Option<(Instant, Result<(), String>)>,
-}
-
-impl Download {
-    fn start(name: &str, socks: SocketAddr, url: String) -> Download {
-        let state = Arc::new(Mutex::new(DlState::default()));
-        let s = state.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let got = rt.block_on(async {
-                let proxy =
-                    reqwest::Proxy::all(format!("socks5h://{socks}")).map_err(|e| e.to_string())?;
-                let client = reqwest::Client::builder()
-                    .proxy(proxy)
-                    .pool_max_idle_per_host(0)
-                    .build()
-                    .map_err(|e| e.to_string())?;
-                let mut resp = client
-                    .get(&url)
-                    .send()
-                    .await
-                    .map_err(|e| format!("{e:?}"))?;
-                if !resp.status().is_success() {
-                    return Err(format!("answered {}", resp.status()));
-                }
-                while let Some(chunk) = resp.chunk().await.map_err(|e| format!("{e:?}"))? {
-                    let mut g = s.lock().unwrap();
-                    g.bytes += chunk.len() as u64;
-                    g.wrong |= chunk.iter().any(|&b| b != b'x');
-                }
-                Ok(())
-            });
-            s.lock().unwrap().ended = Some((Instant::now(), got));
-        });
-        Download {
-            name: name.to_string(),
-            state,
-        }
-    }
-
-    fn bytes(&self) -> u64 {
-        self.state.lock().unwrap().bytes
-    }
-
-    fn ended(&self) -> Option<(Instant, Result<(), String>)> {
-        self.state.lock().unwrap().ended.clone()
-    }
-
-    /// Waits until `n` more bytes arrived; panics if it ends or stalls first.
-    #[track_caller]
-    fn wait_flowing(&self, n: u64) {
-        let (t, from) = (Instant::now(), self.bytes());
-        while self.bytes() < from + n {
-            if let Some((_, how)) = self.ended() {
-                panic!(
-                    "{}: ended ({how:?}) after {} bytes",
-                    self.name,
-                    self.bytes()
-                );
-            }
-            assert!(
-                t.elapsed() < WAIT,
-                "{}: stalled at {}",
-                self.name,
-                self.bytes()
-            );
-            // Polling a counter another thread advances.
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Waits for the end; when and how.
-    #[track_caller]
-    fn wait_end(&self, within: Duration) -> (Instant, Result<(), String>) {
-        let t = Instant::now();
-        loop {
-            if let Some(e) = self.ended() {
-                return e;
-            }
-            assert!(
-                t.elapsed() < within,
-                "{}: still running after {within:?} ({} bytes)",
-                self.name,
-                self.bytes()
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// Waits for the whole body: `chunks` KiB, every byte the target's.
-    #[track_caller]
-    fn wait_complete(&self, chunks: u64) {
-        let (_, how) = self.wait_end(WAIT * 2);
-        let g = self.state.lock().unwrap();
-        assert_eq!(
-            how,
-            Ok(()),
-            "{}: did not complete ({} bytes)",
-            self.name,
-            g.bytes
-        );
-        assert_eq!(g.bytes, chunks * 1024, "{}: not the whole body", self.name);
-        assert!(!g.wrong, "{}: a byte that is not the target's", self.name);
-    }
-}
 
 // ---- fixture ----
 

@@ -21,9 +21,8 @@
 //! count grows after the operation.
 
 use crate::support::cores;
+use crate::support::download::Download;
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use connector::peers::xray::wire;
@@ -110,91 +109,6 @@ fn emails(core: &Core, tag: &str) -> Vec<String> {
     e
 }
 
-/// A long download through a socks5 port, read in a thread of its own.
-struct Drip {
-    name: String,
-    state: Arc<Mutex<DripState>>,
-}
-
-#[derive(Default)]
-struct DripState {
-    bytes: usize,
-    /// When the read ended, and how (`Ok` = the whole body).
-    ended: Option<(Instant, Result<(), String>)>,
-}
-
-impl Drip {
-    fn start(name: &str, socks: SocketAddr, url: String) -> Drip {
-        let state = Arc::new(Mutex::new(DripState::default()));
-        let s = state.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let got = rt.block_on(async {
-                let proxy =
-                    reqwest::Proxy::all(format!("socks5h://{socks}")).map_err(|e| e.to_string())?;
-                let client = reqwest::Client::builder()
-                    .proxy(proxy)
-                    .pool_max_idle_per_host(0)
-                    .build()
-                    .map_err(|e| e.to_string())?;
-                let mut resp = client
-                    .get(&url)
-                    .send()
-                    .await
-                    .map_err(|e| format!("{e:?}"))?;
-                if !resp.status().is_success() {
-                    return Err(format!("answered {}", resp.status()));
-                }
-                while let Some(chunk) = resp.chunk().await.map_err(|e| format!("{e:?}"))? {
-                    s.lock().unwrap().bytes += chunk.len();
-                }
-                Ok(())
-            });
-            s.lock().unwrap().ended = Some((Instant::now(), got));
-        });
-        Drip {
-            name: name.to_string(),
-            state,
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        self.state.lock().unwrap().bytes
-    }
-
-    fn ended(&self) -> Option<(Instant, Result<(), String>)> {
-        self.state.lock().unwrap().ended.clone()
-    }
-
-    /// Waits until `n` more bytes arrive; panics if the read ends or stalls first.
-    #[track_caller]
-    fn wait_flowing(&self, n: usize) {
-        let start = (Instant::now(), self.bytes());
-        loop {
-            if self.bytes() >= start.1 + n {
-                return;
-            }
-            if let Some((_, how)) = self.ended() {
-                panic!(
-                    "{}: the download ended ({how:?}) after {} bytes",
-                    self.name,
-                    self.bytes()
-                );
-            }
-            assert!(
-                start.0.elapsed() < WAIT,
-                "{}: no {n} more bytes within {WAIT:?} ({} in all)",
-                self.name,
-                self.bytes()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
 #[cfg_attr(
     no_xray,
     ignore = "needs the real Xray core: scripts/test.sh installs it"
@@ -222,9 +136,9 @@ fn recreating_the_inbound() {
 
     // 20 s of drip each: longer than the test, so only a cut ends them.
     let drip = target.drip_url(800, Duration::from_millis(25));
-    let drips: Vec<Drip> = ["alice", "alice-mux", "bob", "carol"]
+    let drips: Vec<Download> = ["alice", "alice-mux", "bob", "carol"]
         .iter()
-        .map(|n| Drip::start(n, client.socks(n), drip.clone()))
+        .map(|n| Download::start(n, client.socks(n), drip.clone()))
         .collect();
     for d in &drips {
         d.wait_flowing(2048);

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod capture;
+pub mod download;
 pub mod metrics;
 pub mod netns;
 pub mod wait;
