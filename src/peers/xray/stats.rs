@@ -1,29 +1,29 @@
-//! `QueryStats` read without a `String` per counter.
+//! `QueryStats` read without a `String` per counter, and without copying the answer.
 //!
 //! A 100,000-user core answers with 200,000 counters. Decoded the usual way that is
 //! 200,000 `Stat` messages, each with its own `String` name: most of a collection's time
-//! and memory went there. [`RawStats`] keeps the answer as the bytes it came in (one
-//! buffer, one span per counter) and [`RawStats::counters`] reads each name as a `&str`
-//! borrowed from it. Malformed bytes are an error naming what is wrong, as a decode
-//! error of the generated message would be.
+//! and memory went there. [`RawStats`] keeps the answer as the bytes it came in — the
+//! very buffer tonic read the message into (`Buf::copy_to_bytes` on tonic's buffer is a
+//! reference count, not a copy) — checks its framing once, and [`RawStats::counters`]
+//! walks it again, reading each name as a `&str` borrowed from it. Malformed bytes are
+//! an error naming what is wrong, as a decode error of the generated message would be.
 //!
 //! The message (`{pkg}.app.stats.command.QueryStatsResponse`): `repeated Stat stat = 1`,
 //! `Stat { string name = 1; int64 value = 2; }`.
 
-use prost::bytes::{Buf, BufMut};
+use prost::bytes::{Buf, BufMut, Bytes};
 
 use prost::encoding::{self, DecodeContext, WireType};
 
 use super::{XrayClient, XrayError, wire};
 
-/// A `QueryStatsResponse` as its bytes: each `Stat` kept whole, read on demand.
+/// A `QueryStatsResponse` as its bytes: each `Stat` read on demand.
 #[derive(Debug, Clone, Default)]
 pub struct RawStats {
-    buf: Vec<u8>,
-    /// Where each `Stat` message is in `buf`.
-    spans: Vec<(usize, usize)>,
-    /// One `Stat` as it is decoded (reused).
-    scratch: Vec<u8>,
+    /// The answer's bytes, framing checked (`frames` never fails on them).
+    buf: Bytes,
+    /// How many `Stat` fields they hold.
+    count: usize,
 }
 
 /// A counter that does not decode.
@@ -59,20 +59,51 @@ pub enum BadStat {
 impl RawStats {
     /// How many counters the answer has.
     pub fn len(&self) -> usize {
-        self.spans.len()
+        self.count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.spans.is_empty()
+        self.count == 0
     }
 
     /// Each counter's name and value, in the core's order.
     pub fn counters(&self) -> impl Iterator<Item = Result<(&str, i64), BadCounter>> + '_ {
-        self.spans.iter().enumerate().map(|(index, &(start, end))| {
-            let bytes = &self.buf[start..end];
-            stat(bytes).map_err(|reason| BadCounter { index, reason })
-        })
+        frames(&self.buf)
+            .map_while(Result::ok)
+            .enumerate()
+            .map(|(index, bytes)| stat(bytes).map_err(|reason| BadCounter { index, reason }))
     }
+}
+
+/// The `Stat` messages (field 1) of a `QueryStatsResponse`'s bytes; other fields
+/// skipped. Yields an error, once, where the framing is broken.
+fn frames(mut bytes: &[u8]) -> impl Iterator<Item = Result<&[u8], prost::DecodeError>> {
+    std::iter::from_fn(move || {
+        loop {
+            if bytes.is_empty() {
+                return None;
+            }
+            let step = (|| {
+                let (tag, wire_type) = encoding::decode_key(&mut bytes)?;
+                let mut body = bytes;
+                // prost's own skip checks the length against what is left.
+                encoding::skip_field(wire_type, tag, &mut bytes, DecodeContext::default())?;
+                if tag == 1 && wire_type == WireType::LengthDelimited {
+                    let len = encoding::decode_varint(&mut body)?;
+                    return Ok(body.get(..usize::try_from(len).unwrap_or(usize::MAX)));
+                }
+                Ok(None)
+            })();
+            match step {
+                Ok(Some(frame)) => return Some(Ok(frame)),
+                Ok(None) => {}
+                Err(e) => {
+                    bytes = &[];
+                    return Some(Err(e));
+                }
+            }
+        }
+    })
 }
 
 /// One `Stat`: its name (UTF-8, as protobuf strings must be) and value.
@@ -107,12 +138,34 @@ fn stat(mut bytes: &[u8]) -> Result<(&str, i64), BadStat> {
 
 impl prost::Message for RawStats {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        for &(start, end) in &self.spans {
-            let bytes = &self.buf[start..end];
+        for bytes in frames(&self.buf).map_while(Result::ok) {
             encoding::encode_key(1, WireType::LengthDelimited, buf);
             encoding::encode_varint(bytes.len() as u64, buf);
             buf.put_slice(bytes);
         }
+    }
+
+    /// The whole message at once (rather than field by field): its bytes are taken as
+    /// they are and their framing checked, so a broken answer fails here, as it would
+    /// for the generated message.
+    fn merge(&mut self, mut buf: impl Buf) -> Result<(), prost::DecodeError> {
+        let more = buf.copy_to_bytes(buf.remaining());
+        let mut count = 0;
+        for frame in frames(&more) {
+            frame?;
+            count += 1;
+        }
+        if self.buf.is_empty() {
+            self.buf = more;
+        } else {
+            // Merging into a non-empty message (prost's contract; tonic never does).
+            let mut joined = Vec::with_capacity(self.buf.len() + more.len());
+            joined.extend_from_slice(&self.buf);
+            joined.extend_from_slice(&more);
+            self.buf = joined.into();
+        }
+        self.count += count;
+        Ok(())
     }
 
     fn merge_field(
@@ -122,32 +175,37 @@ impl prost::Message for RawStats {
         buf: &mut impl Buf,
         ctx: DecodeContext,
     ) -> Result<(), prost::DecodeError> {
+        // Only reached through a caller that decodes field by field; `merge` above is
+        // what tonic calls. Keep the field as its encoding.
         if tag != 1 {
             return encoding::skip_field(wire_type, tag, buf, ctx);
         }
-        let mut stat = std::mem::take(&mut self.scratch);
+        let mut stat = Vec::new();
         encoding::bytes::merge(wire_type, &mut stat, buf, ctx)?;
-        let start = self.buf.len();
-        self.buf.extend_from_slice(&stat);
-        self.spans.push((start, self.buf.len()));
-        self.scratch = stat;
+        let mut joined = Vec::with_capacity(self.buf.len() + stat.len() + 10);
+        joined.extend_from_slice(&self.buf);
+        encoding::encode_key(1, WireType::LengthDelimited, &mut joined);
+        encoding::encode_varint(stat.len() as u64, &mut joined);
+        joined.extend_from_slice(&stat);
+        self.buf = joined.into();
+        self.count += 1;
         Ok(())
     }
 
     fn encoded_len(&self) -> usize {
-        self.spans
-            .iter()
-            .map(|&(s, e)| {
-                let len = e - s;
-                encoding::key_len(1) + encoding::encoded_len_varint(len as u64) + len
+        frames(&self.buf)
+            .map_while(Result::ok)
+            .map(|bytes| {
+                encoding::key_len(1)
+                    + encoding::encoded_len_varint(bytes.len() as u64)
+                    + bytes.len()
             })
             .sum()
     }
 
     fn clear(&mut self) {
-        self.buf.clear();
-        self.spans.clear();
-        self.scratch.clear();
+        self.buf = Bytes::new();
+        self.count = 0;
     }
 }
 
@@ -203,6 +261,34 @@ mod tests {
         // And writes it back the same.
         assert_eq!(raw.encode_to_vec(), bytes);
         assert_eq!(raw.encoded_len(), bytes.len());
+    }
+
+    #[test]
+    fn keeps_the_answer_without_copying_it_and_skips_other_fields() {
+        let mut bytes = wire::QueryStatsResponse {
+            stat: vec![wire::Stat {
+                name: "user>>>a>>>traffic>>>uplink".into(),
+                value: 7,
+            }],
+        }
+        .encode_to_vec();
+        // An unknown varint field 3 between two stats.
+        bytes.extend_from_slice(&[0x18, 0x05]);
+        bytes.extend_from_slice(
+            &wire::QueryStatsResponse {
+                stat: vec![wire::Stat {
+                    name: "b".into(),
+                    value: 1,
+                }],
+            }
+            .encode_to_vec(),
+        );
+        let answer = Bytes::from(bytes);
+        let raw = RawStats::decode(answer.clone()).unwrap();
+        assert_eq!(raw.buf.as_ptr(), answer.as_ptr(), "the answer was copied");
+        assert_eq!(raw.len(), 2);
+        let got: Vec<(&str, i64)> = raw.counters().map(Result::unwrap).collect();
+        assert_eq!(got, [("user>>>a>>>traffic>>>uplink", 7), ("b", 1)]);
     }
 
     #[test]
