@@ -7,6 +7,7 @@
 //! read to its end), so that every user has uplink and downlink counters. Then:
 //!
 //! - **baseline**: `QueryStats("user>>>", reset = false)` through the product's client;
+//!   and, for a look inside, the same call as collection makes it (`RawStats`);
 //! - **full collection**: a fresh queue (no baseline), so every user has a delta: read,
 //!   deltas, reports split at 5,000 users, and the commit of baselines and reports with
 //!   its flush;
@@ -74,7 +75,12 @@ fn main() {
         .enable_all()
         .build()
         .expect("a runtime");
-    for users in [10_000, 100_000] {
+    // `TRAFFIC_BENCH_USERS=10000` (a comma-separated list) for a quicker look.
+    let sizes: Vec<usize> = std::env::var("TRAFFIC_BENCH_USERS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![10_000, 100_000]);
+    for users in sizes {
         bench(&rt, users);
     }
 }
@@ -190,6 +196,12 @@ fn bench(rt: &tokio::runtime::Runtime, n: usize) {
         counters >= 2 * n,
         "only {counters} counters for {n} users: not every user carried traffic"
     );
+    let mut raw = Vec::new();
+    for _ in 0..ROUNDS {
+        let (r, s) = measure(|| rt.block_on(client.query_stats_raw("user>>>")));
+        assert_eq!(r.expect("QueryStats").len(), counters);
+        raw.push(s);
+    }
     let mut full = Vec::new();
     let mut steady = Vec::new();
     for _ in 0..ROUNDS {
@@ -213,6 +225,7 @@ fn bench(rt: &tokio::runtime::Runtime, n: usize) {
     }
     println!("  ({counters} counters; median of {ROUNDS})");
     show("baseline: bare QueryStats", &median(base), n);
+    show("  the same answer kept as bytes", &median(raw), n);
     show("full collection + commit", &median(full), n);
     show("steady collection (nothing grew)", &median(steady), n);
 }

@@ -34,8 +34,8 @@ use std::time::Instant;
 
 use uuid::Uuid;
 
-use super::state::{self, Bases, CoreMark, Pair, UserKey};
-use super::{Item, Report};
+use super::Item;
+use super::state::{self, Bases, Chunk, ChunkId, CoreMark, Pair, UserKey};
 use crate::config::Config;
 use crate::jobs;
 use crate::peers::xray::email::{EmailShape, parse_counter};
@@ -157,11 +157,12 @@ impl Collector {
         let restarted = self.restarted(&before, now);
         let (values, foreign) = self.values(&counters)?;
 
-        let mut per_node: BTreeMap<u64, Vec<Item>> = BTreeMap::new();
-        // The users whose baseline changes (`None`: goes), and their chunks.
-        let mut changed: BTreeMap<UserKey, Option<Pair>> = BTreeMap::new();
+        // The users whose baseline changes, by chunk: (UUID, counter values, delta).
+        // After a restart every user is here: their chunks are written anew.
+        let mut touched: BTreeMap<ChunkId, Vec<(Uuid, Pair, Pair)>> = BTreeMap::new();
+        let mut grew = false;
         for (&user, &value) in &values {
-            let committed = self.bases.get(&user).copied().unwrap_or_default();
+            let committed = self.bases.get(&user).unwrap_or_default();
             let base = if restarted { [0, 0] } else { committed };
             let mut delta = [0u64; 2];
             for d in 0..2 {
@@ -179,23 +180,12 @@ impl Collector {
                     value[d]
                 };
             }
-            if delta != [0, 0] {
-                per_node.entry(user.0).or_default().push(Item {
-                    uuid: user.1,
-                    upload: delta[0],
-                    download: delta[1],
-                });
-            }
-            if committed != value {
-                changed.insert(user, Some(value));
-            }
-        }
-        if restarted {
-            // The old process's baselines mean nothing to the new one.
-            for user in self.bases.keys() {
-                if !values.contains_key(user) {
-                    changed.insert(*user, None);
-                }
+            grew |= delta != [0, 0];
+            if restarted || committed != value {
+                touched
+                    .entry(state::chunk_of(&user))
+                    .or_default()
+                    .push((user.1, value, delta));
             }
         }
         self.seen = Some((after, read_at));
@@ -206,41 +196,69 @@ impl Collector {
             foreign,
             ..Collected::default()
         };
-        if per_node.is_empty() && !restarted {
+        if !grew && !restarted {
             return Ok(collected);
         }
+        drop(values);
+
+        // Chunk order is (node, UUID) order: each node's items come out sorted.
+        let mut per_node: BTreeMap<u64, Vec<Item>> = BTreeMap::new();
+        for (&(node_id, _), users) in &mut touched {
+            users.sort_unstable_by_key(|u| u.0);
+            let items = per_node.entry(node_id).or_default();
+            items.extend(
+                users
+                    .iter()
+                    .filter(|u| u.2 != [0, 0])
+                    .map(|&(uuid, _, delta)| Item {
+                        uuid,
+                        upload: delta[0],
+                        download: delta[1],
+                    }),
+            );
+        }
+        per_node.retain(|_, items| !items.is_empty());
 
         let collected_at = rfc3339(now);
         let mut seq = self.next_seq;
         let mut enqueue = Vec::new();
         let mut reports = Vec::new();
         let max = self.config.traffic.max_items.max(1);
-        for (node_id, mut items) in per_node {
-            items.sort_unstable_by_key(|i| i.uuid);
+        for (node_id, items) in &per_node {
             for chunk in items.chunks(max) {
-                let report = Report {
-                    report_id: Uuid::new_v4().to_string(),
-                    node_id,
-                    collected_at: collected_at.clone(),
-                    items: chunk.to_vec(),
-                };
+                let report_id = Uuid::new_v4().to_string();
                 enqueue.push(NewJob {
                     kind: jobs::TRAFFIC_REPORT,
-                    key: super::key(node_id, seq),
-                    payload: report.encode(),
+                    key: super::key(*node_id, seq),
+                    payload: super::encode(&report_id, *node_id, &collected_at, chunk),
                     not_before: None,
                     dedupe: Dedupe::Window,
                 });
                 seq += 1;
-                reports.push(report);
+                reports.push(Committed {
+                    node_id: *node_id,
+                    report_id,
+                    job_id: 0,
+                    items: chunk.len(),
+                    upload: chunk.iter().map(|i| i.upload).sum(),
+                    download: chunk.iter().map(|i| i.download).sum(),
+                });
             }
         }
+        drop(per_node);
         let mark = CoreMark {
             sys: after,
             read_at_ms: now,
             next_seq: seq,
         };
-        let mut writes = self.chunk_writes(&changed);
+        let chunks = self.new_chunks(&touched, restarted);
+        drop(touched);
+        let mut writes: Vec<StateWrite> = self
+            .legacy
+            .iter()
+            .map(|n| StateWrite::Delete(n.clone()))
+            .collect();
+        writes.extend(chunks.iter().map(|(id, c)| state::put_chunk(*id, c)));
         writes.push(state::put_core(&mark));
         let done = self
             .queue
@@ -255,24 +273,13 @@ impl Collector {
         self.next_seq = seq;
         self.mark = Some(mark);
         self.legacy.clear();
-        for (user, value) in changed {
-            match value {
-                Some(v) => self.bases.insert(user, v),
-                None => self.bases.remove(&user),
-            };
+        for (id, chunk) in chunks {
+            self.bases.set_chunk(id, chunk);
         }
-        collected.reports = reports
-            .iter()
-            .zip(&done.enqueued)
-            .map(|(r, e)| Committed {
-                node_id: r.node_id,
-                report_id: r.report_id.clone(),
-                job_id: e.job.id,
-                items: r.items.len(),
-                upload: r.upload(),
-                download: r.download(),
-            })
-            .collect();
+        for (report, enqueued) in reports.iter_mut().zip(&done.enqueued) {
+            report.job_id = enqueued.job.id;
+        }
+        collected.reports = reports;
         Ok(collected)
     }
 
@@ -301,31 +308,31 @@ impl Collector {
         Ok((values, foreign.len()))
     }
 
-    /// The chunk records to write for `changed` users, over the committed baselines;
-    /// every chunk (and the deletion of the per-email records) when the per-email
-    /// records of an older version are still there.
-    fn chunk_writes(&self, changed: &BTreeMap<UserKey, Option<Pair>>) -> Vec<StateWrite> {
-        let mut chunks: BTreeSet<(u64, u8)> = changed.keys().map(state::chunk_of).collect();
-        let mut writes: Vec<StateWrite> = Vec::new();
-        if !self.legacy.is_empty() {
-            chunks.extend(self.bases.keys().map(state::chunk_of));
-            writes.extend(self.legacy.iter().map(|n| StateWrite::Delete(n.clone())));
+    /// The chunks to write, and what each then holds (empty: deleted): after a
+    /// restart, every chunk holds exactly the counters just read; otherwise a touched
+    /// chunk is its committed entries with the touched users' values laid over them.
+    /// Every chunk is written when per-email records of an older version are still
+    /// there (they are deleted in the same write).
+    fn new_chunks(
+        &self,
+        touched: &BTreeMap<ChunkId, Vec<(Uuid, Pair, Pair)>>,
+        restarted: bool,
+    ) -> Vec<(ChunkId, Chunk)> {
+        let mut ids: BTreeSet<ChunkId> = touched.keys().copied().collect();
+        if restarted || !self.legacy.is_empty() {
+            ids.extend(self.bases.chunk_ids());
         }
-        for chunk in chunks {
-            // The chunk's committed entries with the changes laid over them.
-            let mut entries: BTreeMap<Uuid, Pair> = state::chunk_range(&self.bases, chunk)
-                .map(|(&(_, u), &p)| (u, p))
-                .collect();
-            let (lo, hi) = state::chunk_range_bounds(chunk);
-            for (&(_, uuid), value) in changed.range((chunk.0, lo)..=(chunk.0, hi)) {
-                match value {
-                    Some(v) => entries.insert(uuid, *v),
-                    None => entries.remove(&uuid),
+        ids.into_iter()
+            .map(|id| {
+                let now: &[(Uuid, Pair, Pair)] = touched.get(&id).map_or(&[], Vec::as_slice);
+                let chunk = if restarted {
+                    now.iter().map(|&(u, v, _)| (u, v)).collect()
+                } else {
+                    merge(self.bases.chunk(id), now)
                 };
-            }
-            writes.push(state::put_chunk(chunk, entries.iter()));
-        }
-        writes
+                (id, chunk)
+            })
+            .collect()
     }
 
     /// Whether the core read as `now_sys` is a new process since the baseline.
@@ -350,9 +357,67 @@ impl Collector {
     }
 }
 
+/// `base` (sorted by UUID) with the values of `over` (sorted by UUID) laid over it.
+fn merge(base: &[(Uuid, Pair)], over: &[(Uuid, Pair, Pair)]) -> Chunk {
+    let mut out = Vec::with_capacity(base.len() + over.len());
+    let (mut b, mut o) = (base.iter().peekable(), over.iter().peekable());
+    loop {
+        match (b.peek(), o.peek()) {
+            (Some(&&(bu, bp)), Some(&&(ou, op, _))) => {
+                if bu < ou {
+                    out.push((bu, bp));
+                    b.next();
+                } else {
+                    if bu == ou {
+                        b.next();
+                    }
+                    out.push((ou, op));
+                    o.next();
+                }
+            }
+            (Some(&&e), None) => {
+                out.push(e);
+                b.next();
+            }
+            (None, Some(&&(ou, op, _))) => {
+                out.push((ou, op));
+                o.next();
+            }
+            (None, None) => return out,
+        }
+    }
+}
+
 /// The node and UUID of a counter's email.
 fn attribute(shapes: &[EmailShape], email: &str) -> Option<UserKey> {
     shapes
         .iter()
         .find_map(|s| s.uuid_of(email).map(|u| (s.node_id, u)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn uuid(n: u8) -> Uuid {
+        Uuid::from_bytes([n; 16])
+    }
+
+    proptest! {
+        /// The merge of two sorted lists is the map-overlay it replaces.
+        #[test]
+        fn merge_is_an_overlay(
+            base in proptest::collection::btree_map(any::<u8>(), any::<u64>(), 0..40),
+            over in proptest::collection::btree_map(any::<u8>(), any::<u64>(), 0..40),
+        ) {
+            let base_list: Chunk = base.iter().map(|(&k, &v)| (uuid(k), [v, 1])).collect();
+            let over_list: Vec<(Uuid, Pair, Pair)> =
+                over.iter().map(|(&k, &v)| (uuid(k), [v, 2], [0, 0])).collect();
+            let mut want: BTreeMap<Uuid, Pair> = base_list.iter().copied().collect();
+            want.extend(over_list.iter().map(|&(u, p, _)| (u, p)));
+            let want: Chunk = want.into_iter().collect();
+            prop_assert_eq!(merge(&base_list, &over_list), want);
+        }
+    }
 }

@@ -77,8 +77,12 @@ impl Report {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        // Strings and integers always serialise.
-        serde_json::to_vec(self).unwrap_or_default()
+        encode(
+            &self.report_id,
+            self.node_id,
+            &self.collected_at,
+            &self.items,
+        )
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Report, PayloadError> {
@@ -87,6 +91,31 @@ impl Report {
             source,
         })
     }
+}
+
+/// A [`Report`]'s body from borrowed parts (a collection splits one node's items into
+/// reports without copying them), in one allocation of the right size.
+pub(crate) fn encode(report_id: &str, node_id: u64, collected_at: &str, items: &[Item]) -> Vec<u8> {
+    /// The same fields, in the same order, as `Report`.
+    #[derive(Serialize)]
+    struct Body<'a> {
+        report_id: &'a str,
+        node_id: u64,
+        collected_at: &'a str,
+        items: &'a [Item],
+    }
+    // An item is at most ~100 bytes: 36 for the UUID, two u64s, the names.
+    let mut out =
+        Vec::with_capacity(128 + report_id.len() + collected_at.len() + 100 * items.len());
+    let body = Body {
+        report_id,
+        node_id,
+        collected_at,
+        items,
+    };
+    // Strings and integers always serialise.
+    let _ = serde_json::to_writer(&mut out, &body);
+    out
 }
 
 /// The key prefix of one node's reports.

@@ -10,7 +10,7 @@
 //!   collection (each a u64 little-endian): 32 bytes a user. A user without an entry
 //!   has baseline 0. 256 chunks a node: a collection rewrites only the chunks with a
 //!   user whose counters grew, and a 100,000-user node is 256 records of ~12 KB, not
-//!   100,000 keys.
+//!   100,000 keys. In memory ([`Bases`]) the same chunks, as sorted vectors.
 //! - `traffic/base/{email}` (before the chunks): version `1`, then the two counter
 //!   values (17 bytes), one record per user. Still read; the first collector to open a
 //!   queue that has them rewrites them as chunks in one write.
@@ -48,50 +48,102 @@ pub type Pair = [u64; 2];
 /// A user of a node: whose counters a baseline is.
 pub type UserKey = (u64, Uuid);
 
-/// Every user's baseline, in chunk order (node, then UUID).
-pub type Bases = BTreeMap<UserKey, Pair>;
+/// A chunk: a node and the first byte of its users' UUIDs.
+pub type ChunkId = (u64, u8);
+
+/// One chunk's baselines, sorted by UUID: 32 bytes a user, as on disk.
+pub type Chunk = Vec<(Uuid, Pair)>;
+
+/// Every user's baseline, as the chunks they are kept in: a 100,000-user node is 256
+/// sorted vectors, 32 bytes a user, not a tree node per user.
+#[derive(Debug, Default, Clone)]
+pub struct Bases {
+    chunks: BTreeMap<ChunkId, Chunk>,
+}
+
+impl Bases {
+    /// A user's baseline, if one is kept.
+    pub fn get(&self, user: &UserKey) -> Option<Pair> {
+        let chunk = self.chunks.get(&chunk_of(user))?;
+        chunk
+            .binary_search_by_key(&user.1, |e| e.0)
+            .ok()
+            .map(|i| chunk[i].1)
+    }
+
+    pub fn chunk(&self, id: ChunkId) -> &[(Uuid, Pair)] {
+        self.chunks.get(&id).map_or(&[], Vec::as_slice)
+    }
+
+    /// The chunks that hold a baseline.
+    pub fn chunk_ids(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.chunks.keys().copied()
+    }
+
+    /// Makes `id` hold `entries` (sorted by UUID), or nothing when empty.
+    pub fn set_chunk(&mut self, id: ChunkId, entries: Chunk) {
+        if entries.is_empty() {
+            self.chunks.remove(&id);
+        } else {
+            self.chunks.insert(id, entries);
+        }
+    }
+
+    /// How many users have a baseline.
+    pub fn len(&self) -> usize {
+        self.chunks.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// Adds to a user's baseline (the per-email records of before the chunks, two
+    /// emails of one user summed); `finish` restores the order afterwards.
+    fn add(&mut self, user: UserKey, pair: Pair) {
+        self.chunks
+            .entry(chunk_of(&user))
+            .or_default()
+            .push((user.1, pair));
+    }
+
+    /// Sorts every chunk by UUID and sums the entries of one user: a chunk read from
+    /// disk is written sorted, but the order `get` relies on is not taken on trust.
+    fn finish(&mut self) {
+        for chunk in self.chunks.values_mut() {
+            chunk.sort_by_key(|e| e.0);
+            chunk.dedup_by(|later, kept| {
+                if later.0 != kept.0 {
+                    return false;
+                }
+                kept.1[0] = kept.1[0].saturating_add(later.1[0]);
+                kept.1[1] = kept.1[1].saturating_add(later.1[1]);
+                true
+            });
+        }
+    }
+}
 
 /// The chunk a user's baseline is kept in: its node and its UUID's first byte.
-pub fn chunk_of(user: &UserKey) -> (u64, u8) {
+pub fn chunk_of(user: &UserKey) -> ChunkId {
     (user.0, user.1.as_bytes()[0])
 }
 
-pub fn chunk_key((node_id, byte): (u64, u8)) -> String {
+pub fn chunk_key((node_id, byte): ChunkId) -> String {
     format!("{CHUNK_PREFIX}{node_id}/{byte:02x}")
 }
 
-/// The lowest and highest UUID of a chunk.
-pub fn chunk_range_bounds((_, byte): (u64, u8)) -> (Uuid, Uuid) {
-    let mut lo = [0u8; 16];
-    lo[0] = byte;
-    let mut hi = [0xffu8; 16];
-    hi[0] = byte;
-    (Uuid::from_bytes(lo), Uuid::from_bytes(hi))
-}
-
-/// The users of `chunk` in `bases`.
-pub fn chunk_range(
-    bases: &Bases,
-    chunk: (u64, u8),
-) -> std::collections::btree_map::Range<'_, UserKey, Pair> {
-    let (lo, hi) = chunk_range_bounds(chunk);
-    bases.range((chunk.0, lo)..=(chunk.0, hi))
-}
-
 /// The write that makes `chunk` hold `entries` (sorted by UUID): a delete when empty.
-pub fn put_chunk<'a>(
-    chunk: (u64, u8),
-    entries: impl Iterator<Item = (&'a Uuid, &'a Pair)>,
-) -> StateWrite {
-    let mut bytes = Vec::with_capacity(1 + entries.size_hint().0 * ENTRY);
+pub fn put_chunk(chunk: ChunkId, entries: &[(Uuid, Pair)]) -> StateWrite {
+    if entries.is_empty() {
+        return StateWrite::Delete(chunk_key(chunk));
+    }
+    let mut bytes = Vec::with_capacity(1 + entries.len() * ENTRY);
     bytes.push(CHUNK_VERSION);
     for (uuid, pair) in entries {
         bytes.extend_from_slice(uuid.as_bytes());
         bytes.extend_from_slice(&pair[0].to_le_bytes());
         bytes.extend_from_slice(&pair[1].to_le_bytes());
-    }
-    if bytes.len() == 1 {
-        return StateWrite::Delete(chunk_key(chunk));
     }
     StateWrite::Put(chunk_key(chunk), bytes)
 }
@@ -117,7 +169,7 @@ fn decode_chunk(bytes: &[u8]) -> Option<impl Iterator<Item = (Uuid, Pair)> + '_>
 }
 
 /// Which chunk a chunk record's name is, when it is one.
-fn parse_chunk_key(name: &str) -> Option<(u64, u8)> {
+fn parse_chunk_key(name: &str) -> Option<ChunkId> {
     let (node, byte) = name.strip_prefix(CHUNK_PREFIX)?.split_once('/')?;
     if byte.len() != 2 {
         return None;
@@ -189,8 +241,12 @@ pub fn load_bases(
         let (Some(chunk), Some(entries)) = (parse_chunk_key(&name), decode_chunk(&bytes)) else {
             return Err(TrafficStateError::Chunk { name });
         };
-        for (uuid, pair) in entries {
-            out.bases.insert((chunk.0, uuid), pair);
+        let mut entries: Chunk = entries.collect();
+        if let Some(kept) = out.bases.chunks.get_mut(&chunk) {
+            // Only a damaged name could say one chunk twice; keep both, summed below.
+            kept.append(&mut entries);
+        } else {
+            out.bases.chunks.insert(chunk, entries);
         }
     }
     for (name, bytes) in queue.state_scan(LEGACY_PREFIX)? {
@@ -200,11 +256,7 @@ pub fn load_bases(
         let email = name.strip_prefix(LEGACY_PREFIX).unwrap_or_default();
         match attribute(email) {
             // Two emails of one user (case) count as one, as the collector reads them.
-            Some(user) => {
-                let base = out.bases.entry(user).or_default();
-                base[0] = base[0].saturating_add(pair[0]);
-                base[1] = base[1].saturating_add(pair[1]);
-            }
+            Some(user) => out.bases.add(user, pair),
             None => tracing::info!(
                 email,
                 "a traffic baseline of an email no node has: dropped (xray.email_template or the nodes changed)"
@@ -212,6 +264,7 @@ pub fn load_bases(
         }
         out.legacy.push(name);
     }
+    out.bases.finish();
     Ok(out)
 }
 
@@ -236,16 +289,22 @@ mod tests {
         let a = Uuid::from_u128(0x7a00_0000_0000_0000_0000_0000_0000_0001);
         let b = Uuid::from_u128(0x7aff_ffff_ffff_ffff_ffff_ffff_ffff_ffff);
         let c = Uuid::from_u128(0x7b00_0000_0000_0000_0000_0000_0000_0000);
-        let bases: Bases = [((3, a), [1, 2]), ((3, b), [u64::MAX, 0]), ((3, c), [5, 5])]
-            .into_iter()
-            .collect();
+        let mut bases = Bases::default();
+        // Out of order, and `a` twice (two emails of one user): summed.
+        bases.add((3, b), [u64::MAX, 0]);
+        bases.add((3, a), [1, 1]);
+        bases.add((3, c), [5, 5]);
+        bases.add((3, a), [0, 1]);
+        bases.finish();
+        assert_eq!(bases.len(), 3);
+        assert_eq!(bases.get(&(3, a)), Some([1, 2]));
+        assert_eq!(bases.get(&(4, a)), None);
         let chunk = chunk_of(&(3, a));
         assert_eq!(chunk, (3, 0x7a));
         assert_eq!(chunk_key(chunk), "traffic/bases/3/7a");
         assert_eq!(parse_chunk_key("traffic/bases/3/7a"), Some(chunk));
         assert_eq!(parse_chunk_key("traffic/bases/3/7"), None);
-        let range = chunk_range(&bases, chunk);
-        let StateWrite::Put(name, bytes) = put_chunk(chunk, range.map(|((_, u), p)| (u, p))) else {
+        let StateWrite::Put(name, bytes) = put_chunk(chunk, bases.chunk(chunk)) else {
             panic!("a put");
         };
         assert_eq!(name, "traffic/bases/3/7a");
@@ -254,10 +313,12 @@ mod tests {
         assert_eq!(back, [(a, [1, 2]), (b, [u64::MAX, 0])]);
         assert!(decode_chunk(&bytes[..40]).is_none());
         assert!(decode_chunk(&[1]).is_none());
-        let empty = Bases::new();
         assert!(matches!(
-            put_chunk(chunk, chunk_range(&empty, chunk).map(|((_, u), p)| (u, p))),
+            put_chunk(chunk, &[]),
             StateWrite::Delete(n) if n == "traffic/bases/3/7a"
         ));
+        bases.set_chunk(chunk, Vec::new());
+        assert_eq!(bases.len(), 1);
+        assert_eq!(bases.chunk_ids().collect::<Vec<_>>(), [(3, 0x7b)]);
     }
 }
