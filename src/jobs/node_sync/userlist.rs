@@ -123,6 +123,10 @@ pub fn parse(body: &[u8]) -> Result<UserList, ShapeError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ShapeError::Empty);
     }
+    // JSON gives no length for a list: the body's size bounds it (an item is a quoted
+    // 36-character UUID and a comma, 39 bytes at least), so the users' vector is sized
+    // once instead of doubling its way up.
+    CAPACITY.set(body.len() / 39);
     let top: Top = serde_json::from_slice(body).map_err(|e| ShapeError::NotJson(e.to_string()))?;
     let items = match top {
         Top::List(items) => items,
@@ -184,31 +188,13 @@ fn judge(list: UserList) -> Result<UserList, ShapeError> {
 }
 
 fn validate(mut list: UserList) -> UserList {
-    // Sorted by (UUID, position), so the first occurrence of a repeated UUID comes first
-    // and is the one kept; the 20-byte keys are sorted, not the users themselves.
-    let mut order: Vec<(Uuid, u32)> = list
-        .users
-        .iter()
-        .enumerate()
-        .map(|(i, u)| (u.uuid, i as u32))
-        .collect();
-    order.sort_unstable();
-    let mut slots: Vec<Option<User>> = std::mem::take(&mut list.users)
-        .into_iter()
-        .map(Some)
-        .collect();
-    list.users.reserve(order.len());
-    let mut last = None;
-    for (uuid, i) in order {
-        if last == Some(uuid) {
-            list.duplicates += 1;
-            continue;
-        }
-        last = Some(uuid);
-        if let Some(user) = slots.get_mut(i as usize).and_then(Option::take) {
-            list.users.push(user);
-        }
-    }
+    // `sort_by_cached_key` sorts (UUID, position) keys and then moves the users into
+    // place: the first occurrence of a repeated UUID comes first and is the one kept,
+    // and no second vector of users is made.
+    list.users.sort_by_cached_key(|u| u.uuid);
+    let before = list.users.len();
+    list.users.dedup_by_key(|u| u.uuid);
+    list.duplicates += before - list.users.len();
     list
 }
 
@@ -524,11 +510,18 @@ fn list_of<'de, D: Deserializer<'de>>(d: D) -> Result<List, D::Error> {
     d.deserialize_any(V)
 }
 
+thread_local! {
+    /// How many users the body being parsed can hold at most ([`parse`]); taken by the
+    /// first list read.
+    static CAPACITY: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// The list's items as read: users in the answer's order, and the invalid ones by
 /// position (not yet sorted nor de-duplicated: [`validate`]).
 fn items<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<UserList, A::Error> {
     let mut out = UserList::default();
-    out.users.reserve(seq.size_hint().unwrap_or(0).min(1 << 20));
+    let hint = seq.size_hint().unwrap_or_else(|| CAPACITY.take());
+    out.users.reserve(hint.min(1 << 20));
     while let Some(Item(item)) = seq.next_element::<Item>()? {
         match item {
             Ok(u) => out.users.push(u),
