@@ -203,6 +203,10 @@ impl Collector {
 
         // Chunk order is (node, UUID) order: each node's items come out sorted.
         let mut per_node: BTreeMap<u64, Vec<Item>> = BTreeMap::new();
+        for (&(node_id, _), users) in &touched {
+            let grew = users.iter().filter(|u| u.2 != [0, 0]).count();
+            per_node.entry(node_id).or_default().reserve_exact(grew);
+        }
         for (&(node_id, _), users) in &mut touched {
             users.sort_unstable_by_key(|u| u.0);
             let items = per_node.entry(node_id).or_default();

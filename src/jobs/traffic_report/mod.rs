@@ -104,9 +104,7 @@ pub(crate) fn encode(report_id: &str, node_id: u64, collected_at: &str, items: &
         collected_at: &'a str,
         items: &'a [Item],
     }
-    // An item is at most ~100 bytes: 36 for the UUID, two u64s, the names.
-    let mut out =
-        Vec::with_capacity(128 + report_id.len() + collected_at.len() + 100 * items.len());
+    let mut out = Vec::with_capacity(encoded_len(report_id, node_id, collected_at, items));
     let body = Body {
         report_id,
         node_id,
@@ -116,6 +114,22 @@ pub(crate) fn encode(report_id: &str, node_id: u64, collected_at: &str, items: &
     // Strings and integers always serialise.
     let _ = serde_json::to_writer(&mut out, &body);
     out
+}
+
+/// How long [`encode`]'s output is: exactly, when the two strings need no escaping
+/// (ours never do; otherwise the vector grows once).
+fn encoded_len(report_id: &str, node_id: u64, collected_at: &str, items: &[Item]) -> usize {
+    fn digits(n: u64) -> usize {
+        n.checked_ilog10().map_or(1, |d| d as usize + 1)
+    }
+    // {"report_id":"…","node_id":N,"collected_at":"…","items":[…]}, with each item
+    // {"uuid":"<36>","upload":N,"download":N} and a comma between two.
+    let head = 14 + report_id.len() + 12 + digits(node_id) + 17 + collected_at.len() + 13;
+    let each: usize = items
+        .iter()
+        .map(|i| 69 + digits(i.upload) + digits(i.download))
+        .sum();
+    head + each + items.len().saturating_sub(1)
 }
 
 /// The key prefix of one node's reports.
@@ -289,6 +303,27 @@ mod tests {
             r#"{"report_id":"r-1","node_id":7,"collected_at":"2026-11-21T10:00:00Z","items":[{"uuid":"9b2c8f4e-0000-4000-8000-000000000001","upload":123,"download":456}]}"#
         );
         assert_eq!(Report::decode(&r.encode()).unwrap(), r);
+    }
+
+    #[test]
+    fn the_body_is_sized_before_it_is_written() {
+        let (id, at) = (
+            "8a1f0c2e-5b6d-4e7f-9a0b-1c2d3e4f5a6b",
+            "2026-11-21T10:00:00.123Z",
+        );
+        for n in [0u64, 1, 2, 1000] {
+            let items: Vec<Item> = (0..n)
+                .map(|i| Item {
+                    uuid: Uuid::from_u128(u128::from(i) << 64 | 7),
+                    upload: i * 1_000_003,
+                    download: u64::MAX - i,
+                })
+                .collect();
+            let body = encode(id, u64::MAX, at, &items);
+            let want = encoded_len(id, u64::MAX, at, &items);
+            assert_eq!(body.len(), want);
+            assert_eq!(body.capacity(), want, "grown while written");
+        }
     }
 
     #[test]
