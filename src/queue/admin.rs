@@ -350,7 +350,7 @@ impl Queue {
         self.index_remove(b, &job);
         job.stored = Stored::Pending { due_ms: now };
         self.index_insert(b, &job);
-        b.insert(keys::job(job.id), record::encode_job(&job));
+        b.put(keys::job(job.id), record::encode_job(&job));
         b.insert(&idem, job.id.to_be_bytes());
         g.touch(&job);
         g.set_holder(idem, job.id);
@@ -395,7 +395,7 @@ impl Queue {
             reason: DeadReason::Cancelled,
         };
         self.index_insert(b, &job);
-        b.insert(keys::job(id), record::encode_job(&job));
+        b.put(keys::job(id), record::encode_job(&job));
         g.touch(&job);
         Ok(job)
     }

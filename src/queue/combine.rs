@@ -398,7 +398,7 @@ impl Queue {
             };
             b.remove(k);
             b.insert(keys::running(id), keys::running_value(kind, lease_until));
-            b.insert(keys::job(id), record::encode_job(&job));
+            b.put(keys::job(id), record::encode_job(&job));
             g.touch(&job);
             out.push(Leased { job });
             if out.len() >= max {

@@ -145,6 +145,12 @@ impl Batch {
             .push((key.as_ref().to_vec(), Some(value.as_ref().to_vec())));
     }
 
+    /// [`Batch::insert`] of a record built for this write: moved in, not copied (a job's
+    /// record can be megabytes).
+    pub(crate) fn put(&mut self, key: impl AsRef<[u8]>, record: Vec<u8>) {
+        self.ops.push((key.as_ref().to_vec(), Some(record)));
+    }
+
     pub(crate) fn remove(&mut self, key: impl AsRef<[u8]>) {
         self.ops.push((key.as_ref().to_vec(), None));
     }

@@ -522,7 +522,7 @@ impl Queue {
                         at_ms: self.now(),
                         raw: raw.to_vec(),
                     };
-                    b.insert(keys::quarantine(&key), record::encode_quarantined(&q));
+                    b.put(keys::quarantine(&key), record::encode_quarantined(&q));
                     b.remove(key);
                 }
                 Fix::Put { key, value } => b.insert(key, value),

@@ -757,7 +757,7 @@ impl Queue {
         update(&mut job, now, started);
         b.remove(keys::running(job.id));
         self.index_insert(b, &job);
-        b.insert(keys::job(job.id), record::encode_job(&job));
+        b.put(keys::job(job.id), record::encode_job(&job));
         g.touch(&job);
         Ok(job)
     }
@@ -855,7 +855,7 @@ impl Queue {
                 }
             };
             self.index_insert(&mut b, &job);
-            b.insert(keys::job(id), record::encode_job(&job));
+            b.put(keys::job(id), record::encode_job(&job));
         }
         self.apply(b)?;
         Ok(rec)
@@ -1310,7 +1310,7 @@ impl Queue {
             raw: Vec::new(),
         };
         let mut b = Batch::default();
-        b.insert(keys::quarantine(&key), record::encode_quarantined(&q));
+        b.put(keys::quarantine(&key), record::encode_quarantined(&q));
         let _w = self.lock();
         self.apply(b)
     }
@@ -1353,7 +1353,7 @@ impl Queue {
             at_ms: self.now(),
             raw: raw.to_vec(),
         };
-        b.insert(keys::quarantine(key), record::encode_quarantined(&q));
+        b.put(keys::quarantine(key), record::encode_quarantined(&q));
         b.remove(key);
         if key.first() == Some(&keys::JOB)
             && let Some(id) = keys::parse_id(key)

@@ -15,6 +15,8 @@
 //! version is higher than this build knows is refused with [`RecordError::NewerVersion`],
 //! never guessed at; a record whose checksum does not match is [`RecordError::Checksum`].
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use super::clock::Millis;
@@ -160,12 +162,15 @@ pub struct Quarantined {
 
 // ---- version 1 layout (frozen) ----
 
+/// The key and payload are borrowed when a job is written (a payload can be megabytes:
+/// a 100,000-user traffic report) and owned when one is read; `Cow` encodes exactly as
+/// the `String` and `Vec<u8>` it stands for.
 #[derive(Serialize, Deserialize)]
-struct JobV1 {
+struct JobV1<'a> {
     id: u64,
     kind: u8,
-    key: String,
-    payload: Vec<u8>,
+    key: Cow<'a, str>,
+    payload: Cow<'a, [u8]>,
     created_ms: u64,
     state: StateV1,
     attempts: u32,
@@ -222,12 +227,12 @@ fn dead_reason_code(r: DeadReason) -> u8 {
     }
 }
 
-fn to_v1(job: &Job) -> JobV1 {
+fn to_v1(job: &Job) -> JobV1<'_> {
     JobV1 {
         id: job.id,
         kind: job.kind.code(),
-        key: job.key.clone(),
-        payload: job.payload.clone(),
+        key: Cow::Borrowed(&job.key),
+        payload: Cow::Borrowed(&job.payload),
         created_ms: job.created_ms,
         state: match job.stored {
             Stored::Pending { due_ms } => StateV1::Pending { due_ms },
@@ -292,8 +297,8 @@ fn from_v1(v: JobV1, kinds: &[JobKind]) -> Result<Job, RecordError> {
     Ok(Job {
         id: v.id,
         kind,
-        key: v.key,
-        payload: v.payload,
+        key: v.key.into_owned(),
+        payload: v.payload.into_owned(),
         created_ms: v.created_ms,
         stored,
         attempts: v.attempts,
@@ -321,13 +326,21 @@ fn bincode_config() -> bincode::config::Configuration {
 }
 
 fn seal<T: Serialize>(body: &T) -> Vec<u8> {
+    seal_sized(body, 64)
+}
+
+/// The envelope around `body`, encoded straight into the record's buffer; `hint`: about
+/// how long the body is, so that a large one is not grown by doubling and copied again.
+fn seal_sized<T: Serialize>(body: &T, hint: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + hint);
+    out.extend_from_slice(&[RECORD_VERSION, 0, 0, 0, 0]);
     // Encoding plain structs of integers, strings and byte vectors into a Vec cannot
-    // fail; the fallback keeps this total without a panic path.
-    let body = bincode::serde::encode_to_vec(body, bincode_config()).unwrap_or_default();
-    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-    out.push(RECORD_VERSION);
-    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    out.extend_from_slice(&body);
+    // fail; the fallback (an empty body) keeps this total without a panic path.
+    if bincode::serde::encode_into_std_write(body, &mut out, bincode_config()).is_err() {
+        out.truncate(HEADER_LEN);
+    }
+    let crc = crc32fast::hash(&out[HEADER_LEN..]);
+    out[1..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
     out
 }
 
@@ -368,7 +381,23 @@ fn decode_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, RecordErr
 }
 
 pub fn encode_job(job: &Job) -> Vec<u8> {
-    seal(&to_v1(job))
+    // Fixed fields ~30 bytes, lengths as varints, the history's notes and errors.
+    let history: usize = job
+        .history
+        .iter()
+        .map(|a| {
+            let text = match &a.outcome {
+                Outcome::Failed { error } => error.len(),
+                Outcome::Interrupted { reason } => reason.len(),
+                Outcome::Succeeded | Outcome::LeaseExpired => 0,
+            };
+            48 + a.note.as_ref().map_or(0, String::len) + text
+        })
+        .sum();
+    seal_sized(
+        &to_v1(job),
+        48 + job.key.len() + job.payload.len() + history,
+    )
 }
 
 /// `kinds`: the kinds the queue was given; a job of any other code is `UnknownKind`.

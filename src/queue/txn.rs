@@ -109,7 +109,7 @@ impl Queue {
         for s in &c.state {
             match s {
                 StateWrite::Put(name, bytes) => {
-                    b.insert(keys::state(name), record::encode_state(bytes))
+                    b.put(keys::state(name), record::encode_state(bytes))
                 }
                 StateWrite::Delete(name) => b.remove(keys::state(name)),
             }
@@ -126,7 +126,7 @@ impl Queue {
                 self.index_remove(b, &job);
                 job.stored = Stored::Pending { due_ms: now };
                 self.index_insert(b, &job);
-                b.insert(keys::job(job.id), record::encode_job(&job));
+                b.put(keys::job(job.id), record::encode_job(&job));
                 g.touch(&job);
                 woken.push(job.kind);
             }
@@ -159,7 +159,7 @@ impl Queue {
     ) -> Enqueued {
         if j.dedupe == Dedupe::Replace && matches!(first.job.stored, Stored::Pending { .. }) {
             first.job.payload = j.payload;
-            b.insert(keys::job(first.job.id), record::encode_job(&first.job));
+            b.put(keys::job(first.job.id), record::encode_job(&first.job));
             g.touch(&first.job);
         }
         Enqueued {
@@ -205,7 +205,7 @@ impl Queue {
                 let replaced = j.dedupe == Dedupe::Replace;
                 if replaced {
                     job.payload = j.payload;
-                    b.insert(keys::job(job.id), record::encode_job(&job));
+                    b.put(keys::job(job.id), record::encode_job(&job));
                     g.touch(&job);
                 }
                 return Ok(Enqueued {
@@ -229,7 +229,7 @@ impl Queue {
             attempts: 0,
             history: Vec::new(),
         };
-        b.insert(keys::job(id), record::encode_job(&job));
+        b.put(keys::job(id), record::encode_job(&job));
         b.insert(keys::pending(job.kind, due, id), b"");
         b.insert(&idem, id.to_be_bytes());
         b.insert(keys::META_NEXT_ID, (id + 1).to_be_bytes());
