@@ -210,16 +210,9 @@ impl Queue {
                     }
                 }
                 Ok((results, Some(epoch))) => {
-                    // The ticket is taken here, not in the task: the flush thread starts
-                    // on this group now, not once a busy runtime gets round to the task.
-                    let ticket = self.ticket_since(epoch);
                     let q = self.clone();
                     rt.spawn(async move {
-                        let durable = match ticket {
-                            Ok(t) => q.durable(t).await,
-                            Err(e) => Err(e),
-                        };
-                        let durable = durable.map_err(|e| match e {
+                        let durable = q.durable_since(epoch).await.map_err(|e| match e {
                             Error::Durability(d) => d,
                             e => DurabilityError::shared(e),
                         });

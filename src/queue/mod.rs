@@ -1109,28 +1109,21 @@ impl Queue {
     /// Waits until everything written on the handle of `epoch` is on disk. Fails if
     /// the handle was replaced since (what was written on it is not on disk).
     async fn durable_since(&self, epoch: u64) -> Result<()> {
-        let ticket = self.ticket_since(epoch)?;
-        self.durable(ticket).await
-    }
-
-    /// Takes a ticket for everything written so far on the handle of `epoch`; the
-    /// flush thread starts on it at once. Fails if the handle was replaced since.
-    fn ticket_since(&self, epoch: u64) -> Result<(commit::Waiter, u64)> {
-        let store = self
-            .inner
-            .store
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        match store.as_ref() {
-            Some(s) if self.epoch() == epoch => Ok((s.commit.waiter(), s.commit.ticket())),
-            _ => Err(Error::Durability(DurabilityError::new(
-                "the database was opened again before this write was flushed",
-            ))),
-        }
-    }
-
-    /// Waits until a ticket from [`Queue::ticket_since`] is on disk.
-    async fn durable(&self, (waiter, ticket): (commit::Waiter, u64)) -> Result<()> {
+        let (waiter, ticket) = {
+            let store = self
+                .inner
+                .store
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            match store.as_ref() {
+                Some(s) if self.epoch() == epoch => (s.commit.waiter(), s.commit.ticket()),
+                _ => {
+                    return Err(Error::Durability(DurabilityError::new(
+                        "the database was opened again before this write was flushed",
+                    )));
+                }
+            }
+        };
         let r = waiter.wait(ticket).await.map_err(Error::Durability);
         if r.is_err() {
             self.note_flush_failure();
