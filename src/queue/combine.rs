@@ -24,6 +24,19 @@
 //!
 //! Measured (benches/queue.rs, 2 cores): 64 producers went from ~11k to 20-40k durable
 //! enqueues/s, because one `apply_batch` now serves a whole group.
+//!
+//! Where the time goes now (issue 15, `perf record --call-graph dwarf`, 64 round trips
+//! in flight): this thread is the bottleneck, with 57% of all CPU samples, 34 of them in
+//! sled's `apply_batch` (per key: `view_for_key` 19%, of which leaf splits 8%, and
+//! `PageCache::link` 18%, which copies the whole leaf for every key it adds) and 8% in
+//! `counts::Batch::resolve`'s reads of what each index key held. sled's
+//! `flush` holds its lock shared for the whole log write, so applies and flushes still
+//! alternate. A round trip writes nine keys (enqueue: `j`, `p`, `k`; lease: `p`, `r`,
+//! `j`; ack: `r`, `f`, `j`) besides the counts: fewer means a new record layout (e.g. a
+//! lease that writes only `r`, not the whole job again). Same hour, same machine, load
+//! average 3.9-6.0 on 2 cores (others building): the baseline "sled batch of 64 +
+//! fdatasync" 27-43k items/s; enqueues with 64 producers 20.2-20.6k/s; round trips with
+//! 64 in flight 6.1-7.4k/s; the worker pool 6.0-10.2k/s.
 
 use std::collections::HashMap;
 use std::sync::PoisonError;

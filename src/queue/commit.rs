@@ -6,6 +6,16 @@
 //! one. So with N concurrent writers there are far fewer than N fsyncs, and no writer
 //! is told "done" before its bytes are on disk.
 //!
+//! A flush starts as soon as a ticket is waiting. Two ways of starting it later were
+//! measured against this (issue 15, `perf stat`, 18k jobs, 64 producers and 64 round
+//! trips in flight, alternating runs, load average 5-6 on 2 cores): the combiner
+//! asking for one flush only once nothing more waits to be applied took 37% fewer
+//! flushes (enqueue 301-308 vs 478-483; round trip 478-483 vs 738-755) and 12% less
+//! CPU, but no more jobs per second: with every writer in one group, the apply and the
+//! `fdatasync` no longer overlap (the apply of the next group runs during this one's
+//! `fdatasync`, which is outside sled's lock). Taking the ticket on the combiner thread
+//! rather than in the task that waits changed nothing measurable.
+//!
 //! sled's `flush` writes its log with `sync_file_range` on Linux: that survives the
 //! process being killed, but not a power cut (it neither waits for the disk cache nor
 //! syncs metadata). So after each flush we also `fdatasync` sled's data file through a
