@@ -3,7 +3,8 @@
 //! the same run. Prints VmRSS (now) and VmHWM (peak) after the lists were written and
 //! five more sync rounds (304-less, full bodies) went by.
 //!
-//! `cargo bench --bench daemon_rss`
+//! `cargo bench --bench daemon_rss`; `DAEMON_RSS_BIN=/path/to/connector` measures that
+//! build instead (another commit's, for a before/after in the same run).
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -58,7 +59,9 @@ async fn measure(users: usize) -> (u64, u64, Duration) {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let dir = tempfile::tempdir().unwrap();
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_connector"))
+    let bin = std::env::var_os("DAEMON_RSS_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_connector").into());
+    let mut child = tokio::process::Command::new(bin)
         .env("PANEL_BASE_URL", format!("http://{addr}"))
         .env("INTERNAL_API_KEY", "bench")
         .env("NODE_IDS", "1,2,3,4")
@@ -100,7 +103,10 @@ async fn measure(users: usize) -> (u64, u64, Duration) {
 fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        println!("daemon_rss: connector with {NODES} nodes, apply none, interval 1s");
+        println!(
+            "daemon_rss: {} with {NODES} nodes, apply none, interval 1s",
+            std::env::var("DAEMON_RSS_BIN").unwrap_or_else(|_| "connector".into())
+        );
         for users in [0, 100_000] {
             let (rss, hwm, synced) = measure(users).await;
             println!(
