@@ -1,7 +1,10 @@
 //! Memory of the real daemon: RSS of `connector` syncing 4 nodes of 100,000 users each
 //! from a local panel, against the baseline of the same daemon with 4 empty nodes, in
-//! the same run. Prints VmRSS (now) and VmHWM (peak) after the lists were written and
-//! five more sync rounds (304-less, full bodies) went by.
+//! the same run. After the lists were written and five more sync rounds (304-less, full
+//! bodies) went by, VmRSS is read every 20 ms for three more rounds: its least (between
+//! syncs: what the daemon keeps) and its most (while four syncs are in flight), then
+//! VmHWM (the peak of the whole run). One reading right after a request, as this bench
+//! took before, lands inside a sync and sits anywhere between the two.
 //!
 //! `cargo bench --bench daemon_rss`; `DAEMON_RSS_BIN=/path/to/connector` measures that
 //! build instead (another commit's, for a before/after in the same run).
@@ -36,7 +39,7 @@ fn status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn measure(users: usize) -> (u64, u64, Duration) {
+async fn measure(users: usize) -> (u64, u64, u64, Duration) {
     let bodies = (1..=NODES)
         .map(|n| {
             let list: Vec<String> = (0..users as u64)
@@ -94,10 +97,17 @@ async fn measure(users: usize) -> (u64, u64, Duration) {
     while panel.requests.load(Ordering::SeqCst) < target {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (rss, hwm) = (status_kb(pid, "VmRSS:"), status_kb(pid, "VmHWM:"));
+    let (mut least, mut most) = (u64::MAX, 0);
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let rss = status_kb(pid, "VmRSS:");
+        (least, most) = (least.min(rss), most.max(rss));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hwm = status_kb(pid, "VmHWM:");
     let _ = child.kill().await;
     server.abort();
-    (rss, hwm, synced)
+    (least, most, hwm, synced)
 }
 
 fn main() {
@@ -108,10 +118,11 @@ fn main() {
             std::env::var("DAEMON_RSS_BIN").unwrap_or_else(|_| "connector".into())
         );
         for users in [0, 100_000] {
-            let (rss, hwm, synced) = measure(users).await;
+            let (least, most, hwm, synced) = measure(users).await;
             println!(
-                "daemon_rss: {NODES} x {users:>7} users: VmRSS {:>7.1} MiB, VmHWM {:>7.1} MiB, first sync of all nodes {:?}{}",
-                rss as f64 / 1024.0,
+                "daemon_rss: {NODES} x {users:>7} users: VmRSS between syncs {:>6.1} MiB, during {:>6.1} MiB, VmHWM {:>6.1} MiB, first sync of all nodes {:?}{}",
+                least as f64 / 1024.0,
+                most as f64 / 1024.0,
                 hwm as f64 / 1024.0,
                 synced,
                 if users == 0 { "  (baseline)" } else { "" }
