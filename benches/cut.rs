@@ -330,7 +330,7 @@ fn cut_latency() {
             &api,
             &xray,
             &node,
-            list,
+            &list.iter().cloned().collect(),
             false,
             Some(&cutter),
         ))

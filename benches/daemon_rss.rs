@@ -1,9 +1,13 @@
 //! Memory of the real daemon: RSS of `connector` syncing 4 nodes of 100,000 users each
 //! from a local panel, against the baseline of the same daemon with 4 empty nodes, in
-//! the same run. Prints VmRSS (now) and VmHWM (peak) after the lists were written and
-//! five more sync rounds (304-less, full bodies) went by.
+//! the same run. After the lists were written and five more sync rounds (304-less, full
+//! bodies) went by, VmRSS is read every 20 ms for three more rounds: its least (between
+//! syncs: what the daemon keeps) and its most (while four syncs are in flight), then
+//! VmHWM (the peak of the whole run). One reading right after a request, as this bench
+//! took before, lands inside a sync and sits anywhere between the two.
 //!
-//! `cargo bench --bench daemon_rss`
+//! `cargo bench --bench daemon_rss`; `DAEMON_RSS_BIN=/path/to/connector` measures that
+//! build instead (another commit's, for a before/after in the same run).
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -35,7 +39,7 @@ fn status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn measure(users: usize) -> (u64, u64, Duration) {
+async fn measure(users: usize) -> (u64, u64, u64, Duration) {
     let bodies = (1..=NODES)
         .map(|n| {
             let list: Vec<String> = (0..users as u64)
@@ -58,7 +62,9 @@ async fn measure(users: usize) -> (u64, u64, Duration) {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let dir = tempfile::tempdir().unwrap();
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_connector"))
+    let bin = std::env::var_os("DAEMON_RSS_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_connector").into());
+    let mut child = tokio::process::Command::new(bin)
         .env("PANEL_BASE_URL", format!("http://{addr}"))
         .env("INTERNAL_API_KEY", "bench")
         .env("NODE_IDS", "1,2,3,4")
@@ -91,21 +97,32 @@ async fn measure(users: usize) -> (u64, u64, Duration) {
     while panel.requests.load(Ordering::SeqCst) < target {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (rss, hwm) = (status_kb(pid, "VmRSS:"), status_kb(pid, "VmHWM:"));
+    let (mut least, mut most) = (u64::MAX, 0);
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let rss = status_kb(pid, "VmRSS:");
+        (least, most) = (least.min(rss), most.max(rss));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hwm = status_kb(pid, "VmHWM:");
     let _ = child.kill().await;
     server.abort();
-    (rss, hwm, synced)
+    (least, most, hwm, synced)
 }
 
 fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        println!("daemon_rss: connector with {NODES} nodes, apply none, interval 1s");
+        println!(
+            "daemon_rss: {} with {NODES} nodes, apply none, interval 1s",
+            std::env::var("DAEMON_RSS_BIN").unwrap_or_else(|_| "connector".into())
+        );
         for users in [0, 100_000] {
-            let (rss, hwm, synced) = measure(users).await;
+            let (least, most, hwm, synced) = measure(users).await;
             println!(
-                "daemon_rss: {NODES} x {users:>7} users: VmRSS {:>7.1} MiB, VmHWM {:>7.1} MiB, first sync of all nodes {:?}{}",
-                rss as f64 / 1024.0,
+                "daemon_rss: {NODES} x {users:>7} users: VmRSS between syncs {:>6.1} MiB, during {:>6.1} MiB, VmHWM {:>6.1} MiB, first sync of all nodes {:?}{}",
+                least as f64 / 1024.0,
+                most as f64 / 1024.0,
                 hwm as f64 / 1024.0,
                 synced,
                 if users == 0 { "  (baseline)" } else { "" }

@@ -166,8 +166,15 @@ fn bench(rt: &tokio::runtime::Runtime, n: usize) {
     )
     .expect("a queue");
     let t = Instant::now();
-    rt.block_on(grpc::reconcile(&q, &client, &xray, &node, &users, false))
-        .expect("users added");
+    rt.block_on(grpc::reconcile(
+        &q,
+        &client,
+        &xray,
+        &node,
+        &users.iter().cloned().collect(),
+        false,
+    ))
+    .expect("users added");
     let added = t.elapsed();
     let t = Instant::now();
     let inbound = server.inbound(TAG).addr();

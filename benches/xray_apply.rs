@@ -133,7 +133,14 @@ fn apply(rt: &tokio::runtime::Runtime) {
         .expect("a queue");
         let t = Instant::now();
         let out = rt
-            .block_on(grpc::reconcile(&queue, &c, &xray, &node, &users, false))
+            .block_on(grpc::reconcile(
+                &queue,
+                &c,
+                &xray,
+                &node,
+                &users.iter().cloned().collect(),
+                false,
+            ))
             .expect("reconcile");
         let adds = t.elapsed();
         assert_eq!(out.added, USERS, "{}", out.describe());
@@ -144,7 +151,7 @@ fn apply(rt: &tokio::runtime::Runtime) {
                 &c,
                 &xray,
                 &node,
-                &users[REMOVED..],
+                &users[REMOVED..].iter().cloned().collect(),
                 false,
             ))
             .expect("reconcile");
@@ -159,7 +166,7 @@ fn apply(rt: &tokio::runtime::Runtime) {
         let xray = xray_for(&server);
         let accounts: Vec<_> = users
             .iter()
-            .map(|u| grpc::core_user(&c, &xray, &node, u).expect("an account"))
+            .map(|u| grpc::core_user(&c, &xray, &node, u.view()).expect("an account"))
             .collect();
         let t = Instant::now();
         rt.block_on(async {

@@ -18,6 +18,7 @@ mod disk;
 pub mod health;
 pub mod http;
 pub mod listener;
+mod memory;
 mod once;
 pub mod supervise;
 
@@ -237,6 +238,8 @@ impl Agent {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Before any work, so the counters see every attempt.
     crate::telemetry::metrics::install();
+    // Before the first big buffer.
+    memory::return_big_buffers();
     // Before any file is opened: HTTP clients must not be able to take the descriptors
     // the queue and the admin socket need (`listener::connection_limit`).
     let fd_limit = listener::raise_fd_limit();

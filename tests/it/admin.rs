@@ -305,7 +305,7 @@ fn rich(path: &Path, config: &connector::config::Config) -> Value {
             fetched_at: q.now(),
             users: (1..=4).map(user).collect(),
             held: Some(Held {
-                users: vec![user(1)],
+                users: vec![user(1)].into(),
                 since: q.now() - 60_000,
                 removed: 3,
                 before: 4,

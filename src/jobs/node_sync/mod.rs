@@ -29,6 +29,7 @@ pub mod files;
 pub(crate) mod schedule;
 pub mod state;
 pub mod userlist;
+pub mod users;
 
 use std::sync::Arc;
 
@@ -257,7 +258,7 @@ impl NodeSync {
         &self,
         node_id: u64,
         st: &SyncState,
-        users: &[userlist::User],
+        users: &userlist::Users,
         now: Millis,
     ) -> Option<Held> {
         let ratio = self.config.sync.max_removal_ratio;
@@ -271,7 +272,7 @@ impl NodeSync {
         }
         let confirm_after = self.config.sync.confirm_after;
         match &st.held {
-            Some(h) if h.users == users => {
+            Some(h) if h.users == *users => {
                 let repeated_for = now.saturating_sub(h.since);
                 if h.confirmed || repeated_for >= confirm_after.as_millis() as u64 {
                     tracing::warn!(
@@ -308,7 +309,7 @@ impl NodeSync {
                     "sync HELD: the panel's answer would remove {removed} of {before} users; it applies if the panel repeats it until applies_at, or now with `queuectl confirm {node_id}`"
                 );
                 Some(Held {
-                    users: users.to_vec(),
+                    users: users.clone(),
                     since: now,
                     removed,
                     before,

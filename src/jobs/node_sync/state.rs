@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::userlist::User;
+use super::users::Users;
 use crate::jobs::state as codec;
 use crate::queue::{self, Millis, Queue, StateWrite};
 
@@ -22,8 +22,8 @@ pub struct SyncState {
     pub generation: u64,
     /// When `users` was last fetched and changed.
     pub fetched_at: Millis,
-    /// The last good list, sorted by UUID.
-    pub users: Vec<User>,
+    /// The last good list (written as the `Vec<User>` it was before issue 15).
+    pub users: Users,
     pub held: Option<Held>,
 }
 
@@ -31,7 +31,7 @@ pub struct SyncState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Held {
     /// The list the panel answered with.
-    pub users: Vec<User>,
+    pub users: Users,
     /// When the panel first answered with it.
     pub since: Millis,
     /// Users it would remove, out of `before`.

@@ -18,6 +18,9 @@ use serde::de::{MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use uuid::Uuid;
 
+use super::users::Keyed;
+pub use super::users::{Merged, UserRef, Users, merge};
+
 /// One allowed user. Stored with bincode (node sync state), so no field may be skipped
 /// when serialising: bincode is not self-describing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +61,7 @@ pub enum InvalidItem {
 pub struct UserList {
     /// How many items the answer's list had, valid or not.
     pub items: usize,
-    pub users: Vec<User>,
+    pub users: Users,
     pub skipped: Vec<Skipped>,
     /// How many items repeated a UUID already in the list.
     pub duplicates: usize,
@@ -187,15 +190,16 @@ fn judge(list: UserList) -> Result<UserList, ShapeError> {
     Ok(list)
 }
 
-fn validate(mut list: UserList) -> UserList {
-    // `sort_by_cached_key` sorts (UUID, position) keys and then moves the users into
-    // place: the first occurrence of a repeated UUID comes first and is the one kept,
-    // and no second vector of users is made.
-    list.users.sort_by_cached_key(|u| u.uuid);
-    let before = list.users.len();
-    list.users.dedup_by_key(|u| u.uuid);
-    list.duplicates += before - list.users.len();
-    list
+fn validate(read: Read) -> UserList {
+    // Sorted as 20-byte (UUID, position) keys, so the first occurrence of a repeated
+    // UUID is the one kept, and the list is built straight into its compact form.
+    let (users, duplicates) = read.users.finish();
+    UserList {
+        items: read.items,
+        users,
+        skipped: read.skipped,
+        duplicates,
+    }
 }
 
 /// Accepts only the 36-character hyphenated form (any case). Braced, URN and
@@ -228,7 +232,7 @@ fn parse_uuid(s: &str) -> Result<Uuid, InvalidItem> {
 
 /// The whole body: a list, an object (with `uuids`, or `data.uuids`), or anything else.
 enum Top {
-    List(UserList),
+    List(Read),
     Object {
         /// The last `uuids` (a JSON object keeps the last of repeated keys).
         uuids: Option<List>,
@@ -241,7 +245,7 @@ enum Top {
 
 /// The value of a `uuids` key.
 enum List {
-    Items(UserList),
+    Items(Read),
     Other(String),
 }
 
@@ -516,15 +520,25 @@ thread_local! {
     static CAPACITY: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// The list's items as read: users in the answer's order, and the invalid ones by
-/// position (not yet sorted nor de-duplicated: [`validate`]).
-fn items<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<UserList, A::Error> {
-    let mut out = UserList::default();
+/// The list's items as read: users keyed by position in the answer's order, and the
+/// invalid ones by position (not yet sorted nor de-duplicated: [`validate`]).
+#[derive(Default)]
+struct Read {
+    items: usize,
+    users: Keyed,
+    skipped: Vec<Skipped>,
+}
+
+fn items<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Read, A::Error> {
     let hint = seq.size_hint().unwrap_or_else(|| CAPACITY.take());
-    out.users.reserve(hint.min(1 << 20));
+    let mut out = Read {
+        users: Keyed::with_capacity(hint.min(1 << 20)),
+        ..Read::default()
+    };
     while let Some(Item(item)) = seq.next_element::<Item>()? {
         match item {
-            Ok(u) => out.users.push(u),
+            // Positions past u32 would need a list of 4 billion items in one body.
+            Ok(u) => out.users.push(out.items as u32, u),
             Err(reason) => out.skipped.push(Skipped {
                 index: out.items,
                 reason,
@@ -602,23 +616,11 @@ impl<'de> Deserialize<'de> for Top {
     }
 }
 
-/// How many of `old` are not in `new`; both sorted by UUID (as every [`UserList`] is).
-pub fn removed_count(old: &[User], new: &[User]) -> usize {
-    let (mut i, mut j, mut removed) = (0, 0, 0);
-    while i < old.len() {
-        match new.get(j).map(|n| n.uuid.cmp(&old[i].uuid)) {
-            Some(std::cmp::Ordering::Less) => j += 1,
-            Some(std::cmp::Ordering::Equal) => {
-                i += 1;
-                j += 1;
-            }
-            Some(std::cmp::Ordering::Greater) | None => {
-                removed += 1;
-                i += 1;
-            }
-        }
-    }
-    removed
+/// How many of `old` are not in `new`.
+pub fn removed_count(old: &Users, new: &Users) -> usize {
+    merge(old.uuids(), new.uuids())
+        .filter(|m| matches!(m, Merged::Left(_)))
+        .count()
 }
 
 #[cfg(test)]
@@ -637,14 +639,23 @@ mod tests {
         let body = format!(r#"[{{"uuid": "{A}", "flow": "xtls-rprx-vision"}}, "{B}"]"#);
         let users = parse(body.as_bytes()).unwrap().users;
         let bytes = bincode::serde::encode_to_vec(&users, bincode::config::standard()).unwrap();
-        let (back, _): (Vec<User>, _) =
+        let (back, _): (Users, _) =
             bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
         assert_eq!(back, users);
+        // The compact list is written as the `Vec<User>` it replaced, both ways.
+        let (old, _): (Vec<User>, _) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        assert_eq!(old, users.to_vec());
+        assert_eq!(old[1].flow.as_deref(), Some("xtls-rprx-vision"));
+        assert_eq!(
+            bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap(),
+            bytes
+        );
     }
 
     #[test]
     fn removed_count_merges_sorted_lists() {
-        let list = |ids: &[u128]| -> Vec<User> {
+        let list = |ids: &[u128]| -> Users {
             ids.iter()
                 .map(|&n| User {
                     uuid: Uuid::from_u128(n),
@@ -764,7 +775,7 @@ mod tests {
     /// The parser as it was, reading the body into a `serde_json::Value` first: the
     /// one-pass parser must give the same answer and the same error for every body.
     mod reference {
-        use super::super::{EXAMPLES, InvalidItem, ShapeError, Skipped, User, UserList};
+        use super::super::{EXAMPLES, InvalidItem, ShapeError, Skipped, User, UserList, Users};
         use serde_json::Value;
         use uuid::Uuid;
 
@@ -846,18 +857,19 @@ mod tests {
                 items: items.len(),
                 ..UserList::default()
             };
-            list.users.reserve(items.len());
+            let mut users = Vec::with_capacity(items.len());
             for (index, item) in items.into_iter().enumerate() {
                 match user_of(item) {
-                    Ok(u) => list.users.push(u),
+                    Ok(u) => users.push(u),
                     Err(reason) => list.skipped.push(Skipped { index, reason }),
                 }
             }
             // Stable sort keeps the first occurrence of a repeated UUID.
-            list.users.sort_by_key(|u| u.uuid);
-            let before = list.users.len();
-            list.users.dedup_by_key(|u| u.uuid);
-            list.duplicates = before - list.users.len();
+            users.sort_by_key(|u| u.uuid);
+            let before = users.len();
+            users.dedup_by_key(|u| u.uuid);
+            list.duplicates = before - users.len();
+            list.users = Users::from(users);
             list
         }
 

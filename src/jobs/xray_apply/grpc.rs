@@ -28,13 +28,14 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::config::{Node, Xray};
-use crate::jobs::node_sync::userlist::User;
+use crate::jobs::node_sync::users::{Merged, UserRef, Users, merge};
 use crate::jobs::state as codec;
 use crate::jobs::xray_apply::cut::Cutter;
 use crate::peers::xray::account::{self, InboundKind};
-use crate::peers::xray::email::{email_for, is_templated};
+use crate::peers::xray::email::{EmailShape, email_for, is_templated};
 use crate::peers::xray::{Added, Removed, XrayClient, XrayError};
 use crate::queue::{Commit, Millis, Queue, StateWrite};
 
@@ -120,14 +121,14 @@ pub fn core_user(
     client: &XrayClient,
     xray: &Xray,
     node: &Node,
-    u: &User,
+    u: UserRef<'_>,
 ) -> Result<account::CoreUser, UserError> {
     account::user(
         client.flavor(),
         &inbound_kind(node),
         u.uuid,
         email_for(&xray.email_template, node.id, u.uuid),
-        u.flow.as_deref(),
+        u.flow,
         u.level.unwrap_or(0),
     )
     .map_err(|source| UserError {
@@ -146,7 +147,7 @@ pub async fn reconcile(
     client: &XrayClient,
     xray: &Xray,
     node: &Node,
-    users: &[User],
+    users: &Users,
     resend: bool,
 ) -> Result<Outcome, ReconcileError> {
     reconcile_cutting(queue, client, xray, node, users, resend, None).await
@@ -159,7 +160,7 @@ pub async fn reconcile_cutting(
     client: &XrayClient,
     xray: &Xray,
     node: &Node,
-    users: &[User],
+    users: &Users,
     resend: bool,
     cutter: Option<&Arc<Cutter>>,
 ) -> Result<Outcome, ReconcileError> {
@@ -219,37 +220,70 @@ pub async fn reconcile_cutting(
     // V2Ray: what we added stands in for what the core has, for removes; for adds only
     // while the core cannot have lost them.
     let add_all = listed.is_none() && (restarted || resend);
-    let core: BTreeSet<String> = match &listed {
-        Some(emails) => emails.iter().map(|e| e.to_lowercase()).collect(),
-        None => managed.emails.clone(),
+    // The agent's emails are held as the UUIDs in them (16 bytes, sorted), and the
+    // lists compared by merging: at 100,000 users a set of email strings is ~10 MB a
+    // copy, and the reconcile held three (issue 15). Only a template that names the
+    // UUID once reads back; with any other every email stays text.
+    let shape = EmailShape::new(&xray.email_template, node.id)
+        .filter(|_| xray.email_template.matches("{uuid}").count() == 1);
+    let core = match &listed {
+        Some(emails) => Split::of(shape.as_ref(), emails.iter().map(String::as_str)),
+        None => Split::of(shape.as_ref(), managed.emails.iter().map(String::as_str)),
     };
+    drop(listed);
 
     // 3. The difference.
-    let mut desired = std::collections::BTreeMap::new();
-    for u in users {
-        desired.insert(email_for(&xray.email_template, node.id, u.uuid), u);
-    }
-    let to_remove: Vec<String> = core
-        .iter()
-        .filter(|e| !desired.contains_key(*e))
-        .filter(|e| managed.emails.contains(*e) || is_templated(&xray.email_template, node.id, e))
-        .cloned()
-        .collect();
-    let mut to_add = Vec::new();
-    for (email, u) in &desired {
-        if core.contains(email) && !add_all {
-            continue;
+    let email = |u: Uuid| email_for(&xray.email_template, node.id, u);
+    // Only without a shape: the desired emails as text.
+    let desired_text: BTreeSet<String> = match shape {
+        Some(_) => BTreeSet::new(),
+        None => users.uuids().iter().map(|&u| email(u)).collect(),
+    };
+    let desired_has = |e: &str| match &shape {
+        Some(s) => s.uuid_of(e).is_some_and(|u| users.contains(&u)),
+        None => desired_text.contains(e),
+    };
+    let mut to_remove: Vec<String> = Vec::new();
+    let mut to_add: Vec<Uuid> = Vec::new();
+    if shape.is_some() {
+        for m in merge(&core.uuids, users.uuids()) {
+            match m {
+                Merged::Left(u) => to_remove.push(email(u)),
+                Merged::Right(u) => to_add.push(u),
+                Merged::Both(u) if add_all => to_add.push(u),
+                Merged::Both(_) => {}
+            }
         }
-        to_add.push(core_user(client, xray, node, u)?);
+    } else {
+        to_add.extend(
+            users
+                .uuids()
+                .iter()
+                .filter(|&&u| add_all || !core.other.contains(&email(u))),
+        );
+    }
+    to_remove.extend(
+        core.other
+            .iter()
+            .filter(|e| !desired_has(e))
+            .filter(|e| {
+                managed.emails.contains(*e) || is_templated(&xray.email_template, node.id, e)
+            })
+            .cloned(),
+    );
+    // Every account is checked before any is recorded or sent; each is made again when
+    // sent rather than held, 100,000 of them at once.
+    for &u in &to_add {
+        if let Some(user) = users.get(&u) {
+            core_user(client, xray, node, user)?;
+        }
     }
 
     // Record the adds before making them. When the queue takes no writes (a full
     // disk), add anyway: the users are templated (so a later apply can still remove
     // them) and the panel's list must reach the core.
     if !to_add.is_empty() {
-        managed
-            .emails
-            .extend(to_add.iter().map(|u| u.email.clone()));
+        managed.emails.extend(to_add.iter().map(|&u| email(u)));
         match queue
             .commit(Commit {
                 state: vec![put_managed(node.id, &managed)],
@@ -315,21 +349,23 @@ pub async fn reconcile_cutting(
             .unwrap_or_default();
     }
     let total = to_remove.len() + to_add.len();
-    let adds = futures_util::stream::iter(to_add.into_iter().map(|user| {
+    let adds = futures_util::stream::iter(to_add.into_iter().filter_map(|u| {
+        // Checked above: every one of them makes an account.
+        let user = core_user(client, xray, node, users.get(&u)?).ok()?;
         let (client, tag) = (client.clone(), tag.to_string());
-        async move {
+        Some(async move {
             let r = client.add_user(&tag, &user).await;
-            (user, r)
-        }
+            (user.email, r)
+        })
     }))
     .buffer_unordered(width)
     .collect::<Vec<_>>()
     .await;
-    for (user, r) in adds {
+    for (email, r) in adds {
         match r {
             Ok(Added::New) => out.added += 1,
             Ok(Added::Existed) => out.already += 1,
-            Err(e) => failures.push(format!("add {}: {e}", user.email)),
+            Err(e) => failures.push(format!("add {email}: {e}")),
         }
     }
     managed.core_boot_ms = Some(boot);
@@ -340,7 +376,7 @@ pub async fn reconcile_cutting(
         tracing::warn!(node = node.id, error = %e, "watched bans lost; watching from now");
         super::bans::Bans::new()
     });
-    bans.retain(|email, _| !desired.contains_key(email));
+    bans.retain(|email, _| !desired_has(email));
     let removed: Vec<&String> = to_remove
         .iter()
         .filter(|e| !out.managed.emails.contains(*e))
@@ -382,6 +418,35 @@ pub async fn reconcile_cutting(
         done: out.describe(),
         first: failures.swap_remove(0),
     })
+}
+
+/// A set of emails split by a node's email shape: the agent's as the UUIDs in them
+/// (sorted, each once), any other as text (lowercase).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Split {
+    uuids: Vec<Uuid>,
+    other: BTreeSet<String>,
+}
+
+impl Split {
+    fn of<'a>(shape: Option<&EmailShape>, emails: impl Iterator<Item = &'a str>) -> Split {
+        let mut out = Split::default();
+        for e in emails {
+            match shape.and_then(|s| s.uuid_of(e)) {
+                Some(u) => out.uuids.push(u),
+                None => {
+                    out.other.insert(e.to_lowercase());
+                }
+            }
+        }
+        out.uuids.sort_unstable();
+        out.uuids.dedup();
+        out
+    }
+
+    fn len(&self) -> usize {
+        self.uuids.len() + self.other.len()
+    }
 }
 
 /// Why a reconcile failed; its Display is the attempt's error in the job history.
@@ -426,4 +491,33 @@ pub enum ReconcileError {
         done: String,
         first: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_split_into_the_agents_uuids_and_the_rest() {
+        let shape = EmailShape::new("{node_id}:{uuid}", 7);
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let emails = [
+            email_for("{node_id}:{uuid}", 7, b),
+            email_for("{node_id}:{uuid}", 7, a).to_uppercase(),
+            email_for("{node_id}:{uuid}", 7, b),
+            email_for("{node_id}:{uuid}", 8, a),
+            "Hand@Made".to_string(),
+        ];
+        let split = Split::of(shape.as_ref(), emails.iter().map(String::as_str));
+        assert_eq!(split.uuids, [a, b]);
+        assert_eq!(
+            split.other.iter().map(String::as_str).collect::<Vec<_>>(),
+            [email_for("{node_id}:{uuid}", 8, a).as_str(), "hand@made"]
+        );
+        assert_eq!(split.len(), 4);
+        // Without a shape every email stays text.
+        let text = Split::of(None, emails.iter().map(String::as_str));
+        assert!(text.uuids.is_empty());
+        assert_eq!(text.other.len(), 4);
+    }
 }
