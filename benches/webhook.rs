@@ -227,13 +227,18 @@ async fn ingestion(receiver: &receiver::Receiver, total: usize) -> f64 {
         stop.clone(),
     ));
     let url = format!("http://{addr}/v1/webhooks/connect");
+    // One client, made before the clock starts (a client loads the system's CAs), with
+    // a connection per concurrent sender.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(CLIENTS)
+        .build()
+        .unwrap();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|_| {
-            let (url, next, bodies) = (url.clone(), next.clone(), bodies.clone());
-            // One client (one connection) per concurrent sender.
-            let client = reqwest::Client::builder().build().unwrap();
+            let (client, url, next, bodies) =
+                (client.clone(), url.clone(), next.clone(), bodies.clone());
             tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
