@@ -505,9 +505,8 @@ async fn all_done(queue: &Queue, ids: &std::collections::HashMap<u64, &str>, rel
         .collect();
     tokio::time::timeout(WAIT, async {
         loop {
-            let done = |id: &&u64| {
-                queue.get(**id).unwrap().unwrap().state(queue.now()) == JobState::Done
-            };
+            let done =
+                |id: &&u64| queue.get(**id).unwrap().unwrap().state(queue.now()) == JobState::Done;
             if want.iter().all(|id| done(&id)) {
                 return;
             }
