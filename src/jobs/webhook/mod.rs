@@ -24,7 +24,9 @@
 //!
 //! A relay takes at most `webhook.per_relay_concurrency` callbacks at once. A job whose
 //! relay is at that limit does not wait in its worker slot (one slow relay would hold
-//! every slot and starve the others): it leaves its ticket in the relay's line
+//! every slot and starve the others) — unless its relay is the only one registered,
+//! when there are no others to starve: then it waits in place, for at most the request
+//! timeout. Otherwise it leaves its ticket in the relay's line
 //! ([`RelayClient::reserve`]) and is put back ([`AttemptResult::Defer`]: no attempt
 //! counted, no rung used), due after the request timeout — by then a slot of the
 //! relay's has been given back for sure. Each slot given back hands out the oldest
@@ -199,8 +201,26 @@ impl Handler for Webhook {
             id: job.id,
             n: job.attempts,
         };
-        let Some(slot) = self.client.reserve(&p.relay_id, ticket) else {
-            return self.wait_for_relay(&p);
+        let slot = match self.client.reserve(&p.relay_id, None) {
+            Some(slot) => slot,
+            None => {
+                // The only relay: waiting in the worker slot keeps it from no other
+                // relay, and costs no deferral and no second lease. For at most the
+                // request timeout (the longest a slot of the relay's stays taken), and
+                // only while no other relay is registered.
+                let waited = if self.only_relay() {
+                    let at_most = self.client.timeout();
+                    self.client
+                        .wait_slot(&p.relay_id, at_most, || self.only_relay())
+                        .await
+                } else {
+                    None
+                };
+                match waited.or_else(|| self.client.reserve(&p.relay_id, Some(ticket))) {
+                    Some(slot) => slot,
+                    None => return self.wait_for_relay(&p),
+                }
+            }
         };
         let body = p.body();
         let now_secs = SystemTime::now()
@@ -250,6 +270,12 @@ impl Handler for Webhook {
 }
 
 impl Webhook {
+    /// At most one relay is registered: no other relay's callbacks can be waiting for a
+    /// worker slot.
+    fn only_relay(&self) -> bool {
+        self.registry.snapshot().by_id.len() <= 1
+    }
+
     /// The relay is at its limit: the job goes back, due after the request timeout (the
     /// longest any of the relay's slots can stay taken), and is woken sooner when its
     /// ticket is handed out.

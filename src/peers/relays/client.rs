@@ -127,6 +127,8 @@ struct Lines {
 struct Line {
     in_flight: usize,
     waiting: VecDeque<Ticket>,
+    /// Told (once) each time a slot is given back, for callers that wait in place.
+    freed: Arc<tokio::sync::Notify>,
 }
 
 /// A caller's mark in a relay's line: opaque here (the webhook kind puts a job and its
@@ -160,6 +162,7 @@ impl RelaySlot {
         let mut lines = self.lines.lock();
         let line = lines.get_mut(&self.relay)?;
         line.in_flight = line.in_flight.saturating_sub(1);
+        line.freed.notify_one();
         line.waiting.pop_front()
     }
 }
@@ -170,6 +173,7 @@ impl Drop for RelaySlot {
             && let Some(line) = self.lines.lock().get_mut(&self.relay)
         {
             line.in_flight = line.in_flight.saturating_sub(1);
+            line.freed.notify_one();
         }
     }
 }
@@ -220,9 +224,9 @@ impl RelayClient {
     }
 
     /// One of `relay`'s slots, or `None` when all `per_relay_concurrency` are taken:
-    /// then `ticket` waits in the relay's line until a [`RelaySlot::release`] hands it
-    /// out. Never waits.
-    pub fn reserve(&self, relay: &str, ticket: Ticket) -> Option<RelaySlot> {
+    /// then `ticket` (if given) waits in the relay's line until a [`RelaySlot::release`]
+    /// hands it out. Never waits.
+    pub fn reserve(&self, relay: &str, ticket: Option<Ticket>) -> Option<RelaySlot> {
         let mut lines = self.lines.lock();
         let line = match lines.get_mut(relay) {
             Some(l) => l,
@@ -231,7 +235,7 @@ impl RelayClient {
         if line.in_flight >= self.lines.limit {
             // A ticket already in line (its holder came back on its own) is there twice;
             // the holder checks its own ticket when it is handed out.
-            line.waiting.push_back(ticket);
+            line.waiting.extend(ticket);
             return None;
         }
         line.in_flight += 1;
@@ -240,6 +244,36 @@ impl RelayClient {
             relay: relay.to_string(),
             held: true,
         })
+    }
+
+    /// One of `relay`'s slots, waiting in place up to `at_most` for one to be given back
+    /// while `keep_waiting` says so; `None` (and no ticket left) otherwise. For a caller
+    /// whose waiting holds nothing another relay needs.
+    pub async fn wait_slot(
+        &self,
+        relay: &str,
+        at_most: Duration,
+        keep_waiting: impl Fn() -> bool,
+    ) -> Option<RelaySlot> {
+        let deadline = tokio::time::Instant::now() + at_most;
+        loop {
+            // Taken before looking, so a slot given back in between is not missed.
+            let freed = {
+                let mut lines = self.lines.lock();
+                lines.entry(relay.to_string()).or_default().freed.clone()
+            };
+            let mut notified = std::pin::pin!(freed.notified());
+            notified.as_mut().enable();
+            if let Some(slot) = self.reserve(relay, None) {
+                return Some(slot);
+            }
+            if !keep_waiting() {
+                return None;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
     }
 
     /// The oldest ticket waiting in `relay`'s line (its holder went away).
