@@ -1,14 +1,18 @@
 //! Webhook throughput, printed as numbers (not criterion: each run needs a fresh queue
-//! of 1,000 events and a live HTTPS receiver).
+//! of events and a live HTTPS receiver).
 //!
 //! - **delivery**: 1,000 queued callbacks delivered by the webhook worker to a local
 //!   HTTPS receiver that answers `200` at once (`connector::sim::relay`), against
 //!   the baseline of the same number of plain `reqwest` POSTs of the same body to the
 //!   same receiver, with as many in flight as the worker runs, in the same run;
 //! - **ingestion**: events accepted per second through `POST /v1/webhooks/connect`
-//!   with 64 concurrent clients (each `202` means the job is on disk).
+//!   with 64 concurrent clients (each `202` means the job is on disk), against the
+//!   baseline of the same path called in-process (`webhook::ingest_json` from 64 tasks,
+//!   the same bodies, a fresh queue), in the same run.
 //!
-//! `cargo bench --bench webhook` (`WEBHOOK_BENCH_EVENTS` changes the 1,000).
+//! `cargo bench --bench webhook` (`WEBHOOK_BENCH_EVENTS` changes the 1,000; 20,000
+//! gives rates that start-up does not weigh on; `WEBHOOK_BENCH_ONLY=delivery` or
+//! `ingestion` runs one half, for a profiler).
 
 use connector::sim::relay as receiver;
 
@@ -103,14 +107,14 @@ async fn delivery(receiver: &receiver::Receiver, n: usize, per_relay: usize) -> 
         handler,
         stop.clone(),
     ));
-    let mut events = s.queue.subscribe();
     loop {
         let done = s.queue.stats().unwrap().jobs[&jobs::WEBHOOK][&JobState::Done];
         if done as usize >= n {
             break;
         }
-        // Any job event may be the last one; stats are the truth.
-        let _ = tokio::time::timeout(Duration::from_millis(50), events.recv()).await;
+        // Polled, not woken by every job event: reading the stats once per event would
+        // take the CPU the workers are measured on.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let secs = start.elapsed().as_secs_f64();
     stop.cancel();
@@ -152,9 +156,53 @@ async fn baseline(receiver: &receiver::Receiver, n: usize, in_flight: usize) -> 
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The bodies of `total` events, made before the clock starts.
+fn bodies(total: usize) -> Arc<Vec<axum::body::Bytes>> {
+    Arc::new(
+        (0..total)
+            .map(|i| axum::body::Bytes::from(event(i).to_string()))
+            .collect(),
+    )
+}
+
+/// The baseline: `total` events through `webhook::ingest_json` by `CLIENTS` tasks.
+async fn ingestion_in_process(receiver: &receiver::Receiver, total: usize) -> f64 {
+    let s = setup(receiver, 8);
+    let bodies = bodies(total);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (q, r, next, bodies) = (
+                s.queue.clone(),
+                s.registry.clone(),
+                next.clone(),
+                bodies.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= total {
+                        break;
+                    }
+                    webhook::ingest_json(&q, &r, &bodies[i]).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let rate = total as f64 / start.elapsed().as_secs_f64();
+    let stored = s.queue.stats().unwrap().jobs[&jobs::WEBHOOK][&JobState::Ready];
+    assert_eq!(stored as usize, total, "every event is a stored job");
+    rate
+}
+
 /// `total` events POSTed to the listener by `CLIENTS` concurrent clients.
 async fn ingestion(receiver: &receiver::Receiver, total: usize) -> f64 {
     let s = setup(receiver, 8);
+    let bodies = bodies(total);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
@@ -179,31 +227,40 @@ async fn ingestion(receiver: &receiver::Receiver, total: usize) -> f64 {
         stop.clone(),
     ));
     let url = format!("http://{addr}/v1/webhooks/connect");
+    // One client, made before the clock starts (a client loads the system's CAs), with
+    // a connection per concurrent sender.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(CLIENTS)
+        .build()
+        .unwrap();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
-    join_all((0..CLIENTS).map(|_| {
-        let (url, next) = (url.clone(), next.clone());
-        // One client (one connection) per concurrent sender.
-        let client = reqwest::Client::builder().build().unwrap();
-        async move {
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= total {
-                    break;
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (client, url, next, bodies) =
+                (client.clone(), url.clone(), next.clone(), bodies.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= total {
+                        break;
+                    }
+                    let r = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(bodies[i].clone())
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status().as_u16(), 202);
+                    r.bytes().await.unwrap();
                 }
-                let r = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(event(i).to_string())
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status().as_u16(), 202);
-                r.bytes().await.unwrap();
-            }
-        }
-    }))
-    .await;
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
     let rate = total as f64 / start.elapsed().as_secs_f64();
     stop.cancel();
     let _ = server.await;
@@ -225,24 +282,34 @@ fn main() {
         .unwrap();
     let receiver = receiver::Receiver::start();
     let worker_concurrency = jobs::settings().kind(jobs::WEBHOOK).concurrency;
+    let only = std::env::var("WEBHOOK_BENCH_ONLY").unwrap_or_default();
     rt.block_on(async {
+        if only == "ingestion" {
+            return;
+        }
         // Warm-up: connections, TLS sessions, page cache.
         baseline(&receiver, n.min(100), 8).await;
         let base = baseline(&receiver, n, worker_concurrency).await;
         let d8 = delivery(&receiver, n, 8).await;
         let d32 = delivery(&receiver, n, worker_concurrency).await;
-        println!("webhook delivery, {n} queued callbacks, local HTTPS receiver answering 200 at once:");
         println!(
-            "  baseline: plain reqwest POSTs, {worker_concurrency} in flight   {base:>9.0}/s"
+            "webhook delivery, {n} queued callbacks, local HTTPS receiver answering 200 at once:"
         );
+        println!("  baseline: plain reqwest POSTs, {worker_concurrency} in flight   {base:>9.0}/s");
         println!("  webhook worker, per_relay_concurrency = 8 (default)   {d8:>9.0}/s");
         println!(
             "  webhook worker, per_relay_concurrency = {worker_concurrency}            {d32:>9.0}/s"
         );
+    });
+    rt.block_on(async {
+        if only == "delivery" {
+            return;
+        }
         let total = n * 4;
+        let base = ingestion_in_process(&receiver, total).await;
         let ing = ingestion(&receiver, total).await;
-        println!(
-            "webhook ingestion, {total} events, {CLIENTS} concurrent clients over HTTP: {ing:>9.0} accepted/s (each durable before its 202)"
-        );
+        println!("webhook ingestion, {total} events, {CLIENTS} concurrent senders (each durable before it is answered):");
+        println!("  baseline: webhook::ingest_json in-process    {base:>9.0}/s");
+        println!("  POST /v1/webhooks/connect over HTTP          {ing:>9.0}/s");
     });
 }

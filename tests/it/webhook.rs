@@ -495,6 +495,119 @@ async fn retry_after_only_pushes_later() {
     t.stop().await;
 }
 
+/// Waits until every job of `relay` in `ids` is done.
+async fn all_done(queue: &Queue, ids: &std::collections::HashMap<u64, &str>, relay: &str) {
+    let mut events = queue.subscribe();
+    let want: Vec<u64> = ids
+        .iter()
+        .filter(|(_, r)| **r == relay)
+        .map(|(id, _)| *id)
+        .collect();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let done =
+                |id: &&u64| queue.get(**id).unwrap().unwrap().state(queue.now()) == JobState::Done;
+            if want.iter().all(|id| done(&id)) {
+                return;
+            }
+            // Any job event may be the last one; the jobs are the truth.
+            match events.recv().await {
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("job events: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("every callback to `{relay}` delivered"))
+}
+
+/// Issue 15: a relay at its `per_relay_concurrency` holds no worker slot with the jobs
+/// that wait for it. One relay hangs every request (until released); with it at its
+/// limit of 2 and the pool at 4 slots, every callback to another relay, queued after
+/// the hanging relay's, is still delivered. Then, released, the waiting callbacks are
+/// delivered too — woken by the relay's freed slots, not by their fallback, which is
+/// the request timeout (10 minutes here) — each on its first attempt: waiting for the
+/// relay is not a failed attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_at_its_limit_holds_no_worker_slot_and_other_relays_are_delivered() {
+    const LIMIT: usize = 2;
+    const EACH: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let (slow, fast) = (Arc::new(Receiver::start()), Arc::new(Receiver::start()));
+    slow.set_default(Answer::Hold);
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, format!("{}{}", slow.ca_pem, fast.ca_pem)).unwrap();
+    let mut settings = jobs::settings();
+    settings.kind_mut(jobs::WEBHOOK).concurrency = 4;
+    let (queue, _) = Queue::open(
+        dir.path().join("queue"),
+        settings,
+        Arc::new(connector::queue::SystemClock),
+    )
+    .unwrap();
+    let provider = |id: &str, r: &Receiver| Provider {
+        id: id.into(),
+        name: None,
+        callback_url: url::Url::parse(&r.url("/cb")).unwrap(),
+        secret: None,
+        path: dir.path().join(format!("{id}.json")),
+    };
+    let registry = Arc::new(Registry::from_providers([
+        provider("slow", &slow),
+        provider("fast", &fast),
+    ]));
+    let client = RelayClient::new(&WebhookConfig {
+        ca_file: Some(ca),
+        per_relay_concurrency: LIMIT,
+        // Longer than the test waits: a held request never times out here.
+        timeout: Duration::from_secs(600),
+        ..WebhookConfig::default()
+    })
+    .unwrap();
+    let mut ids = std::collections::HashMap::new();
+    for relay in ["slow", "fast"] {
+        for i in 0..EACH {
+            let mut ev = connect_event(&format!("{relay}-{i}"), "success");
+            ev["relay_id"] = json!(relay);
+            let a = webhook::ingest_json(&queue, &registry, ev.to_string().as_bytes())
+                .await
+                .unwrap();
+            ids.insert(a.job_id, relay);
+        }
+    }
+    let stop = CancellationToken::new();
+    let workers = tokio::spawn(run_workers(
+        queue.clone(),
+        jobs::WEBHOOK,
+        Arc::new(Webhook {
+            queue: queue.clone(),
+            registry: registry.clone(),
+            client: Arc::new(client),
+        }),
+        stop.clone(),
+    ));
+    all_done(&queue, &ids, "fast").await;
+    let fast_reqs = fast.wait_requests_async(EACH, WAIT).await.unwrap();
+    assert_eq!(fast_reqs.len(), EACH);
+    // The hanging relay has exactly its limit in flight; the rest wait off the pool.
+    let held = slow.wait_requests_async(LIMIT, WAIT).await.unwrap();
+    assert_eq!(held.len(), LIMIT, "the per-relay limit holds");
+
+    slow.release();
+    all_done(&queue, &ids, "slow").await;
+    assert_eq!(slow.requests().len(), EACH, "each callback sent once");
+    for (&id, _) in ids.iter().filter(|(_, r)| **r == "slow") {
+        let job = queue.get(id).unwrap().unwrap();
+        assert_eq!(
+            (job.attempts, job.history.len()),
+            (1, 1),
+            "waiting for the relay is not an attempt: {job:#?}"
+        );
+    }
+    stop.cancel();
+    workers.await.unwrap().unwrap();
+}
+
 // ---- end to end: the real binary ----
 
 /// A temporary directory with provider files, the receiver's CA, a config, and the

@@ -222,6 +222,20 @@ impl Rejected {
 /// the field when a field has the wrong type. Unknown fields are ignored (and never
 /// stored).
 pub fn parse_json(body: &[u8]) -> Result<ConnectEvent, Rejected> {
+    // The common case, an object that deserialises as it is, without building a
+    // `Value` tree first. Anything else (not an object, a field of the wrong type, a
+    // field given twice) takes the path below, whose errors name the field; it accepts
+    // every body this one does, with the same result.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+        && let Ok(event) = serde_json::from_slice::<ConnectEvent>(body)
+    {
+        return Ok(event);
+    }
+    parse_value(body)
+}
+
+/// [`parse_json`] through a `serde_json::Value`, for errors that name the field.
+fn parse_value(body: &[u8]) -> Result<ConnectEvent, Rejected> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| Rejected::malformed(format!("the body is not JSON: {e}")))?;
     if !value.is_object() {
@@ -487,6 +501,36 @@ pub enum TimestampError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The direct parse accepts only what the `Value` path accepts, with the same result.
+    #[test]
+    fn the_direct_parse_agrees_with_the_value_path() {
+        let shown = |r: &Result<ConnectEvent, Rejected>| match r {
+            Ok(e) => format!(
+                "{e:?} key={:?}",
+                e.key.as_ref().map(|k| k.expose().to_string())
+            ),
+            Err(r) => format!("{r:?}"),
+        };
+        for body in [
+            r#"{"relay_id":"r","status":"success","key":"sk-1234567890","client":{"version":"1","platform":"linux"}}"#,
+            r#"  {"relay_id":"r","unknown":[1,{"a":2}],"ref":null,"client":null}"#,
+            r#"{"relay_id":"r","relay_id":"s"}"#,
+            r#"{"relay_id":1}"#,
+            r#"{"key":5}"#,
+            r#"["r","success"]"#,
+            r#"{"relay_id":"r"} x"#,
+            r#"{"relay_id":"café "q""}"#,
+            "",
+            "null",
+        ] {
+            assert_eq!(
+                shown(&parse_json(body.as_bytes())),
+                shown(&parse_value(body.as_bytes())),
+                "{body}"
+            );
+        }
+    }
     use crate::peers::relays::Provider;
 
     fn registry() -> Registry {

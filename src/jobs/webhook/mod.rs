@@ -20,6 +20,19 @@
 //! failed attempt on the kind's ladder (`0s, 1m, 5m, 30m`, then dead), pushed later by
 //! a `Retry-After`. A relay that is not registered (any more) is a failed attempt too.
 //!
+//! # Waiting for a busy relay
+//!
+//! A relay takes at most `webhook.per_relay_concurrency` callbacks at once. A job whose
+//! relay is at that limit does not wait in its worker slot (one slow relay would hold
+//! every slot and starve the others) — unless its relay is the only one registered,
+//! when there are no others to starve: then it waits in place, for at most the request
+//! timeout. Otherwise it leaves its ticket in the relay's line
+//! ([`RelayClient::reserve`]) and is put back ([`AttemptResult::Defer`]: no attempt
+//! counted, no rung used), due after the request timeout — by then a slot of the
+//! relay's has been given back for sure. Each slot given back hands out the oldest
+//! ticket, and that job is made due at once ([`hand_over`]), as soon as its deferral is
+//! on disk.
+//!
 //! Reads: the job payload, the provider registry. Writes: the relay (HTTP), state
 //! `webhook/delivered/{job}` with the ack, `webhook/totals/{relay}` ([`stats`]).
 //!
@@ -35,13 +48,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
 use serde::Serialize;
+use tokio::sync::broadcast;
 
 pub use event::{ConnectEvent, Payload, Rejected, Status};
 
 use crate::jobs;
 use crate::peers::relays::Registry;
-use crate::peers::relays::client::RelayClient;
-use crate::queue::{AttemptResult, Dedupe, Effects, Handler, Job, NewJob, Queue, next_delay};
+use crate::peers::relays::client::{RelayClient, Ticket};
+use crate::queue::{
+    AttemptResult, Commit, Dedupe, Effects, Handler, Job, NewJob, Queue, Stored, next_delay,
+};
 use crate::telemetry::metrics;
 
 /// What an accepted event became: `202 {"job_id","event_id","duplicate"}`.
@@ -181,16 +197,56 @@ impl Handler for Webhook {
                 None,
             );
         };
+        let ticket = Ticket {
+            id: job.id,
+            n: job.attempts,
+        };
+        let slot = match self.client.reserve(&p.relay_id, None) {
+            Some(slot) => slot,
+            None => {
+                // The only relay: waiting in the worker slot keeps it from no other
+                // relay, and costs no deferral and no second lease. For at most the
+                // request timeout (the longest a slot of the relay's stays taken), and
+                // only while no other relay is registered.
+                let waited = if self.only_relay() {
+                    let at_most = self.client.timeout();
+                    self.client
+                        .wait_slot(&p.relay_id, at_most, || self.only_relay())
+                        .await
+                } else {
+                    None
+                };
+                match waited.or_else(|| self.client.reserve(&p.relay_id, Some(ticket))) {
+                    Some(slot) => slot,
+                    None => return self.wait_for_relay(&p),
+                }
+            }
+        };
         let body = p.body();
         let now_secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let headers = headers(&p, provider.secret.as_ref(), now_secs, &body);
-        match self
+        let sent = self
             .client
-            .post(&p.relay_id, &provider.callback_url, headers, body)
-            .await
-        {
+            .post(&slot, &p.relay_id, &provider.callback_url, headers, body)
+            .await;
+        // The slot goes back now, and with it the turn of the oldest job waiting for
+        // it: woken in this attempt's own write when its deferral is already on disk.
+        let mut wake = Vec::new();
+        if let Some(next) = slot.release() {
+            if sent.is_ok() && turn(&self.queue, next) == Turn::Wake {
+                wake.push(next.id);
+            } else {
+                tokio::spawn(hand_over(
+                    self.queue.clone(),
+                    self.client.clone(),
+                    p.relay_id.clone(),
+                    next,
+                ));
+            }
+        }
+        match sent {
             Ok(d) => {
                 metrics::webhook_delivery(&p.relay_id, "delivered");
                 tracing::info!(
@@ -205,7 +261,7 @@ impl Handler for Webhook {
                     state: vec![stats::delivered(job.id, &p, self.queue.now())],
                     enqueue: Vec::new(),
                     note: Some(format!("relay answered {}", d.status)),
-                    wake: Vec::new(),
+                    wake,
                 })
             }
             Err(e) => self.failed(&job, &p, e.to_string(), e.retry_after()),
@@ -214,6 +270,29 @@ impl Handler for Webhook {
 }
 
 impl Webhook {
+    /// At most one relay is registered: no other relay's callbacks can be waiting for a
+    /// worker slot.
+    fn only_relay(&self) -> bool {
+        self.registry.snapshot().by_id.len() <= 1
+    }
+
+    /// The relay is at its limit: the job goes back, due after the request timeout (the
+    /// longest any of the relay's slots can stay taken), and is woken sooner when its
+    /// ticket is handed out.
+    fn wait_for_relay(&self, p: &Payload) -> AttemptResult {
+        let timeout = self.client.timeout();
+        AttemptResult::Defer {
+            until: self
+                .queue
+                .now()
+                .saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+            why: format!(
+                "relay {} has webhook.per_relay_concurrency callbacks in flight; waits off the worker pool for one to end",
+                p.relay_id
+            ),
+        }
+    }
+
     /// A failed attempt; says so loudly when it is the last one.
     fn failed(
         &self,
@@ -237,5 +316,75 @@ impl Webhook {
             );
         }
         AttemptResult::Retry { error, retry_after }
+    }
+}
+
+/// Where the job holding a handed-out ticket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    /// Deferred (the lease's attempt given back) and on disk: wake it.
+    Wake,
+    /// Still in the attempt that found the relay busy: its deferral is not recorded yet.
+    Wait,
+    /// Moved on (delivered, failed, leased again, purged): the turn passes on.
+    Gone,
+}
+
+fn turn(queue: &Queue, ticket: Ticket) -> Turn {
+    match queue.get(ticket.id) {
+        Ok(Some(job)) => match job.stored {
+            Stored::Pending { .. } if job.attempts.saturating_add(1) == ticket.n => Turn::Wake,
+            Stored::Running { .. } if job.attempts == ticket.n => Turn::Wait,
+            _ => Turn::Gone,
+        },
+        Ok(None) => Turn::Gone,
+        Err(e) => {
+            tracing::debug!(job = ticket.id, error = %e, "cannot read a job waiting for its relay");
+            Turn::Gone
+        }
+    }
+}
+
+/// The turn of the job holding `ticket` came (one of `relay`'s slots was given back)
+/// and could not be given in the write of the attempt that gave the slot back: makes
+/// the job due now, once its deferral is on disk (the worker records it after the
+/// handler returned). A ticket whose job has moved on passes the turn to the next in
+/// line. A turn lost on the way costs that job no more than its fallback (the request
+/// timeout).
+async fn hand_over(queue: Queue, client: Arc<RelayClient>, relay: String, mut ticket: Ticket) {
+    let mut events = queue.subscribe();
+    loop {
+        match turn(&queue, ticket) {
+            Turn::Wake => {
+                let wake = Commit {
+                    wake: vec![ticket.id],
+                    ..Commit::default()
+                };
+                if let Err(e) = queue.commit(wake).await {
+                    tracing::debug!(job = ticket.id, error = %e, "a job waiting for its relay is not woken; it runs at its fallback");
+                }
+                return;
+            }
+            Turn::Wait => {
+                let id = ticket.id;
+                let recorded = async {
+                    loop {
+                        match events.recv().await {
+                            Ok(e) if e.id != id => {}
+                            // This job's, or missed ones: look again.
+                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return true,
+                            Err(broadcast::error::RecvError::Closed) => return false,
+                        }
+                    }
+                };
+                if let Ok(false) = tokio::time::timeout(client.timeout(), recorded).await {
+                    return;
+                }
+            }
+            Turn::Gone => match client.next_waiting(&relay) {
+                Some(next) => ticket = next,
+                None => return,
+            },
+        }
     }
 }

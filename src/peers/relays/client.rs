@@ -5,15 +5,21 @@
 //! `webhook.per_relay_concurrency` requests in flight to one relay. All relays together
 //! are bounded by the webhook kind's worker concurrency.
 //!
+//! The per-relay limit is not waited for here: a sender takes one of the relay's slots
+//! ([`RelayClient::reserve`]) or, when they are all taken, leaves a ticket (an opaque
+//! number of the caller's) in the relay's line and goes away; each slot given back
+//! ([`RelaySlot::release`]) hands out the oldest ticket, so the caller can come back
+//! for it. A caller that waited here would hold whatever it runs in (a worker slot of
+//! the queue) while one slow relay keeps it waiting, and starve the other relays.
+//!
 //! Errors name the relay and what happened, never a header, nor a URL's password or
 //! query values (relays put tokens there): a redirect's location is shown masked.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{HeaderMap, RETRY_AFTER};
-use tokio::sync::Semaphore;
 
 use super::WebhookSettings;
 
@@ -107,8 +113,69 @@ pub struct Delivered {
 pub struct RelayClient {
     http: reqwest::Client,
     timeout: Duration,
-    per_relay_limit: usize,
-    per_relay: Mutex<HashMap<String, Arc<Semaphore>>>,
+    lines: Arc<Lines>,
+}
+
+/// Every relay's requests in flight and the tickets waiting for one to end.
+#[derive(Debug)]
+struct Lines {
+    limit: usize,
+    by_relay: Mutex<HashMap<String, Line>>,
+}
+
+#[derive(Debug, Default)]
+struct Line {
+    in_flight: usize,
+    waiting: VecDeque<Ticket>,
+    /// Told (once) each time a slot is given back, for callers that wait in place.
+    freed: Arc<tokio::sync::Notify>,
+}
+
+/// A caller's mark in a relay's line: opaque here (the webhook kind puts a job and its
+/// attempt in it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    pub id: u64,
+    pub n: u32,
+}
+
+impl Lines {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Line>> {
+        self.by_relay.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One of a relay's `per_relay_concurrency` request slots, held for one delivery.
+/// Dropped without [`RelaySlot::release`], it is given back but hands out no ticket.
+#[derive(Debug)]
+pub struct RelaySlot {
+    lines: Arc<Lines>,
+    relay: String,
+    held: bool,
+}
+
+impl RelaySlot {
+    /// Gives the slot back; returns the oldest ticket that was waiting for one, whose
+    /// holder may now come back (the slot is not kept for it: first come, first served).
+    pub fn release(mut self) -> Option<Ticket> {
+        self.held = false;
+        let mut lines = self.lines.lock();
+        let line = lines.get_mut(&self.relay)?;
+        line.in_flight = line.in_flight.saturating_sub(1);
+        line.freed.notify_one();
+        line.waiting.pop_front()
+    }
+}
+
+impl Drop for RelaySlot {
+    fn drop(&mut self) {
+        if self.held
+            && let Some(line) = self.lines.lock().get_mut(&self.relay)
+        {
+            line.in_flight = line.in_flight.saturating_sub(1);
+            line.freed.notify_one();
+        }
+    }
 }
 
 impl RelayClient {
@@ -144,32 +211,85 @@ impl RelayClient {
         Ok(RelayClient {
             http,
             timeout: cfg.timeout,
-            per_relay_limit: cfg.per_relay_concurrency.max(1),
-            per_relay: Mutex::new(HashMap::new()),
+            lines: Arc::new(Lines {
+                limit: cfg.per_relay_concurrency.max(1),
+                by_relay: Mutex::new(HashMap::new()),
+            }),
         })
     }
 
-    fn slots(&self, relay: &str) -> Arc<Semaphore> {
-        let mut m = self
-            .per_relay
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        m.entry(relay.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.per_relay_limit)))
-            .clone()
+    /// The request timeout (`webhook.timeout`): the longest a slot is held.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
-    /// POSTs `body` to `url` for `relay`, waiting for one of the relay's slots first.
+    /// One of `relay`'s slots, or `None` when all `per_relay_concurrency` are taken:
+    /// then `ticket` (if given) waits in the relay's line until a [`RelaySlot::release`]
+    /// hands it out. Never waits.
+    pub fn reserve(&self, relay: &str, ticket: Option<Ticket>) -> Option<RelaySlot> {
+        let mut lines = self.lines.lock();
+        let line = match lines.get_mut(relay) {
+            Some(l) => l,
+            None => lines.entry(relay.to_string()).or_default(),
+        };
+        if line.in_flight >= self.lines.limit {
+            // A ticket already in line (its holder came back on its own) is there twice;
+            // the holder checks its own ticket when it is handed out.
+            line.waiting.extend(ticket);
+            return None;
+        }
+        line.in_flight += 1;
+        Some(RelaySlot {
+            lines: self.lines.clone(),
+            relay: relay.to_string(),
+            held: true,
+        })
+    }
+
+    /// One of `relay`'s slots, waiting in place up to `at_most` for one to be given back
+    /// while `keep_waiting` says so; `None` (and no ticket left) otherwise. For a caller
+    /// whose waiting holds nothing another relay needs.
+    pub async fn wait_slot(
+        &self,
+        relay: &str,
+        at_most: Duration,
+        keep_waiting: impl Fn() -> bool,
+    ) -> Option<RelaySlot> {
+        let deadline = tokio::time::Instant::now() + at_most;
+        loop {
+            // Taken before looking, so a slot given back in between is not missed.
+            let freed = {
+                let mut lines = self.lines.lock();
+                lines.entry(relay.to_string()).or_default().freed.clone()
+            };
+            let mut notified = std::pin::pin!(freed.notified());
+            notified.as_mut().enable();
+            if let Some(slot) = self.reserve(relay, None) {
+                return Some(slot);
+            }
+            if !keep_waiting() {
+                return None;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// The oldest ticket waiting in `relay`'s line (its holder went away).
+    pub fn next_waiting(&self, relay: &str) -> Option<Ticket> {
+        self.lines.lock().get_mut(relay)?.waiting.pop_front()
+    }
+
+    /// POSTs `body` to `url` for `relay`, in one of its slots ([`RelayClient::reserve`]).
     pub async fn post(
         &self,
+        _slot: &RelaySlot,
         relay: &str,
         url: &url::Url,
         headers: HeaderMap,
         body: Vec<u8>,
     ) -> Result<Delivered, DeliveryError> {
-        let slots = self.slots(relay);
-        // The semaphore is never closed.
-        let _slot = slots.acquire().await;
         let sent = self
             .http
             .post(url.clone())
