@@ -363,7 +363,9 @@ impl Collector {
 
 /// `base` (sorted by UUID) with the values of `over` (sorted by UUID) laid over it.
 fn merge(base: &[(Uuid, Pair)], over: &[(Uuid, Pair, Pair)]) -> Chunk {
-    let mut out = Vec::with_capacity(base.len() + over.len());
+    // Most of `over` replaces entries of `base` (users seen before): sized for that,
+    // it grows only when new users joined.
+    let mut out = Vec::with_capacity(base.len().max(over.len()));
     let (mut b, mut o) = (base.iter().peekable(), over.iter().peekable());
     loop {
         match (b.peek(), o.peek()) {
