@@ -155,14 +155,18 @@ impl Collector {
         }
         let now = self.queue.now();
         let restarted = self.restarted(&before, now);
-        let (values, foreign) = self.values(&counters)?;
+        let (mut values, foreign) = self.values(&counters)?;
 
         // The users whose baseline changes, by chunk: (UUID, counter values, delta).
         // After a restart every user is here: their chunks are written anew.
         let mut touched: BTreeMap<ChunkId, Vec<(Uuid, Pair, Pair)>> = BTreeMap::new();
+        // A chunk holds about users / (256 × nodes) of them (UUIDs are random): a
+        // touched chunk is made that big (and three standard deviations more) at once,
+        // rather than doubled up from four — most of a full collection's allocations.
+        let per_chunk = values.len() / (256 * self.shapes.len().max(1));
+        let room = per_chunk + 3 * per_chunk.isqrt() + 4;
         let mut grew = false;
-        for (&user, &value) in &values {
-            let committed = self.bases.get(&user).unwrap_or_default();
+        let mut judge = |user: UserKey, value: Pair, committed: Pair| {
             let base = if restarted { [0, 0] } else { committed };
             let mut delta = [0u64; 2];
             for d in 0..2 {
@@ -184,8 +188,25 @@ impl Collector {
             if restarted || committed != value {
                 touched
                     .entry(state::chunk_of(&user))
-                    .or_default()
+                    .or_insert_with(|| Vec::with_capacity(room))
                     .push((user.1, value, delta));
+            }
+        };
+        // Users with a baseline, chunk by chunk: the chunks are read in order, and each
+        // user costs one probe of `values` (a binary search per user into 256 vectors at
+        // random missed the cache at every step: most of a steady collection).
+        for id in self.bases.chunk_ids() {
+            for &(uuid, committed) in self.bases.chunk(id) {
+                if let Some((value, seen)) = values.get_mut(&(id.0, uuid)) {
+                    *seen = true;
+                    judge((id.0, uuid), *value, committed);
+                }
+            }
+        }
+        // And the users without one.
+        for (&user, &(value, seen)) in &values {
+            if !seen {
+                judge(user, value, [0, 0]);
             }
         }
         self.seen = Some((after, read_at));
@@ -291,8 +312,9 @@ impl Collector {
     /// of no node's shape. Two emails of one user (differing in case: the core matches
     /// emails case-insensitively, its counters do not) are summed, and so is their
     /// baseline: the sum grows exactly as the two do.
-    fn values(&self, counters: &RawStats) -> Result<(HashMap<UserKey, Pair>, usize), BadCounter> {
-        let mut values: HashMap<UserKey, Pair> = HashMap::with_capacity(counters.len() / 2);
+    /// (The flag: seen while walking the baselines; `false` here.)
+    fn values(&self, counters: &RawStats) -> Result<(Values, usize), BadCounter> {
+        let mut values: Values = HashMap::with_capacity(counters.len() / 2);
         let mut foreign: HashSet<&str> = HashSet::new();
         for counter in counters.counters() {
             let (name, value) = counter?;
@@ -301,7 +323,7 @@ impl Collector {
             };
             match attribute(&self.shapes, email) {
                 Some(user) => {
-                    let v = &mut values.entry(user).or_default()[dir];
+                    let v = &mut values.entry(user).or_default().0[dir];
                     *v = v.saturating_add(u64::try_from(value).unwrap_or(0));
                 }
                 None => {
@@ -360,6 +382,9 @@ impl Collector {
         }
     }
 }
+
+/// Each of our users' counter values, and a flag (see `collect`).
+type Values = HashMap<UserKey, (Pair, bool)>;
 
 /// `base` (sorted by UUID) with the values of `over` (sorted by UUID) laid over it.
 fn merge(base: &[(Uuid, Pair)], over: &[(Uuid, Pair, Pair)]) -> Chunk {
