@@ -331,14 +331,7 @@ impl Queue {
             }
         }
         let idem = keys::idem(job.kind, &job.key);
-        let holder = match g.holder(&idem) {
-            Some(id) => Some(id),
-            None => self
-                .db()?
-                .get(&idem)
-                .storage()?
-                .and_then(|v| keys::be_u64(&v)),
-        };
+        let holder = self.holder_in(g, &idem)?;
         if let Some(holder) = holder
             && holder != job.id
             && self

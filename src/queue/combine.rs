@@ -362,6 +362,19 @@ impl Queue {
         Ok((results, (!quiet).then_some(epoch)))
     }
 
+    /// The job holding idempotency entry `idem` as the group sees it: as it wrote it,
+    /// else from the tree.
+    pub(super) fn holder_in(&self, g: &Group, idem: &[u8]) -> Result<Option<u64>> {
+        match g.holder(idem) {
+            Some(id) => Ok(Some(id)),
+            None => Ok(self
+                .db()?
+                .get(idem)
+                .storage()?
+                .and_then(|v| keys::be_u64(&v))),
+        }
+    }
+
     /// Job `id` as the group sees it: as it left it, else from the tree.
     pub(super) fn load_in(&self, g: &Group, id: u64) -> Result<Option<Job>> {
         match g.job(id) {

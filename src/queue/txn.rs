@@ -180,14 +180,7 @@ impl Queue {
         g: &mut Group,
     ) -> Result<Enqueued> {
         let idem = keys::idem(j.kind, &j.key);
-        let holder = match g.holder(&idem) {
-            Some(id) => Some(id),
-            None => self
-                .db()?
-                .get(&idem)
-                .storage()?
-                .and_then(|v| keys::be_u64(&v)),
-        };
+        let holder = self.holder_in(g, &idem)?;
         let existing = match holder {
             Some(id) => self.load_in(g, id)?,
             None => None,
