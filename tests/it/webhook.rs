@@ -139,6 +139,25 @@ struct InProcess {
 /// 2026-01-05T12:00:00Z
 const T0: u64 = 1_767_614_400_000;
 
+/// The webhook kind's worker pool on `queue`, delivering through `client`.
+fn spawn_workers(
+    queue: &Queue,
+    registry: &Arc<Registry>,
+    client: RelayClient,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<connector::queue::Result<()>> {
+    tokio::spawn(run_workers(
+        queue.clone(),
+        jobs::WEBHOOK,
+        Arc::new(Webhook {
+            queue: queue.clone(),
+            registry: registry.clone(),
+            client: Arc::new(client),
+        }),
+        stop.clone(),
+    ))
+}
+
 impl InProcess {
     fn start(secret: Option<&str>) -> InProcess {
         let dir = tempfile::tempdir().unwrap();
@@ -161,16 +180,7 @@ impl InProcess {
         })
         .unwrap();
         let stop = CancellationToken::new();
-        let workers = tokio::spawn(run_workers(
-            queue.clone(),
-            jobs::WEBHOOK,
-            Arc::new(Webhook {
-                queue: queue.clone(),
-                registry: registry.clone(),
-                client: Arc::new(client),
-            }),
-            stop.clone(),
-        ));
+        let workers = spawn_workers(&queue, &registry, client, &stop);
         InProcess {
             _dir: dir,
             queue,
@@ -576,16 +586,7 @@ async fn a_relay_at_its_limit_holds_no_worker_slot_and_other_relays_are_delivere
         }
     }
     let stop = CancellationToken::new();
-    let workers = tokio::spawn(run_workers(
-        queue.clone(),
-        jobs::WEBHOOK,
-        Arc::new(Webhook {
-            queue: queue.clone(),
-            registry: registry.clone(),
-            client: Arc::new(client),
-        }),
-        stop.clone(),
-    ));
+    let workers = spawn_workers(&queue, &registry, client, &stop);
     all_done(&queue, &ids, "fast").await;
     let fast_reqs = fast.wait_requests_async(EACH, WAIT).await.unwrap();
     assert_eq!(fast_reqs.len(), EACH);
