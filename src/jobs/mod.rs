@@ -72,6 +72,9 @@ pub fn default_settings(kind: JobKind) -> KindSettings {
         ladder,
         on_exhausted,
         concurrency,
+        // Callbacks are many and short: a slot waiting for its next lease's flush was
+        // most of a delivery's time. The others run few, long attempts per node.
+        lease_ahead: if kind == WEBHOOK { concurrency } else { 0 },
         lease_timeout: Duration::from_secs(lease),
         keep_done: None,
     }

@@ -463,6 +463,7 @@ mod tests {
                     ladder: vec![Duration::ZERO],
                     on_exhausted: OnExhausted::Dead,
                     concurrency: 1,
+                    lease_ahead: 0,
                     lease_timeout: Duration::from_secs(60),
                     keep_done: None,
                 },

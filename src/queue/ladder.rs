@@ -25,6 +25,14 @@ pub struct KindSettings {
     pub on_exhausted: OnExhausted,
     /// Attempts of this kind that may run at once.
     pub concurrency: usize,
+    /// Jobs the worker loop leases ahead of a free slot, so that a slot its attempt
+    /// gives back starts the next job at once instead of waiting for a lease to reach
+    /// the disk (with many short attempts, that wait is most of a slot's time). A job
+    /// leased ahead has its attempt counted like any lease; the loop gives it back
+    /// uncounted ([`Queue::defer`](super::Queue::defer)) when paused or stopped, and
+    /// starts it only while its lease is still held with half its time left. 0: lease
+    /// only for free slots.
+    pub lease_ahead: usize,
     /// How long one attempt may hold its lease before the job is ready again.
     pub lease_timeout: Duration,
     /// How long done jobs of this kind are kept; `None`: the dedupe window. Shorter than
@@ -79,6 +87,7 @@ static UNGIVEN: KindSettings = KindSettings {
     ladder: Vec::new(),
     on_exhausted: OnExhausted::Dead,
     concurrency: 1,
+    lease_ahead: 0,
     lease_timeout: Duration::from_secs(60),
     keep_done: None,
 };

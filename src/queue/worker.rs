@@ -8,6 +8,7 @@
 //! [`AttemptObserver`] the caller passes in (the daemon's metrics), so the queue
 //! itself knows nothing of how it is measured.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -18,7 +19,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{Commit, Error, Job, JobKind, NewJob, Queue, Result, StateWrite, Stored};
+use super::{Commit, Error, Job, JobKind, Leased, NewJob, Queue, Result, StateWrite, Stored};
 
 /// How one attempt ended, as the job's handler reports it.
 #[derive(Debug, Clone)]
@@ -283,11 +284,23 @@ async fn work<H: Handler>(
     let kind = pool.kind;
     let settings = queue.settings().kind(kind).clone();
     let concurrency = settings.concurrency.max(1);
-    // A slot is busy while its handler runs, not while its result is being recorded:
-    // the next lease is made while the ack is on its way, so both go in one group
-    // commit (`combine.rs`) instead of one flush after the other.
-    let busy = Arc::new(AtomicUsize::new(0));
-    let freed = Arc::new(Notify::new());
+    let runner = Runner {
+        queue: queue.clone(),
+        handler,
+        observer,
+        kind,
+        limit: settings.lease_timeout,
+        // A slot is busy while its handler runs, not while its result is being
+        // recorded: the next lease is made while the ack is on its way, so both go in
+        // one group commit (`combine.rs`) instead of one flush after the other.
+        busy: Arc::new(AtomicUsize::new(0)),
+        freed: Arc::new(Notify::new()),
+    };
+    let freed = runner.freed.clone();
+    // Leased and not started yet (`KindSettings::lease_ahead`), oldest first, with the
+    // loop's turn that leased each.
+    let mut ahead: VecDeque<(Leased, u64)> = VecDeque::new();
+    let mut turn = 0u64;
     let mut attempts = JoinSet::new();
     let mut pause = pool.paused.subscribe();
     // Set while leasing fails, so the outage is logged once.
@@ -300,6 +313,9 @@ async fn work<H: Handler>(
         // Finished attempts stay in the JoinSet until joined.
         while attempts.try_join_next().is_some() {}
         if *pause.borrow_and_update() {
+            // Paused leases nothing, and holds nothing leased: what was leased ahead
+            // goes back as it was.
+            give_back(queue, kind, ahead.drain(..).map(|(l, _)| l)).await;
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = pause.changed() => {}
@@ -308,102 +324,46 @@ async fn work<H: Handler>(
             }
             continue;
         }
-        let free = concurrency.saturating_sub(busy.load(Ordering::Acquire));
-        let leased = match queue.lease(kind, free).await {
-            Ok(l) => {
-                if failing.take().is_some() {
-                    tracing::info!(kind = %kind, "workers lease jobs again");
+        turn = turn.wrapping_add(1);
+        // Slots given back since the last turn take the jobs leased ahead first.
+        fill(&runner, concurrency, &mut ahead, turn, &mut attempts);
+        let want = (concurrency + settings.lease_ahead).saturating_sub(runner.busy() + ahead.len());
+        let leased = if want == 0 {
+            Vec::new()
+        } else {
+            match queue.lease(kind, want).await {
+                Ok(l) => {
+                    if failing.take().is_some() {
+                        tracing::info!(kind = %kind, "workers lease jobs again");
+                    }
+                    l
                 }
-                l
-            }
-            Err(e) => {
-                // A full disk, a failed write, a deleted database: the queue refuses
-                // writes until it can take them again (`/healthz` says why). Attempts
-                // already running finish; this loop waits and tries again.
-                if failing.replace(()).is_none() {
-                    tracing::warn!(kind = %kind, error = %e, "workers cannot lease jobs; trying again every second");
+                Err(e) => {
+                    // A full disk, a failed write, a deleted database: the queue refuses
+                    // writes until it can take them again (`/healthz` says why). Attempts
+                    // already running finish; this loop waits and tries again.
+                    if failing.replace(()).is_none() {
+                        tracing::warn!(kind = %kind, error = %e, "workers cannot lease jobs; trying again every second");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break Ok(()),
+                        _ = freed.notified() => {}
+                        _ = tokio::time::sleep(IDLE_RECHECK) => {}
+                    }
+                    continue;
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => break Ok(()),
-                    _ = freed.notified() => {}
-                    _ = tokio::time::sleep(IDLE_RECHECK) => {}
-                }
-                continue;
             }
         };
-        let full = free > 0 && leased.len() == free;
-        for l in leased {
-            let token = l.token();
-            let (queue, handler, observer) = (queue.clone(), handler.clone(), observer.clone());
-            let limit = settings.lease_timeout;
-            let created_ms = l.job.created_ms;
-            busy.fetch_add(1, Ordering::AcqRel);
-            let slot = Slot {
-                busy: busy.clone(),
-                freed: freed.clone(),
-            };
-            attempts.spawn(async move {
-                let started = Instant::now();
-                let result = match tokio::time::timeout(limit, handler.run(l.job)).await {
-                    Ok(r) => r,
-                    Err(_) => AttemptResult::Retry {
-                        error: format!(
-                            "attempt timed out after {}",
-                            humantime::format_duration(limit)
-                        ),
-                        retry_after: None,
-                    },
-                };
-                drop(slot);
-                let took = started.elapsed();
-                let outcome = match &result {
-                    AttemptResult::Done | AttemptResult::DoneWith(_) => "done",
-                    AttemptResult::Retry { .. } => "failed",
-                    AttemptResult::Defer { .. } => "deferred",
-                };
-                let recorded = match result {
-                    AttemptResult::Done => queue.ack(token).await.map(|_| ()),
-                    AttemptResult::DoneWith(fx) => queue
-                        .commit(Commit {
-                            state: fx.state,
-                            enqueue: fx.enqueue,
-                            ack: Some(token),
-                            note: fx.note,
-                            wake: fx.wake,
-                        })
-                        .await
-                        .map(|_| ()),
-                    AttemptResult::Retry { error, retry_after } => {
-                        tracing::warn!(kind = %kind, job = token.id, attempt = token.attempt, %error, "attempt failed");
-                        queue.fail(token, &error, retry_after).await.map(|job| {
-                            if matches!(job.stored, Stored::Dead { .. }) {
-                                observer.exhausted(kind);
-                            }
-                        })
-                    }
-                    AttemptResult::Defer { until, why } => {
-                        tracing::debug!(kind = %kind, job = token.id, %why, "deferred");
-                        queue.defer(token, until).await.map(|_| ())
-                    }
-                };
-                match recorded {
-                    Ok(()) => {
-                        observer.attempt(kind, outcome, took);
-                        if outcome == "done" {
-                            let waited = queue.now().saturating_sub(created_ms);
-                            observer.finished(kind, Duration::from_millis(waited));
-                        }
-                    }
-                    Err(e @ Error::LeaseLost { .. }) => tracing::warn!(kind = %kind, error = %e),
-                    Err(e) => tracing::error!(kind = %kind, job = token.id, error = %e, "could not record attempt"),
-                }
-            });
-        }
+        // As many as asked, or nothing asked for (every slot busy and enough leased
+        // ahead): there may be more due right now; wait only for a free slot.
+        let full = leased.len() == want;
+        ahead.extend(leased.into_iter().map(|l| (l, turn)));
+        fill(&runner, concurrency, &mut ahead, turn, &mut attempts);
         if full {
-            // There may be more due right now; wait only for a free slot.
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = freed.notified() => {}
+                _ = pause.changed() => {}
             }
             continue;
         }
@@ -424,8 +384,169 @@ async fn work<H: Handler>(
             _ = tokio::time::sleep(wait) => {}
         }
     };
+    // Stopping: what was leased ahead never started; it goes back uncounted instead of
+    // reading as interrupted at the next start.
+    give_back(queue, kind, ahead.drain(..).map(|(l, _)| l)).await;
     while attempts.join_next().await.is_some() {}
     outcome
+}
+
+/// Starts jobs leased ahead, oldest first, while slots are free. One leased in an
+/// earlier `turn` of the loop is checked first ([`Runner::still_held`]).
+fn fill<H: Handler>(
+    runner: &Runner<H>,
+    concurrency: usize,
+    ahead: &mut VecDeque<(Leased, u64)>,
+    turn: u64,
+    attempts: &mut JoinSet<()>,
+) {
+    while runner.busy() < concurrency {
+        let Some((l, leased_in)) = ahead.pop_front() else {
+            break;
+        };
+        if leased_in == turn || runner.still_held(&l, attempts) {
+            runner.start(l, attempts);
+        }
+    }
+}
+
+/// Puts jobs leased but not started back as they were before their lease: pending, due
+/// now, the attempt not counted. One that cannot be put back (the disk refuses writes)
+/// keeps its lease; the next start counts it as interrupted, or its lease runs out.
+async fn give_back(queue: &Queue, kind: JobKind, jobs: impl Iterator<Item = Leased>) {
+    let now = queue.now();
+    let mut backs = JoinSet::new();
+    for l in jobs {
+        let (queue, token) = (queue.clone(), l.token());
+        backs.spawn(async move { (token, queue.defer(token, now).await) });
+    }
+    while let Some(joined) = backs.join_next().await {
+        let Ok((token, r)) = joined else { continue };
+        match r {
+            Ok(_) | Err(Error::LeaseLost { .. }) => {}
+            Err(e) => {
+                tracing::warn!(kind = %kind, job = token.id, error = %e, "a job leased ahead could not be given back; it runs again once its lease runs out")
+            }
+        }
+    }
+}
+
+/// Starts attempts in worker slots and records how they end.
+struct Runner<H> {
+    queue: Queue,
+    handler: Arc<H>,
+    observer: Arc<dyn AttemptObserver>,
+    kind: JobKind,
+    /// The attempt's time limit: the kind's lease timeout.
+    limit: Duration,
+    busy: Arc<AtomicUsize>,
+    freed: Arc<Notify>,
+}
+
+impl<H: Handler> Runner<H> {
+    fn busy(&self) -> usize {
+        self.busy.load(Ordering::Acquire)
+    }
+
+    /// Whether a job leased ahead may start now: its lease is still the job's (an
+    /// operator's cancel, or the reaper, may have taken it meanwhile), with at least
+    /// half its time left. A lease running short is given back (in `attempts`, off the
+    /// loop), so the attempt never runs past it.
+    fn still_held(&self, l: &Leased, attempts: &mut JoinSet<()>) -> bool {
+        let Stored::Running { lease_until_ms, .. } = l.job.stored else {
+            return false;
+        };
+        let half = u64::try_from(self.limit.as_millis() / 2).unwrap_or(u64::MAX);
+        if self.queue.now().saturating_add(half) > lease_until_ms {
+            let (queue, kind, l) = (self.queue.clone(), self.kind, l.clone());
+            attempts.spawn(async move { give_back(&queue, kind, std::iter::once(l)).await });
+            return false;
+        }
+        match self.queue.get(l.job.id) {
+            Ok(Some(job)) => {
+                matches!(job.stored, Stored::Running { .. }) && job.attempts == l.job.attempts
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!(kind = %self.kind, job = l.job.id, error = %e, "cannot read a job leased ahead; left to its lease");
+                false
+            }
+        }
+    }
+
+    /// Runs the attempt in a slot taken now; the slot is given back when the handler
+    /// returns, before its result is recorded.
+    fn start(&self, l: Leased, attempts: &mut JoinSet<()>) {
+        let token = l.token();
+        let (queue, handler, observer) = (
+            self.queue.clone(),
+            self.handler.clone(),
+            self.observer.clone(),
+        );
+        let (kind, limit) = (self.kind, self.limit);
+        let created_ms = l.job.created_ms;
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot {
+            busy: self.busy.clone(),
+            freed: self.freed.clone(),
+        };
+        attempts.spawn(async move {
+            let started = Instant::now();
+            let result = match tokio::time::timeout(limit, handler.run(l.job)).await {
+                Ok(r) => r,
+                Err(_) => AttemptResult::Retry {
+                    error: format!(
+                        "attempt timed out after {}",
+                        humantime::format_duration(limit)
+                    ),
+                    retry_after: None,
+                },
+            };
+            drop(slot);
+            let took = started.elapsed();
+            let outcome = match &result {
+                AttemptResult::Done | AttemptResult::DoneWith(_) => "done",
+                AttemptResult::Retry { .. } => "failed",
+                AttemptResult::Defer { .. } => "deferred",
+            };
+            let recorded = match result {
+                AttemptResult::Done => queue.ack(token).await.map(|_| ()),
+                AttemptResult::DoneWith(fx) => queue
+                    .commit(Commit {
+                        state: fx.state,
+                        enqueue: fx.enqueue,
+                        ack: Some(token),
+                        note: fx.note,
+                        wake: fx.wake,
+                    })
+                    .await
+                    .map(|_| ()),
+                AttemptResult::Retry { error, retry_after } => {
+                    tracing::warn!(kind = %kind, job = token.id, attempt = token.attempt, %error, "attempt failed");
+                    queue.fail(token, &error, retry_after).await.map(|job| {
+                        if matches!(job.stored, Stored::Dead { .. }) {
+                            observer.exhausted(kind);
+                        }
+                    })
+                }
+                AttemptResult::Defer { until, why } => {
+                    tracing::debug!(kind = %kind, job = token.id, %why, "deferred");
+                    queue.defer(token, until).await.map(|_| ())
+                }
+            };
+            match recorded {
+                Ok(()) => {
+                    observer.attempt(kind, outcome, took);
+                    if outcome == "done" {
+                        let waited = queue.now().saturating_sub(created_ms);
+                        observer.finished(kind, Duration::from_millis(waited));
+                    }
+                }
+                Err(e @ Error::LeaseLost { .. }) => tracing::warn!(kind = %kind, error = %e),
+                Err(e) => tracing::error!(kind = %kind, job = token.id, error = %e, "could not record attempt"),
+            }
+        });
+    }
 }
 
 /// A worker slot held by an attempt's handler; dropping it (the handler returned, or

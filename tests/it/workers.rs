@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use connector::jobs;
 use connector::queue::{
-    AttemptResult, Handler, Job, JobState, Outcome, Queue, Settings, SystemClock, run_workers,
+    AttemptResult, Clock, Event, EventKind, Handler, Job, JobState, ManualClock, NoObserver,
+    Outcome, Pool, Queue, Settings, SystemClock, run_pool, run_workers,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -172,4 +173,285 @@ async fn shutdown_lets_the_running_attempt_finish_and_takes_no_more() {
         q.get(second.id).unwrap().unwrap().state(now),
         JobState::Ready
     );
+}
+
+/// Records every job it runs; holds the first one until released.
+struct HoldFirst {
+    ran: std::sync::Mutex<Vec<u64>>,
+    started: Arc<Notify>,
+    release: Arc<Notify>,
+    done: mpsc::UnboundedSender<u64>,
+}
+
+impl HoldFirst {
+    fn new() -> (Arc<HoldFirst>, mpsc::UnboundedReceiver<u64>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let h = HoldFirst {
+            ran: std::sync::Mutex::new(Vec::new()),
+            started: Arc::new(Notify::new()),
+            release: Arc::new(Notify::new()),
+            done: tx,
+        };
+        (Arc::new(h), rx)
+    }
+
+    fn ran(&self) -> Vec<u64> {
+        self.ran.lock().unwrap().clone()
+    }
+}
+
+impl Handler for HoldFirst {
+    async fn run(&self, job: Job) -> AttemptResult {
+        let first = {
+            let mut ran = self.ran.lock().unwrap();
+            ran.push(job.id);
+            ran.len() == 1
+        };
+        if first {
+            self.started.notify_one();
+            self.release.notified().await;
+        }
+        let _ = self.done.send(job.id);
+        AttemptResult::Done
+    }
+}
+
+/// One slot, `ahead` jobs leased ahead of it.
+fn one_slot(dir: &tempfile::TempDir, ahead: usize) -> Queue {
+    open(dir, |s| {
+        let k = s.kind_mut(jobs::WEBHOOK);
+        k.concurrency = 1;
+        k.lease_ahead = ahead;
+    })
+}
+
+async fn enqueue_n(q: &Queue, n: usize) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let e = q
+            .enqueue(jobs::WEBHOOK, &format!("e{i}"), vec![], None)
+            .await
+            .unwrap();
+        ids.push(e.job.id);
+    }
+    ids
+}
+
+/// Waits until each of jobs `ids` had an event that `want` accepts, in any order.
+async fn events_of(
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    ids: &[u64],
+    want: impl Fn(&EventKind) -> bool,
+) {
+    let mut left: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
+    let waiting = async {
+        while !left.is_empty() {
+            let e = events.recv().await.unwrap();
+            if want(&e.what) {
+                left.remove(&e.id);
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .is_err()
+    {
+        panic!("no such event within 30s for jobs {left:?}");
+    }
+}
+
+fn leased(w: &EventKind) -> bool {
+    matches!(w, EventKind::Leased { .. })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_leased_ahead_start_as_slots_free_and_go_back_uncounted_on_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = one_slot(&dir, 2);
+    let ids = enqueue_n(&q, 4).await;
+    let mut events = q.subscribe();
+    let (h, mut done) = HoldFirst::new();
+    let stop = CancellationToken::new();
+    let workers = tokio::spawn(run_workers(
+        q.clone(),
+        jobs::WEBHOOK,
+        h.clone(),
+        stop.clone(),
+    ));
+    h.started.notified().await;
+    // The one slot is busy; two more are leased ahead of it, counted like any lease.
+    events_of(&mut events, &ids[1..3], leased).await;
+    let now = q.now();
+    assert_eq!(
+        q.get(ids[1]).unwrap().unwrap().state(now),
+        JobState::Running
+    );
+    assert_eq!(q.get(ids[3]).unwrap().unwrap().state(now), JobState::Ready);
+    // The slot given back starts the next leased job; the fourth is leased ahead.
+    h.release.notify_one();
+    assert_eq!(done.recv().await, Some(ids[0]));
+    for &id in &ids[1..4] {
+        assert_eq!(done.recv().await, Some(id));
+    }
+    assert_eq!(h.ran(), ids);
+    // Stopped with jobs leased ahead: they go back as they were, not interrupted.
+    stop.cancel();
+    workers.await.unwrap().unwrap();
+    let more = enqueue_n_from(&q, 4, 3).await;
+    let (h2, _) = HoldFirst::new();
+    let stop2 = CancellationToken::new();
+    let workers = tokio::spawn(run_workers(
+        q.clone(),
+        jobs::WEBHOOK,
+        h2.clone(),
+        stop2.clone(),
+    ));
+    h2.started.notified().await;
+    events_of(&mut events, &more[1..3], leased).await;
+    stop2.cancel();
+    h2.release.notify_one();
+    workers.await.unwrap().unwrap();
+    let now = q.now();
+    for &id in &more[1..3] {
+        let job = q.get(id).unwrap().unwrap();
+        assert_eq!(job.state(now), JobState::Ready, "job {id}");
+        assert_eq!((job.attempts, job.history.len()), (0, 0), "job {id}");
+    }
+    assert_eq!(h2.ran(), vec![more[0]]);
+    drop(q);
+    let path = dir.path().join("queue");
+    let (q, rec) = crate::support::wait::when_unlocked(
+        &path,
+        || Queue::open(&path, jobs::settings(), Arc::new(SystemClock)),
+        |e| matches!(e, connector::queue::Error::Locked { .. }),
+    )
+    .unwrap();
+    assert_eq!(rec.interrupted, 0, "nothing was left running");
+    assert_eq!(q.stats().unwrap().total(JobState::Ready), 2);
+}
+
+async fn enqueue_n_from(q: &Queue, from: usize, n: usize) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for i in from..from + n {
+        let e = q
+            .enqueue(jobs::WEBHOOK, &format!("e{i}"), vec![], None)
+            .await
+            .unwrap();
+        ids.push(e.job.id);
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_pool_gives_back_what_it_leased_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = one_slot(&dir, 2);
+    let ids = enqueue_n(&q, 3).await;
+    let mut events = q.subscribe();
+    let (h, mut done) = HoldFirst::new();
+    let pool = Pool::new(jobs::WEBHOOK);
+    let stop = CancellationToken::new();
+    let workers = tokio::spawn(run_pool(
+        q.clone(),
+        pool.clone(),
+        h.clone(),
+        Arc::new(NoObserver),
+        stop.clone(),
+    ));
+    h.started.notified().await;
+    events_of(&mut events, &ids[1..], leased).await;
+    assert!(pool.set_paused(true));
+    events_of(&mut events, &ids[1..], |w| {
+        matches!(w, EventKind::Retry { .. })
+    })
+    .await;
+    for &id in &ids[1..] {
+        let job = q.get(id).unwrap().unwrap();
+        assert_eq!(job.state(q.now()), JobState::Ready, "job {id}");
+        assert_eq!((job.attempts, job.history.len()), (0, 0), "job {id}");
+    }
+    // The attempt in flight finishes; nothing else runs while paused.
+    h.release.notify_one();
+    assert_eq!(done.recv().await, Some(ids[0]));
+    assert_eq!(h.ran(), vec![ids[0]]);
+    assert!(pool.set_paused(false));
+    let mut after = vec![done.recv().await.unwrap(), done.recv().await.unwrap()];
+    after.sort_unstable();
+    assert_eq!(after, ids[1..]);
+    for &id in &ids[1..] {
+        assert_eq!(q.get(id).unwrap().unwrap().attempts, 1, "job {id}");
+    }
+    stop.cancel();
+    workers.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_while_leased_ahead_never_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = one_slot(&dir, 1);
+    let ids = enqueue_n(&q, 2).await;
+    let mut events = q.subscribe();
+    let (h, mut done) = HoldFirst::new();
+    let stop = CancellationToken::new();
+    let workers = tokio::spawn(run_workers(
+        q.clone(),
+        jobs::WEBHOOK,
+        h.clone(),
+        stop.clone(),
+    ));
+    h.started.notified().await;
+    events_of(&mut events, &ids[1..2], leased).await;
+    // An operator cancels it while it waits for the slot.
+    q.cancel(ids[1]).await.unwrap();
+    let later = enqueue_n_from(&q, 2, 1).await;
+    h.release.notify_one();
+    assert_eq!(done.recv().await, Some(ids[0]));
+    assert_eq!(done.recv().await, Some(later[0]));
+    assert_eq!(h.ran(), vec![ids[0], later[0]], "the cancelled job ran");
+    assert_eq!(
+        q.get(ids[1]).unwrap().unwrap().state(q.now()),
+        JobState::Dead
+    );
+    stop.cancel();
+    workers.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_leased_ahead_too_long_goes_back_instead_of_running_on_a_short_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_767_225_600_000));
+    let mut settings = jobs::settings();
+    let k = settings.kind_mut(jobs::WEBHOOK);
+    k.concurrency = 1;
+    k.lease_ahead = 1;
+    k.lease_timeout = Duration::from_secs(60);
+    let (q, _) = Queue::open(dir.path().join("queue"), settings, clock.clone()).unwrap();
+    let ids = enqueue_n(&q, 2).await;
+    let mut events = q.subscribe();
+    let (h, mut done) = HoldFirst::new();
+    let stop = CancellationToken::new();
+    let workers = tokio::spawn(run_workers(
+        q.clone(),
+        jobs::WEBHOOK,
+        h.clone(),
+        stop.clone(),
+    ));
+    h.started.notified().await;
+    events_of(&mut events, &ids[1..], leased).await;
+    // The first attempt holds the slot for 31 of the second's 60 lease seconds: less
+    // than half is left, so it goes back, uncounted, and is leased afresh.
+    clock.advance(Duration::from_secs(31));
+    h.release.notify_one();
+    events_of(&mut events, &ids[1..], |w| {
+        matches!(w, EventKind::Retry { .. })
+    })
+    .await;
+    assert_eq!(done.recv().await, Some(ids[0]));
+    assert_eq!(done.recv().await, Some(ids[1]));
+    events_of(&mut events, &ids[1..], |w| *w == EventKind::Done).await;
+    let job = q.get(ids[1]).unwrap().unwrap();
+    assert_eq!((job.attempts, job.history.len()), (1, 1));
+    assert_eq!(job.history[0].started_ms, clock.now_ms());
+    stop.cancel();
+    workers.await.unwrap().unwrap();
 }
