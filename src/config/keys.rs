@@ -109,6 +109,7 @@ pub const KEYS: &[Key] = &[
     k("queue.kinds.*.ladder", List),
     k("queue.kinds.*.on_exhausted", Str),
     k("queue.kinds.*.concurrency", Int),
+    k("queue.kinds.*.lease_ahead", Int),
     k("queue.kinds.*.lease_timeout", Duration),
     k("queue.kinds.*.keep_done", Duration),
     k("webhook.providers_dir", Path),

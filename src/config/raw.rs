@@ -126,6 +126,7 @@ struct RawKind {
     ladder: Option<Vec<String>>,
     on_exhausted: Option<OnExhausted>,
     concurrency: Option<usize>,
+    lease_ahead: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     lease_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -459,6 +460,9 @@ fn apply_raw(
                 return Err((format!("{prefix}.concurrency"), "must be at least 1".into()));
             }
             s.concurrency = c;
+        }
+        if let Some(a) = k.lease_ahead {
+            s.lease_ahead = a;
         }
         if let Some(l) = k.lease_timeout {
             s.lease_timeout = positive(&format!("{prefix}.lease_timeout"), l)?;

@@ -158,13 +158,14 @@ fn render_into(cfg: &Config, o: &mut String) -> std::fmt::Result {
         let ladder: Vec<String> = k.ladder.iter().map(|r| d(*r)).collect();
         writeln!(
             o,
-            "\n[queue.kinds.{kind}]\nladder = [{}]\non_exhausted = {}\nconcurrency = {}\nlease_timeout = {}\nkeep_done = {}",
+            "\n[queue.kinds.{kind}]\nladder = [{}]\non_exhausted = {}\nconcurrency = {}\nlease_ahead = {}\nlease_timeout = {}\nkeep_done = {}",
             ladder.join(", "),
             q(match k.on_exhausted {
                 OnExhausted::Dead => "dead",
                 OnExhausted::RepeatLast => "repeat-last",
             }),
             k.concurrency,
+            k.lease_ahead,
             d(k.lease_timeout),
             d(k.keep_done.unwrap_or(cfg.queue.dedupe_window))
         )?;

@@ -758,6 +758,7 @@ fn sample(key: &str, variant: usize, dir: &Path) -> Option<(String, Value)> {
         ("queue.kinds.*.ladder", _) => Some(("1s, 2s,3s".into(), json!(["1s", "2s", "3s"]))),
         ("queue.kinds.*.on_exhausted", _) => s("repeat-last"),
         ("queue.kinds.*.concurrency", _) => Some(("6".into(), json!(6))),
+        ("queue.kinds.*.lease_ahead", _) => Some(("9".into(), json!(9))),
         ("queue.kinds.*.lease_timeout", _) => s("3m"),
         ("queue.kinds.*.keep_done", _) => s("5h"),
         ("webhook.providers_dir", _) => s(&path("providers")),
