@@ -404,8 +404,12 @@ fn fill<H: Handler>(
         let Some((l, leased_in)) = ahead.pop_front() else {
             break;
         };
-        if leased_in == turn || runner.still_held(&l, attempts) {
-            runner.start(l, attempts);
+        if leased_in == turn {
+            runner.start(l, runner.limit, attempts);
+        } else if let Some(left) = runner.still_held(&l, attempts) {
+            // Its lease began before this slot was free: the attempt gets what is left
+            // of it, so it never runs on past its lease into another worker's.
+            runner.start(l, left, attempts);
         }
     }
 }
@@ -448,42 +452,45 @@ impl<H: Handler> Runner<H> {
         self.busy.load(Ordering::Acquire)
     }
 
-    /// Whether a job leased ahead may start now: its lease is still the job's (an
-    /// operator's cancel, or the reaper, may have taken it meanwhile), with at least
-    /// half its time left. A lease running short is given back (in `attempts`, off the
-    /// loop), so the attempt never runs past it.
-    fn still_held(&self, l: &Leased, attempts: &mut JoinSet<()>) -> bool {
+    /// Whether a job leased ahead may start now, and for how long: its lease is still
+    /// the job's (an operator's cancel, or the reaper, may have taken it meanwhile),
+    /// with at least half its time left. A lease running short is given back (in
+    /// `attempts`, off the loop) instead.
+    fn still_held(&self, l: &Leased, attempts: &mut JoinSet<()>) -> Option<Duration> {
         let Stored::Running { lease_until_ms, .. } = l.job.stored else {
-            return false;
+            return None;
         };
-        let half = u64::try_from(self.limit.as_millis() / 2).unwrap_or(u64::MAX);
-        if self.queue.now().saturating_add(half) > lease_until_ms {
+        let left = Duration::from_millis(lease_until_ms.saturating_sub(self.queue.now()));
+        if left < self.limit / 2 {
             let (queue, kind, l) = (self.queue.clone(), self.kind, l.clone());
             attempts.spawn(async move { give_back(&queue, kind, std::iter::once(l)).await });
-            return false;
+            return None;
         }
         match self.queue.get(l.job.id) {
-            Ok(Some(job)) => {
-                matches!(job.stored, Stored::Running { .. }) && job.attempts == l.job.attempts
+            Ok(Some(job))
+                if matches!(job.stored, Stored::Running { .. })
+                    && job.attempts == l.job.attempts =>
+            {
+                Some(left.min(self.limit))
             }
-            Ok(None) => false,
+            Ok(_) => None,
             Err(e) => {
                 tracing::debug!(kind = %self.kind, job = l.job.id, error = %e, "cannot read a job leased ahead; left to its lease");
-                false
+                None
             }
         }
     }
 
-    /// Runs the attempt in a slot taken now; the slot is given back when the handler
-    /// returns, before its result is recorded.
-    fn start(&self, l: Leased, attempts: &mut JoinSet<()>) {
+    /// Runs the attempt in a slot taken now, for at most `limit`; the slot is given
+    /// back when the handler returns, before its result is recorded.
+    fn start(&self, l: Leased, limit: Duration, attempts: &mut JoinSet<()>) {
         let token = l.token();
         let (queue, handler, observer) = (
             self.queue.clone(),
             self.handler.clone(),
             self.observer.clone(),
         );
-        let (kind, limit) = (self.kind, self.limit);
+        let kind = self.kind;
         let created_ms = l.job.created_ms;
         self.busy.fetch_add(1, Ordering::AcqRel);
         let slot = Slot {

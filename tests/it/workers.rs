@@ -455,3 +455,54 @@ async fn a_job_leased_ahead_too_long_goes_back_instead_of_running_on_a_short_lea
     stop.cancel();
     workers.await.unwrap().unwrap();
 }
+
+/// Holds the first job it runs until released; hangs on the first attempt of any other.
+struct HoldThenHang {
+    inner: Arc<HoldFirst>,
+}
+
+impl Handler for HoldThenHang {
+    async fn run(&self, job: Job) -> AttemptResult {
+        if !self.inner.ran().is_empty() && job.attempts == 1 {
+            std::future::pending::<()>().await;
+        }
+        self.inner.run(job).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_leased_ahead_runs_only_for_what_is_left_of_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_767_225_600_000));
+    let mut settings = jobs::settings();
+    let k = settings.kind_mut(jobs::WEBHOOK);
+    k.concurrency = 1;
+    k.lease_ahead = 1;
+    k.lease_timeout = Duration::from_secs(2);
+    k.ladder = vec![Duration::ZERO, Duration::ZERO];
+    let (q, _) = Queue::open(dir.path().join("queue"), settings, clock.clone()).unwrap();
+    let ids = enqueue_n(&q, 2).await;
+    let mut events = q.subscribe();
+    let (h, mut done) = HoldFirst::new();
+    let stop = CancellationToken::new();
+    let handler = Arc::new(HoldThenHang { inner: h.clone() });
+    let workers = tokio::spawn(run_workers(q.clone(), jobs::WEBHOOK, handler, stop.clone()));
+    h.started.notified().await;
+    events_of(&mut events, &ids[1..], leased).await;
+    // 600 ms of the second job's 2 s lease go by while it waits for the slot: its
+    // attempt gets the 1.4 s left, not a whole lease timeout that would outlive it.
+    clock.advance(Duration::from_millis(600));
+    h.release.notify_one();
+    assert_eq!(done.recv().await, Some(ids[0]));
+    assert_eq!(done.recv().await, Some(ids[1]));
+    events_of(&mut events, &ids[1..], |w| *w == EventKind::Done).await;
+    let job = q.get(ids[1]).unwrap().unwrap();
+    assert_eq!(
+        job.history[0].outcome,
+        Outcome::Failed {
+            error: "attempt timed out after 1s 400ms".into()
+        }
+    );
+    stop.cancel();
+    workers.await.unwrap().unwrap();
+}
