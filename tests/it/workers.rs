@@ -7,16 +7,24 @@ use std::time::Duration;
 
 use connector::jobs;
 use connector::queue::{
-    AttemptResult, Clock, Event, EventKind, Handler, Job, JobState, ManualClock, NoObserver,
-    Outcome, Pool, Queue, Settings, SystemClock, run_pool, run_workers,
+    AttemptResult, Clock, Event, EventKind, Handler, Job, JobState, KindSettings, ManualClock,
+    NoObserver, Outcome, Pool, Queue, Settings, SystemClock, run_pool, run_workers,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 fn open(dir: &tempfile::TempDir, tune: impl FnOnce(&mut Settings)) -> Queue {
+    open_on(dir, Arc::new(SystemClock), tune)
+}
+
+fn open_on(
+    dir: &tempfile::TempDir,
+    clock: Arc<dyn Clock>,
+    tune: impl FnOnce(&mut Settings),
+) -> Queue {
     let mut settings = jobs::settings();
     tune(&mut settings);
-    Queue::open(dir.path().join("queue"), settings, Arc::new(SystemClock))
+    Queue::open(dir.path().join("queue"), settings, clock)
         .unwrap()
         .0
 }
@@ -216,18 +224,25 @@ impl Handler for HoldFirst {
     }
 }
 
-/// One slot, `ahead` jobs leased ahead of it.
-fn one_slot(dir: &tempfile::TempDir, ahead: usize) -> Queue {
-    open(dir, |s| {
+/// One webhook slot, `ahead` jobs leased ahead of it, on `clock`; `tune` sets the rest.
+fn one_slot(
+    dir: &tempfile::TempDir,
+    ahead: usize,
+    clock: Arc<dyn Clock>,
+    tune: impl FnOnce(&mut KindSettings),
+) -> Queue {
+    open_on(dir, clock, |s| {
         let k = s.kind_mut(jobs::WEBHOOK);
         k.concurrency = 1;
         k.lease_ahead = ahead;
+        tune(k);
     })
 }
 
-async fn enqueue_n(q: &Queue, n: usize) -> Vec<u64> {
+/// Enqueues webhook jobs keyed `e{i}` for each `i` in `keys`; returns their ids.
+async fn enqueue(q: &Queue, keys: std::ops::Range<usize>) -> Vec<u64> {
     let mut ids = Vec::new();
-    for i in 0..n {
+    for i in keys {
         let e = q
             .enqueue(jobs::WEBHOOK, &format!("e{i}"), vec![], None)
             .await
@@ -235,6 +250,45 @@ async fn enqueue_n(q: &Queue, n: usize) -> Vec<u64> {
         ids.push(e.job.id);
     }
     ids
+}
+
+/// A webhook pool running, seen from the test.
+struct Running {
+    pool: Arc<Pool>,
+    /// Every job event since just before the pool started.
+    events: tokio::sync::broadcast::Receiver<Event>,
+    stop: CancellationToken,
+    workers: tokio::task::JoinHandle<connector::queue::Result<()>>,
+}
+
+/// Starts a webhook pool running `handler`; returns once `first` holds its first job.
+async fn start(q: &Queue, handler: Arc<impl Handler>, first: &HoldFirst) -> Running {
+    let events = q.subscribe();
+    let pool = Pool::new(jobs::WEBHOOK);
+    let stop = CancellationToken::new();
+    let workers = tokio::spawn(run_pool(
+        q.clone(),
+        pool.clone(),
+        handler,
+        Arc::new(NoObserver),
+        stop.clone(),
+    ));
+    first.started.notified().await;
+    Running {
+        pool,
+        events,
+        stop,
+        workers,
+    }
+}
+
+impl Running {
+    /// Stops the pool, letting `first`'s held job go, and waits for the loop to end.
+    async fn stop(self, first: &HoldFirst) {
+        self.stop.cancel();
+        first.release.notify_one();
+        self.workers.await.unwrap().unwrap();
+    }
 }
 
 /// Waits until each of jobs `ids` had an event that `want` accepts, in any order.
@@ -267,20 +321,12 @@ fn leased(w: &EventKind) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_leased_ahead_start_as_slots_free_and_go_back_uncounted_on_shutdown() {
     let dir = tempfile::tempdir().unwrap();
-    let q = one_slot(&dir, 2);
-    let ids = enqueue_n(&q, 4).await;
-    let mut events = q.subscribe();
+    let q = one_slot(&dir, 2, Arc::new(SystemClock), |_| {});
+    let ids = enqueue(&q, 0..4).await;
     let (h, mut done) = HoldFirst::new();
-    let stop = CancellationToken::new();
-    let workers = tokio::spawn(run_workers(
-        q.clone(),
-        jobs::WEBHOOK,
-        h.clone(),
-        stop.clone(),
-    ));
-    h.started.notified().await;
+    let mut r = start(&q, h.clone(), &h).await;
     // The one slot is busy; two more are leased ahead of it, counted like any lease.
-    events_of(&mut events, &ids[1..3], leased).await;
+    events_of(&mut r.events, &ids[1..3], leased).await;
     let now = q.now();
     assert_eq!(
         q.get(ids[1]).unwrap().unwrap().state(now),
@@ -294,23 +340,13 @@ async fn jobs_leased_ahead_start_as_slots_free_and_go_back_uncounted_on_shutdown
         assert_eq!(done.recv().await, Some(id));
     }
     assert_eq!(h.ran(), ids);
+    r.stop(&h).await;
     // Stopped with jobs leased ahead: they go back as they were, not interrupted.
-    stop.cancel();
-    workers.await.unwrap().unwrap();
-    let more = enqueue_n_from(&q, 4, 3).await;
+    let more = enqueue(&q, 4..7).await;
     let (h2, _) = HoldFirst::new();
-    let stop2 = CancellationToken::new();
-    let workers = tokio::spawn(run_workers(
-        q.clone(),
-        jobs::WEBHOOK,
-        h2.clone(),
-        stop2.clone(),
-    ));
-    h2.started.notified().await;
-    events_of(&mut events, &more[1..3], leased).await;
-    stop2.cancel();
-    h2.release.notify_one();
-    workers.await.unwrap().unwrap();
+    let mut r = start(&q, h2.clone(), &h2).await;
+    events_of(&mut r.events, &more[1..3], leased).await;
+    r.stop(&h2).await;
     let now = q.now();
     for &id in &more[1..3] {
         let job = q.get(id).unwrap().unwrap();
@@ -330,38 +366,16 @@ async fn jobs_leased_ahead_start_as_slots_free_and_go_back_uncounted_on_shutdown
     assert_eq!(q.stats().unwrap().total(JobState::Ready), 2);
 }
 
-async fn enqueue_n_from(q: &Queue, from: usize, n: usize) -> Vec<u64> {
-    let mut ids = Vec::new();
-    for i in from..from + n {
-        let e = q
-            .enqueue(jobs::WEBHOOK, &format!("e{i}"), vec![], None)
-            .await
-            .unwrap();
-        ids.push(e.job.id);
-    }
-    ids
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_pool_gives_back_what_it_leased_ahead() {
     let dir = tempfile::tempdir().unwrap();
-    let q = one_slot(&dir, 2);
-    let ids = enqueue_n(&q, 3).await;
-    let mut events = q.subscribe();
+    let q = one_slot(&dir, 2, Arc::new(SystemClock), |_| {});
+    let ids = enqueue(&q, 0..3).await;
     let (h, mut done) = HoldFirst::new();
-    let pool = Pool::new(jobs::WEBHOOK);
-    let stop = CancellationToken::new();
-    let workers = tokio::spawn(run_pool(
-        q.clone(),
-        pool.clone(),
-        h.clone(),
-        Arc::new(NoObserver),
-        stop.clone(),
-    ));
-    h.started.notified().await;
-    events_of(&mut events, &ids[1..], leased).await;
-    assert!(pool.set_paused(true));
-    events_of(&mut events, &ids[1..], |w| {
+    let mut r = start(&q, h.clone(), &h).await;
+    events_of(&mut r.events, &ids[1..], leased).await;
+    assert!(r.pool.set_paused(true));
+    events_of(&mut r.events, &ids[1..], |w| {
         matches!(w, EventKind::Retry { .. })
     })
     .await;
@@ -374,36 +388,27 @@ async fn a_paused_pool_gives_back_what_it_leased_ahead() {
     h.release.notify_one();
     assert_eq!(done.recv().await, Some(ids[0]));
     assert_eq!(h.ran(), vec![ids[0]]);
-    assert!(pool.set_paused(false));
+    assert!(r.pool.set_paused(false));
     let mut after = vec![done.recv().await.unwrap(), done.recv().await.unwrap()];
     after.sort_unstable();
     assert_eq!(after, ids[1..]);
     for &id in &ids[1..] {
         assert_eq!(q.get(id).unwrap().unwrap().attempts, 1, "job {id}");
     }
-    stop.cancel();
-    workers.await.unwrap().unwrap();
+    r.stop(&h).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_cancelled_while_leased_ahead_never_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let q = one_slot(&dir, 1);
-    let ids = enqueue_n(&q, 2).await;
-    let mut events = q.subscribe();
+    let q = one_slot(&dir, 1, Arc::new(SystemClock), |_| {});
+    let ids = enqueue(&q, 0..2).await;
     let (h, mut done) = HoldFirst::new();
-    let stop = CancellationToken::new();
-    let workers = tokio::spawn(run_workers(
-        q.clone(),
-        jobs::WEBHOOK,
-        h.clone(),
-        stop.clone(),
-    ));
-    h.started.notified().await;
-    events_of(&mut events, &ids[1..2], leased).await;
+    let mut r = start(&q, h.clone(), &h).await;
+    events_of(&mut r.events, &ids[1..2], leased).await;
     // An operator cancels it while it waits for the slot.
     q.cancel(ids[1]).await.unwrap();
-    let later = enqueue_n_from(&q, 2, 1).await;
+    let later = enqueue(&q, 2..3).await;
     h.release.notify_one();
     assert_eq!(done.recv().await, Some(ids[0]));
     assert_eq!(done.recv().await, Some(later[0]));
@@ -412,48 +417,35 @@ async fn a_job_cancelled_while_leased_ahead_never_runs() {
         q.get(ids[1]).unwrap().unwrap().state(q.now()),
         JobState::Dead
     );
-    stop.cancel();
-    workers.await.unwrap().unwrap();
+    r.stop(&h).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_leased_ahead_too_long_goes_back_instead_of_running_on_a_short_lease() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(1_767_225_600_000));
-    let mut settings = jobs::settings();
-    let k = settings.kind_mut(jobs::WEBHOOK);
-    k.concurrency = 1;
-    k.lease_ahead = 1;
-    k.lease_timeout = Duration::from_secs(60);
-    let (q, _) = Queue::open(dir.path().join("queue"), settings, clock.clone()).unwrap();
-    let ids = enqueue_n(&q, 2).await;
-    let mut events = q.subscribe();
+    let q = one_slot(&dir, 1, clock.clone(), |k| {
+        k.lease_timeout = Duration::from_secs(60)
+    });
+    let ids = enqueue(&q, 0..2).await;
     let (h, mut done) = HoldFirst::new();
-    let stop = CancellationToken::new();
-    let workers = tokio::spawn(run_workers(
-        q.clone(),
-        jobs::WEBHOOK,
-        h.clone(),
-        stop.clone(),
-    ));
-    h.started.notified().await;
-    events_of(&mut events, &ids[1..], leased).await;
+    let mut r = start(&q, h.clone(), &h).await;
+    events_of(&mut r.events, &ids[1..], leased).await;
     // The first attempt holds the slot for 31 of the second's 60 lease seconds: less
     // than half is left, so it goes back, uncounted, and is leased afresh.
     clock.advance(Duration::from_secs(31));
     h.release.notify_one();
-    events_of(&mut events, &ids[1..], |w| {
+    events_of(&mut r.events, &ids[1..], |w| {
         matches!(w, EventKind::Retry { .. })
     })
     .await;
     assert_eq!(done.recv().await, Some(ids[0]));
     assert_eq!(done.recv().await, Some(ids[1]));
-    events_of(&mut events, &ids[1..], |w| *w == EventKind::Done).await;
+    events_of(&mut r.events, &ids[1..], |w| *w == EventKind::Done).await;
     let job = q.get(ids[1]).unwrap().unwrap();
     assert_eq!((job.attempts, job.history.len()), (1, 1));
     assert_eq!(job.history[0].started_ms, clock.now_ms());
-    stop.cancel();
-    workers.await.unwrap().unwrap();
+    r.stop(&h).await;
 }
 
 /// Holds the first job it runs until released; hangs on the first attempt of any other.
@@ -474,28 +466,22 @@ impl Handler for HoldThenHang {
 async fn a_job_leased_ahead_runs_only_for_what_is_left_of_its_lease() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(1_767_225_600_000));
-    let mut settings = jobs::settings();
-    let k = settings.kind_mut(jobs::WEBHOOK);
-    k.concurrency = 1;
-    k.lease_ahead = 1;
-    k.lease_timeout = Duration::from_secs(2);
-    k.ladder = vec![Duration::ZERO, Duration::ZERO];
-    let (q, _) = Queue::open(dir.path().join("queue"), settings, clock.clone()).unwrap();
-    let ids = enqueue_n(&q, 2).await;
-    let mut events = q.subscribe();
+    let q = one_slot(&dir, 1, clock.clone(), |k| {
+        k.lease_timeout = Duration::from_secs(2);
+        k.ladder = vec![Duration::ZERO, Duration::ZERO];
+    });
+    let ids = enqueue(&q, 0..2).await;
     let (h, mut done) = HoldFirst::new();
-    let stop = CancellationToken::new();
     let handler = Arc::new(HoldThenHang { inner: h.clone() });
-    let workers = tokio::spawn(run_workers(q.clone(), jobs::WEBHOOK, handler, stop.clone()));
-    h.started.notified().await;
-    events_of(&mut events, &ids[1..], leased).await;
+    let mut r = start(&q, handler, &h).await;
+    events_of(&mut r.events, &ids[1..], leased).await;
     // 600 ms of the second job's 2 s lease go by while it waits for the slot: its
     // attempt gets the 1.4 s left, not a whole lease timeout that would outlive it.
     clock.advance(Duration::from_millis(600));
     h.release.notify_one();
     assert_eq!(done.recv().await, Some(ids[0]));
     assert_eq!(done.recv().await, Some(ids[1]));
-    events_of(&mut events, &ids[1..], |w| *w == EventKind::Done).await;
+    events_of(&mut r.events, &ids[1..], |w| *w == EventKind::Done).await;
     let job = q.get(ids[1]).unwrap().unwrap();
     assert_eq!(
         job.history[0].outcome,
@@ -503,6 +489,5 @@ async fn a_job_leased_ahead_runs_only_for_what_is_left_of_its_lease() {
             error: "attempt timed out after 1s 400ms".into()
         }
     );
-    stop.cancel();
-    workers.await.unwrap().unwrap();
+    r.stop(&h).await;
 }
